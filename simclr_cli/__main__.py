@@ -1,0 +1,3 @@
+from simclr_cli.cli import main
+
+main()

@@ -1,0 +1,61 @@
+"""The SimCLR view pipeline (SimCLR Appendix A) and the evaluation transform."""
+
+from __future__ import annotations
+
+import torch
+from torchvision import transforms as T
+
+from simclr_cli.config import AugmentConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """An odd kernel about 10% of the image side (SimCLR Appendix A)."""
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
+def simclr_augmentation(config: AugmentConfig, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+    """One random view, as in SimCLR (arXiv 2002.05709, Appendix A).
+
+    Random resized crop (scale crop_min_scale..1, aspect 3/4..4/3) with a horizontal flip; colour
+    jitter of strength s with probability 0.8 (brightness, contrast, saturation 0.8s, hue 0.2s,
+    applied in random order); grayscale with probability 0.2; Gaussian blur with probability 0.5,
+    kernel about 10% of the side, sigma in [0.1, 2.0]. The paper shows that the composition of
+    crop and colour distortion is what makes the contrastive task hard enough to learn from.
+    """
+    s = config.jitter_strength
+    steps: list[torch.nn.Module] = [
+        T.RandomResizedCrop(config.image_size, scale=(config.crop_min_scale, 1.0), ratio=(3 / 4, 4 / 3),
+                            interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.RandomHorizontalFlip(),
+    ]
+    if s > 0:
+        steps.append(T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.5, 0.2 * s))], p=0.8))
+    steps.append(T.RandomGrayscale(p=0.2))
+    if config.use_blur:
+        steps.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(config.image_size), sigma=(0.1, 2.0))], p=0.5))
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+class TwoViews:
+    """Apply the same random transform twice: the two views of one image, stacked (2, C, H, W)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.stack([self.transform(image), self.transform(image)])
+
+
+def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+    """Resize the shorter side to size/0.875 (to size itself for small images), centre crop, normalise."""
+    resize = image_size if image_size <= 64 else round(image_size / 0.875)
+    return T.Compose([
+        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])

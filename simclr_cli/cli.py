@@ -1,0 +1,190 @@
+"""The `simclr` command line: options -> config -> engine call -> rich output. Typer only."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from simclr_cli import __version__
+from simclr_cli.config import (OPTIMIZERS, PRECISIONS, STEMS, AugmentConfig, PretrainConfig, RuntimeConfig,
+                               default_run_dir, parse_duration)
+from simclr_cli.errors import SimclrError
+from simclr_cli.models import BACKBONES
+from simclr_cli.progress import Reporter, console, err_console
+
+
+# Typer 0.29 vendors click, older releases use click itself: find click's UsageError through typer.
+_UsageError = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+
+
+class _Group(TyperGroup):
+    """Turns every usage error into one line and exit code 1 (click's default is a box and 2)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                  standalone_mode=False, **extra)
+        except _UsageError as error:
+            command = error.ctx.command_path if error.ctx else "simclr"
+            err_console.print(f"[red]error:[/] {error.format_message()} (see `{command} --help`)", soft_wrap=True)
+            sys.exit(1)
+        except typer.Abort:
+            err_console.print("aborted")
+            sys.exit(130)
+        code = result if isinstance(result, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Train an image encoder on a folder of unlabeled images with SimCLR, then use it.")
+
+
+def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The one place where a SimclrError becomes a red line on stderr and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SimclrError as error:
+            err_console.print(f"[red]error:[/] {error}", soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"simclr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Train an image encoder on a folder of unlabeled images with SimCLR, then use it."""
+
+
+# Options shared by several commands.
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps. auto picks a GPU when there is one.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    help="Image-loading processes. Default: one fewer than the CPU cores, at most 8.", show_default=False)]
+SeedOpt = Annotated[int, typer.Option(help="Random seed: same seed, same data, same CPU run.")]
+PrecisionOpt = Annotated[str, typer.Option(help=f"{', '.join(PRECISIONS)}. auto: bf16 on CUDA, fp32 elsewhere.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only warnings, errors and the result.")]
+
+
+@app.command()
+@_fail_cleanly
+def pretrain(
+    data_dir: Annotated[Optional[Path], typer.Argument(
+        help="Folder of images, searched at every depth (optional with --resume).", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Run folder for the encoder, checkpoint and logs. Default: runs/pretrain-<timestamp>.",
+        show_default=False)] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the data (the run also ends at --max-time).")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Images per step; each gives two views.")] = 256,
+    image_size: Annotated[int, typer.Option(help="Training resolution in pixels. <= 64 px uses the paper's "
+                                                 "CIFAR settings.")] = 224,
+    arch: Annotated[str, typer.Option(help=f"Encoder: {', '.join(BACKBONES)}.")] = "resnet18",
+    stem: Annotated[str, typer.Option(help=f"{', '.join(STEMS)}. auto: 3x3 'cifar' stem at <= 64 px.")] = "auto",
+    temperature: Annotated[float, typer.Option(help="NT-Xent temperature tau.")] = 0.1,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Peak learning rate. Default: 0.3 x batch/256 (LARS, SGD) or 0.001 x batch/256 (AdamW).",
+        show_default=False)] = None,
+    optimizer: Annotated[str, typer.Option(help=f"{'|'.join(OPTIMIZERS)}. LARS as in the paper.")] = "lars",
+    weight_decay: Annotated[Optional[float], typer.Option(
+        help="Default: 1e-6 (LARS, SGD) or 0.05 (AdamW); never on biases and BatchNorm.",
+        show_default=False)] = None,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warmup, capped at 10% of the run.")] = 10.0,
+    proj_layers: Annotated[int, typer.Option(help="Projection head depth: 2 (SimCLR) or 3 (SimCLRv2).")] = 2,
+    proj_dim: Annotated[int, typer.Option(help="Projection (z) dimension.")] = 128,
+    crop_min_scale: Annotated[float, typer.Option(help="Smallest crop, as a fraction of the image area.")] = 0.08,
+    jitter: Annotated[Optional[float], typer.Option(
+        help="Colour-jitter strength s. Default: 1.0, or 0.5 at <= 64 px.", show_default=False)] = None,
+    blur: Annotated[Optional[bool], typer.Option(
+        "--blur/--no-blur", help="Gaussian blur. Default: on, off at <= 64 px.", show_default=False)] = None,
+    max_time: Annotated[Optional[str], typer.Option(
+        help="Time budget, e.g. 90s, 10m, 2h: the run ends within it, its schedule annealed.",
+        show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Continue the run in this folder from its checkpoint, with its saved settings.",
+        show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = None,
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pretrain an encoder with SimCLR on a folder of unlabeled images; export encoder.safetensors."""
+    from simclr_cli.train import pretrain as run_pretrain, resume_pretrain
+
+    with Reporter(quiet=quiet) as reporter:
+        if resume is not None:
+            result = resume_pretrain(resume, reporter, data_dir=str(data_dir) if data_dir else None,
+                                     device=None if device == "auto" else device, workers=workers)
+        else:
+            if data_dir is None:
+                raise typer.BadParameter("give the folder of images (or --resume RUN_DIR)", param_hint="DATA_DIR")
+            config = PretrainConfig(
+                data_dir=str(data_dir), out_dir=str(out or default_run_dir("pretrain")), epochs=epochs,
+                batch_size=batch_size, arch=arch, stem=stem, proj_layers=proj_layers, proj_dim=proj_dim,
+                temperature=temperature, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                warmup_epochs=warmup_epochs, max_time=parse_duration(max_time) if max_time else None,
+                augment=AugmentConfig(image_size=image_size, crop_min_scale=crop_min_scale, jitter=jitter,
+                                      blur=blur),
+                runtime=RuntimeConfig(device=device, precision=precision, workers=workers, seed=seed),
+            )
+            result = run_pretrain(config, reporter)
+    if result.interrupted:
+        err_console.print(f"interrupted after step {result.state.step}; checkpoint saved. Continue with: "
+                          f"simclr pretrain --resume {result.run_dir}")
+        raise typer.Exit(130)
+    if result.skipped:
+        err_console.print(f"{len(result.skipped)} unreadable file(s) skipped; listed in "
+                          f"{result.run_dir / 'skipped.json'}")
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    console.print(f"encoder saved to {result.encoder_path} ({result.state.step} steps, "
+                  f"{result.state.images_seen:,} images{loss})")
+
+
+def _not_built(name: str, issue: str) -> None:
+    err_console.print(f"[red]error:[/] `simclr {name}` is not built yet ({issue}); see CHANGELOG.md")
+    raise typer.Exit(1)
+
+
+@app.command("linear-eval")
+def linear_eval() -> None:
+    """Measure an encoder with a frozen linear probe and kNN on labelled images (not built yet)."""
+    _not_built("linear-eval", "linear evaluation")
+
+
+@app.command()
+def finetune() -> None:
+    """Fine-tune an encoder and a linear head on (a fraction of) labelled images (not built yet)."""
+    _not_built("finetune", "fine-tuning")
+
+
+@app.command()
+def embed() -> None:
+    """Write embeddings for a folder of images to a .npy file (not built yet)."""
+    _not_built("embed", "embeddings")
+
+
+@app.command()
+def similar() -> None:
+    """Find the images nearest to a query in the last index (not built yet)."""
+    _not_built("similar", "image search")
+
+
+def main() -> None:
+    app()

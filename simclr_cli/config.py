@@ -1,0 +1,174 @@
+"""One frozen, validated dataclass per command, built from shared pieces."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from simclr_cli.errors import ConfigError
+
+OPTIMIZERS = ("lars", "sgd", "adamw")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STEMS = ("auto", "imagenet", "cifar")
+SMALL_IMAGE_MAX = 64  # at or below this size the paper's CIFAR-10 recipe applies
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+
+
+def parse_duration(text: str, flag: str = "--max-time") -> float:
+    """Return seconds for '90s', '10m', '2h', '1h30m' or a bare number of seconds."""
+    match = _DURATION.match(text or "")
+    if not match or not any(match.groups()):
+        raise ConfigError(f"{flag} {text!r} is not a duration; use e.g. 90s, 10m, 2h or 1h30m")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ConfigError(f"{flag} {text!r} must be longer than zero; use e.g. 10m")
+    return total
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how to compute: shared by every command."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None  # None: a sensible count for this machine
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.precision in PRECISIONS,
+               f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        _check(self.workers is None or self.workers >= 0,
+               f"--workers {self.workers} must be 0 (load in the main process) or more")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The SimCLR view pipeline (SimCLR Appendix A); None means 'the default for this image size'."""
+
+    image_size: int = 224
+    crop_min_scale: float = 0.08
+    jitter: float | None = None  # colour-jitter strength s; 1.0 at ImageNet size, 0.5 at <= 64 px
+    blur: bool | None = None  # Gaussian blur; on at ImageNet size, off at <= 64 px
+
+    @property
+    def small(self) -> bool:
+        return self.image_size <= SMALL_IMAGE_MAX
+
+    @property
+    def jitter_strength(self) -> float:
+        if self.jitter is not None:
+            return self.jitter
+        return 0.5 if self.small else 1.0
+
+    @property
+    def use_blur(self) -> bool:
+        if self.blur is not None:
+            return self.blur
+        return not self.small
+
+    def validate(self) -> None:
+        _check(8 <= self.image_size <= 4096,
+               f"--image-size {self.image_size} is out of range; use 8 to 4096 pixels (e.g. 32 or 224)")
+        _check(0 < self.crop_min_scale <= 1,
+               f"--crop-min-scale {self.crop_min_scale} must be in (0, 1]; the paper uses 0.08")
+        _check(self.jitter is None or 0 <= self.jitter <= 2,
+               f"--jitter {self.jitter} must be in [0, 2]; the paper uses 1.0 (0.5 for CIFAR)")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything `simclr pretrain` needs; saved as config.json in the run folder."""
+
+    data_dir: str
+    out_dir: str
+    epochs: int = 100
+    batch_size: int = 256
+    arch: str = "resnet18"
+    stem: str = "auto"
+    proj_layers: int = 2
+    proj_dim: int = 128
+    temperature: float = 0.1
+    optimizer: str = "lars"
+    lr: float | None = None  # None: 0.3 x batch / 256 (LARS, SGD) or 1e-3 x batch / 256 (AdamW)
+    weight_decay: float | None = None  # None: 1e-6 (LARS, SGD, the paper) or 0.05 (AdamW)
+    warmup_epochs: float = 10.0
+    max_time: float | None = None  # seconds
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @property
+    def resolved_stem(self) -> str:
+        if self.stem != "auto":
+            return self.stem
+        return "cifar" if self.augment.small else "imagenet"
+
+    @property
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        base = 1e-3 if self.optimizer == "adamw" else 0.3
+        return base * self.batch_size / 256
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.05 if self.optimizer == "adamw" else 1e-6
+
+    def validate(self) -> "PretrainConfig":
+        from simclr_cli.models import BACKBONES  # the registry is the single source of names
+
+        _check(self.epochs >= 1, f"--epochs {self.epochs} must be at least 1")
+        _check(self.batch_size >= 2, f"--batch-size {self.batch_size} must be at least 2 (SimCLR needs negatives)")
+        _check(self.arch in BACKBONES, f"--arch {self.arch!r} is unknown; choose one of {', '.join(BACKBONES)}")
+        _check(self.stem in STEMS, f"--stem {self.stem!r} is not one of {', '.join(STEMS)}")
+        _check(self.proj_layers in (2, 3), f"--proj-layers {self.proj_layers} must be 2 (SimCLR) or 3 (SimCLRv2)")
+        _check(self.proj_dim >= 1, f"--proj-dim {self.proj_dim} must be positive")
+        _check(0.01 <= self.temperature <= 10,
+               f"--temperature {self.temperature} is out of range; use 0.01 to 10 (the paper uses 0.1 to 0.5)")
+        _check(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        _check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be positive")
+        _check(self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0")
+        _check(self.warmup_epochs >= 0, f"--warmup-epochs {self.warmup_epochs} must be >= 0")
+        self.augment.validate()
+        self.runtime.validate()
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "PretrainConfig":
+        data = dict(data)
+        data["augment"] = AugmentConfig(**data.get("augment", {}))
+        data["runtime"] = RuntimeConfig(**data.get("runtime", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    """dataclasses.replace, re-exported so callers need one import."""
+    return dataclasses.replace(config, **changes)
+
+
+def default_run_dir(kind: str) -> Path:
+    """A new timestamped folder under runs/ for a command that was given no --out."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / f"{kind}-{stamp}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path("runs") / f"{kind}-{stamp}-{suffix}"
+    return path

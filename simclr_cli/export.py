@@ -1,0 +1,218 @@
+"""Safetensors encoders and resumable checkpoints (safetensors + JSON; nothing is ever unpickled)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from simclr_cli import __version__
+from simclr_cli.errors import ModelFileError
+from simclr_cli.models import BACKBONES, build_backbone
+
+ENCODER_FORMAT = "simclr-encoder"
+CHECKPOINT_FORMAT = "simclr-checkpoint"
+ENCODER_FILE = "encoder.safetensors"
+HEAD_FILE = "head.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed over `path` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFileError(f"{path}: not valid JSON ({error}); the {what} is damaged") from None
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically (tensors made contiguous and unshared)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def read_metadata(path: str | Path, what: str) -> dict[str, str]:
+    """The string metadata of a safetensors file; ModelFileError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such {what} file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelFileError(f"{path}: not a safetensors file ({str(error).splitlines()[0]}); "
+                             f"pass the {what} that simclr wrote") from None
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What an encoder file says about itself: enough to rebuild it and its preprocessing."""
+
+    arch: str
+    stem: str
+    feature_dim: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    version: str
+    config: dict[str, Any]
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "format": ENCODER_FORMAT, "arch": self.arch, "stem": self.stem,
+            "feature_dim": str(self.feature_dim), "image_size": str(self.image_size),
+            "mean": json.dumps(list(self.mean)), "std": json.dumps(list(self.std)),
+            "simclr_version": self.version, "config": json.dumps(self.config),
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], path: Path) -> "EncoderInfo":
+        if meta.get("format") not in (ENCODER_FORMAT, "simclr-finetuned"):
+            raise ModelFileError(f"{path}: a safetensors file, but not a simclr encoder (no simclr metadata); "
+                                 f"pass the encoder.safetensors that `simclr pretrain` wrote")
+        try:
+            info = cls(arch=meta["arch"], stem=meta["stem"], feature_dim=int(meta["feature_dim"]),
+                       image_size=int(meta["image_size"]), mean=tuple(json.loads(meta["mean"])),
+                       std=tuple(json.loads(meta["std"])), version=meta.get("simclr_version", "?"),
+                       config=json.loads(meta.get("config", "{}")))
+        except (KeyError, ValueError) as error:
+            raise ModelFileError(f"{path}: simclr encoder metadata is incomplete ({error}); re-export it "
+                                 f"with `simclr pretrain`") from None
+        if info.arch not in BACKBONES:
+            raise ModelFileError(f"{path}: architecture {info.arch!r} is unknown to simclr {__version__}; "
+                                 f"upgrade simclr")
+        return info
+
+
+def save_encoder(path: str | Path, backbone: nn.Module, info: EncoderInfo,
+                 extra: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None) -> None:
+    """Write the backbone's state dict (torchvision key names) with its EncoderInfo as metadata."""
+    tensors = dict(backbone.state_dict())
+    tensors.update(extra or {})
+    save_tensors(path, tensors, {**info.to_metadata(), **(metadata or {})})
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """An encoder file, or a run folder holding one (a fine-tuned model first, if present)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("finetuned.safetensors", ENCODER_FILE):
+            if (path / name).is_file():
+                return path / name
+        raise ModelFileError(f"{path}: this folder holds no {ENCODER_FILE}; pass a run folder of "
+                             f"`simclr pretrain` or the .safetensors file itself")
+    return path
+
+
+def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, EncoderInfo]:
+    """Rebuild a backbone from an encoder file's metadata and weights, in eval mode on `device`."""
+    path = resolve_model_path(path)
+    info = EncoderInfo.from_metadata(read_metadata(path, "encoder"), path)
+    backbone = build_backbone(info.arch, info.stem)
+    tensors = load_file(str(path))
+    state = {k: v for k, v in tensors.items() if not k.startswith(("head.", "classifier."))}
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ModelFileError(f"{path}: weights do not match a {info.arch} ({str(error).splitlines()[0]}); "
+                             f"the file is damaged") from None
+    return backbone.to(device).eval(), info
+
+
+# Checkpoints: every tensor in one safetensors file; everything else as JSON in its metadata, so a
+# checkpoint is written (and renamed into place) as a single file.
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, entry in info["scalars"].items():
+        state.setdefault(int(index), {}).update(entry)
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+def save_checkpoint(path: str | Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                    rng: tuple[dict[str, torch.Tensor], dict[str, Any]], progress: dict[str, Any]) -> None:
+    """Write modules, optimiser state, RNG states and loop position to one file, atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in modules.items():
+        tensors.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
+    optim_tensors, optim_info = optimizer_tensors(optimizer)
+    rng_tensors, rng_info = rng
+    tensors.update(optim_tensors)
+    tensors.update(rng_tensors)
+    metadata = {"format": CHECKPOINT_FORMAT, "simclr_version": __version__,
+                "progress": json.dumps(progress), "optimizer": json.dumps(optim_info), "rng": json.dumps(rng_info)}
+    save_tensors(path, tensors, metadata)
+
+
+@dataclass
+class Checkpoint:
+    tensors: dict[str, torch.Tensor]
+    progress: dict[str, Any]
+    optimizer: dict[str, Any]
+    rng: dict[str, Any]
+
+    def module_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) + 1:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
+
+    def rng_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.tensors.items() if k.startswith("rng.")}
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    meta = read_metadata(path, "checkpoint")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ModelFileError(f"{path}: not a simclr checkpoint; pass a run folder of `simclr pretrain`")
+    return Checkpoint(tensors=load_file(str(path)), progress=json.loads(meta["progress"]),
+                      optimizer=json.loads(meta["optimizer"]), rng=json.loads(meta["rng"]))

@@ -1,0 +1,97 @@
+"""Draws the engine's progress reports: rich bars on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+class Reporter:
+    """A `report(kind, **fields)` callable for the engine. `quiet` keeps errors and warnings only."""
+
+    def __init__(self, quiet: bool = False, plain_every: int = 50):
+        self.quiet = quiet
+        self.live = console.is_terminal and not quiet
+        self.plain_every = plain_every
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+        self.loss: float | None = None
+
+    def __call__(self, kind: str, **fields: Any) -> None:
+        getattr(self, f"on_{kind}", self.on_other)(**fields)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def __enter__(self) -> "Reporter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _print(self, text: str) -> None:
+        (self.progress.console if self.progress else console).print(text)
+
+    def on_other(self, **fields: Any) -> None:
+        pass
+
+    def on_message(self, text: str) -> None:
+        if not self.quiet:
+            self._print(text)
+
+    def on_warning(self, text: str) -> None:
+        if self.progress:
+            self.progress.console.print(f"[yellow]warning:[/] {text}")
+        else:
+            err_console.print(f"[yellow]warning:[/] {text}")
+
+    def on_start(self, total_steps: int, start_step: int = 0, max_time: float | None = None, **_: Any) -> None:
+        if self.quiet:
+            return
+        budget = f" (time budget {_duration(max_time)})" if max_time else ""
+        if not self.live:
+            console.print(f"training for {total_steps - start_step} steps{budget}")
+            return
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("pretrain", total=total_steps, completed=start_step, stats="")
+
+    def on_step(self, step: int, epoch: int, lr: float, images_per_s: float, total_steps: int,
+                progress: float, loss: float | None = None, **_: Any) -> None:
+        if loss is not None:
+            self.loss = loss
+        if self.quiet:
+            return
+        loss_text = f"loss {self.loss:.4f}" if self.loss is not None else "loss …"
+        stats = f"epoch {epoch}  {loss_text}  lr {lr:.3g}  {images_per_s:,.0f} img/s"
+        if self.progress is not None and self.task is not None:
+            # With a time budget the run ends before its step count: show progress as a fraction of it.
+            total = max(total_steps, round(step / max(progress, 1e-9)))
+            self.progress.update(self.task, completed=step, total=total, stats=stats)
+        elif step % self.plain_every == 0:
+            console.print(f"step {step}/{total_steps}  {stats}")
+
+    def on_epoch(self, epoch: int, epochs: int, loss: float, images_per_s: float, **_: Any) -> None:
+        if not self.quiet:
+            self._print(f"epoch {epoch}/{epochs}: loss {loss:.4f}, {images_per_s:,.1f} images/s")
+
+    def on_done(self, **_: Any) -> None:
+        self.close()

@@ -1,0 +1,139 @@
+"""Device, precision, seeding and distributed helpers: the only module that knows about them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, ContextManager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from simclr_cli.errors import ConfigError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """Return the torch device for --device auto|cpu|cuda|cuda:N|mps, checking it exists."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank() if is_distributed() else 0)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"--device {spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {spec}: no CUDA GPU is visible here; use --device cpu or auto")
+        index = device.index if device.index is not None else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) here (cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1})")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {spec!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The compute dtype for one run, decided once: bf16 autocast on CUDA, fp32 elsewhere."""
+
+    dtype: torch.dtype
+    device_type: str
+
+    @property
+    def name(self) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self) -> ContextManager[Any]:
+        """An autocast context, or a no-op when computing in fp32."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """A gradient scaler for fp16 only; bf16 and fp32 need none."""
+        if self.dtype == torch.float16:
+            return torch.amp.GradScaler(self.device_type)
+        return None
+
+
+def resolve_precision(spec: str, device: torch.device) -> Precision:
+    """Return the Precision for --precision auto|fp32|bf16|fp16 on this device."""
+    if spec == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ConfigError(f"--precision fp16 needs a CUDA GPU (device is {device}); use fp32 or bf16")
+    return Precision(dtype=dtype, device_type=device.type)
+
+
+def default_workers() -> int:
+    """Loader processes: one core is left for the training process, at most 8 in all."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (tensors, json) describing every random generator, for a checkpoint."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{index}"] = state
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    info = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, info
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """Restore what rng_state() returned."""
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    py_version, py_state, py_gauss = info["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    name, keys, pos, has_gauss, gauss = info["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+# Distributed helpers: neutral values when torch.distributed is not initialised.
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0

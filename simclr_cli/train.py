@@ -1,0 +1,357 @@
+"""The pretraining loop: schedule, checkpoints, JSON-lines log, interrupts and time budgets."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from simclr_cli import __version__
+from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, simclr_augmentation
+from simclr_cli.config import PretrainConfig, replace
+from simclr_cli.data import ImageDataset, Skipped, epoch_order, make_loader, require_images, scan_images
+from simclr_cli.errors import ConfigError, SimclrError
+from simclr_cli.export import (CHECKPOINT_FILE, ENCODER_FILE, HEAD_FILE, EncoderInfo, load_checkpoint,
+                               load_optimizer, read_json, save_checkpoint, save_encoder, save_tensors,
+                               write_json)
+from simclr_cli.loss import nt_xent
+from simclr_cli.models import SimCLR
+from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
+from simclr_cli.runtime import (default_workers, resolve_device, resolve_precision, rng_state, seed_everything,
+                                set_rng_state)
+
+Report = Callable[..., None]  # report(kind, **fields): the CLI draws these; the engine never prints
+
+
+def silent(kind: str, **fields: Any) -> None:
+    """A Report that ignores everything."""
+
+
+class TrainingDiverged(SimclrError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps completed
+    step_in_epoch: int = 0  # steps of the current epoch completed (non-zero after an interrupt)
+    elapsed: float = 0.0  # seconds of training, summed over sessions
+    images_seen: int = 0
+    finished: bool = False
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    encoder_path: Path | None
+    state: LoopState
+    final_loss: float | None
+    skipped: list[Skipped] = field(default_factory=list)
+    interrupted: bool = False
+
+
+class _StopFlag:
+    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop; a second one is immediate."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class PretrainRun:
+    """One pretraining run in one folder: built fresh, or from its checkpoint when resuming."""
+
+    def __init__(self, config: PretrainConfig, report: Report = silent, resume: bool = False):
+        self.config = config
+        self.report = report
+        self.run_dir = Path(config.out_dir)
+        self.device = resolve_device(config.runtime.device)
+        self.precision = resolve_precision(config.runtime.precision, self.device)
+        self.workers = config.runtime.workers if config.runtime.workers is not None else default_workers()
+        self.state = LoopState()
+        self._step_seconds = 0.0  # duration of the latest step, to tell whether another one fits
+        self._check_run_dir(resume)
+        seed_everything(config.runtime.seed)
+
+        scan = require_images(scan_images(config.data_dir))
+        self.paths = scan.paths
+        self.skipped: dict[str, Skipped] = {s.path: s for s in scan.skipped}
+        aug = config.augment
+        self.batch_size = min(config.batch_size, len(self.paths))
+        if self.batch_size < config.batch_size:
+            report("warning", text=f"only {len(self.paths)} images: using batch size {self.batch_size} "
+                                   f"instead of {config.batch_size}")
+        self.steps_per_epoch = max(1, len(self.paths) // self.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if aug.small:
+            report("message", text=f"{aug.image_size} px images: using the paper's CIFAR-10 settings "
+                                   f"(jitter strength {aug.jitter_strength:g}, blur "
+                                   f"{'on' if aug.use_blur else 'off'}, {config.resolved_stem} stem)")
+
+        self.model = SimCLR(config.arch, config.resolved_stem, config.proj_layers, config.proj_dim)
+        self.model.to(self.device, memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(config.optimizer, self.model, config.resolved_lr,
+                                         config.resolved_weight_decay)
+        self.scaler = self.precision.grad_scaler()
+        self.dataset = ImageDataset(self.paths, TwoViews(simclr_augmentation(aug)), min_side=aug.image_size,
+                                    seed=config.runtime.seed)
+        if resume:
+            self._restore()
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "config.json", config.to_json())
+            (self.run_dir / "metrics.jsonl").write_text("")
+        report("message", text=f"{len(self.paths)} images in {config.data_dir}"
+                               + (f", {len(self.skipped)} unreadable file(s) skipped" if self.skipped else "")
+                               + f"; {config.arch} on {self.device} ({self.precision.name}), batch "
+                               f"{self.batch_size}, lr {config.resolved_lr:g}, {self.workers} loader worker(s)")
+        for skipped in scan.skipped:
+            report("warning", text=f"skipped {skipped.path}: {skipped.reason}")
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _check_run_dir(self, resume: bool) -> None:
+        checkpoint = self.run_dir / CHECKPOINT_FILE
+        if resume and not checkpoint.is_file():
+            raise ConfigError(f"--resume {self.run_dir}: no {CHECKPOINT_FILE} there; pass the folder of a run "
+                              f"that `simclr pretrain` started")
+        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
+            hint = f"resume it with --resume {self.run_dir}" if checkpoint.is_file() else "choose an empty folder"
+            raise ConfigError(f"--out {self.run_dir} already holds files; {hint}, or pass another --out")
+
+    def _restore(self) -> None:
+        checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_FILE)
+        self.model.backbone.load_state_dict(checkpoint.module_state("backbone"))
+        self.model.head.load_state_dict(checkpoint.module_state("head"))
+        load_optimizer(self.optimizer, checkpoint.tensors, checkpoint.optimizer)
+        set_rng_state(checkpoint.rng_tensors(), checkpoint.rng)
+        saved = checkpoint.progress
+        self.state = LoopState(**saved["state"])
+        if saved.get("num_images") != len(self.paths):
+            self.report("warning", text=f"the folder now holds {len(self.paths)} images, not "
+                                        f"{saved.get('num_images')}: the data order differs from the first run")
+        self.skipped.update({s["path"]: Skipped(**s) for s in saved.get("skipped", [])})
+        self._truncate_metrics(self.state.step)
+        self.report("message", text=f"resuming {self.run_dir} at epoch {self.state.epoch + 1}, step {self.state.step}")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines written after the checkpoint, so a resumed log has no duplicates."""
+        path = self.run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        write_lines = "".join(line + "\n" for line in kept)
+        path.write_text(write_lines)
+
+    # -- schedule ---------------------------------------------------------------------------
+
+    def _progress(self, elapsed: float) -> float:
+        """Fraction of the run done, by steps or by the time budget, whichever is further along."""
+        by_steps = (self.state.step + 0.5) / self.total_steps
+        by_time = elapsed / self.config.max_time if self.config.max_time else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    def _warmup_fraction(self) -> float:
+        """--warmup-epochs of the run, capped at a tenth of it (short runs warm up for 10%)."""
+        return min(0.1, self.config.warmup_epochs / self.config.epochs)
+
+    def _out_of_time(self, elapsed: float, step_seconds: float) -> bool:
+        if not self.config.max_time:
+            return False
+        reserve = max(1.0, 2 * step_seconds)  # one more step would not fit, nor would the export
+        return elapsed + reserve >= self.config.max_time
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def train_one_epoch(self, stop: _StopFlag, clock: Callable[[], float]) -> dict[str, float]:
+        """Train until the epoch ends, the budget is spent or a stop is requested; return mean metrics."""
+        config, state, device = self.config, self.state, self.device
+        self.model.train()
+        self.dataset.epoch = state.epoch
+        order = epoch_order(len(self.paths), config.runtime.seed, state.epoch)
+        start = state.step_in_epoch * self.batch_size
+        loader = make_loader(self.dataset, self.batch_size, order[start:], self.workers, drop_last=True,
+                             pin_memory=device.type == "cuda")
+        loss_sum = torch.zeros((), device=device)
+        steps, images = 0, 0
+        pending: list[tuple[dict[str, Any], torch.Tensor]] = []
+        last = clock()
+        epoch_start = last
+        for batch in loader:
+            if self._out_of_time(clock(), self._step_seconds):
+                break
+            self._note_skipped(batch.skipped)
+            if batch.samples is None:
+                continue
+            lr = config.resolved_lr * warmup_cosine(self._progress(last), self._warmup_fraction())
+            set_lr(self.optimizer, lr)
+            loss = self._step(batch.samples)
+            now = clock()
+            state.step += 1
+            state.step_in_epoch += 1
+            state.images_seen += len(batch)
+            state.elapsed = now
+            steps, images = steps + 1, images + len(batch)
+            loss_sum += loss.detach()
+            record = {"step": state.step, "epoch": state.epoch + 1, "lr": lr,
+                      "images_per_s": len(batch) / max(now - last, 1e-9), "time": round(now, 3)}
+            pending.append((record, loss.detach()))
+            # Reading the loss forces a device sync: on a GPU do it every 10 steps, not every step.
+            if device.type == "cpu" or len(pending) >= 10:
+                self._flush(pending)
+            self.report("step", **{"loss": None, **record}, total_steps=self.total_steps,
+                        progress=self._progress(now), steps_per_epoch=self.steps_per_epoch,
+                        step_in_epoch=state.step_in_epoch)
+            self._step_seconds, last = now - last, now
+            if stop.signal is not None or state.step >= self.total_steps:
+                break
+        self._flush(pending)
+        seconds = max(clock() - epoch_start, 1e-9)
+        return {"loss": (loss_sum / max(steps, 1)).item(), "images_per_s": images / seconds, "steps": steps}
+
+    def _step(self, samples: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on a batch of two-view samples (N, 2, C, H, W); returns the loss."""
+        views = samples.to(self.device, non_blocking=True)
+        n = views.shape[0]
+        images = views.transpose(0, 1).reshape(2 * n, *views.shape[2:])  # (2N, C, H, W): all a, then all b
+        images = images.contiguous(memory_format=torch.channels_last)
+        with self.precision.autocast():
+            projections = self.model(images)  # (2N, D)
+        loss = nt_xent(projections[:n], projections[n:], self.config.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return loss
+
+    def _flush(self, pending: list[tuple[dict[str, Any], torch.Tensor]]) -> None:
+        """Write pending step records to metrics.jsonl; stop the run on a non-finite loss."""
+        if not pending:
+            return
+        losses = torch.stack([loss for _, loss in pending]).tolist()
+        lines = []
+        for (record, _), value in zip(pending, losses):
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"the loss became {value} at step {record['step']}; the last good checkpoint is kept in "
+                    f"{self.run_dir / CHECKPOINT_FILE}. Lower --lr or raise --temperature, then run again "
+                    f"(or --resume {self.run_dir} to continue from that checkpoint)")
+            record["loss"] = value
+            lines.append(json.dumps(record) + "\n")
+        with open(self.run_dir / "metrics.jsonl", "a") as log:
+            log.writelines(lines)
+        pending.clear()
+
+    def _note_skipped(self, skipped: list[Skipped]) -> None:
+        for item in skipped:
+            if item.path not in self.skipped:
+                self.skipped[item.path] = item
+                self.report("warning", text=f"skipped {item.path}: {item.reason}")
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        progress = {"state": asdict(self.state), "num_images": len(self.paths),
+                    "skipped": [s.to_json() for s in self.skipped.values()]}
+        save_checkpoint(self.run_dir / CHECKPOINT_FILE, {"backbone": self.model.backbone, "head": self.model.head},
+                        self.optimizer, rng_state(), progress)
+        write_json(self.run_dir / "skipped.json", [s.to_json() for s in self.skipped.values()])
+
+    def encoder_info(self) -> EncoderInfo:
+        return EncoderInfo(arch=self.config.arch, stem=self.config.resolved_stem,
+                           feature_dim=self.model.backbone.feature_dim, image_size=self.config.augment.image_size,
+                           mean=IMAGENET_MEAN, std=IMAGENET_STD, version=__version__, config=self.config.to_json())
+
+    def export(self) -> Path:
+        """Write encoder.safetensors (backbone only) and head.safetensors; return the encoder path."""
+        info = self.encoder_info()
+        path = self.run_dir / ENCODER_FILE
+        save_encoder(path, self.model.backbone, info)
+        head_meta = {"format": "simclr-head", "layers": str(self.config.proj_layers),
+                     "out_dim": str(self.config.proj_dim), "in_dim": str(info.feature_dim)}
+        save_tensors(self.run_dir / HEAD_FILE, self.model.head.state_dict(), head_meta)
+        return path
+
+    def run(self) -> PretrainResult:
+        """Train to the end (epochs or time budget), checkpointing every epoch; export the encoder."""
+        state, offset = self.state, self.state.elapsed
+        session_start = time.monotonic()
+
+        def clock() -> float:  # seconds of training over all sessions of this run
+            return offset + time.monotonic() - session_start
+
+        self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs,
+                    steps_per_epoch=self.steps_per_epoch, max_time=self.config.max_time)
+        final_loss: float | None = None
+        interrupted = False
+        with _StopFlag() as stop:
+            while not state.finished:
+                metrics = self.train_one_epoch(stop, clock)
+                if metrics["steps"]:
+                    final_loss = metrics["loss"]
+                epoch_done = state.step_in_epoch >= self.steps_per_epoch
+                if epoch_done:
+                    state.epoch += 1
+                    state.step_in_epoch = 0
+                    self.report("epoch", epoch=state.epoch, epochs=self.config.epochs, **metrics)
+                state.finished = state.step >= self.total_steps or self._out_of_time(clock(), self._step_seconds)
+                if stop.signal is not None and not state.finished:
+                    interrupted = True
+                self.save_checkpoint()
+                if interrupted:
+                    break
+        if state.finished and final_loss is None and state.step:
+            self.report("message", text=f"{self.run_dir} had already finished; exporting its encoder again")
+        encoder = None if interrupted else self.export()
+        if not interrupted:
+            self.report("done", encoder=str(encoder), steps=state.step, images_seen=state.images_seen,
+                        elapsed=state.elapsed, loss=final_loss)
+        return PretrainResult(self.run_dir, encoder, state, final_loss, list(self.skipped.values()), interrupted)
+
+
+def pretrain(config: PretrainConfig, report: Report = silent) -> PretrainResult:
+    """Pretrain a new run in config.out_dir."""
+    return PretrainRun(config.validate(), report).run()
+
+
+def resume_pretrain(run_dir: str | Path, report: Report = silent, data_dir: str | None = None,
+                    device: str | None = None, workers: int | None = None) -> PretrainResult:
+    """Continue the run in `run_dir` from its checkpoint, with its saved configuration."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.json there; pass the folder of a run that "
+                          f"`simclr pretrain` started")
+    config = PretrainConfig.from_json(read_json(run_dir / "config.json", "run configuration"))
+    runtime = replace(config.runtime, device=device or config.runtime.device,
+                      workers=workers if workers is not None else config.runtime.workers)
+    config = replace(config, out_dir=str(run_dir), data_dir=data_dir or config.data_dir, runtime=runtime)
+    return PretrainRun(config.validate(), report, resume=True).run()

@@ -1,0 +1,124 @@
+"""Tiny real image folders made in the test session: digits by class, and a folder of mixed formats,
+modes and sizes with a few broken files in it."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from export_digits import export_digits  # noqa: E402
+
+# Threads beyond the two cores of CI only add contention.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def _photo(size: tuple[int, int], seed: int) -> np.ndarray:
+    """A smooth random RGB image (uint8, H x W x 3): gradients plus a few blobs, not noise."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = []
+    for _ in range(3):
+        a, b, c = rng.uniform(-1, 1, 3)
+        channels.append(128 + 100 * np.sin(3 * a * x + 3 * b * y + c))
+    image = np.stack(channels, axis=-1)
+    for _ in range(3):
+        cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.3)
+        mask = (x - cx) ** 2 + (y - cy) ** 2 < r**2
+        image[mask] = rng.uniform(0, 255, 3)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_mixed_folder(root: Path) -> dict[str, list[str]]:
+    """Write images of many formats and modes (some nested, some broken); return what is what."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "nested" / "deeper").mkdir(parents=True)
+    good: list[str] = []
+
+    def save(name: str, image: Image.Image, **kwargs) -> None:
+        path = root / name
+        image.save(path, **kwargs)
+        good.append(name)
+
+    rgb = Image.fromarray(_photo((48, 40), 0))
+    save("rgb.png", rgb)
+    save("UPPER.JPG", Image.fromarray(_photo((64, 48), 1)), format="JPEG", quality=90)
+    save("grey.png", Image.fromarray(_photo((40, 40), 2)).convert("L"))
+    save("grey_alpha.png", Image.fromarray(_photo((40, 40), 3)).convert("LA"))
+    rgba = Image.fromarray(_photo((40, 40), 4)).convert("RGBA")
+    alpha = np.zeros((40, 40), dtype=np.uint8)
+    alpha[:, 20:] = 255
+    rgba.putalpha(Image.fromarray(alpha))
+    save("rgba.png", rgba)
+    palette = Image.fromarray(_photo((40, 40), 5)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    save("palette_transparent.png", palette, transparency=0)
+    save("cmyk.jpg", Image.fromarray(_photo((40, 40), 6)).convert("CMYK"), format="JPEG")
+    sixteen = (np.asarray(Image.fromarray(_photo((40, 40), 7)).convert("L"), dtype=np.uint16) * 257)
+    save("sixteen_bit.png", Image.fromarray(sixteen))
+    save("nested/photo.webp", Image.fromarray(_photo((50, 30), 8)), format="WEBP")
+    save("nested/photo.bmp", Image.fromarray(_photo((30, 50), 9)))
+    frames = [Image.fromarray(_photo((32, 32), 10 + i)).convert("P") for i in range(3)]
+    frames[0].save(root / "nested/animated.gif", save_all=True, append_images=frames[1:])
+    good.append("nested/animated.gif")
+    save("nested/deeper/photo.tiff", Image.fromarray(_photo((36, 36), 13)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    save("nested/deeper/rotated.jpg", Image.fromarray(_photo((60, 30), 14)), format="JPEG", exif=exif)
+
+    broken = ["empty.png", "truncated.jpg", "not_an_image.jpg"]
+    (root / "empty.png").write_bytes(b"")
+    buffer = io.BytesIO()
+    Image.fromarray(_photo((64, 64), 15)).save(buffer, format="JPEG")
+    (root / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (root / "not_an_image.jpg").write_text("this is text, not a JPEG")
+
+    ignored = [".hidden.png", "notes.txt"]
+    rgb.save(root / ".hidden.png")
+    (root / "notes.txt").write_text("not an image")
+    os.symlink(root, root / "nested" / "loop")  # a link back up the tree
+    os.symlink(root / "missing.png", root / "dangling.png")
+    broken.append("dangling.png")
+    return {"good": sorted(good), "broken": sorted(broken), "ignored": ignored}
+
+
+@pytest.fixture(scope="session")
+def mixed_folder(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    root = tmp_path_factory.mktemp("mixed") / "images"
+    return root, write_mixed_folder(root)
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory) -> Path:
+    """scikit-learn's digits as 32 px PNGs, one subfolder per class (1,797 images)."""
+    root = tmp_path_factory.mktemp("digits") / "digits"
+    export_digits(root, size=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_digits_folder(tmp_path_factory) -> Path:
+    """200 digits (about 20 per class) as 32 px PNGs, for quick training runs."""
+    root = tmp_path_factory.mktemp("digits_small") / "digits"
+    export_digits(root, size=32, limit=200)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory, small_digits_folder) -> Path:
+    """A run folder with a briefly pretrained resnet18 (ImageNet stem, 32 px: fast on CPU)."""
+    from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
+    from simclr_cli.train import pretrain
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    config = PretrainConfig(data_dir=str(small_digits_folder), out_dir=str(run_dir), epochs=2, batch_size=64,
+                            stem="imagenet", augment=AugmentConfig(image_size=32),
+                            runtime=RuntimeConfig(device="cpu", workers=0, seed=0))
+    pretrain(config)
+    return run_dir
