@@ -94,6 +94,7 @@ class PretrainRun:
         self.device = resolve_device(config.runtime.device)
         self.precision = resolve_precision(config.runtime.precision, self.device)
         self.workers = config.runtime.workers if config.runtime.workers is not None else default_workers()
+        self._created = time.monotonic()
         self.state = LoopState()
         self._step_seconds = 0.0  # duration of the latest step, to tell whether another one fits
         self._check_run_dir(resume)
@@ -171,20 +172,25 @@ class PretrainRun:
     # -- schedule ---------------------------------------------------------------------------
 
     def _progress(self, elapsed: float) -> float:
-        """Fraction of the run done, by steps or by the time budget, whichever is further along."""
+        """Fraction of the run done, by steps or by the time budget, whichever is further along.
+
+        By time, the reserve for one more step and the export counts as spent, so the last step
+        that fits in the budget runs at a learning rate near zero: the run ends annealed.
+        """
         by_steps = (self.state.step + 0.5) / self.total_steps
-        by_time = elapsed / self.config.max_time if self.config.max_time else 0.0
+        by_time = (elapsed + self._reserve()) / self.config.max_time if self.config.max_time else 0.0
         return min(1.0, max(by_steps, by_time))
+
+    def _reserve(self) -> float:
+        """Seconds to keep free at the end of a time budget: one more step and the export."""
+        return max(1.0, 2 * self._step_seconds)
 
     def _warmup_fraction(self) -> float:
         """--warmup-epochs of the run, capped at a tenth of it (short runs warm up for 10%)."""
         return min(0.1, self.config.warmup_epochs / self.config.epochs)
 
-    def _out_of_time(self, elapsed: float, step_seconds: float) -> bool:
-        if not self.config.max_time:
-            return False
-        reserve = max(1.0, 2 * step_seconds)  # one more step would not fit, nor would the export
-        return elapsed + reserve >= self.config.max_time
+    def _out_of_time(self, elapsed: float) -> bool:
+        return bool(self.config.max_time) and elapsed + self._reserve() >= self.config.max_time
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -203,7 +209,7 @@ class PretrainRun:
         last = clock()
         epoch_start = last
         for batch in loader:
-            if self._out_of_time(clock(), self._step_seconds):
+            if self._out_of_time(clock()):
                 break
             self._note_skipped(batch.skipped)
             if batch.samples is None:
@@ -261,10 +267,11 @@ class PretrainRun:
         lines = []
         for (record, _), value in zip(pending, losses):
             if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"the loss became {value} at step {record['step']}; the last good checkpoint is kept in "
-                    f"{self.run_dir / CHECKPOINT_FILE}. Lower --lr or raise --temperature, then run again "
-                    f"(or --resume {self.run_dir} to continue from that checkpoint)")
+                checkpoint = self.run_dir / CHECKPOINT_FILE
+                kept = (f"the last good checkpoint is kept in {checkpoint} (--resume {self.run_dir} continues "
+                        f"from it)" if checkpoint.is_file() else "no checkpoint had been written yet")
+                raise TrainingDiverged(f"the loss became {value} at step {record['step']}; {kept}. Lower --lr "
+                                       f"or raise --temperature and run again")
             record["loss"] = value
             lines.append(json.dumps(record) + "\n")
         with open(self.run_dir / "metrics.jsonl", "a") as log:
@@ -304,7 +311,7 @@ class PretrainRun:
     def run(self) -> PretrainResult:
         """Train to the end (epochs or time budget), checkpointing every epoch; export the encoder."""
         state, offset = self.state, self.state.elapsed
-        session_start = time.monotonic()
+        session_start = self._created  # the budget counts the scan and set-up too
 
         def clock() -> float:  # seconds of training over all sessions of this run
             return offset + time.monotonic() - session_start
@@ -323,7 +330,7 @@ class PretrainRun:
                     state.epoch += 1
                     state.step_in_epoch = 0
                     self.report("epoch", epoch=state.epoch, epochs=self.config.epochs, **metrics)
-                state.finished = state.step >= self.total_steps or self._out_of_time(clock(), self._step_seconds)
+                state.finished = state.step >= self.total_steps or self._out_of_time(clock())
                 if stop.signal is not None and not state.finished:
                     interrupted = True
                 self.save_checkpoint()

@@ -75,7 +75,7 @@ def write_mixed_folder(root: Path) -> dict[str, list[str]]:
     broken = ["empty.png", "truncated.jpg", "not_an_image.jpg"]
     (root / "empty.png").write_bytes(b"")
     buffer = io.BytesIO()
-    Image.fromarray(_photo((64, 64), 15)).save(buffer, format="JPEG")
+    Image.fromarray(_photo((256, 256), 15)).save(buffer, format="JPEG", quality=95)  # header survives the cut
     (root / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     (root / "not_an_image.jpg").write_text("this is text, not a JPEG")
 

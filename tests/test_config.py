@@ -1,0 +1,33 @@
+import pytest
+
+from simclr_cli.config import AugmentConfig, PretrainConfig, parse_duration
+from simclr_cli.errors import ConfigError
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("10m", 600), ("2h", 7200), ("1h30m", 5400),
+                                          ("45", 45), ("1.5m", 90)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "10x", "0s", "-5m"])
+def test_bad_durations_name_the_flag(text):
+    with pytest.raises(ConfigError, match="--max-time"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("change,flag", [
+    ({"arch": "vgg"}, "--arch"), ({"batch_size": 1}, "--batch-size"), ({"optimizer": "rmsprop"}, "--optimizer"),
+    ({"proj_layers": 4}, "--proj-layers"), ({"temperature": 0.0}, "--temperature"), ({"epochs": 0}, "--epochs"),
+    ({"augment": AugmentConfig(image_size=4)}, "--image-size"),
+    ({"augment": AugmentConfig(crop_min_scale=1.5)}, "--crop-min-scale"), ({"stem": "vit"}, "--stem"),
+])
+def test_validation_names_the_flag(change, flag):
+    with pytest.raises(ConfigError, match=flag):
+        PretrainConfig(data_dir=".", out_dir="x", **change).validate()
+
+
+def test_small_images_default_to_cifar_stem_and_config_round_trips():
+    config = PretrainConfig(data_dir=".", out_dir="x", augment=AugmentConfig(image_size=32))
+    assert config.resolved_stem == "cifar"
+    assert PretrainConfig.from_json(config.to_json()) == config

@@ -1,0 +1,160 @@
+"""Scanning folders, decoding every mode to RGB, skipping bad files."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simclr_cli import data
+from simclr_cli.data import (NEUTRAL_BACKGROUND, ImageDataset, Skipped, UnreadableImage, collate, epoch_order,
+                             load_rgb, require_images, scan_images, to_rgb)
+from simclr_cli.errors import DataError
+
+
+def relative(paths, root):
+    return sorted(Path(p).relative_to(root).as_posix() for p in paths)
+
+
+def test_scan_finds_every_good_image_at_every_depth_and_skips_broken_ones(mixed_folder):
+    root, expected = mixed_folder
+    scan = scan_images(root)
+    found = [Path(p).relative_to(root).as_posix() for p in scan.paths]
+    assert found == sorted(found), "the scan must be sorted"
+    # Header checks catch empty, foreign and dangling files; the truncated JPEG has a valid header.
+    assert relative(scan.skipped and [s.path for s in scan.skipped], root) == sorted(
+        ["empty.png", "not_an_image.jpg", "dangling.png"])
+    assert sorted(found) == sorted(expected["good"] + ["truncated.jpg"])
+    assert not any(name.startswith(".") or name.endswith(".txt") for name in found)
+    assert not any("/loop/" in name for name in found), "a link loop must not be followed twice"
+
+
+def test_scan_follows_links_to_folders(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    Image.new("RGB", (8, 8)).save(target / "a.png")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "linked").symlink_to(target)
+    assert relative(scan_images(root).paths, root) == ["linked/a.png"]
+
+
+def test_every_good_image_decodes_to_rgb(mixed_folder):
+    root, expected = mixed_folder
+    for name in expected["good"]:
+        image = load_rgb(root / name)
+        assert image.mode == "RGB", name
+        assert min(image.size) > 0
+
+
+def test_broken_files_raise_unreadable(mixed_folder):
+    root, _ = mixed_folder
+    for name in ["empty.png", "truncated.jpg", "not_an_image.jpg"]:
+        with pytest.raises(UnreadableImage):
+            load_rgb(root / name)
+
+
+def test_exif_orientation_is_applied(mixed_folder):
+    root, _ = mixed_folder
+    with Image.open(root / "nested/deeper/rotated.jpg") as raw:
+        assert raw.size == (60, 30)
+    assert load_rgb(root / "nested/deeper/rotated.jpg").size == (30, 60)
+
+
+def test_transparency_is_composited_on_a_neutral_colour_not_black():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    rgba.putpixel((0, 0), (255, 0, 0, 255))  # one opaque red pixel
+    rgb = to_rgb(rgba)
+    assert rgb.getpixel((1, 1)) == NEUTRAL_BACKGROUND
+    assert rgb.getpixel((0, 0)) == (255, 0, 0)
+    la = to_rgb(Image.new("LA", (2, 2), (200, 0)))
+    assert la.getpixel((0, 0)) == NEUTRAL_BACKGROUND
+    palette = Image.new("P", (2, 2), 0)
+    palette.putpalette([10, 20, 30] + [0, 0, 0] * 255)
+    palette.info["transparency"] = 0
+    assert to_rgb(palette).getpixel((0, 0)) == NEUTRAL_BACKGROUND
+
+
+def test_sixteen_bit_and_float_greys_are_scaled_to_eight_bits():
+    values = np.array([[0, 65535], [32896, 257]], dtype=np.uint16)
+    rgb = np.asarray(to_rgb(Image.fromarray(values)))
+    assert rgb[..., 0].tolist() == [[0, 255], [128, 1]]
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+    floats = Image.fromarray(np.array([[0.0, 1.0]], dtype=np.float32))
+    assert np.asarray(to_rgb(floats))[..., 0].tolist() == [[0, 255]]
+
+
+def test_cmyk_and_one_bit_become_rgb():
+    assert to_rgb(Image.new("CMYK", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("1", (2, 2), 1)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_large_jpeg_is_decoded_in_draft_mode(tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (2000, 1600), (90, 120, 150)).save(path, quality=80)
+    small = load_rgb(path, min_side=224)
+    assert small.size == (500, 400), "1/4 scale is the smallest whose sides are >= 224"
+    assert min(small.size) >= 224
+    assert load_rgb(path).size == (2000, 1600)
+
+
+def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.new("L", (200, 200)).save(path)
+    monkeypatch.setattr(data, "MAX_PIXELS", 100 * 100)
+    assert "decompression bomb" in data.probe(path)
+    with pytest.raises(UnreadableImage, match="decompression bomb"):
+        load_rgb(path)
+
+
+def test_empty_folder_and_folder_without_readable_images_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        require_images(scan_images(empty))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_text("nope")
+    with pytest.raises(DataError, match="1 unreadable file"):
+        require_images(scan_images(broken))
+    with pytest.raises(DataError, match="no such folder"):
+        scan_images(tmp_path / "missing")
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(DataError, match="is a file"):
+        scan_images(tmp_path / "file.png")
+
+
+def test_dataset_skips_bad_files_and_collate_reports_them(mixed_folder):
+    root, _ = mixed_folder
+    paths = [root / "rgb.png", root / "truncated.jpg", root / "grey.png"]
+    dataset = ImageDataset(paths, lambda img: torch.zeros(3, 4, 4))
+    items = [dataset[i] for i in range(3)]
+    assert isinstance(items[1], Skipped) and items[1].path.endswith("truncated.jpg")
+    batch = collate(items)
+    assert batch.samples.shape == (2, 3, 4, 4)
+    assert batch.indices.tolist() == [0, 2]
+    assert [s.path for s in batch.skipped] == [str(root / "truncated.jpg")]
+    assert collate([items[1]]).samples is None
+
+
+def test_augmentation_randomness_depends_on_seed_epoch_and_index_only(mixed_folder):
+    root, expected = mixed_folder
+    paths = [root / name for name in expected["good"][:3]]
+    transform = lambda img: torch.rand(3)  # noqa: E731 -- any use of torch's RNG
+    dataset = ImageDataset(paths, transform, seed=7)
+    first = [dataset[i][0] for i in range(3)]
+    torch.manual_seed(123)  # the global RNG must not matter
+    again = [dataset[i][0] for i in reversed(range(3))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    dataset.epoch = 1
+    assert not torch.equal(dataset[0][0], first[0])
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    order = epoch_order(50, seed=3, epoch=0)
+    assert sorted(order) == list(range(50))
+    assert order == epoch_order(50, seed=3, epoch=0)
+    assert order != epoch_order(50, seed=3, epoch=1)
+    assert order != epoch_order(50, seed=4, epoch=0)

@@ -1,0 +1,41 @@
+"""Every backbone in the registry trains: forward, backward, a gradient for every parameter."""
+
+import pytest
+import torch
+import torchvision
+
+from simclr_cli.models import BACKBONES, ProjectionHead, SimCLR, build_backbone
+
+FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
+
+
+@pytest.mark.parametrize("arch", list(BACKBONES))
+def test_every_backbone_forward_backward_reaches_every_parameter(arch):
+    torch.manual_seed(0)
+    model = SimCLR(arch, "imagenet", proj_layers=2)
+    projections = model(torch.randn(4, 3, 32, 32))
+    assert projections.shape == (4, 128)
+    projections.square().mean().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"parameters without gradient: {missing[:5]}"
+    assert model.backbone.feature_dim == FEATURE_DIMS[arch]
+
+
+def test_cifar_stem_keeps_resolution_and_torchvision_key_names():
+    backbone = build_backbone("resnet18", "cifar")
+    assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
+    assert isinstance(backbone.maxpool, torch.nn.Identity)
+    reference_keys = set(torchvision.models.resnet18().state_dict()) - {"fc.weight", "fc.bias"}
+    assert set(backbone.state_dict()) == reference_keys
+    assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_projection_head_depth(layers):
+    head = ProjectionHead(512, out_dim=128, layers=layers)
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    relus = [m for m in head.modules() if isinstance(m, torch.nn.ReLU)]
+    assert len(linears) == layers and len(norms) == layers - 1 and len(relus) == layers - 1
+    assert linears[-1].out_features == 128
+    assert head(torch.randn(4, 512)).shape == (4, 128)

@@ -1,2 +1,0 @@
-def test_tiny_encoder_run_folder(tiny_encoder):
-    assert (tiny_encoder / "encoder.safetensors").is_file()
