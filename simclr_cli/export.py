@@ -178,7 +178,10 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
             state.setdefault(int(index), {})[name] = value
     for index, entry in info["scalars"].items():
         state.setdefault(int(index), {}).update(entry)
-    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    # JSON turned tuples (AdamW's betas) into lists; hyperparameters go back as tuples.
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in group.items()}
+              for group in info["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_checkpoint(path: str | Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,

@@ -1,0 +1,111 @@
+"""Encoder files load into torchvision; checkpoints round-trip; writes are atomic; nothing is unpickled."""
+
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from simclr_cli import export
+from simclr_cli.errors import ModelFileError
+from simclr_cli.export import (EncoderInfo, atomic_path, load_checkpoint, load_encoder, save_checkpoint,
+                               save_encoder)
+from simclr_cli.models import SimCLR, build_backbone
+from simclr_cli.optim import build_optimizer
+from simclr_cli.runtime import rng_state, set_rng_state
+
+
+def info_for(arch="resnet18", stem="imagenet"):
+    return EncoderInfo(arch=arch, stem=stem, feature_dim=512, image_size=32, mean=(0.5, 0.5, 0.5),
+                       std=(0.25, 0.25, 0.25), version="test", config={"batch_size": 8})
+
+
+def test_encoder_round_trip_and_torchvision_loading(tmp_path):
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", "imagenet").eval()
+    path = tmp_path / "encoder.safetensors"
+    save_encoder(path, backbone, info_for())
+    loaded, info = load_encoder(path)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(images), backbone(images))
+    assert info == info_for()
+    assert load_encoder(tmp_path)[1] == info, "a run folder holding encoder.safetensors works too"
+
+    plain = torchvision.models.resnet18()
+    from safetensors.torch import load_file
+
+    result = plain.load_state_dict(load_file(str(path)), strict=False)
+    assert set(result.missing_keys) == {"fc.weight", "fc.bias"} and not result.unexpected_keys
+    plain.fc = torch.nn.Identity()
+    torch.testing.assert_close(plain.eval()(images), backbone(images))
+
+
+def test_foreign_and_broken_files_are_clear_errors(tmp_path):
+    with pytest.raises(ModelFileError, match="no such encoder"):
+        load_encoder(tmp_path / "missing.safetensors")
+    pickle_file = tmp_path / "model.pt"
+    torch.save({"a": torch.zeros(1)}, pickle_file)
+    with pytest.raises(ModelFileError, match="not a safetensors file"):
+        load_encoder(pickle_file)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"a": torch.zeros(1)}, str(foreign))
+    with pytest.raises(ModelFileError, match="not a simclr encoder"):
+        load_encoder(foreign)
+    with pytest.raises(ModelFileError, match="holds no encoder"):
+        load_encoder(tmp_path)
+    incomplete = tmp_path / "incomplete.safetensors"
+    save_file({"a": torch.zeros(1)}, str(incomplete), metadata={"format": "simclr-encoder", "arch": "resnet18"})
+    with pytest.raises(ModelFileError, match="incomplete"):
+        load_encoder(incomplete)
+
+
+def test_checkpoint_round_trip_restores_model_optimizer_and_rng(tmp_path):
+    torch.manual_seed(0)
+    model = SimCLR("resnet18", "imagenet")
+    for name in ("lars", "adamw"):
+        optimizer = build_optimizer(name, model, lr=0.1, weight_decay=1e-6)
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+        optimizer.step()
+        path = tmp_path / f"{name}.safetensors"
+        save_checkpoint(path, {"backbone": model.backbone, "head": model.head}, optimizer, rng_state(),
+                        {"state": {"step": 3}})
+        expected_random = torch.rand(3)
+
+        other = SimCLR("resnet18", "imagenet")
+        other_optimizer = build_optimizer(name, other, lr=0.1, weight_decay=1e-6)
+        checkpoint = load_checkpoint(path)
+        other.backbone.load_state_dict(checkpoint.module_state("backbone"))
+        other.head.load_state_dict(checkpoint.module_state("head"))
+        export.load_optimizer(other_optimizer, checkpoint.tensors, checkpoint.optimizer)
+        set_rng_state(checkpoint.rng_tensors(), checkpoint.rng)
+        assert torch.equal(torch.rand(3), expected_random)
+        assert checkpoint.progress == {"state": {"step": 3}}
+        for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+            assert torch.equal(a, b)
+        saved, restored = optimizer.state_dict(), other_optimizer.state_dict()
+        assert saved["param_groups"] == restored["param_groups"]
+        for index, entry in saved["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(restored["state"][index][key]))
+
+
+def test_atomic_path_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"], "no temporary file is left behind"
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+
+
+def test_no_code_path_unpickles():
+    import pathlib
+    import re
+
+    source = "\n".join(p.read_text() for p in pathlib.Path(export.__file__).parent.glob("*.py"))
+    assert not re.search(r"pickle\.loads?\(|torch\.load\(|allow_pickle=True", source)
