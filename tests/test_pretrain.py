@@ -1,0 +1,173 @@
+"""End to end through the CLI: pretrain, skip broken files, export, resume, time budgets, user errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from simclr_cli.cli import app
+from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
+from simclr_cli.export import load_checkpoint, load_encoder
+from simclr_cli.train import pretrain, resume_pretrain
+
+runner = CliRunner()
+FAST = ["--image-size", "32", "--stem", "imagenet", "--workers", "0", "--device", "cpu"]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_mixed_folder_skips_broken_files_and_exports_a_torchvision_encoder(mixed_folder, tmp_path):
+    root, expected = mixed_folder
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(root), "--out", str(out), "--epochs", "2", "--batch-size", "4",
+                                 *FAST])
+    assert result.exit_code == 0, result.output
+    assert f"encoder saved to {out / 'encoder.safetensors'}" in result.output.replace("\n", "")
+    assert "epoch 2/2" in result.output, "plain progress lines when not on a terminal"
+
+    skipped = json.loads((out / "skipped.json").read_text())
+    skipped_names = sorted(Path(s["path"]).name for s in skipped)
+    assert skipped_names == sorted(Path(name).name for name in expected["broken"]) + [] or \
+        skipped_names == sorted(["dangling.png", "empty.png", "not_an_image.jpg", "truncated.jpg"])
+    assert any(s["path"].endswith("truncated.jpg") and "unreadable" in s["reason"] for s in skipped)
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * (len(expected["good"]) // 4)
+    assert {"step", "epoch", "loss", "lr", "images_per_s", "time"} <= set(records[0])
+    config = json.loads((out / "config.json").read_text())
+    assert config["batch_size"] == 4 and config["augment"]["image_size"] == 32
+
+    model = torchvision.models.resnet18()
+    missing = model.load_state_dict(load_file(str(out / "encoder.safetensors")), strict=False).missing_keys
+    assert set(missing) == {"fc.weight", "fc.bias"}
+    model.fc = torch.nn.Identity()
+    features = model.eval()(torch.randn(3, 3, 32, 32))
+    assert features.shape == (3, 512) and torch.isfinite(features).all()
+    _, info = load_encoder(out)
+    assert (info.arch, info.stem, info.feature_dim, info.image_size) == ("resnet18", "imagenet", 512, 32)
+    assert info.config["epochs"] == 2 and len(info.mean) == 3
+
+
+def _config(data, out, workers=0, epochs=2):
+    return PretrainConfig(data_dir=str(data), out_dir=str(out), epochs=epochs, batch_size=32, stem="imagenet",
+                          augment=AugmentConfig(image_size=32), runtime=RuntimeConfig(device="cpu",
+                                                                                       workers=workers, seed=3))
+
+
+def test_interrupted_run_resumes_to_the_same_loss_curve_and_weights(small_digits_folder, tmp_path):
+    straight = tmp_path / "straight"
+    pretrain(_config(small_digits_folder, straight))
+
+    def interrupt_at_step_4(kind, **fields):  # a Ctrl-C in the middle of the first epoch
+        if kind == "step" and fields["step"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = tmp_path / "stopped"
+    result = pretrain(_config(small_digits_folder, stopped, workers=1), interrupt_at_step_4)
+    assert result.interrupted and result.state.step == 4 and result.encoder_path is None
+    assert load_checkpoint(stopped / "checkpoint.safetensors").progress["state"]["step_in_epoch"] == 4
+    assert len(losses(stopped)) == 4
+
+    cli = runner.invoke(app, ["pretrain", "--resume", str(stopped), "--workers", "0"])
+    assert cli.exit_code == 0, cli.output
+    assert "resuming" in cli.output
+    assert losses(stopped) == losses(straight), "same seed, same CPU: the resumed curve is the uninterrupted one"
+    a, b = load_file(str(straight / "encoder.safetensors")), load_file(str(stopped / "encoder.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_a_finished_run_exports_again(small_digits_folder, tmp_path):
+    out = tmp_path / "done"
+    pretrain(_config(small_digits_folder, out, epochs=1))
+    (out / "encoder.safetensors").unlink()
+    result = resume_pretrain(out)
+    assert result.encoder_path.is_file() and result.state.finished
+
+
+def test_time_budget_ends_the_run_in_time_and_annealed(small_digits_folder, tmp_path):
+    out = tmp_path / "budget"
+    start = time.monotonic()
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1000",
+                                 "--batch-size", "32", "--max-time", "12s", *FAST])
+    wall = time.monotonic() - start
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["time"] <= 12.0
+    assert wall < 12.0 + 4.0, "ends within the budget (plus the final export)"
+    peak = max(r["lr"] for r in records)
+    assert records[-1]["lr"] < 0.15 * peak, "the schedule is fitted to the budget: the run ends annealed"
+    assert len(records) >= 5
+
+
+def test_non_finite_loss_stops_with_a_clear_message(small_digits_folder, tmp_path):
+    out = tmp_path / "nan"
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "3",
+                                 "--batch-size", "32", "--optimizer", "sgd", "--lr", "1e30", *FAST])
+    assert result.exit_code == 1, result.output
+    assert "the loss became" in result.output and "Lower --lr" in result.output
+    assert "no checkpoint had been written yet" in result.output
+    assert "Traceback" not in result.output
+    assert not (out / "encoder.safetensors").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path):
+    out = tmp_path / "term"
+    process = subprocess.Popen([sys.executable, "-m", "simclr_cli", "pretrain", str(small_digits_folder),
+                                "--out", str(out), "--epochs", "100", "--batch-size", "16", *FAST],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "simclr pretrain --resume" in stderr and "Traceback" not in stderr
+    state = load_checkpoint(out / "checkpoint.safetensors").progress["state"]
+    assert state["step"] >= 2 and not state["finished"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["pretrain", "{missing}"], "no such folder"),
+    (["pretrain", "{empty}"], "no image files"),
+    (["pretrain", "{broken}"], "no readable image"),
+    (["pretrain", "{empty}", "--arch", "vgg16"], "--arch 'vgg16' is unknown"),
+    (["pretrain", "{empty}", "--max-time", "soon"], "--max-time 'soon' is not a duration"),
+    (["pretrain", "{empty}", "--batch-size", "many"], "--batch-size"),
+    (["pretrain", "{empty}", "--device", "cuda:7"], "--device cuda:7"),
+    (["pretrain", "{broken}", "--out", "{broken}"], "already holds files"),
+    (["pretrain", "--resume", "{empty}"], "no config.json"),
+    (["pretrain"], "give the folder of images"),
+    (["pretrain", "{empty}", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
+])
+def test_user_errors_exit_1_with_one_clear_line(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.jpg").write_text("not a jpeg")
+    paths = {name: str(tmp_path / name) for name in ("missing", "empty", "broken")}
+    result = runner.invoke(app, [a.format(**paths) for a in args])
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_version_and_help_list_every_command():
+    assert runner.invoke(app, ["--version"]).output.startswith("simclr ")
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0, result.output
+    for command in ("pretrain", "linear-eval", "finetune", "embed", "similar"):
+        assert command in result.output
