@@ -103,6 +103,9 @@ class PretrainConfig:
     weight_decay: float | None = None  # None: 1e-6 (LARS, SGD, the paper) or 0.05 (AdamW)
     warmup_epochs: float = 10.0
     max_time: float | None = None  # seconds
+    devices: int = 1  # processes on this machine, one per device (torchrun sets its own)
+    chunk_size: int | None = None  # images whose activations are alive at once (gradient caching)
+    sync_bn: bool | None = None  # None: SyncBatchNorm when distributed on GPUs
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -140,6 +143,9 @@ class PretrainConfig:
         _check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be positive")
         _check(self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0")
         _check(self.warmup_epochs >= 0, f"--warmup-epochs {self.warmup_epochs} must be >= 0")
+        _check(self.devices >= 1, f"--devices {self.devices} must be at least 1")
+        _check(self.chunk_size is None or self.chunk_size >= 1,
+               f"--chunk-size {self.chunk_size} must be at least 1 image (or leave it out)")
         self.augment.validate()
         self.runtime.validate()
         return self

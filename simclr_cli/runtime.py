@@ -31,7 +31,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {spec}: no CUDA GPU is visible here; use --device cpu or auto")
-        index = device.index if device.index is not None else 0
+        index = device.index if device.index is not None else (local_rank() if is_distributed() else 0)
         if index >= torch.cuda.device_count():
             raise ConfigError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) here (cuda:0 to "
                               f"cuda:{torch.cuda.device_count() - 1})")
@@ -81,6 +81,7 @@ def resolve_precision(spec: str, device: torch.device) -> Precision:
 def default_workers() -> int:
     """Loader processes: one core is left for the training process, at most 8 in all."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # training processes on this machine share them
     return max(0, min(8, cores - 1))
 
 

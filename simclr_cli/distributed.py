@@ -1,0 +1,230 @@
+"""Many processes, one per device: launching, the process group, gathers with gradients, global BN.
+
+`simclr pretrain --devices N` starts N processes on this machine through torch's elastic launcher
+(the engine behind `torchrun`); `torchrun ... -m simclr_cli pretrain ...` starts them across
+machines. Either way each process finds RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT in its
+environment and joins the process group here: NCCL for CUDA tensors, gloo for CPU tensors (the
+small control messages, and whole runs on the CPU). Everything returns neutral values without a
+process group, so single-process runs never touch torch.distributed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from simclr_cli import errors as simclr_errors
+from simclr_cli.errors import ConfigError, SimclrError
+from simclr_cli.runtime import is_distributed, local_rank, rank, resolve_device, world_size
+
+_ERROR_FILE = "error-rank{}.txt"
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun or the elastic launcher (it should join a group)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def check_devices(devices: int, device_spec: str) -> None:
+    """Fail early, in the launching process, when --devices cannot be honoured here."""
+    device = resolve_device(device_spec)
+    if device.type == "mps":
+        raise ConfigError(f"--devices {devices}: Apple's MPS backend runs one process only; use --device cpu "
+                          f"or --devices 1")
+    if device.type == "cuda" and devices > torch.cuda.device_count():
+        raise ConfigError(f"--devices {devices}: only {torch.cuda.device_count()} GPU(s) here; pass at most "
+                          f"--devices {torch.cuda.device_count()} (or use torchrun for several machines)")
+
+
+def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int) -> Any:
+    """Run entrypoint(*args) in `devices` processes on this machine; return rank 0's result.
+
+    Uses torch's elastic launcher (standalone rendezvous on a free local port, no restarts).
+    Each process joins the process group before the call and leaves it after. A SimclrError in any
+    process comes back as the same one-line error here; other failures raise the launcher's
+    ChildFailedError, whose message holds the worker's traceback (the launcher's own log is muted).
+
+    Ctrl-C: this process ignores SIGINT while the workers run, so the terminal's Ctrl-C reaches the
+    workers alone and they checkpoint and stop together (the launcher would otherwise send them a
+    second signal, which stops a worker at once). SIGTERM sent to this process is passed on once.
+    """
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    error_dir = Path(tempfile.mkdtemp(prefix="simclr-launch-"))
+    launcher_log = logging.getLogger("torch.distributed.elastic")
+    saved_level = launcher_log.level
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.2, start_method="spawn")
+    handled = ("SIGTERM", "SIGHUP", "SIGQUIT")
+    saved_env = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE")
+    saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *(getattr(signal, s) for s in handled))}
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ",".join(handled)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    launcher_log.setLevel(logging.CRITICAL)
+    try:
+        results = elastic_launch(config, _in_group)(entrypoint, tuple(args), str(error_dir))
+        return results[0]
+    except Exception:
+        reports = sorted(error_dir.glob("error-rank*.txt"))
+        if reports:
+            kind, message = reports[0].read_text().split("\n", 1)
+            error_class = getattr(simclr_errors, kind, SimclrError)
+            raise (error_class if issubclass(error_class, SimclrError) else SimclrError)(message) from None
+        raise
+    finally:
+        launcher_log.setLevel(saved_level)
+        for sig, handler in saved_handlers.items():
+            signal.signal(sig, handler)
+        if saved_env is None:
+            os.environ.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)
+        else:
+            os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = saved_env
+        shutil.rmtree(error_dir, ignore_errors=True)
+
+
+def _in_group(entrypoint: Callable[..., Any], args: tuple, error_dir: str) -> Any:
+    """A launched worker: join the group, run, leave; leave a SimclrError's message for the launcher."""
+    try:
+        return run_in_group(entrypoint, *args)
+    except SimclrError as error:
+        Path(error_dir, _ERROR_FILE.format(rank())).write_text(f"{type(error).__name__}\n{error}")
+        raise
+
+
+def run_in_group(entrypoint: Callable[..., Any], *args: Any) -> Any:
+    """Join the process group described by the environment, call entrypoint(*args), then leave it."""
+    init_process_group()
+    try:
+        return entrypoint(*args)
+    finally:
+        if is_distributed():
+            dist.destroy_process_group()
+
+
+def init_process_group() -> None:
+    """Join the group from torchrun's variables: NCCL for CUDA tensors and gloo for CPU ones.
+
+    Pins this process to GPU LOCAL_RANK when there are GPUs; on the CPU, splits the cores between
+    the processes of this machine, so two processes do not each start a thread per core.
+    """
+    if is_distributed():
+        return
+    cuda = torch.cuda.is_available() and dist.is_nccl_available()
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    else:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
+
+
+# -- collectives; each one is the identity (or the neutral value) without a process group ---------
+
+def all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `tensor` (same shape on all), in rank order; gradients flow back to their owners.
+
+    torch.distributed.nn's all_gather sums each slot's gradient over the ranks in backward
+    (reduce-scatter on NCCL, all-to-all on gloo), which is what a loss over the gathered batch needs.
+    """
+    if not is_distributed():
+        return [tensor]
+    from torch.distributed.nn.functional import all_gather
+
+    return list(all_gather(tensor))
+
+
+def gather_sizes(size: int) -> list[int]:
+    """Every rank's `size`, in rank order (a CPU message: no GPU synchronisation)."""
+    if not is_distributed():
+        return [size]
+    sizes = torch.zeros(world_size(), dtype=torch.long)
+    sizes[rank()] = size
+    dist.all_reduce(sizes)
+    return sizes.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any: ranks must agree to stop, skip or end together."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a (detached) tensor over ranks, e.g. global-loss shares into the global loss."""
+    if not is_distributed():
+        return value
+    total = value.clone()
+    dist.all_reduce(total)
+    return total / world_size()
+
+
+def gather_objects(items: list[Any]) -> list[Any]:
+    """The concatenation of every rank's list of small picklable items, in rank order."""
+    if not is_distributed():
+        return items
+    lists: list[Any] = [None] * world_size()
+    dist.all_gather_object(lists, items)
+    return [item for part in lists for item in part]
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+# -- models and data ------------------------------------------------------------------------------
+
+def use_sync_bn(requested: bool | None, device: torch.device) -> bool:
+    """Whether to turn BatchNorm into SyncBatchNorm: by default when distributed on GPUs.
+
+    SimCLR normalises over the global batch ("global BN", section 4 of arXiv 2002.05709) so that a
+    device cannot tell its own positives apart by their local batch statistics. torch's
+    SyncBatchNorm runs on GPUs only: on the CPU each process normalises its own images.
+    """
+    if world_size() == 1:
+        return False  # one process: BatchNorm already sees the whole batch
+    if requested and device.type != "cuda":
+        raise ConfigError(f"--sync-bn needs CUDA GPUs (torch's SyncBatchNorm); the device here is {device}. "
+                          f"Pass --no-sync-bn: each process then normalises its own images")
+    return device.type == "cuda" if requested is None else requested
+
+
+def convert_sync_bn(model: nn.Module) -> nn.Module:
+    """The model with every BatchNorm layer replaced by SyncBatchNorm (same parameters and keys)."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model in DistributedDataParallel (gradients averaged over ranks), or itself alone."""
+    if not is_distributed():
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def shard_order(order: Sequence[int], batch_size: int, start_step: int = 0) -> tuple[list[int], int]:
+    """This rank's part of an epoch's global order, and its per-step batch size.
+
+    Global batch s is order[s*B:(s+1)*B], as in a single process; rank r takes the contiguous slice
+    [r*B//W, (r+1)*B//W) of every full batch from `start_step` on, so --batch-size is the global
+    batch whatever the number of processes, and the global batch is the same images in the same order.
+    """
+    steps = len(order) // batch_size
+    low, high = rank() * batch_size // world_size(), (rank() + 1) * batch_size // world_size()
+    local = [index for step in range(start_step, steps)
+             for index in order[step * batch_size + low:step * batch_size + high]]
+    return local, high - low

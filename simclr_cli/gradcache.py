@@ -1,0 +1,98 @@
+"""Gradient caching: the gradients of a contrastive loss over a batch larger than memory.
+
+Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"
+(arXiv 2101.06983). NT-Xent couples every image with every other one, so a batch cannot simply be
+split into independent pieces. But the loss depends on the parameters only through the
+embeddings, so: (1) embed the whole batch chunk by chunk without a graph, (2) compute the loss on
+the detached embeddings and back-propagate it to them alone (cheap: N x D numbers), (3) re-run each
+chunk with a graph and back-propagate its slice of that cached gradient. The parameters' gradients
+are those of the full batch, and only one chunk's activations are alive at any time.
+
+Two things must be equal in passes (1) and (3) for this to hold:
+- Randomness inside the forward pass (dropout, stochastic depth): each chunk's random state is
+  saved before pass (1) and restored for pass (3). ResNets draw nothing in the forward pass (the
+  augmentations are drawn by the data pipeline, per image), so for them this is a formality.
+- BatchNorm: in training mode it normalises each chunk with the chunk's own statistics, in both
+  passes alike, so the gradients are exact for "BN per chunk" (with SyncBatchNorm, per chunk of
+  every device together). The running averages are updated once per chunk: pass (1) leaves them
+  as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+def chunk_count(sizes: list[int], chunk_size: int) -> int:
+    """How many chunks each rank splits its images into, the same on every rank.
+
+    Enough that the largest rank's chunks hold at most `chunk_size` images; never more than the
+    smallest rank's images, so no chunk is empty (ranks must run the same number of forward passes:
+    SyncBatchNorm and DistributedDataParallel talk to each other in every one).
+    """
+    return max(1, min(math.ceil(max(sizes) / chunk_size), min(sizes)))
+
+
+@contextlib.contextmanager
+def _batchnorm_buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Undo the running-statistics updates made inside the block."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{name: buf.clone() for name, buf in m.named_buffers(recurse=False) if buf is not None} for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, buffers in zip(norms, saved):
+                for name, value in buffers.items():
+                    getattr(module, name).copy_(value)
+
+
+class _RandomState:
+    """The CPU generator and the current device's generator, saved to replay a forward pass."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def cached_backward(model: nn.Module, embed: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                    inputs: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], chunks: int,
+                    scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss) -> torch.Tensor:
+    """Accumulate into the parameters' .grad the gradient of loss_fn(embed(model, inputs)); return the loss.
+
+    embed(model, chunk) maps rows of `inputs` to rows of embeddings; `inputs` is split into `chunks`
+    nearly equal chunks along its first dimension. `model` may be DistributedDataParallel: the
+    gradients are then averaged over ranks once, after the last chunk. `scale` is applied to the
+    loss before its backward pass (a GradScaler's scale for fp16).
+    """
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    no_sync = model.no_sync if inner is not model else contextlib.nullcontext
+    pieces = inputs.tensor_split(chunks)
+    device = inputs.device
+    states, embedded = [], []
+    with torch.no_grad(), _batchnorm_buffers_kept(inner):
+        for piece in pieces:
+            states.append(_RandomState(device))
+            embedded.append(embed(inner, piece))
+    embeddings = torch.cat(embedded).requires_grad_()  # (N, ...): the whole batch, no graph behind it
+    loss = loss_fn(embeddings)
+    scale(loss).backward()  # the loss's gradient with respect to the embeddings only
+    cached = embeddings.grad.split([len(p) for p in pieces])
+    after = _RandomState(device)
+    for index, (piece, state, gradient) in enumerate(zip(pieces, states, cached)):
+        state.restore()
+        with no_sync() if index < len(pieces) - 1 else contextlib.nullcontext():
+            embed(model, piece).backward(gradient)
+    after.restore()
+    return loss.detach()
