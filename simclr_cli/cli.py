@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -119,6 +120,15 @@ def pretrain(
     resume: Annotated[Optional[Path], typer.Option(
         help="Continue the run in this folder from its checkpoint, with its saved settings.",
         show_default=False)] = None,
+    devices: Annotated[int, typer.Option(
+        help="Processes on this machine, one per GPU (or per CPU share with --device cpu); --batch-size is "
+             "the global batch. Under torchrun, torchrun decides. Also applies to --resume.")] = 1,
+    chunk_size: Annotated[Optional[int], typer.Option(
+        help="Gradient caching: keep only this many images' activations in memory per device, with the "
+             "whole batch's gradients. Default: the whole batch at once.", show_default=False)] = None,
+    sync_bn: Annotated[Optional[bool], typer.Option(
+        "--sync-bn/--no-sync-bn", help="BatchNorm statistics over all devices (SimCLR's global BN). "
+                                       "Default: on with several GPUs.", show_default=False)] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     workers: WorkersOpt = None,
@@ -126,25 +136,37 @@ def pretrain(
     quiet: QuietOpt = False,
 ) -> None:
     """Pretrain an encoder with SimCLR on a folder of unlabeled images; export encoder.safetensors."""
-    from simclr_cli.train import pretrain as run_pretrain, resume_pretrain
+    from simclr_cli import distributed
 
-    with Reporter(quiet=quiet) as reporter:
-        if resume is not None:
-            result = resume_pretrain(resume, reporter, data_dir=str(data_dir) if data_dir else None,
-                                     device=None if device == "auto" else device, workers=workers)
-        else:
-            if data_dir is None:
-                raise typer.BadParameter("give the folder of images (or --resume RUN_DIR)", param_hint="DATA_DIR")
-            config = PretrainConfig(
-                data_dir=str(data_dir), out_dir=str(out or default_run_dir("pretrain")), epochs=epochs,
-                batch_size=batch_size, arch=arch, stem=stem, proj_layers=proj_layers, proj_dim=proj_dim,
-                temperature=temperature, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                warmup_epochs=warmup_epochs, max_time=parse_duration(max_time) if max_time else None,
-                augment=AugmentConfig(image_size=image_size, crop_min_scale=crop_min_scale, jitter=jitter,
-                                      blur=blur),
-                runtime=RuntimeConfig(device=device, precision=precision, workers=workers, seed=seed),
-            )
-            result = run_pretrain(config, reporter)
+    config, resumed = None, None
+    if resume is not None:
+        resumed = {"run_dir": resume, "data_dir": str(data_dir) if data_dir else None,
+                   "device": None if device == "auto" else device, "workers": workers}
+    else:
+        if data_dir is None:
+            raise typer.BadParameter("give the folder of images (or --resume RUN_DIR)", param_hint="DATA_DIR")
+        config = PretrainConfig(
+            data_dir=str(data_dir), out_dir=str(out or default_run_dir("pretrain")), epochs=epochs,
+            batch_size=batch_size, arch=arch, stem=stem, proj_layers=proj_layers, proj_dim=proj_dim,
+            temperature=temperature, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs, max_time=parse_duration(max_time) if max_time else None,
+            devices=devices, chunk_size=chunk_size, sync_bn=sync_bn,
+            augment=AugmentConfig(image_size=image_size, crop_min_scale=crop_min_scale, jitter=jitter,
+                                  blur=blur),
+            runtime=RuntimeConfig(device=device, precision=precision, workers=workers, seed=seed),
+        ).validate()
+    job = (config, resumed, quiet)
+    if distributed.launched():  # started by torchrun: this process is one of many
+        result = distributed.run_in_group(_pretrain_process, *job)
+    elif devices > 1:
+        distributed.check_devices(devices, device)
+        result = distributed.launch(_pretrain_process, job, devices)
+    elif devices < 1:
+        raise typer.BadParameter(f"{devices} must be at least 1", param_hint="--devices")
+    else:
+        result = _pretrain_process(*job)
+    if result is None:  # not rank 0: rank 0 reports
+        return
     if result.interrupted:
         err_console.print(f"interrupted after step {result.state.step}; checkpoint saved. Continue with: "
                           f"simclr pretrain --resume {result.run_dir}")
@@ -155,6 +177,17 @@ def pretrain(
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     console.print(f"encoder saved to {result.encoder_path} ({result.state.step} steps, "
                   f"{result.state.images_seen:,} images{loss})")
+
+
+def _pretrain_process(config: PretrainConfig | None, resume: dict[str, Any] | None, quiet: bool) -> Any:
+    """Pretrain (or resume) in this process; rank 0 alone draws progress and returns the result."""
+    from simclr_cli.runtime import is_main
+    from simclr_cli.train import pretrain as run_pretrain, resume_pretrain, silent
+
+    main = is_main()
+    with Reporter(quiet=quiet) if main else contextlib.nullcontext(silent) as report:
+        result = resume_pretrain(report=report, **resume) if resume else run_pretrain(config, report)
+    return result if main else None
 
 
 def _not_built(name: str, issue: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from simclr_cli import __version__
+from simclr_cli import __version__, distributed
 from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, simclr_augmentation
 from simclr_cli.config import PretrainConfig, replace
 from simclr_cli.data import ImageDataset, Skipped, epoch_order, make_loader, require_images, scan_images
@@ -20,11 +20,12 @@ from simclr_cli.errors import ConfigError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, ENCODER_FILE, HEAD_FILE, EncoderInfo, load_checkpoint,
                                load_optimizer, read_json, save_checkpoint, save_encoder, save_tensors,
                                write_json)
-from simclr_cli.loss import nt_xent
+from simclr_cli.gradcache import cached_backward, chunk_count
+from simclr_cli.loss import global_nt_xent
 from simclr_cli.models import SimCLR
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
-from simclr_cli.runtime import (default_workers, resolve_device, resolve_precision, rng_state, seed_everything,
-                                set_rng_state)
+from simclr_cli.runtime import (default_workers, is_main, resolve_device, resolve_precision, rng_state,
+                                seed_everything, set_rng_state, world_size)
 
 Report = Callable[..., None]  # report(kind, **fields): the CLI draws these; the engine never prints
 
@@ -98,6 +99,7 @@ class PretrainRun:
         self.state = LoopState()
         self._step_seconds = 0.0  # duration of the latest step, to tell whether another one fits
         self._check_run_dir(resume)
+        distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
         seed_everything(config.runtime.seed)
 
         scan = require_images(scan_images(config.data_dir))
@@ -108,6 +110,9 @@ class PretrainRun:
         if self.batch_size < config.batch_size:
             report("warning", text=f"only {len(self.paths)} images: using batch size {self.batch_size} "
                                    f"instead of {config.batch_size}")
+        if self.batch_size < world_size():
+            raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {world_size()} processes: each "
+                              f"needs an image per step; use --batch-size {world_size()} or more, or fewer --devices")
         self.steps_per_epoch = max(1, len(self.paths) // self.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         if aug.small:
@@ -116,6 +121,9 @@ class PretrainRun:
                                    f"{'on' if aug.use_blur else 'off'}, {config.resolved_stem} stem)")
 
         self.model = SimCLR(config.arch, config.resolved_stem, config.proj_layers, config.proj_dim)
+        self.sync_bn = distributed.use_sync_bn(config.sync_bn, self.device)
+        if self.sync_bn:
+            self.model = distributed.convert_sync_bn(self.model)
         self.model.to(self.device, memory_format=torch.channels_last)
         self.optimizer = build_optimizer(config.optimizer, self.model, config.resolved_lr,
                                          config.resolved_weight_decay)
@@ -124,7 +132,7 @@ class PretrainRun:
                                     seed=config.runtime.seed)
         if resume:
             self._restore()
-        else:
+        elif is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", config.to_json())
             (self.run_dir / "metrics.jsonl").write_text("")
@@ -134,6 +142,15 @@ class PretrainRun:
                                f"{self.batch_size}, lr {config.resolved_lr:g}, {self.workers} loader worker(s)")
         for skipped in scan.skipped:
             report("warning", text=f"skipped {skipped.path}: {skipped.reason}")
+        # self.model stays unwrapped: it is what checkpoints and exports hold (DDP adds "module.").
+        self.parallel_model = distributed.wrap_ddp(self.model, self.device)
+        if world_size() > 1:
+            report("message", text=f"{world_size()} processes share each batch of {self.batch_size}: NT-Xent over "
+                                   f"the global batch, " + ("SyncBatchNorm" if self.sync_bn else
+                                                           "BatchNorm statistics per process"))
+        if config.chunk_size:
+            report("message", text=f"gradient caching: at most {config.chunk_size} images' activations at a time "
+                                   f"per process (BatchNorm statistics per chunk)")
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -163,6 +180,8 @@ class PretrainRun:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop log lines written after the checkpoint, so a resumed log has no duplicates."""
+        if not is_main():
+            return
         path = self.run_dir / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
         kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
@@ -200,8 +219,9 @@ class PretrainRun:
         self.model.train()
         self.dataset.epoch = state.epoch
         order = epoch_order(len(self.paths), config.runtime.seed, state.epoch)
-        start = state.step_in_epoch * self.batch_size
-        loader = make_loader(self.dataset, self.batch_size, order[start:], self.workers, drop_last=True,
+        # This rank's slice of each remaining global batch (one process: the whole batches, in order).
+        order, local_batch = distributed.shard_order(order, self.batch_size, state.step_in_epoch)
+        loader = make_loader(self.dataset, local_batch, order, self.workers, drop_last=True,
                              pin_memory=device.type == "cuda")
         loss_sum = torch.zeros((), device=device)
         steps, images = 0, 0
@@ -209,23 +229,24 @@ class PretrainRun:
         last = clock()
         epoch_start = last
         for batch in loader:
-            if self._out_of_time(clock()):
+            if distributed.any_rank(self._out_of_time(clock())):  # ranks stop together, or deadlock
                 break
             self._note_skipped(batch.skipped)
-            if batch.samples is None:
+            sizes = distributed.gather_sizes(len(batch))  # every rank's images in this global batch
+            if min(sizes) == 0:  # a rank's images were all unreadable: every rank skips the step
                 continue
             lr = config.resolved_lr * warmup_cosine(self._progress(last), self._warmup_fraction())
             set_lr(self.optimizer, lr)
-            loss = self._step(batch.samples)
+            loss = self._step(batch.samples, sizes)
             now = clock()
             state.step += 1
             state.step_in_epoch += 1
-            state.images_seen += len(batch)
+            state.images_seen += sum(sizes)
             state.elapsed = now
-            steps, images = steps + 1, images + len(batch)
+            steps, images = steps + 1, images + sum(sizes)
             loss_sum += loss.detach()
             record = {"step": state.step, "epoch": state.epoch + 1, "lr": lr,
-                      "images_per_s": len(batch) / max(now - last, 1e-9), "time": round(now, 3)}
+                      "images_per_s": sum(sizes) / max(now - last, 1e-9), "time": round(now, 3)}
             pending.append((record, loss.detach()))
             # Reading the loss forces a device sync: on a GPU do it every 10 steps, not every step.
             if device.type == "cpu" or len(pending) >= 10:
@@ -234,30 +255,47 @@ class PretrainRun:
                         progress=self._progress(now), steps_per_epoch=self.steps_per_epoch,
                         step_in_epoch=state.step_in_epoch)
             self._step_seconds, last = now - last, now
-            if stop.signal is not None or state.step >= self.total_steps:
+            if distributed.any_rank(stop.signal is not None) or state.step >= self.total_steps:
                 break
         self._flush(pending)
         seconds = max(clock() - epoch_start, 1e-9)
         return {"loss": (loss_sum / max(steps, 1)).item(), "images_per_s": images / seconds, "steps": steps}
 
-    def _step(self, samples: torch.Tensor) -> torch.Tensor:
-        """One optimiser step on a batch of two-view samples (N, 2, C, H, W); returns the loss."""
+    def _step(self, samples: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """One optimiser step on a batch of two-view samples (N, 2, C, H, W); returns the global loss.
+
+        `sizes` holds every rank's number of images in this step ([N] in one process).
+        """
         views = samples.to(self.device, non_blocking=True)
         n = views.shape[0]
-        images = views.transpose(0, 1).reshape(2 * n, *views.shape[2:])  # (2N, C, H, W): all a, then all b
-        images = images.contiguous(memory_format=torch.channels_last)
-        with self.precision.autocast():
-            projections = self.model(images)  # (2N, D)
-        loss = nt_xent(projections[:n], projections[n:], self.config.temperature)
-        self.optimizer.zero_grad(set_to_none=True)
+        temperature = self.config.temperature
+        if self.config.chunk_size:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = cached_backward(self.parallel_model, self._embed, views,
+                                   lambda z: global_nt_xent(z[:, 0], z[:, 1], temperature, sizes),
+                                   chunk_count(sizes, self.config.chunk_size),
+                                   scale=self.scaler.scale if self.scaler is not None else lambda loss: loss)
+        else:
+            with self.precision.autocast():
+                projections = self.parallel_model(_two_view_images(views))  # (2N, D)
+            loss = global_nt_xent(projections[:n], projections[n:], temperature, sizes)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
-        return loss
+        return distributed.mean_over_ranks(loss.detach())
+
+    def _embed(self, model: torch.nn.Module, views: torch.Tensor) -> torch.Tensor:
+        """Projections of two-view samples (m, 2, C, H, W), as (m, 2, D): for gradient caching."""
+        with self.precision.autocast():
+            projections = model(_two_view_images(views))  # (2m, D)
+        return projections.view(2, len(views), -1).transpose(0, 1)  # (m, 2, D)
 
     def _flush(self, pending: list[tuple[dict[str, Any], torch.Tensor]]) -> None:
         """Write pending step records to metrics.jsonl; stop the run on a non-finite loss."""
@@ -274,8 +312,9 @@ class PretrainRun:
                                        f"or raise --temperature and run again")
             record["loss"] = value
             lines.append(json.dumps(record) + "\n")
-        with open(self.run_dir / "metrics.jsonl", "a") as log:
-            log.writelines(lines)
+        if is_main():
+            with open(self.run_dir / "metrics.jsonl", "a") as log:
+                log.writelines(lines)
         pending.clear()
 
     def _note_skipped(self, skipped: list[Skipped]) -> None:
@@ -287,6 +326,10 @@ class PretrainRun:
     # -- outputs ----------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
+        for item in distributed.gather_objects(list(self.skipped.values())):  # other ranks' unreadable files
+            self.skipped.setdefault(item.path, item)
+        if not is_main():
+            return
         progress = {"state": asdict(self.state), "num_images": len(self.paths),
                     "skipped": [s.to_json() for s in self.skipped.values()]}
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, {"backbone": self.model.backbone, "head": self.model.head},
@@ -302,6 +345,8 @@ class PretrainRun:
         """Write encoder.safetensors (backbone only) and head.safetensors; return the encoder path."""
         info = self.encoder_info()
         path = self.run_dir / ENCODER_FILE
+        if not is_main():
+            return path
         save_encoder(path, self.model.backbone, info)
         head_meta = {"format": "simclr-head", "layers": str(self.config.proj_layers),
                      "out_dim": str(self.config.proj_dim), "in_dim": str(info.feature_dim)}
@@ -330,8 +375,8 @@ class PretrainRun:
                     state.epoch += 1
                     state.step_in_epoch = 0
                     self.report("epoch", epoch=state.epoch, epochs=self.config.epochs, **metrics)
-                state.finished = state.step >= self.total_steps or self._out_of_time(clock())
-                if stop.signal is not None and not state.finished:
+                state.finished = state.step >= self.total_steps or distributed.any_rank(self._out_of_time(clock()))
+                if distributed.any_rank(stop.signal is not None) and not state.finished:
                     interrupted = True
                 self.save_checkpoint()
                 if interrupted:
@@ -343,6 +388,12 @@ class PretrainRun:
             self.report("done", encoder=str(encoder), steps=state.step, images_seen=state.images_seen,
                         elapsed=state.elapsed, loss=final_loss)
         return PretrainResult(self.run_dir, encoder, state, final_loss, list(self.skipped.values()), interrupted)
+
+
+def _two_view_images(views: torch.Tensor) -> torch.Tensor:
+    """Two-view samples (N, 2, C, H, W) as one batch of images (2N, C, H, W): all a views, then all b."""
+    images = views.transpose(0, 1).reshape(2 * len(views), *views.shape[2:])  # (2N, C, H, W)
+    return images.contiguous(memory_format=torch.channels_last)
 
 
 def pretrain(config: PretrainConfig, report: Report = silent) -> PretrainResult:
