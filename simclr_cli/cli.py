@@ -207,16 +207,130 @@ def finetune() -> None:
     _not_built("finetune", "fine-tuning")
 
 
-@app.command()
-def embed() -> None:
-    """Write embeddings for a folder of images to a .npy file (not built yet)."""
-    _not_built("embed", "embeddings")
+class _EmbedReporter(Reporter):
+    """Draws `simclr embed` progress: images done of the total, and images/s."""
+
+    _next_plain = 0
+
+    def on_embed_start(self, total: int, done: int = 0) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self._next_plain = done + max(1, total // 10)
+        if self.quiet or not self.live:
+            return
+        self.progress = Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console)
+        self.progress.start()
+        self.task = self.progress.add_task("embed", total=total, completed=done, speed="")
+
+    def on_embed_progress(self, done: int, total: int, images_per_s: float) -> None:
+        speed = f"{images_per_s:,.0f} images/s"
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, completed=done, speed=speed)
+        elif not self.quiet and (done >= self._next_plain or done == total):
+            console.print(f"{done:,}/{total:,} images  {speed}")
+            self._next_plain = done + max(1, total // 10)
+
+    def on_embed_done(self, **_: Any) -> None:
+        self.close()
 
 
 @app.command()
-def similar() -> None:
-    """Find the images nearest to a query in the last index (not built yet)."""
-    _not_built("similar", "image search")
+@_fail_cleanly
+def embed(
+    model: Annotated[Path, typer.Argument(
+        metavar="MODEL", help="encoder.safetensors, or a run folder that holds one.", show_default=False)],
+    images: Annotated[Path, typer.Argument(
+        metavar="IMAGES", help="Folder of images, searched at every depth.", show_default=False)],
+    out: Annotated[Path, typer.Argument(
+        metavar="OUT.npy", help="The index to write, e.g. photos.npy; its manifest goes beside it (photos.json).",
+        show_default=False)],
+    dtype: Annotated[str, typer.Option(help="float32, or float16 for half the size.")] = "float32",
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize",
+                                            help="L2-normalise every row (raw features with --no-normalize).")] = True,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted embed into OUT, "
+                                                          "with the same arguments.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT, or an interrupted embed of it.")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write one embedding per image of a folder to OUT.npy, with a manifest beside it (OUT.json)."""
+    from simclr_cli.embed import EmbedConfig, embed_folder
+
+    config = EmbedConfig(model=str(model), images=str(images), out=str(out), dtype=dtype, normalize=normalize,
+                         batch_size=batch_size, device=device, precision=precision, workers=workers, resume=resume,
+                         overwrite=overwrite)
+    with _EmbedReporter(quiet=quiet) as reporter:
+        result = embed_folder(config, reporter)
+    if result.interrupted:
+        err_console.print(f"interrupted with {result.rows:,} of {result.total:,} images embedded; progress saved. Continue "
+                          f"with: simclr embed {model} {images} {out} --resume")
+        raise typer.Exit(130)
+    if result.skipped:
+        err_console.print(f"{len(result.skipped)} unreadable file(s) skipped; listed in the manifest")
+    console.print(f"{result.rows:,} embeddings written to {out} (manifest {out.with_suffix('.json')})")
+
+
+def _shown(path: str) -> str:
+    """A path relative to the working folder when it lies under it, else as it is."""
+    import os
+
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+@app.command()
+@_fail_cleanly
+def similar(
+    query: Annotated[list[Path], typer.Argument(
+        metavar="QUERY", help="Image file(s), or folder(s) of images, to look up.", show_default=False)],
+    index: Annotated[Optional[Path], typer.Option(
+        help="The OUT.npy of `simclr embed`. Default: $SIMCLR_INDEX, else the index embedded last.",
+        show_default=False)] = None,
+    top_k: Annotated[int, typer.Option("-k", "--top-k", help="Hits per query.")] = 10,
+    exclude_self: Annotated[bool, typer.Option(
+        "--exclude-self", help="Leave a query out of its own hits when it is in the index.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON, for scripts.")] = False,
+    grid: Annotated[Optional[Path], typer.Option(
+        help="Also write a contact sheet (e.g. results.png): each query, then its hits with scores.",
+        show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="Device that embeds the queries; the CPU is quickest for a few.")] = "cpu",
+) -> None:
+    """Find the images of an index nearest to each query image (exact cosine similarity)."""
+    import json
+
+    from rich.table import Table
+
+    from simclr_cli.index import check_grid_path, contact_sheet, search
+
+    if grid is not None:
+        check_grid_path(grid)
+    result = search(query, index, top_k, exclude_self, device)
+    err_console.print(f"index {result.index} ({result.size:,} images), from {result.source}", soft_wrap=True)
+    for item in result.skipped:
+        err_console.print(f"[yellow]warning:[/] skipped query {item.path}: {item.reason}", soft_wrap=True)
+    if as_json:
+        typer.echo(json.dumps({"index": str(result.index), "results": [
+            {"query": q, "hits": [vars(hit) for hit in hits]} for q, hits in zip(result.queries, result.hits)]},
+            indent=2))
+    else:
+        for query_path, hits in zip(result.queries, result.hits):
+            table = Table(title=f"nearest to {_shown(query_path)}", title_justify="left")
+            table.add_column("rank", justify="right")
+            table.add_column("score", justify="right")
+            table.add_column("path", overflow="fold")
+            for hit in hits:
+                table.add_row(str(hit.rank), f"{hit.score:.4f}", _shown(hit.path))
+            console.print(table)
+    if grid is not None:
+        contact_sheet([(q, [(hit.path, hit.score) for hit in hits]) for q, hits in zip(result.queries, result.hits)],
+                      grid)
+        err_console.print(f"contact sheet written to {grid}")
 
 
 def main() -> None:

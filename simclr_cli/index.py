@@ -1,0 +1,273 @@
+"""Embedding indexes on disk and exact cosine search over them.
+
+An index is two files with one stem: `NAME.npy`, a plain (rows, dim) float32 or float16 array, and
+`NAME.json`, its manifest: the image of every row (in row order), the model and its SHA-256, the
+preprocessing, and the files skipped as unreadable. Search reads the array memory-mapped, in
+chunks, so an index never has to fit in RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from simclr_cli.errors import ConfigError, DataError, ModelFileError
+from simclr_cli.export import read_json, write_json
+
+INDEX_FORMAT = "simclr-index"
+DTYPES = ("float32", "float16")
+INDEX_ENV = "SIMCLR_INDEX"
+CHUNK_ROWS = 32768  # rows scored at a time: 64 MiB of float32 at 512 dims
+
+
+def manifest_path(index_path: str | Path) -> Path:
+    """The manifest beside an index: out.npy -> out.json."""
+    return Path(index_path).with_suffix(".json")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """What an index holds: `paths[i]` is the image of row i."""
+
+    paths: list[str]
+    model: str  # absolute path of the encoder file
+    model_sha256: str
+    preprocessing: dict[str, Any]
+    dim: int
+    dtype: str
+    normalized: bool
+    images: str = ""  # the folder that was embedded
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    complete: bool = True
+    simclr_version: str = ""
+    format: str = INDEX_FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rows"] = len(self.paths)
+        data["paths"] = data.pop("paths")  # last, so the small fields read first
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, path: Path) -> "Manifest":
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+            raise ModelFileError(f"{path}: not a simclr index manifest; pass the .npy that `simclr embed` wrote")
+        try:
+            manifest = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        except TypeError as error:
+            raise ModelFileError(f"{path}: index manifest is incomplete ({error}); run `simclr embed` again") from None
+        if manifest.dtype not in DTYPES or not isinstance(manifest.paths, list):
+            raise ModelFileError(f"{path}: index manifest is damaged (dtype {manifest.dtype!r}); run `simclr embed` "
+                                 f"again")
+        return manifest
+
+
+def write_manifest(index_path: str | Path, manifest: Manifest) -> None:
+    write_json(manifest_path(index_path), manifest.to_json())
+
+
+def open_index(index_path: str | Path) -> tuple[np.ndarray, Manifest]:
+    """The rows (memory-mapped) and manifest of an index, checked against each other."""
+    index_path = Path(index_path)
+    if index_path.suffix != ".npy":
+        raise ConfigError(f"--index {index_path}: not a .npy file; pass the OUT.npy that `simclr embed` wrote")
+    if not index_path.is_file():
+        raise ModelFileError(f"{index_path}: no such index; run `simclr embed MODEL IMAGES {index_path}` first")
+    manifest = Manifest.from_json(read_json(manifest_path(index_path), "index manifest"), manifest_path(index_path))
+    try:
+        # Copy-on-write: the file is never written, and torch.from_numpy gets the writable array it wants.
+        rows = np.load(index_path, mmap_mode="c", allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ModelFileError(f"{index_path}: not a readable .npy file ({error}); run `simclr embed` again") from None
+    expected = (len(manifest.paths), manifest.dim)
+    if rows.shape != expected or rows.dtype != np.dtype(manifest.dtype):
+        raise ModelFileError(f"{index_path}: holds {rows.shape} {rows.dtype} but its manifest says {expected} "
+                             f"{manifest.dtype}; the two files do not belong together, run `simclr embed` again")
+    return rows, manifest
+
+
+# -- the last index -------------------------------------------------------------------------
+
+def state_dir() -> Path:
+    """Where simclr remembers things between commands: $XDG_STATE_HOME/simclr or ~/.local/state/simclr."""
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "simclr"
+
+
+def remember_index(index_path: str | Path) -> None:
+    try:
+        write_json(state_dir() / "last_index.json", {"index": str(Path(index_path).absolute())})
+    except OSError:  # a read-only home must not fail an embed that succeeded
+        pass
+
+
+def choose_index(explicit: str | Path | None) -> tuple[Path, str]:
+    """The index to search and where that choice came from: --index, $SIMCLR_INDEX, or the last embed."""
+    if explicit is not None:
+        return Path(explicit), "--index"
+    if os.environ.get(INDEX_ENV):
+        return Path(os.environ[INDEX_ENV]), f"${INDEX_ENV}"
+    state = state_dir() / "last_index.json"
+    if state.is_file():
+        try:
+            return Path(read_json(state, "state file")["index"]), "the last `simclr embed`"
+        except (ModelFileError, KeyError, TypeError):
+            pass
+    raise ConfigError("no index to search: run `simclr embed MODEL IMAGES OUT.npy` first, or pass --index OUT.npy")
+
+
+# -- search ---------------------------------------------------------------------------------
+
+def top_k(rows: np.ndarray, queries: torch.Tensor, k: int, normalized: bool = True,
+          exclude: Sequence[int | None] | None = None,
+          chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact cosine top-k of unit `queries` (Q, D) against `rows` (N, D): (scores (Q, k), row indices (Q, k)).
+
+    Rows are read in chunks, scored in float32 and merged into a running top-k, so memory stays at
+    one chunk whatever N. `exclude[j]` is a row that query j must not return (itself).
+    """
+    count, num_queries = rows.shape[0], queries.shape[0]
+    k = min(k, count - (1 if exclude and any(e is not None for e in exclude) else 0))
+    queries_t = queries.float().T.contiguous()  # (D, Q)
+    best_scores = torch.full((0, num_queries), -float("inf"))
+    best_rows = torch.empty((0, num_queries), dtype=torch.long)
+    buffer = torch.empty((min(chunk_rows, count), rows.shape[1]), dtype=torch.float32)
+    for start in range(0, count, chunk_rows):
+        chunk = torch.from_numpy(np.ascontiguousarray(rows[start:start + chunk_rows]))
+        block = buffer[:chunk.shape[0]]
+        block.copy_(chunk)  # float16 -> float32 into a reused buffer
+        scores = block @ queries_t  # (C, Q)
+        if not normalized:
+            scores /= block.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (C, 1)
+        for j, row in enumerate(exclude or ()):
+            if row is not None and start <= row < start + chunk.shape[0]:
+                scores[row - start, j] = -float("inf")
+        values, positions = scores.topk(min(k, scores.shape[0]), dim=0)  # (k', Q)
+        merged = torch.cat([best_scores, values])  # (k + k', Q)
+        merged_rows = torch.cat([best_rows, positions + start])  # (k + k', Q)
+        best_scores, order = merged.topk(min(k, merged.shape[0]), dim=0)  # (k, Q)
+        best_rows = merged_rows.gather(0, order)  # (k, Q)
+    return best_scores.T, best_rows.T
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    path: str
+    row: int
+
+
+@dataclass
+class SearchResult:
+    """The index searched (and why that one), one list of hits per readable query, the queries skipped."""
+
+    index: Path
+    source: str
+    size: int  # rows in the index
+    queries: list[str]
+    hits: list[list[Hit]]
+    skipped: list[Any]
+
+
+def query_paths(queries: Sequence[str | Path]) -> tuple[list[str], list[Any]]:
+    """Image files named on the command line, and the images under any folder among them."""
+    from simclr_cli.data import UnreadableImage, load_rgb, require_images, scan_images
+
+    paths, skipped = [], []
+    for query in map(Path, queries):
+        if query.is_dir():
+            scan = require_images(scan_images(query))
+            paths.extend(str(p.absolute()) for p in scan.paths)
+            skipped.extend(scan.skipped)
+        elif query.is_file():
+            try:
+                load_rgb(query)
+            except UnreadableImage as error:
+                raise DataError(f"QUERY {query}: {error}; pass an image file or a folder of images") from None
+            paths.append(str(query.absolute()))
+        else:
+            raise DataError(f"QUERY {query}: no such file or folder; pass an image file or a folder of images")
+    return paths, skipped
+
+
+def search(queries: Sequence[str | Path], index: str | Path | None = None, k: int = 10,
+           exclude_self: bool = False, device: str = "cpu") -> SearchResult:
+    """Embed the query images with the index's own model and return their exact cosine top-k."""
+    from simclr_cli.embed import embed_queries
+    from simclr_cli.runtime import resolve_device
+
+    if k < 1:
+        raise ConfigError(f"-k {k} must be at least 1")
+    index_path, source = choose_index(index)
+    rows, manifest = open_index(index_path)
+    if not Path(manifest.model).is_file():
+        raise ModelFileError(f"{manifest.model}: the model this index was built with is gone; restore it, or run "
+                             f"`simclr embed` again with another model")
+    if sha256_file(manifest.model) != manifest.model_sha256:
+        raise ModelFileError(f"{manifest.model} changed since {index_path} was built (SHA-256 differs), so its "
+                             f"embeddings would not match; restore the file, or run `simclr embed` again")
+    paths, skipped = query_paths(queries)
+    features, positions, unreadable = embed_queries(manifest.model, paths, resolve_device(device))  # (M, D)
+    kept = [paths[i] for i in positions]
+    exclude = None
+    if exclude_self:
+        row_of = {path: row for row, path in enumerate(manifest.paths)}
+        exclude = [row_of.get(path) for path in kept]
+    scores, found = top_k(rows, features, k, manifest.normalized, exclude)  # (M, k), (M, k)
+    hits = [[Hit(rank + 1, score, manifest.paths[row], row)
+             for rank, (score, row) in enumerate(zip(line_scores, line_rows))]
+            for line_scores, line_rows in zip(scores.tolist(), found.tolist())]
+    return SearchResult(index_path, source, len(rows), kept, hits, skipped + unreadable)
+
+
+# -- contact sheets -------------------------------------------------------------------------
+
+def contact_sheet(blocks: Sequence[tuple[str, Sequence[tuple[str, float]]]], out: str | Path,
+                  thumb: int = 128) -> None:
+    """Write a grid image: one line per query, the query first, then its hits with their scores."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    from simclr_cli.data import UnreadableImage, load_rgb
+    from simclr_cli.export import atomic_path
+
+    label_height, gap = 18, 4
+    columns = 1 + max((len(hits) for _, hits in blocks), default=0)
+    cell_w, cell_h = thumb + gap, thumb + label_height + gap
+    sheet = Image.new("RGB", (columns * cell_w + gap, len(blocks) * cell_h + gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for line, (query, hits) in enumerate(blocks):
+        cells = [(query, "query")] + [(path, f"#{rank}  {score:.3f}") for rank, (path, score) in enumerate(hits, 1)]
+        for column, (path, label) in enumerate(cells):
+            x, y = gap + column * cell_w, gap + line * cell_h
+            try:
+                image = ImageOps.contain(load_rgb(path), (thumb, thumb))  # scaled up or down to fit
+                sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
+            except UnreadableImage:
+                draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=(200, 200, 200))
+            draw.text((x + 2, y + thumb + 2), label, fill=(200, 0, 0) if column == 0 else "black", font=font)
+    image_format = Image.registered_extensions()[Path(out).suffix.lower()]
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format=image_format)
+
+
+def check_grid_path(out: str | Path) -> None:
+    from PIL import Image
+
+    if Path(out).suffix.lower() not in Image.registered_extensions():
+        raise ConfigError(f"--grid {out}: unknown image type {Path(out).suffix!r}; end the name in .png or .jpg")

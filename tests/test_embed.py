@@ -1,0 +1,165 @@
+"""`simclr embed`: rows and manifest agree with the encoder, float16, resume, and every user error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from numpy.lib import format as npy_format
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from simclr_cli.cli import app
+from simclr_cli.embed import EmbedConfig, _truncate_rows, embed_folder, work_dir
+from simclr_cli.export import load_encoder
+from simclr_cli.features import compute_features
+from simclr_cli.index import state_dir
+from simclr_cli.runtime import resolve_precision
+
+runner = CliRunner()
+FAST = ["--device", "cpu", "--workers", "0", "--batch-size", "4"]
+
+
+@pytest.fixture(autouse=True)
+def private_state(tmp_path, monkeypatch):
+    """Keep the 'last index' of these tests out of the user's own state directory."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("SIMCLR_INDEX", raising=False)
+
+
+def run_embed(*args: str | Path):
+    return runner.invoke(app, ["embed", *FAST, *map(str, args)])
+
+
+def reference_features(model: Path, paths: list[str]) -> np.ndarray:
+    """Features computed directly with the encoder, for comparison with the index rows."""
+    backbone, info = load_encoder(model / "encoder.safetensors")
+    device = torch.device("cpu")
+    features, _, _ = compute_features(backbone, info, paths, device, resolve_precision("fp32", device), workers=0)
+    return features.numpy()
+
+
+def test_embed_writes_rows_in_manifest_order(tiny_encoder, mixed_folder, tmp_path):
+    root, names = mixed_folder
+    out = tmp_path / "index.npy"
+    result = run_embed(tiny_encoder, root, out)
+    assert result.exit_code == 0, result.output
+    rows = np.load(out, allow_pickle=False)
+    manifest = json.loads(out.with_suffix(".json").read_text())
+
+    # Rows of unreadable files are not written; the manifest lists the readable ones in row order.
+    assert manifest["paths"] == [str((root / name).absolute()) for name in names["good"]]
+    assert sorted(Path(s["path"]).name for s in manifest["skipped"]) == sorted(Path(n).name for n in names["broken"])
+    assert rows.shape == (len(names["good"]), 512) and rows.dtype == np.float32
+    assert manifest["rows"] == len(rows) and manifest["dim"] == 512 and manifest["dtype"] == "float32"
+    assert manifest["normalized"] is True and manifest["complete"] is True
+    encoder = tiny_encoder / "encoder.safetensors"
+    assert manifest["model"] == str(encoder.absolute())
+    assert manifest["model_sha256"] == hashlib.sha256(encoder.read_bytes()).hexdigest()
+    assert manifest["preprocessing"]["image_size"] == 32
+
+    expected = reference_features(tiny_encoder, manifest["paths"])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(rows, expected, atol=1e-5)
+    assert not work_dir(out).exists()
+    assert json.loads((state_dir() / "last_index.json").read_text())["index"] == str(out.absolute())
+
+
+def test_no_normalize_and_float16(tiny_encoder, mixed_folder, tmp_path):
+    root, _ = mixed_folder
+    raw, half = tmp_path / "raw.npy", tmp_path / "half.npy"
+    assert (result := run_embed(tiny_encoder, root, raw, "--no-normalize")).exit_code == 0, result.output
+    assert (result := run_embed(tiny_encoder, root, half, "--dtype", "float16")).exit_code == 0, result.output
+    raw_rows, half_rows = np.load(raw), np.load(half)
+    manifest = json.loads(raw.with_suffix(".json").read_text())
+    assert manifest["normalized"] is False
+    np.testing.assert_allclose(raw_rows, reference_features(tiny_encoder, manifest["paths"]), rtol=1e-4, atol=1e-5)
+    assert half_rows.dtype == np.float16 and json.loads(half.with_suffix(".json").read_text())["dtype"] == "float16"
+    unit = raw_rows / np.linalg.norm(raw_rows, axis=1, keepdims=True)
+    np.testing.assert_allclose(half_rows.astype(np.float32), unit, atol=2e-3)
+
+
+def test_resume_gives_the_same_file(tiny_encoder, mixed_folder, tmp_path):
+    root, names = mixed_folder
+    whole, resumed = tmp_path / "whole.npy", tmp_path / "resumed.npy"
+    assert (result := run_embed(tiny_encoder, root, whole)).exit_code == 0, result.output
+
+    config = EmbedConfig(model=str(tiny_encoder), images=str(root), out=str(resumed), batch_size=4, device="cpu",
+                         workers=0)
+    first = embed_folder(config, stop_after_batches=2)  # stops as Ctrl-C would
+    assert first.interrupted and 0 < first.rows <= 8 and not resumed.exists()
+    assert (result := run_embed(tiny_encoder, root, resumed)).exit_code == 1
+    assert "--resume" in result.output
+
+    starts = []
+    second = embed_folder(EmbedConfig(**{**config.__dict__, "resume": True}),
+                          lambda kind, **fields: starts.append(fields) if kind == "embed_start" else None)
+    assert starts[0]["done"] == 8  # the first two batches were not computed again
+    assert not second.interrupted and second.rows == len(names["good"])
+    assert whole.read_bytes() == resumed.read_bytes()
+    manifests = [json.loads(p.with_suffix(".json").read_text()) for p in (whole, resumed)]
+    assert manifests[0] == manifests[1]
+    assert (result := run_embed(tiny_encoder, root, resumed, "--resume")).exit_code == 0, result.output
+    assert "already complete" in result.output
+
+
+def test_truncate_rows_keeps_the_first_rows(tmp_path):
+    path = tmp_path / "rows.npy"
+    data = np.arange(1000 * 3, dtype=np.float16).reshape(1000, 3)
+    rows = npy_format.open_memmap(path, mode="w+", dtype=np.float16, shape=data.shape)
+    rows[:] = data
+    del rows
+    _truncate_rows(path, 997)
+    np.testing.assert_array_equal(np.load(path, allow_pickle=False), data[:997])
+
+
+@pytest.fixture
+def interrupted(tiny_encoder, mixed_folder, tmp_path) -> Path:
+    out = tmp_path / "cut.npy"
+    config = EmbedConfig(model=str(tiny_encoder), images=str(mixed_folder[0]), out=str(out), batch_size=4,
+                         device="cpu", workers=0)
+    assert embed_folder(config, stop_after_batches=1).interrupted
+    return out
+
+
+def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupted, tmp_path):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(foreign))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    existing = tmp_path / "existing.npy"
+    existing.write_bytes(b"")
+    other_model = tmp_path / "other.safetensors"
+    other_model.write_bytes((tiny_encoder / "encoder.safetensors").read_bytes())
+    with open(other_model, "r+b") as handle:  # same header, one weight changed: a different model
+        handle.seek(-4, 2)
+        handle.write(b"\x00\x00\x80\x3f")
+    out = tmp_path / "out.npy"
+    folder = mixed_folder[0]
+    cases = [
+        ((tmp_path / "missing.safetensors", folder, out), "no such encoder file"),
+        ((foreign, folder, out), "not a simclr encoder"),
+        ((tmp_path, folder, out), "holds no encoder.safetensors"),
+        ((tiny_encoder, tmp_path / "nowhere", out), "no such folder"),
+        ((tiny_encoder, empty, out), "no image files"),
+        ((tiny_encoder, folder, tmp_path / "out.txt"), "must end in .npy"),
+        ((tiny_encoder, folder, existing), "already exists; pass --overwrite"),
+        ((tiny_encoder, folder, out, "--dtype", "int8"), "--dtype 'int8' is not one of float32, float16"),
+        ((tiny_encoder, folder, out, "--batch-size", "0"), "--batch-size 0 must be at least 1"),
+        ((tiny_encoder, folder, out, "--resume"), "no interrupted embed"),
+        ((tiny_encoder, folder, out, "--resume", "--overwrite"), "use one of them"),
+        ((tiny_encoder, folder, interrupted), "holds an interrupted embed; add --resume"),
+        ((tiny_encoder, folder, interrupted, "--resume", "--dtype", "float16"), "differs from the interrupted"),
+        ((tiny_encoder, empty, interrupted, "--resume"), "the interrupted embed read"),
+        ((other_model, folder, interrupted, "--resume"), "SHA-256 differs"),
+    ]
+    for args, message in cases:
+        result = run_embed(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert message in " ".join(result.output.split()), (args, result.output)
+        assert "Traceback" not in result.output
+    assert not out.exists()

@@ -1,0 +1,209 @@
+"""`simclr similar`: exact top-k against a brute-force reference, near-duplicates, the last index, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from simclr_cli.cli import app
+from simclr_cli.embed import EmbedConfig, embed_folder
+from simclr_cli.export import load_encoder, save_encoder
+from simclr_cli.index import open_index, top_k
+
+runner = CliRunner()
+ORIGINALS = ["photo03.png", "photo07.png", "photo11.png"]
+
+
+def _photo(seed: int, size: int = 64) -> Image.Image:
+    """A smooth random RGB picture: stripes of random frequency plus a few coloured discs."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    image = np.stack([128 + 100 * np.sin(rng.uniform(2, 14) * x + rng.uniform(2, 14) * y + rng.uniform(0, 6))
+                      for _ in range(3)], axis=-1)
+    for _ in range(3):
+        cx, cy, r = rng.uniform(0, 1, 2).tolist() + [rng.uniform(0.1, 0.3)]
+        image[(x - cx) ** 2 + (y - cy) ** 2 < r**2] = rng.uniform(0, 255, 3)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """16 unrelated pictures, and for three of them a smaller copy (24 px, under the encoder's 32) and a
+    re-encoded JPEG copy."""
+    root = tmp_path_factory.mktemp("photos") / "photos"
+    (root / "copies").mkdir(parents=True)
+    for seed in range(16):
+        _photo(seed).save(root / f"photo{seed:02d}.png")
+    for name in ORIGINALS:
+        original = Image.open(root / name)
+        original.resize((24, 24), Image.Resampling.BICUBIC).save(root / "copies" / f"{Path(name).stem}_small.png")
+        original.save(root / "copies" / f"{Path(name).stem}.jpg", quality=80)
+    return root
+
+
+@pytest.fixture(scope="module")
+def indexes(tiny_encoder, photos, tmp_path_factory) -> dict[str, Path]:
+    """The photos embedded twice, as float32 and as float16."""
+    out = tmp_path_factory.mktemp("indexes")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_STATE_HOME", str(out / "state"))
+        for dtype in ("float32", "float16"):
+            embed_folder(EmbedConfig(model=str(tiny_encoder), images=str(photos), out=str(out / f"{dtype}.npy"),
+                                     dtype=dtype, device="cpu", workers=0))
+    return {dtype: out / f"{dtype}.npy" for dtype in ("float32", "float16")}
+
+
+@pytest.fixture(autouse=True)
+def private_state(tmp_path, monkeypatch):
+    """Keep the 'last index' of these tests out of the user's own state directory."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("SIMCLR_INDEX", raising=False)
+
+
+def similar_json(*args: str | Path) -> dict:
+    result = runner.invoke(app, ["similar", *map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+# -- the maths --------------------------------------------------------------------------------
+
+def brute_force(rows: np.ndarray, queries: np.ndarray, k: int, exclude: list[int | None]) -> list[list[int]]:
+    """The obviously correct cosine top-k: every score, one full sort per query."""
+    rows = rows.astype(np.float64)
+    scores = queries.astype(np.float64) @ rows.T / np.linalg.norm(rows, axis=1)  # (Q, N)
+    for j, row in enumerate(exclude):
+        if row is not None:
+            scores[j, row] = -np.inf
+    return [list(np.argsort(-line, kind="stable")[:k]) for line in scores]
+
+
+@pytest.mark.parametrize("count, dim, k, chunk_rows", [(1, 4, 1, 1), (50, 8, 5, 7), (300, 16, 10, 64), (40, 8, 60, 9)])
+@pytest.mark.parametrize("normalized", [True, False])
+def test_top_k_matches_brute_force(count, dim, k, chunk_rows, normalized):
+    generator = np.random.default_rng(count + dim)
+    rows = generator.standard_normal((count, dim)).astype(np.float32)
+    if normalized:
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    queries = generator.standard_normal((3, dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exclude = [None, 0, count - 1] if count > 1 else [None, None, None]
+    scores, found = top_k(rows, torch.from_numpy(queries), k, normalized, exclude, chunk_rows=chunk_rows)
+    assert found.tolist() == brute_force(rows, queries, scores.shape[1], exclude)
+    assert scores.shape[1] == min(k, count - (1 if count > 1 else 0))
+    expected = queries @ rows.T / np.linalg.norm(rows, axis=1)  # (Q, N)
+    np.testing.assert_allclose(scores.numpy(), np.take_along_axis(expected, found.numpy(), 1), atol=1e-5)
+
+
+def test_float16_index_gives_the_same_top_k(indexes):
+    rows32, manifest = open_index(indexes["float32"])
+    rows16, _ = open_index(indexes["float16"])
+    queries = torch.from_numpy(np.array(rows32))  # every image as a query
+    k, resolution = 5, 2e-3  # float16 rows carry about three decimal digits
+    scores32, found32 = top_k(rows32, queries, k + 1)
+    _, found16 = top_k(rows16, queries, k)
+    exact = queries @ queries.T  # (N, N) float32 cosine scores
+    np.testing.assert_allclose(exact.gather(1, found16), scores32[:, :k], atol=resolution)
+    # Rank by rank the same rows, except where two scores are closer than float16 can tell apart.
+    gaps = scores32[:, :-1] - scores32[:, 1:]  # (N, k): rank r minus rank r + 1
+    clear = (gaps > resolution) & torch.cat([torch.ones(len(gaps), 1, dtype=torch.bool), gaps[:, :-1] > resolution], 1)
+    assert torch.equal(found16[clear], found32[:, :k][clear]) and clear.sum() > len(clear)
+    originals = [manifest.paths.index(path) for path in manifest.paths if Path(path).name in ORIGINALS]
+    assert found16[originals, :3].tolist() == found32[originals, :3].tolist()  # itself, then its two copies
+
+
+# -- through the command line ---------------------------------------------------------------------
+
+def test_query_finds_itself_then_its_near_duplicates(indexes, photos):
+    for name in ORIGINALS:
+        hits = similar_json(photos / name, "--index", indexes["float32"], "-k", "5")["results"][0]["hits"]
+        assert Path(hits[0]["path"]) == (photos / name).absolute() and hits[0]["score"] > 0.999
+        copies = {Path(hit["path"]).name for hit in hits[1:3]}
+        assert copies == {f"{Path(name).stem}_small.png", f"{Path(name).stem}.jpg"}, hits
+        assert hits[2]["score"] > hits[3]["score"]
+        without_self = similar_json(photos / name, "--index", indexes["float32"], "-k", "2", "--exclude-self")
+        assert [hit["path"] for hit in without_self["results"][0]["hits"]] == [hit["path"] for hit in hits[1:3]]
+
+
+def test_folder_of_queries_gives_one_block_each_and_a_grid(indexes, photos, tmp_path):
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for name in ORIGINALS[:2]:
+        shutil.copy(photos / name, queries / name)
+    (queries / "broken.png").write_text("not a picture")
+    grid = tmp_path / "results.png"
+    result = runner.invoke(app, ["similar", str(queries), str(photos / ORIGINALS[2]), "--index",
+                                 str(indexes["float16"]), "-k", "3", "--grid", str(grid)])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert output.count("nearest to") == 3 and "skipped query" in output and "broken.png" in output
+    with Image.open(grid) as sheet:
+        assert sheet.size == (4 + 4 * 132, 4 + 3 * 150)  # 1 + k cells a line, one line per query
+        sheet = np.asarray(sheet.convert("RGB"))
+    assert sheet[4:132, 4:132].std() > 10  # the query's thumbnail is drawn
+
+
+def test_uses_the_last_index_unless_told_otherwise(tiny_encoder, photos, indexes, tmp_path, monkeypatch):
+    last = tmp_path / "last.npy"
+    result = runner.invoke(app, ["embed", str(tiny_encoder), str(photos), str(last), "--device", "cpu",
+                                 "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "-k", "1"])
+    assert result.exit_code == 0, result.output
+    assert str(last) in result.stderr and "the last `simclr embed`" in result.stderr
+    monkeypatch.setenv("SIMCLR_INDEX", str(indexes["float16"]))
+    result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "-k", "1"])
+    assert result.exit_code == 0, result.output
+    assert str(indexes["float16"]) in result.stderr and "$SIMCLR_INDEX" in result.stderr
+
+
+def test_a_changed_model_is_an_error(tiny_encoder, photos, tmp_path):
+    model = tmp_path / "model.safetensors"
+    shutil.copy(tiny_encoder / "encoder.safetensors", model)
+    index = tmp_path / "index.npy"
+    embed_folder(EmbedConfig(model=str(model), images=str(photos), out=str(index), device="cpu", workers=0))
+    backbone, info = load_encoder(model)
+    with torch.no_grad():
+        backbone.conv1.weight.mul_(2)
+    save_encoder(model, backbone, info)
+    result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(index)])
+    assert result.exit_code == 1
+    assert "changed since" in result.output and "SHA-256 differs" in result.output
+    model.unlink()
+    result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(index)])
+    assert result.exit_code == 1 and "is gone" in result.output
+
+
+def test_user_errors_exit_1_with_a_message(indexes, photos, tmp_path):
+    query = str(photos / ORIGINALS[0])
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    mismatched = tmp_path / "mismatched.npy"
+    np.save(mismatched, np.zeros((3, 512), dtype=np.float32))
+    shutil.copy(indexes["float32"].with_suffix(".json"), mismatched.with_suffix(".json"))
+    orphan = tmp_path / "orphan.npy"
+    np.save(orphan, np.zeros((3, 512), dtype=np.float32))
+    index = str(indexes["float32"])
+    cases = [
+        ([query], "no index to search"),
+        ([query, "--index", str(tmp_path / "missing.npy")], "no such index"),
+        ([query, "--index", str(tmp_path / "index.txt")], "not a .npy file"),
+        ([query, "--index", str(mismatched)], "do not belong together"),
+        ([query, "--index", str(orphan)], "no such index manifest"),
+        ([str(tmp_path / "nothing.png"), "--index", index], "no such file or folder"),
+        ([str(not_an_image), "--index", index], "notes.png: unreadable"),
+        ([query, "--index", index, "-k", "0"], "-k 0 must be at least 1"),
+        ([query, "--index", index, "--grid", str(tmp_path / "grid.txt")], "unknown image type"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["similar", *args])
+        assert result.exit_code == 1, (args, result.output)
+        assert message in " ".join(result.output.split()), (args, result.output)
+        assert "Traceback" not in result.output
