@@ -58,6 +58,7 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int) ->
     workers alone and they checkpoint and stop together (the launcher would otherwise send them a
     second signal, which stops a worker at once). SIGTERM sent to this process is passed on once.
     """
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     error_dir = Path(tempfile.mkdtemp(prefix="simclr-launch-"))
@@ -65,16 +66,17 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int) ->
     saved_level = launcher_log.level
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.2, start_method="spawn")
-    handled = ("SIGTERM", "SIGHUP", "SIGQUIT")
-    saved_env = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE")
-    saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *(getattr(signal, s) for s in handled))}
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ",".join(handled)
+                          monitor_interval=0.2, start_method="spawn", signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
+    saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                                                             signal.SIGQUIT)}
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     launcher_log.setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(config, _in_group)(entrypoint, tuple(args), str(error_dir))
         return results[0]
+    except SignalException as stop:
+        raise SimclrError(f"stopped by {stop.sigval.name}: the workers were asked to save a checkpoint; "
+                          f"continue with `simclr pretrain --resume RUN_DIR`") from None
     except Exception:
         reports = sorted(error_dir.glob("error-rank*.txt"))
         if reports:
@@ -86,10 +88,6 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int) ->
         launcher_log.setLevel(saved_level)
         for sig, handler in saved_handlers.items():
             signal.signal(sig, handler)
-        if saved_env is None:
-            os.environ.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)
-        else:
-            os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = saved_env
         shutil.rmtree(error_dir, ignore_errors=True)
 
 
@@ -131,17 +129,31 @@ def init_process_group() -> None:
 
 # -- collectives; each one is the identity (or the neutral value) without a process group ---------
 
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward hands each rank the sum, over all ranks, of its slot's gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        gathered = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return tuple(gathered)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        grad = torch.stack(grads)  # (W, ...): this rank's loss's gradient for every rank's slot
+        dist.all_reduce(grad)  # (W, ...): every rank's losses' gradients, summed
+        return grad[rank()]
+
+
 def all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's `tensor` (same shape on all), in rank order; gradients flow back to their owners.
 
-    torch.distributed.nn's all_gather sums each slot's gradient over the ranks in backward
-    (reduce-scatter on NCCL, all-to-all on gloo), which is what a loss over the gathered batch needs.
+    A loss over the gathered batch depends on this rank's rows through every rank's loss, so the
+    backward pass sums the gradients of all ranks (an all-reduce; a reduce-scatter would send less).
     """
     if not is_distributed():
         return [tensor]
-    from torch.distributed.nn.functional import all_gather
-
-    return list(all_gather(tensor))
+    return list(_AllGather.apply(tensor))
 
 
 def gather_sizes(size: int) -> list[int]:
