@@ -1,0 +1,197 @@
+"""Several processes (gloo on the CPU): global NT-Xent, DDP, sharding, launching, resuming (distributed.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from simclr_cli import distributed
+from simclr_cli.cli import app
+from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
+from simclr_cli.errors import ConfigError
+from simclr_cli.export import load_encoder
+from simclr_cli.gradcache import cached_backward, chunk_count
+from simclr_cli.loss import global_nt_xent, nt_xent
+from simclr_cli.models import SimCLR
+
+TEMPERATURE = 0.2
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, small_digits_folder) -> Path:
+    """16 digit images (32 px): two steps of 8 per epoch."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(small_digits_folder.rglob("*.png"))[:16]:
+        shutil.copy(path, images / f"{path.parent.name}_{path.name}")
+    return images
+
+
+# -- without processes -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch_size,world", [(8, 1), (8, 2), (7, 2), (10, 3)])
+def test_shards_of_every_global_batch_are_the_single_process_batch(monkeypatch, batch_size, world):
+    order = list(range(100, 131))  # 31 images: the last, partial batch is dropped
+    steps = len(order) // batch_size
+    shards = []
+    for r in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        local, local_batch = distributed.shard_order(order, batch_size, start_step=1)
+        assert len(local) == (steps - 1) * local_batch
+        shards.append([local[i:i + local_batch] for i in range(0, len(local), local_batch)])
+    for step in range(1, steps):
+        rejoined = [index for shard in shards for index in shard[step - 1]]
+        assert rejoined == order[step * batch_size:(step + 1) * batch_size]
+
+
+def test_helpers_are_neutral_without_a_process_group():
+    a, b = torch.randn(5, 8), torch.randn(5, 8)
+    assert torch.equal(global_nt_xent(a, b, TEMPERATURE), nt_xent(a, b, TEMPERATURE))
+    assert distributed.gather_sizes(5) == [5]
+    assert distributed.any_rank(True) and not distributed.any_rank(False)
+    assert distributed.use_sync_bn(None, torch.device("cpu")) is False
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap_ddp(model, torch.device("cpu")) is model
+
+
+def test_bad_values_are_one_line_errors(tiny_folder, tmp_path):
+    with pytest.raises(ConfigError, match="--devices 0"):
+        PretrainConfig(data_dir=str(tiny_folder), out_dir=str(tmp_path / "r"), devices=0).validate()
+    with pytest.raises(ConfigError, match="--chunk-size 0"):
+        PretrainConfig(data_dir=str(tiny_folder), out_dir=str(tmp_path / "r"), chunk_size=0).validate()
+    result = runner.invoke(app, ["pretrain", str(tiny_folder), "--devices", "0", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "--devices 0" in result.output
+
+
+# -- two processes on the CPU ------------------------------------------------------------------
+
+def _two_view_images(samples: torch.Tensor) -> torch.Tensor:
+    return samples.transpose(0, 1).flatten(0, 1)  # (2n, C, H, W): a views, then b views
+
+
+def _embed(model, samples):
+    return model(_two_view_images(samples)).view(2, len(samples), -1).transpose(0, 1)  # (n, 2, D)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _worst_error(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> float:
+    """The largest gradient error of any parameter, relative to that parameter's largest gradient."""
+    return max(((actual[k] - g).abs().max() / (g.abs().max() + 1e-12)).item() for k, g in expected.items())
+
+
+def _compare_with_one_process() -> list[dict[str, float]]:
+    """In each of two processes: the global loss and gradients vs the whole batch in one process."""
+    from simclr_cli.runtime import rank
+
+    torch.manual_seed(0)
+    model = SimCLR("resnet18", "imagenet", proj_dim=16).eval()  # BN on running statistics: no SyncBN on CPU
+    parallel = distributed.wrap_ddp(model, torch.device("cpu"))
+    samples = torch.randn(8, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # same on every rank
+    errors = {"rank": rank()}
+    for case, batch_size, chunk_size in [("even", 8, None), ("uneven", 7, None), ("chunked", 8, 3)]:
+        batch = samples[:batch_size]
+        model.zero_grad()
+        expected_loss = nt_xent(*_embed(model, batch).unbind(1), TEMPERATURE)  # one process, no collectives
+        expected_loss.backward()
+        expected = _grads(model)
+
+        local, _ = distributed.shard_order(list(range(batch_size)), batch_size)
+        sizes = distributed.gather_sizes(len(local))
+        model.zero_grad()
+        if chunk_size:
+            loss = cached_backward(parallel, _embed, batch[local],
+                                   lambda z: global_nt_xent(z[:, 0], z[:, 1], TEMPERATURE, sizes),
+                                   chunk_count(sizes, chunk_size))
+        else:
+            loss = global_nt_xent(*_embed(parallel, batch[local]).unbind(1), TEMPERATURE, sizes)
+            loss.backward()
+        errors[f"{case} loss"] = abs(distributed.mean_over_ranks(loss.detach()).item() - expected_loss.item())
+        errors[f"{case} gradients"] = _worst_error(expected, _grads(model))
+    return distributed.gather_objects([errors])
+
+
+def test_two_processes_give_the_loss_and_gradients_of_one(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    errors = distributed.launch(_compare_with_one_process, (), devices=2)
+    assert [e.pop("rank") for e in errors] == [0, 1]
+    for per_rank in errors:
+        for name, error in per_rank.items():
+            assert error < (1e-5 if "loss" in name else 1e-4), (name, error)
+
+
+def _fail_on_rank_one() -> None:
+    from simclr_cli.runtime import rank
+
+    if rank() == 1:
+        raise ConfigError("--out something: rank one says no")
+    distributed.barrier()  # rank 0 waits in a collective: the launcher must stop it
+
+
+def test_a_user_error_in_one_process_is_one_line_in_the_launcher():
+    with pytest.raises(ConfigError, match="rank one says no"):
+        distributed.launch(_fail_on_rank_one, (), devices=2)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_on_two_cpu_processes_exports_an_encoder(tiny_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(tiny_folder), "--devices", "2", "--device", "cpu", "--out",
+                                 str(run_dir), "--image-size", "32", "--stem", "imagenet", "--epochs", "1",
+                                 "--batch-size", "8", "--chunk-size", "3", "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "encoder saved to" in result.output
+    backbone, info = load_encoder(run_dir, "cpu")
+    assert info.arch == "resnet18" and info.image_size == 32
+    assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    assert [m["step"] for m in _metrics(run_dir)] == [1, 2]  # written once, by rank 0
+    with safe_open(str(run_dir / "checkpoint.safetensors"), "pt") as checkpoint:
+        assert not any("module." in key for key in checkpoint.keys())  # the unwrapped model
+    assert json.loads((run_dir / "config.json").read_text())["devices"] == 2
+
+
+def test_a_run_resumes_on_another_number_of_processes(tiny_folder, tmp_path):
+    from simclr_cli.train import pretrain
+
+    def stop_after_first_step(kind, **fields):
+        if kind == "step" and fields["step"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: checkpoint after this step and stop
+
+    run_dir = tmp_path / "run"
+    config = PretrainConfig(data_dir=str(tiny_folder), out_dir=str(run_dir), epochs=1, batch_size=8,
+                            stem="imagenet", augment=AugmentConfig(image_size=32),
+                            runtime=RuntimeConfig(device="cpu", workers=0, seed=0))
+    first = pretrain(config, stop_after_first_step)
+    assert first.interrupted and first.state.step == 1
+
+    result = runner.invoke(app, ["pretrain", "--resume", str(run_dir), "--devices", "2", "--device", "cpu",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert [m["step"] for m in _metrics(run_dir)] == [1, 2]
+    load_encoder(run_dir, "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL, SyncBatchNorm)")
+def test_pretrain_on_two_gpus_with_sync_batchnorm(tiny_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(tiny_folder), "--devices", "2", "--device", "cuda", "--out",
+                                 str(run_dir), "--image-size", "32", "--stem", "imagenet", "--epochs", "1",
+                                 "--batch-size", "8", "--sync-bn", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "SyncBatchNorm" in result.output or (run_dir / "encoder.safetensors").is_file()
+    load_encoder(run_dir, "cpu")
