@@ -30,6 +30,7 @@ from simclr_cli.export import load_encoder, read_json, resolve_model_path, write
 from simclr_cli.features import iter_features, preprocessing
 from simclr_cli.index import DTYPES, Manifest, manifest_path, remember_index, sha256_file, write_manifest
 from simclr_cli.runtime import default_workers, resolve_device, resolve_precision
+from simclr_cli.train import _StopFlag
 
 Report = Callable[..., None]
 SAVE_EVERY = 8  # batches between progress records
@@ -154,7 +155,7 @@ def _truncate_rows(path: Path, rows: int) -> None:
 def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batches: int | None = None) -> EmbedResult:
     """Embed every image under config.images into config.out (resuming if asked); return what was done.
 
-    `stop_after_batches` interrupts the run as Ctrl-C would (for tests).
+    `stop_after_batches` stops the run after that many batches, as Ctrl-C would (for tests).
     """
     config.validate()
     out = Path(config.out)
@@ -183,25 +184,28 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
     report("embed_start", total=len(paths), done=done)
 
     start_time, start_done, batches, interrupted = time.monotonic(), done, 0, False
-    try:
-        for batch in iter_features(backbone, info, paths, device, precision, config.batch_size, workers,
-                                   order=range(done, len(paths))):
-            features = F.normalize(batch.features, dim=1) if config.normalize else batch.features  # (n, D)
-            rows[written:written + len(features)] = features.numpy().astype(config.dtype)
-            # One assignment, so that a Ctrl-C never leaves the counters half updated.
-            done, written, skipped = done + len(batch.indices) + len(batch.skipped), written + len(features), \
-                skipped + batch.skipped
-            for item in batch.skipped:
-                report("warning", text=f"skipped {item.path}: {item.reason}")
-            batches += 1
-            speed = (done - start_done) / max(time.monotonic() - start_time, 1e-9)
-            report("embed_progress", done=done, total=len(paths), images_per_s=speed)
-            if batches % SAVE_EVERY == 0:
-                _save_progress(work, rows, done, written, skipped[len(plan["skipped"]):])
-            if stop_after_batches is not None and batches >= stop_after_batches and done < len(paths):
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        interrupted = True
+    with _StopFlag() as stop:  # Ctrl-C or SIGTERM: finish the batch, save progress, stop
+        try:
+            for batch in iter_features(backbone, info, paths, device, precision, config.batch_size, workers,
+                                       order=range(done, len(paths))):
+                features = F.normalize(batch.features, dim=1) if config.normalize else batch.features  # (n, D)
+                rows[written:written + len(features)] = features.numpy().astype(config.dtype)
+                # One assignment, so that a second Ctrl-C never leaves the counters half updated.
+                done, written, skipped = done + len(batch.indices) + len(batch.skipped), written + len(features), \
+                    skipped + batch.skipped
+                for item in batch.skipped:
+                    report("warning", text=f"skipped {item.path}: {item.reason}")
+                batches += 1
+                speed = (done - start_done) / max(time.monotonic() - start_time, 1e-9)
+                report("embed_progress", done=done, total=len(paths), images_per_s=speed)
+                if batches % SAVE_EVERY == 0:
+                    _save_progress(work, rows, done, written, skipped[len(plan["skipped"]):])
+                asked = stop.signal is not None or (stop_after_batches is not None and batches >= stop_after_batches)
+                if asked and done < len(paths):
+                    interrupted = True
+                    break
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, keeping the rows of finished batches
+            interrupted = True
     _save_progress(work, rows, done, written, skipped[len(plan["skipped"]):])
     del rows
     speed = (done - start_done) / max(time.monotonic() - start_time, 1e-9)
