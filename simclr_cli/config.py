@@ -178,3 +178,87 @@ def default_run_dir(kind: str) -> Path:
         suffix += 1
         path = Path("runs") / f"{kind}-{stamp}-{suffix}"
     return path
+
+
+@dataclass(frozen=True)
+class LabelledDataConfig:
+    """Labelled images for linear-eval and finetune: class subfolders or a CSV, and a validation set."""
+
+    train_dir: str
+    labels_csv: str | None = None
+    val_dir: str | None = None
+    val_split: float | None = None  # None: 0.2 of TRAIN when no --val
+
+    def validate(self) -> None:
+        _check(self.val_split is None or 0 < self.val_split < 1,
+               f"--val-split {self.val_split} must be between 0 and 1 (exclusive), e.g. 0.2")
+        _check(self.val_dir is None or self.val_split is None,
+               "--val and --val-split both given; use one of them")
+
+
+@dataclass(frozen=True)
+class LinearEvalConfig:
+    """Everything `simclr linear-eval` needs; saved in linear_eval.json."""
+
+    model: str
+    data: LabelledDataConfig
+    out_dir: str
+    l2: float | None = None  # None: chosen on a held-out split of the training set
+    batch_size: int = 256  # images per feature batch
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self) -> "LinearEvalConfig":
+        _check(self.l2 is None or self.l2 >= 0, f"--l2 {self.l2} must be >= 0 (or leave it out to search)")
+        _check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1")
+        self.data.validate()
+        self.runtime.validate()
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything `simclr finetune` needs; saved as config.json in the run folder."""
+
+    model: str
+    data: LabelledDataConfig
+    out_dir: str
+    label_fraction: float = 1.0
+    from_head_layer: int = 0  # 1: start from the first projection-head layer (SimCLRv2)
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float | None = None  # None: 0.05 x batch / 256
+    weight_decay: float = 0.0  # the papers fine-tune without weight decay
+    crop_min_scale: float = 0.08
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else 0.05 * self.batch_size / 256
+
+    def validate(self) -> "FinetuneConfig":
+        _check(0 < self.label_fraction <= 1,
+               f"--label-fraction {self.label_fraction} must be in (0, 1]; the papers use 0.01, 0.1 or 1.0")
+        _check(self.from_head_layer in (0, 1),
+               f"--from-head-layer {self.from_head_layer} must be 0 (the encoder) or 1 (SimCLRv2)")
+        _check(self.epochs >= 1, f"--epochs {self.epochs} must be at least 1")
+        _check(self.batch_size >= 2, f"--batch-size {self.batch_size} must be at least 2 (BatchNorm needs it)")
+        _check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be positive")
+        _check(self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0")
+        _check(0 < self.crop_min_scale <= 1, f"--crop-min-scale {self.crop_min_scale} must be in (0, 1]")
+        self.data.validate()
+        self.runtime.validate()
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "FinetuneConfig":
+        data = dict(data)
+        data["data"] = LabelledDataConfig(**data["data"])
+        data["runtime"] = RuntimeConfig(**data.get("runtime", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,202 @@
+"""Labelled images: class subfolders or a (path,label) CSV, a validation set, label-fraction subsets."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from simclr_cli.data import Skipped, is_image_name, probe, scan_images
+from simclr_cli.errors import ConfigError, DataError
+
+DEFAULT_VAL_SPLIT = 0.2
+
+
+@dataclass
+class LabelledSet:
+    """Images and their class indices (into the classes of the LabelledData that holds them)."""
+
+    paths: list[Path]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices) -> "LabelledSet":
+        return LabelledSet([self.paths[i] for i in indices], [self.labels[i] for i in indices])
+
+    def counts(self, num_classes: int) -> list[int]:
+        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=num_classes).tolist()
+
+    def to_json(self) -> list[list]:
+        return [[str(path), label] for path, label in zip(self.paths, self.labels)]
+
+    @classmethod
+    def from_json(cls, rows: list[list]) -> "LabelledSet":
+        return cls([Path(path) for path, _ in rows], [int(label) for _, label in rows])
+
+
+@dataclass
+class LabelledData:
+    """A training and a validation set over the same sorted class names, and the files skipped."""
+
+    classes: list[str]
+    train: LabelledSet
+    val: LabelledSet
+    skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # things the user should hear about
+
+
+def _check_classes(source: str, classes: list[str], counts: list[int]) -> None:
+    empty = [name for name, count in zip(classes, counts) if count == 0]
+    if empty:
+        raise DataError(f"{source}: class {empty[0]!r} has no readable images"
+                        + (f" (nor do {len(empty) - 1} other classes)" if len(empty) > 1 else "")
+                        + "; add images to it or remove it")
+    if len(classes) < 2:
+        raise DataError(f"{source}: only one class ({classes[0]!r}); a classifier needs at least two, "
+                        f"one subfolder (or CSV label) per class")
+
+
+def read_class_folders(root: str | Path, classes: list[str] | None = None,
+                       flag: str = "TRAIN") -> tuple[list[str], LabelledSet, list[Skipped], list[str]]:
+    """Read the ImageFolder layout root/<class>/**/<image>; return (classes, set, skipped, notes).
+
+    With `classes` given (the training classes), every subfolder must be one of them.
+    """
+    root = Path(root)
+    scan = scan_images(root, check=False)  # existence errors, as for pretrain
+    subfolders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subfolders:
+        raise DataError(f"{flag} {root}: no class subfolders; put each class's images in its own subfolder "
+                        f"(e.g. {root}/cat, {root}/dog), or pass --labels labels.csv")
+    notes = []
+    loose = [p for p in scan.paths if p.parent == root]
+    if loose:
+        notes.append(f"{len(loose)} image(s) directly in {root} belong to no class subfolder: ignored")
+    if classes is not None:
+        unknown = [name for name in subfolders if name not in classes]
+        if unknown:
+            raise DataError(f"{flag} {root}: class {unknown[0]!r} is not among the training classes "
+                            f"({', '.join(classes)}); rename or remove that subfolder")
+    names = classes if classes is not None else subfolders
+    paths, labels, skipped, counts = [], [], [], []
+    for name in subfolders:
+        found = scan_images(root / name)
+        paths += found.paths
+        labels += [names.index(name)] * len(found.paths)
+        skipped += found.skipped
+        counts.append(len(found.paths))
+    if classes is None:
+        _check_classes(f"{flag} {root}", subfolders, counts)
+    elif 0 in counts:
+        name = subfolders[counts.index(0)]
+        raise DataError(f"{flag} {root}: class {name!r} has no readable images; add images to it or remove it")
+    return names, LabelledSet(paths, labels), skipped, notes
+
+
+def read_label_csv(csv_path: str | Path, root: str | Path) -> tuple[list[str], LabelledSet, list[Skipped]]:
+    """Read `path,label` rows (paths relative to root, or absolute; an optional header row)."""
+    csv_path, root = Path(csv_path), Path(root)
+    if not csv_path.is_file():
+        raise DataError(f"--labels {csv_path}: no such file; pass a CSV of path,label rows")
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; pass the folder the paths in {csv_path} are relative to")
+    rows: dict[Path, str] = {}
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            for number, row in enumerate(csv.reader(handle), start=1):
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if number == 1 and [cell.strip().lower() for cell in row] == ["path", "label"]:
+                    continue
+                if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                    raise DataError(f"--labels {csv_path}, line {number}: expected two fields, path,label; "
+                                    f"got {','.join(row)!r}")
+                path, label = root / row[0].strip(), row[1].strip()
+                if rows.get(path, label) != label:
+                    raise DataError(f"--labels {csv_path}, line {number}: {row[0].strip()} is labelled both "
+                                    f"{rows[path]!r} and {label!r}; keep one row per file")
+                rows[path] = label
+    except UnicodeDecodeError:
+        raise DataError(f"--labels {csv_path}: not a UTF-8 text file; pass a CSV of path,label rows") from None
+    if not rows:
+        raise DataError(f"--labels {csv_path}: no rows; write one path,label row per image")
+    missing = [path for path in rows if not path.is_file()]
+    if missing:
+        raise DataError(f"--labels {csv_path}: {len(missing)} file(s) it names do not exist, e.g. {missing[0]}; "
+                        f"paths are relative to {root}; fix them or remove those rows")
+    not_images = [path for path in rows if not is_image_name(path.name)]
+    if not_images:
+        raise DataError(f"--labels {csv_path}: {not_images[0]} is not an image file name; list images only")
+    classes = sorted(set(rows.values()))
+    paths, labels, skipped = [], [], []
+    for path in sorted(rows, key=str):
+        problem = probe(path)
+        if problem is None:
+            paths.append(path)
+            labels.append(classes.index(rows[path]))
+        else:
+            skipped.append(Skipped(str(path), problem))
+    data = LabelledSet(paths, labels)
+    _check_classes(f"--labels {csv_path}", classes, data.counts(len(classes)))
+    return classes, data, skipped
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held-out) indices: about `fraction` of every class held out, at least one image of any
+    class with two or more, none of a class with one; seeded."""
+    rng = np.random.default_rng(seed)
+    labels_array = np.asarray(labels)
+    kept, held = [], []
+    for label in sorted(set(labels)):
+        members = rng.permutation(np.flatnonzero(labels_array == label)).tolist()
+        count = len(members)
+        take = min(max(round(fraction * count), 1), count - 1) if count >= 2 else 0
+        held += members[:take]
+        kept += members[take:]
+    return sorted(kept), sorted(held)
+
+
+def balanced_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
+    """Indices of a class-balanced, seeded subset of about `fraction` of the images (SimCLR's 1% and 10%
+    label protocol): the same count from every class (fewer where a class has fewer images).
+
+    Each class's images are drawn in one seeded order, so with one seed a smaller fraction's subset
+    is contained in a larger one's. A fraction of 1 keeps everything.
+    """
+    if fraction >= 1:
+        return list(range(len(labels)))
+    classes = sorted(set(labels))
+    per_class = max(1, round(fraction * len(labels) / len(classes)))
+    rng = np.random.default_rng(seed)
+    labels_array = np.asarray(labels)
+    chosen = []
+    for label in classes:
+        chosen += rng.permutation(np.flatnonzero(labels_array == label))[:per_class].tolist()
+    return sorted(chosen)
+
+
+def load_labelled(train_dir: str | Path, labels_csv: str | Path | None = None, val_dir: str | Path | None = None,
+                  val_split: float | None = None, seed: int = 0) -> LabelledData:
+    """Read the training images and their labels, and the validation set (--val DIR or a seeded,
+    stratified --val-split of the training images)."""
+    if val_dir is not None and val_split is not None:
+        raise ConfigError("--val and --val-split both given; use --val DIR for a separate validation folder "
+                          "or --val-split F to hold out part of TRAIN, not both")
+    notes: list[str] = []
+    if labels_csv is not None:
+        classes, train, skipped = read_label_csv(labels_csv, train_dir)
+    else:
+        classes, train, skipped, notes = read_class_folders(train_dir)
+    if val_dir is not None:
+        _, val, val_skipped, val_notes = read_class_folders(val_dir, classes, flag="--val")
+        return LabelledData(classes, train, val, skipped + val_skipped, notes + val_notes)
+    fraction = DEFAULT_VAL_SPLIT if val_split is None else val_split
+    kept, held = stratified_split(train.labels, fraction, seed)
+    if not held:
+        raise DataError(f"{train_dir}: too few images to hold out a validation set (every class has one "
+                        f"image); add images or pass --val DIR")
+    return LabelledData(classes, train.subset(kept), train.subset(held), skipped, notes)

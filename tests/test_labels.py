@@ -1,0 +1,122 @@
+"""Labelled data: class subfolders, label CSVs, validation splits, label-fraction subsets, errors."""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simclr_cli.errors import ConfigError, DataError
+from simclr_cli.labels import balanced_subset, load_labelled, read_class_folders, read_label_csv, stratified_split
+
+
+def make_classes(root: Path, counts: dict[str, int]) -> Path:
+    """root/<class>/<i>.png, a tiny distinct image each."""
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            Image.new("RGB", (8, 8), (index * 7 % 256, len(name) * 40, 90)).save(root / name / f"{index}.png")
+    return root
+
+
+def test_class_folders_are_sorted_classes_and_broken_files_are_skipped(tmp_path):
+    root = make_classes(tmp_path / "train", {"dog": 3, "cat": 2, "zebra": 1})
+    (root / "cat" / "nested").mkdir()
+    Image.new("L", (8, 8)).save(root / "cat" / "nested" / "deep.png")
+    (root / "dog" / "broken.jpg").write_text("not a jpeg")
+    Image.new("RGB", (8, 8)).save(root / "loose.png")
+    (root / ".hidden").mkdir()
+
+    classes, data, skipped, notes = read_class_folders(root)
+    assert classes == ["cat", "dog", "zebra"]
+    assert Counter(data.labels) == {0: 3, 1: 3, 2: 1}
+    assert all(root / classes[label] in path.parents for path, label in zip(data.paths, data.labels))
+    assert [Path(s.path).name for s in skipped] == ["broken.jpg"]
+    assert "1 image(s) directly in" in notes[0]
+
+
+@pytest.mark.parametrize("counts,message", [
+    ({"cat": 2, "dog": 0}, "class 'dog' has no readable images"),
+    ({"cat": 3}, r"only one class \('cat'\)"),
+])
+def test_unusable_class_folders_are_refused(tmp_path, counts, message):
+    root = make_classes(tmp_path / "train", counts)
+    with pytest.raises(DataError, match=message):
+        load_labelled(root)
+
+
+def test_a_folder_without_class_subfolders_is_refused(tmp_path):
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(DataError, match="no class subfolders.*--labels"):
+        load_labelled(tmp_path / "flat")
+
+
+def test_label_csv_over_any_folder(tmp_path):
+    root = tmp_path / "pile"
+    root.mkdir()
+    for index in range(6):
+        Image.new("RGB", (8, 8), (index * 30, 0, 0)).save(root / f"{index}.png")
+    (root / "5.png").write_bytes(b"")  # empty: skipped, not fatal
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\n0.png,b\n1.png,a\n2.png,b\n\n3.png,a\n5.png,a\n" + f"{root / '4.png'},b\n")
+    classes, data, skipped = read_label_csv(csv, root)
+    assert classes == ["a", "b"]
+    assert dict(zip((p.name for p in data.paths), data.labels)) == {"0.png": 1, "1.png": 0, "2.png": 1,
+                                                                  "3.png": 0, "4.png": 1}
+    assert [Path(s.path).name for s in skipped] == ["5.png"]
+
+
+@pytest.mark.parametrize("rows,message", [
+    ("0.png,a\nmissing.png,b\n", r"1 file\(s\) it names do not exist, e.g. .*missing.png"),
+    ("0.png,a\n0.png,b\n", "labelled both 'a' and 'b'"),
+    ("0.png,a,extra\n", "line 1: expected two fields"),
+    ("0.png,a\n1.png,a\n", "only one class"),
+    ("", "no rows"),
+])
+def test_bad_label_csvs_are_refused(tmp_path, rows, message):
+    root = make_classes(tmp_path, {"x": 0})
+    for index in range(2):
+        Image.new("RGB", (8, 8)).save(root / f"{index}.png")
+    (tmp_path / "labels.csv").write_text(rows)
+    with pytest.raises(DataError, match=message):
+        read_label_csv(tmp_path / "labels.csv", root)
+
+
+def test_validation_folder_must_use_training_classes(tmp_path):
+    train = make_classes(tmp_path / "train", {"cat": 2, "dog": 2})
+    val = make_classes(tmp_path / "val", {"dog": 1})
+    data = load_labelled(train, val_dir=val)
+    assert data.val.labels == [1] and len(data.train) == 4
+    make_classes(val, {"emu": 1})
+    with pytest.raises(DataError, match="--val .*class 'emu' is not among the training classes"):
+        load_labelled(train, val_dir=val)
+    with pytest.raises(ConfigError, match="--val and --val-split"):
+        load_labelled(train, val_dir=val, val_split=0.5)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
+def test_stratified_split_holds_out_each_class_in_proportion(fraction):
+    labels = [0] * 50 + [1] * 30 + [2] * 10 + [3] * 1
+    kept, held = stratified_split(labels, fraction, seed=0)
+    assert sorted(kept + held) == list(range(len(labels)))
+    held_counts = Counter(labels[i] for i in held)
+    for label, count in Counter(labels).items():
+        expected = 0 if count == 1 else min(max(round(fraction * count), 1), count - 1)
+        assert held_counts.get(label, 0) == expected
+    assert stratified_split(labels, fraction, seed=0) == (kept, held)
+    assert stratified_split(labels, fraction, seed=1) != (kept, held)
+
+
+def test_balanced_subsets_are_balanced_reproducible_and_nested():
+    rng = np.random.default_rng(0)
+    labels = rng.permutation([0] * 200 + [1] * 150 + [2] * 120 + [3] * 12).tolist()
+    small, large = balanced_subset(labels, 0.04, seed=5), balanced_subset(labels, 0.2, seed=5)
+    assert Counter(labels[i] for i in small) == {0: 5, 1: 5, 2: 5, 3: 5}  # round(0.04 * 482 / 4)
+    assert Counter(labels[i] for i in large) == {0: 24, 1: 24, 2: 24, 3: 12}  # class 3 has only 12
+    assert balanced_subset(labels, 0.04, seed=5) == small
+    assert balanced_subset(labels, 0.04, seed=6) != small
+    assert set(small) <= set(large), "one seed draws each class in one order: 1% lies inside 10%"
+    assert balanced_subset(labels, 1.0, seed=5) == list(range(len(labels)))
+    assert Counter(labels[i] for i in balanced_subset(labels, 0.001, seed=0)) == {0: 1, 1: 1, 2: 1, 3: 1}
