@@ -235,7 +235,7 @@ class PretrainRun:
             sizes = distributed.gather_sizes(len(batch))  # every rank's images in this global batch
             if min(sizes) == 0:  # a rank's images were all unreadable: every rank skips the step
                 continue
-            lr = config.resolved_lr * warmup_cosine(self._progress(last), self._warmup_fraction())
+            lr = config.resolved_lr * warmup_cosine(self._progress(clock()), self._warmup_fraction())
             set_lr(self.optimizer, lr)
             loss = self._step(batch.samples, sizes)
             now = clock()
