@@ -1,0 +1,300 @@
+"""Linear evaluation of a frozen encoder: cached features, an L2-regularised logistic-regression probe,
+weighted kNN, and the accuracy report (JSON and a confusion-matrix image) shared with finetune."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from simclr_cli.config import LinearEvalConfig
+from simclr_cli.data import Skipped
+from simclr_cli.errors import DataError
+from simclr_cli.export import (EncoderInfo, atomic_path, load_encoder, read_metadata, resolve_model_path,
+                               save_tensors, write_json)
+from simclr_cli.features import compute_features
+from simclr_cli.labels import LabelledData, load_labelled, stratified_split
+from simclr_cli.runtime import Precision, resolve_device, resolve_precision, seed_everything
+from simclr_cli.train import Report, silent
+
+RESULTS_FILE = "linear_eval.json"
+LINEAR_FILE = "linear.safetensors"
+CONFUSION_FILE = "confusion_matrix.png"
+L2_GRID = tuple(10.0**exponent for exponent in range(-6, 1))  # 1e-6 ... 1, on the mean cross-entropy
+KNN_KS = (20, 200)
+KNN_TEMPERATURE = 0.07
+
+
+# -- features, computed once per (model, files, preprocessing) ------------------------------------
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def feature_cache_key(model_sha256: str, paths: Sequence[Path], info: EncoderInfo, precision: Precision) -> str:
+    """A digest of the model, the files (path, size, modification time) and the preprocessing."""
+    files = []
+    for path in paths:
+        stat = os.stat(path)
+        files.append([str(path), stat.st_size, stat.st_mtime_ns])
+    preprocessing = [info.image_size, list(info.mean), list(info.std), precision.name]
+    text = json.dumps([model_sha256, files, preprocessing])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_features(backbone: torch.nn.Module, info: EncoderInfo, paths: Sequence[Path], device: torch.device,
+                    precision: Precision, cache_path: Path, batch_size: int = 256, workers: int | None = None,
+                    report: Report = silent) -> tuple[torch.Tensor, torch.Tensor, list[Skipped]]:
+    """compute_features, stored in (or read back from) `cache_path`."""
+    if cache_path.is_file():
+        try:
+            tensors = load_file(str(cache_path))
+            skipped = [Skipped(**s) for s in json.loads(read_metadata(cache_path, "feature cache")["skipped"])]
+            report("message", text=f"features read from the cache {cache_path}")
+            return tensors["features"], tensors["indices"], skipped
+        except (SafetensorError, OSError, KeyError, ValueError):
+            report("warning", text=f"{cache_path} is damaged; computing the features again")
+    report("message", text=f"computing features of {len(paths)} images")
+    features, indices, skipped = compute_features(backbone, info, paths, device, precision, batch_size, workers)
+    save_tensors(cache_path, {"features": features, "indices": indices},
+                 {"format": "simclr-features", "skipped": json.dumps([s.to_json() for s in skipped])})
+    return features, indices, skipped
+
+
+# -- the linear probe -----------------------------------------------------------------------------
+
+@dataclass
+class LinearProbe:
+    """Multinomial logistic regression on standardised features: logits = ((h - mean) / std) W^T + b."""
+
+    weight: torch.Tensor  # (C, D)
+    bias: torch.Tensor  # (C,)
+    mean: torch.Tensor  # (D,)
+    std: torch.Tensor  # (D,)
+    l2: float
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        standardised = (features.double() - self.mean) / self.std
+        return standardised @ self.weight.T + self.bias  # (N, D) x (D, C) -> (N, C)
+
+    def folded(self) -> dict[str, torch.Tensor]:
+        """Weight and bias that apply to raw features, as float32."""
+        weight = self.weight / self.std  # (C, D)
+        bias = self.bias - weight @ self.mean  # (C,)
+        return {"weight": weight.float(), "bias": bias.float()}
+
+
+def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float,
+                 max_iter: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (C, D), bias (C,)) minimising mean cross-entropy + l2/2 ||W||^2, full batch, with L-BFGS.
+
+    The objective is scikit-learn's LogisticRegression with C = 1 / (l2 N) (bias not penalised).
+    """
+    features = features.double()
+    weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = features @ weight.T + bias  # (N, D) x (D, C) -> (N, C)
+        loss = torch.nn.functional.cross_entropy(logits, labels) + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    # L-BFGS makes thousands of tiny vector operations; on a busy CPU, threads only add waiting.
+    threads = torch.get_num_threads()
+    if features.numel() < 1 << 22:
+        torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():
+            optimizer.step(closure)
+    finally:
+        torch.set_num_threads(threads)
+    return weight.detach(), bias.detach()
+
+
+def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float | None = None,
+                       seed: int = 0) -> tuple[LinearProbe, list[dict[str, float]]]:
+    """The probe on all training features, its L2 strength chosen (when not given) by accuracy on a
+    stratified 20% of them, as in SimCLR's linear evaluation; also the search's (l2, accuracy) pairs."""
+    features = features.double()
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    standardised = (features - mean) / std
+    search: list[dict[str, float]] = []
+    if l2 is None:
+        kept, held = stratified_split(labels.tolist(), 0.2, seed)
+        best = -1.0
+        for candidate in sorted(L2_GRID, reverse=True):  # on ties the stronger penalty wins
+            weight, bias = fit_logistic(standardised[kept], labels[kept], num_classes, candidate)
+            predicted = (standardised[held] @ weight.T + bias).argmax(1)  # (n_held, C) -> (n_held,)
+            accuracy = (predicted == labels[held]).double().mean().item()
+            search.append({"l2": candidate, "holdout_top1": accuracy})
+            if accuracy > best:
+                best, l2 = accuracy, candidate
+    weight, bias = fit_logistic(standardised, labels, num_classes, l2)
+    return LinearProbe(weight, bias, mean, std, l2), search
+
+
+# -- weighted kNN ---------------------------------------------------------------------------------
+
+def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor,
+               num_classes: int, k: int = 20, temperature: float = KNN_TEMPERATURE,
+               chunk: int = 1024) -> torch.Tensor:
+    """(Q, C) class votes: each of the k most cosine-similar training images votes exp(sim / T) for
+    its class (Wu et al. 2018, arXiv 1805.01978, the kNN monitor of the SSL literature)."""
+    bank = torch.nn.functional.normalize(train_features.float(), dim=1)  # (N, D)
+    queries = torch.nn.functional.normalize(query_features.float(), dim=1)  # (Q, D)
+    k = min(k, bank.shape[0])
+    scores = []
+    for start in range(0, queries.shape[0], chunk):
+        similarity = queries[start:start + chunk] @ bank.T  # (q, D) x (D, N) -> (q, N)
+        top_similarity, top_index = similarity.topk(k, dim=1)  # (q, k)
+        weights = (top_similarity / temperature).exp()  # (q, k)
+        votes = torch.zeros(similarity.shape[0], num_classes)
+        scores.append(votes.scatter_add_(1, train_labels[top_index], weights))  # (q, C)
+    return torch.cat(scores) if scores else torch.zeros(0, num_classes)  # (Q, C)
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+def classification_report(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    """top1, top5 (top-k with k = min(5, classes)), per-class accuracy and the confusion matrix."""
+    num_classes = len(classes)
+    predicted = scores.argmax(1)  # (N,)
+    top5 = scores.topk(min(5, num_classes), dim=1).indices  # (N, k)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)  # rows: true class
+    per_class = {}
+    for index, name in enumerate(classes):
+        count = int(confusion[index].sum())
+        per_class[name] = {"accuracy": confusion[index, index].item() / count if count else None, "count": count}
+    return {
+        "top1": (predicted == labels).double().mean().item(),
+        "top5": (top5 == labels[:, None]).any(1).double().mean().item(),
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+def knn_report(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
+               val_labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """knn_top1 (k = 20) and the accuracy at each k in KNN_KS."""
+    accuracy = {}
+    for k in KNN_KS:
+        scores = knn_scores(train_features, train_labels, val_features, num_classes, k)
+        accuracy[f"k{k}"] = (scores.argmax(1) == val_labels).double().mean().item()
+    return {"knn_top1": accuracy[f"k{KNN_KS[0]}"], "knn": {**accuracy, "temperature": KNN_TEMPERATURE}}
+
+
+def draw_confusion(path: str | Path, confusion: list[list[int]], classes: list[str]) -> None:
+    """A confusion-matrix PNG: rows are true classes, columns predictions, shaded by row fraction."""
+    font = ImageFont.load_default()
+    count = len(classes)
+    cell = max(8, min(48, 640 // count))
+    names = [name[:16] for name in classes]
+    label_width = max(64, max(int(font.getlength(name)) for name in names) + 8)  # room for "true \\ pred"
+    size = label_width + cell * count + 4
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    for row, values in enumerate(confusion):
+        total = max(sum(values), 1)
+        for column, value in enumerate(values):
+            shade = value / total
+            colour = (round(255 * (1 - shade)), round(255 * (1 - 0.7 * shade)), 255)
+            x, y = label_width + column * cell, label_width + row * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour, outline=(220, 220, 220))
+            if cell >= 24 and value:
+                draw.text((x + cell / 2, y + cell / 2), str(value), anchor="mm", font=font,
+                          fill="white" if shade > 0.5 else "black")
+    for index, name in enumerate(names):
+        centre = label_width + index * cell + cell / 2
+        draw.text((label_width - 4, centre), name, anchor="rm", font=font, fill="black")
+        tag = Image.new("RGB", (label_width, cell), "white")
+        ImageDraw.Draw(tag).text((4, cell / 2), name, anchor="lm", font=font, fill="black")
+        image.paste(tag.rotate(90, expand=True), (label_width + index * cell, 0))
+    draw.text((2, 2), "true \\ pred", font=font, fill="grey")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    results: dict[str, Any]
+    skipped: list[Skipped]
+
+
+def split_features(data: LabelledData, features: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(train features, train labels, val features, val labels) from features of train + val paths."""
+    labels = torch.tensor(data.train.labels + data.val.labels, dtype=torch.long)[kept]  # (M,)
+    is_train = kept < len(data.train)
+    if not is_train.any() or is_train.all():
+        which = "training" if not is_train.any() else "validation"
+        raise DataError(f"no readable {which} image; every file was skipped (see the warnings above)")
+    return features[is_train], labels[is_train], features[~is_train], labels[~is_train]
+
+
+def report_data(data: LabelledData, report: Report) -> None:
+    for note in data.notes:
+        report("warning", text=note)
+    for skipped in data.skipped:
+        report("warning", text=f"skipped {skipped.path}: {skipped.reason}")
+    report("message", text=f"{len(data.classes)} classes, {len(data.train)} training and {len(data.val)} "
+                           f"validation images")
+
+
+def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult:
+    """Features of the frozen encoder, a linear probe and kNN on them; write the report to config.out_dir."""
+    config.validate()
+    seed_everything(config.runtime.seed)
+    device = resolve_device(config.runtime.device)
+    precision = resolve_precision(config.runtime.precision, device)
+    model_path = resolve_model_path(config.model)
+    backbone, info = load_encoder(model_path, device)
+    d = config.data
+    data = load_labelled(d.train_dir, d.labels_csv, d.val_dir, d.val_split, config.runtime.seed)
+    report_data(data, report)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model_sha256 = file_sha256(model_path)
+    paths = data.train.paths + data.val.paths
+    cache = out_dir / f"features-{feature_cache_key(model_sha256, paths, info, precision)}.safetensors"
+    features, kept, skipped = cached_features(backbone, info, paths, device, precision, cache, config.batch_size,
+                                              config.runtime.workers, report)
+    for item in skipped:
+        report("warning", text=f"skipped {item.path}: {item.reason}")
+    train_x, train_y, val_x, val_y = split_features(data, features, kept)
+
+    report("message", text="training the linear probe" + (" (choosing its L2 strength)" if config.l2 is None else ""))
+    probe, search = train_linear_probe(train_x, train_y, len(data.classes), config.l2, config.runtime.seed)
+    results = classification_report(probe.logits(val_x), val_y, data.classes)
+    results.update(knn_report(train_x, train_y, val_x, val_y, len(data.classes)))
+    results.update({
+        "l2": probe.l2, "l2_search": search, "num_train": len(train_y), "num_val": len(val_y),
+        "classes": data.classes, "model": str(model_path), "model_sha256": model_sha256,
+        "skipped": [s.to_json() for s in data.skipped + skipped], "config": config.to_json(),
+    })
+    metadata = {"format": "simclr-linear", "classes": json.dumps(data.classes), "l2": str(probe.l2),
+                "model_sha256": model_sha256, "feature_dim": str(info.feature_dim)}
+    save_tensors(out_dir / LINEAR_FILE, {**probe.folded(), "feature_mean": probe.mean.float(),
+                                         "feature_std": probe.std.float()}, metadata)
+    draw_confusion(out_dir / CONFUSION_FILE, results["confusion"], data.classes)
+    write_json(out_dir / RESULTS_FILE, results)
+    return EvalResult(out_dir, results, data.skipped + skipped)

@@ -1,0 +1,175 @@
+"""linear-eval: kNN and the logistic-regression probe against references, the report, and the command end
+to end on the digits (features cached, results consistent, user errors)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from simclr_cli.cli import app
+from simclr_cli.evaluate import (L2_GRID, classification_report, draw_confusion, fit_logistic, knn_scores,
+                                 split_features)
+from simclr_cli.labels import load_labelled
+
+runner = CliRunner()
+FAST = ["--device", "cpu", "--workers", "0"]
+
+
+def knn_reference(train, train_labels, queries, num_classes, k, temperature):
+    """Weighted kNN written out one query at a time (Wu et al. 2018, eq. for the kNN classifier)."""
+    scores = torch.zeros(len(queries), num_classes)
+    for q, query in enumerate(queries):
+        similarities = [float(torch.dot(query, row) / (query.norm() * row.norm())) for row in train]
+        nearest = sorted(range(len(train)), key=lambda i: -similarities[i])[:k]
+        for i in nearest:
+            scores[q, train_labels[i]] += math.exp(similarities[i] / temperature)
+    return scores
+
+
+@pytest.mark.parametrize("n,dim,k,temperature", [(30, 4, 5, 0.07), (50, 16, 20, 0.5), (12, 3, 200, 0.1)])
+def test_knn_scores_match_the_reference(n, dim, k, temperature):
+    generator = torch.Generator().manual_seed(n)
+    train, queries = torch.randn(n, dim, generator=generator), torch.randn(7, dim, generator=generator)
+    labels = torch.randint(0, 3, (n,), generator=generator)
+    fast = knn_scores(train, labels, queries, 3, k, temperature, chunk=3)
+    assert torch.allclose(fast, knn_reference(train, labels, queries, 3, k, temperature), rtol=1e-4)
+
+
+@pytest.mark.parametrize("l2", [1e-3, 1e-1])
+def test_logistic_regression_matches_scikit_learn(l2):
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 6))
+    labels = rng.integers(0, 4, 300)
+    features = centres[labels] + 1.5 * rng.normal(size=(300, 6))
+    weight, bias = fit_logistic(torch.tensor(features), torch.tensor(labels), 4, l2)
+    reference = LogisticRegression(C=1 / (l2 * len(labels)), tol=1e-10, max_iter=10_000).fit(features, labels)
+    assert np.allclose(weight.numpy(), reference.coef_, atol=1e-4)
+    assert np.allclose(bias.numpy(), reference.intercept_, atol=1e-4)
+
+
+def test_classification_report_counts_top1_top5_and_classes():
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4], [0.1, 0.2, 0.7]])
+    labels = torch.tensor([0, 1, 2, 2])
+    report = classification_report(scores, labels, ["a", "b", "c"])
+    assert report["top1"] == 0.75 and report["top5"] == 1.0  # top-3 of 3 classes
+    assert report["per_class"] == {"a": {"accuracy": 1.0, "count": 1}, "b": {"accuracy": 1.0, "count": 1},
+                                   "c": {"accuracy": 0.5, "count": 2}}
+    assert report["confusion"] == [[1, 0, 0], [0, 1, 0], [1, 0, 1]]
+    many = classification_report(torch.eye(6)[[1, 2, 3, 4, 5, 0]], torch.arange(6), list("abcdef"))
+    assert many["top1"] == 0 and many["top5"] == 5 / 6
+
+
+def test_confusion_image_shades_the_diagonal(tmp_path):
+    draw_confusion(tmp_path / "c.png", [[9, 1], [0, 10]], ["cat", "dog"])
+    image = Image.open(tmp_path / "c.png").convert("RGB")
+    assert image.size[0] == image.size[1] > 2 * 48
+    first = image.size[0] - 4 - 2 * 48  # cells are 48 px, the grid ends 4 px from the edge
+
+    def corner(row, column):  # a cell's corner, clear of the count written in its middle
+        return sum(image.getpixel((first + column * 48 + 3, first + row * 48 + 3)))
+
+    assert corner(1, 1) < corner(0, 0) < corner(0, 1) < corner(1, 0) == 3 * 255, "darker with a larger share"
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_encoder, digits_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("linear") / "eval"
+    result = runner.invoke(app, ["linear-eval", str(tiny_encoder), str(digits_folder), "--out", str(out),
+                                 "--json", *FAST])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), out
+
+
+def test_linear_eval_reports_accuracy_well_above_chance(evaluated):
+    results, out = evaluated
+    for key in ("top1", "top5", "knn_top1"):
+        assert 0 <= results[key] <= 1
+    assert results["top1"] > 0.6 and results["knn_top1"] > 0.6, "chance is 0.1"
+    assert results["top5"] >= results["top1"]
+    assert results["num_train"] + results["num_val"] == 1797
+    assert results["l2"] in L2_GRID
+    assert results["l2"] == max(results["l2_search"], key=lambda s: s["holdout_top1"])["l2"]
+    assert set(results["per_class"]) == {str(d) for d in range(10)}
+
+
+def test_linear_eval_files_agree_with_the_printed_results(evaluated):
+    results, out = evaluated
+    saved = json.loads((out / "linear_eval.json").read_text())
+    assert saved == {k: v for k, v in results.items() if k != "out"}
+    confusion = np.array(saved["confusion"])
+    assert confusion.sum() == saved["num_val"]
+    assert math.isclose(np.trace(confusion) / confusion.sum(), saved["top1"])
+    assert [figures["count"] for figures in saved["per_class"].values()] == confusion.sum(1).tolist()
+    assert Image.open(out / "confusion_matrix.png").format == "PNG"
+
+    # linear.safetensors applied to the cached raw features gives the reported accuracy
+    [cache] = out.glob("features-*.safetensors")
+    tensors = load_file(str(cache))
+    data = load_labelled(saved["config"]["data"]["train_dir"], seed=0)
+    _, _, val_x, val_y = split_features(data, tensors["features"], tensors["indices"])
+    linear = load_file(str(out / "linear.safetensors"))
+    predicted = (val_x @ linear["weight"].T + linear["bias"]).argmax(1)  # (N, D) x (D, C) -> (N, C)
+    assert math.isclose((predicted == val_y).double().mean().item(), saved["top1"], abs_tol=1 / len(val_y))
+
+
+def test_linear_probe_agrees_with_scikit_learn_on_the_same_features(evaluated):
+    from sklearn.linear_model import LogisticRegression
+
+    results, out = evaluated
+    [cache] = out.glob("features-*.safetensors")
+    tensors = load_file(str(cache))
+    data = load_labelled(results["config"]["data"]["train_dir"], seed=0)
+    train_x, train_y, val_x, val_y = (t.double().numpy() for t in split_features(data, tensors["features"],
+                                                                                  tensors["indices"]))
+    mean, std = train_x.mean(0), np.maximum(train_x.std(0, ddof=1), 1e-6)
+    reference = LogisticRegression(C=1 / (results["l2"] * len(train_y)), max_iter=5000)
+    reference.fit((train_x - mean) / std, train_y)
+    assert abs(reference.score((val_x - mean) / std, val_y) - results["top1"]) <= 0.005
+
+
+def test_a_second_evaluation_reuses_the_cached_features(evaluated, tiny_encoder, digits_folder):
+    results, out = evaluated
+    again = runner.invoke(app, ["linear-eval", str(tiny_encoder), str(digits_folder), "--out", str(out),
+                                "--l2", "0.01", *FAST])
+    assert again.exit_code == 0, again.output
+    assert "features read from the cache" in again.output
+    assert len(list(out.glob("features-*.safetensors"))) == 1
+    assert json.loads((out / "linear_eval.json").read_text())["l2"] == 0.01
+    assert "top-1" in again.output and "kNN" in again.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{encoder}", "{missing}"], "no such folder"),
+    (["{encoder}", "{one_class}"], "only one class ('a')"),
+    (["{encoder}", "{empty_class}"], "class 'b' has no readable images"),
+    (["{encoder}", "{flat}", "--labels", "{csv}"], "1 file(s) it names do not exist"),
+    (["{encoder}", "{two}", "--val-split", "1.5"], "--val-split 1.5 must be between 0 and 1"),
+    (["{encoder}", "{two}", "--val", "{two}", "--val-split", "0.3"], "--val and --val-split"),
+    (["{encoder}", "{two}", "--l2", "-1"], "--l2 -1.0 must be >= 0"),
+    (["{two}", "{two}"], "holds no encoder.safetensors"),
+    (["{encoder}", "{two}", "--batch-size", "lots"], "--batch-size"),
+])
+def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, tmp_path, args, message):
+    folders = {"one_class": {"a": 2}, "empty_class": {"a": 2, "b": 0}, "two": {"a": 2, "b": 2}}
+    for folder, counts in folders.items():
+        for name, count in counts.items():
+            (tmp_path / folder / name).mkdir(parents=True)
+            for index in range(count):
+                Image.new("RGB", (8, 8), (index * 50, 0, 0)).save(tmp_path / folder / name / f"{index}.png")
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
+    (tmp_path / "labels.csv").write_text("a.png,x\nb.png,y\n")
+    paths = {name: str(tmp_path / name) for name in ("missing", "flat", *folders)}
+    paths.update(encoder=str(tiny_encoder), csv=str(tmp_path / "labels.csv"))
+    result = runner.invoke(app, ["linear-eval", *[a.format(**paths) for a in args], *FAST])
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
