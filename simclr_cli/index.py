@@ -23,7 +23,7 @@ from simclr_cli.export import read_json, write_json
 INDEX_FORMAT = "simclr-index"
 DTYPES = ("float32", "float16")
 INDEX_ENV = "SIMCLR_INDEX"
-CHUNK_ROWS = 32768  # rows scored at a time: 64 MiB of float32 at 512 dims
+CHUNK_ROWS = 4096  # rows scored at a time: 8 MiB of float32 at 512 dims, small enough to stay in cache
 
 
 def manifest_path(index_path: str | Path) -> Path:
@@ -147,14 +147,14 @@ def top_k(rows: np.ndarray, queries: torch.Tensor, k: int, normalized: bool = Tr
     best_rows = torch.empty((0, num_queries), dtype=torch.long)
     buffer = torch.empty((min(chunk_rows, count), rows.shape[1]), dtype=torch.float32)
     for start in range(0, count, chunk_rows):
-        chunk = torch.from_numpy(np.ascontiguousarray(rows[start:start + chunk_rows]))
-        block = buffer[:chunk.shape[0]]
-        block.copy_(chunk)  # float16 -> float32 into a reused buffer
+        block = torch.from_numpy(np.ascontiguousarray(rows[start:start + chunk_rows]))  # (C, D)
+        if block.dtype != torch.float32:  # float16: converted into a reused buffer that stays in cache
+            block = buffer[:len(block)].copy_(block)
         scores = block @ queries_t  # (C, Q)
         if not normalized:
             scores /= block.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (C, 1)
         for j, row in enumerate(exclude or ()):
-            if row is not None and start <= row < start + chunk.shape[0]:
+            if row is not None and start <= row < start + len(block):
                 scores[row - start, j] = -float("inf")
         values, positions = scores.topk(min(k, scores.shape[0]), dim=0)  # (k', Q)
         merged = torch.cat([best_scores, values])  # (k + k', Q)

@@ -1,0 +1,148 @@
+"""Search latency of `simclr similar` against plain numpy, and the memory-read floor, on random indexes.
+
+For each size and dtype it writes a random unit-row index (rows x dim) and times, page cache warm, best
+of --repeats, one query:
+  floor      reading every byte of the index once (an int64 sum over it, in chunks)
+  simclr     index.top_k: chunked exact cosine top-k over the memory-mapped rows
+  numpy      the plain way: `scores = rows @ query`, then argpartition and a sort of the top k
+and prints the ratios. With --end-to-end it also times the whole command, `simclr similar QUERY --index
+BIG.npy` in a fresh process (start-up, model load and hash check, manifest, query embedding, search,
+output) on the largest index, with a resnet18 encoder at --image-size.
+
+    .venv/bin/python benchmarks/bench_similar.py                       # 100k rows, float16 and float32
+    .venv/bin/python benchmarks/bench_similar.py --rows 100000 1000000 --end-to-end
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.lib import format as npy_format
+
+from simclr_cli.index import INDEX_FORMAT, manifest_path, open_index, sha256_file, top_k
+
+
+def best_of(repeats: int, function) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def write_index(path: Path, rows: int, dim: int, dtype: str, model: Path, seed: int = 0) -> None:
+    """Random unit rows, written in chunks (bounded memory), and a manifest naming `model`."""
+    generator = np.random.default_rng(seed)
+    array = npy_format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, dim))
+    for start in range(0, rows, 65536):
+        block = generator.standard_normal((min(65536, rows - start), dim), dtype=np.float32)
+        array[start:start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    array.flush()
+    del array
+    manifest = {"format": INDEX_FORMAT, "paths": [f"/photos/{i:07d}.jpg" for i in range(rows)], "model": str(model),
+                "model_sha256": sha256_file(model), "preprocessing": {}, "dim": dim, "dtype": dtype,
+                "normalized": True}
+    manifest_path(path).write_text(json.dumps(manifest))
+
+
+def read_floor(rows: np.ndarray, chunk: int = 65536) -> None:
+    as_words = rows.reshape(len(rows), -1).view(np.int64)
+    for start in range(0, len(rows), chunk):
+        torch.from_numpy(as_words[start:start + chunk]).sum()
+
+
+def numpy_search(rows: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
+    scores = rows @ query  # (N,)
+    top = np.argpartition(-scores, k)[:k]
+    return top[np.argsort(-scores[top])]
+
+
+def make_encoder(folder: Path, image_size: int) -> tuple[Path, Path]:
+    """An untrained resnet18 encoder file and one query JPEG (the weights do not change the timing)."""
+    from PIL import Image
+
+    from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD
+    from simclr_cli.export import EncoderInfo, save_encoder
+    from simclr_cli.models import build_backbone
+
+    backbone = build_backbone("resnet18", "imagenet")
+    info = EncoderInfo("resnet18", "imagenet", backbone.feature_dim, image_size, IMAGENET_MEAN, IMAGENET_STD, "bench",
+                       {})
+    save_encoder(folder / "encoder.safetensors", backbone, info)
+    pixels = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / "query.jpg", quality=90)
+    return folder / "encoder.safetensors", folder / "query.jpg"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000], help="index sizes")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "float32"])
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--end-to-end", action="store_true", help="also time `simclr similar` on the largest index")
+    parser.add_argument("--image-size", type=int, default=224, help="encoder input size for --end-to-end")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write the indexes (default: a temp dir)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch "
+          f"{torch.__version__} with {torch.get_num_threads()} threads; one query, k={args.k}, best of "
+          f"{args.repeats}, page cache warm")
+    print(f"{'rows':>9} {'dtype':>8} {'MiB':>6} {'floor ms':>9} {'simclr ms':>10} {'numpy ms':>9} "
+          f"{'simclr/floor':>13} {'numpy/simclr':>13}")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        folder = Path(tmp)
+        model, query_image = make_encoder(folder, args.image_size)
+        query = np.random.default_rng(1).standard_normal(args.dim).astype(np.float32)
+        query /= np.linalg.norm(query)
+        largest = None
+        for count in args.rows:
+            for dtype in args.dtypes:
+                path = folder / f"index_{count}_{dtype}.npy"
+                write_index(path, count, args.dim, dtype, model)
+                rows, _ = open_index(path)
+                read_floor(rows)  # warm the page cache
+                floor = best_of(args.repeats, lambda: read_floor(rows))
+                ours = best_of(args.repeats, lambda: top_k(rows, torch.from_numpy(query)[None], args.k))
+                plain = best_of(args.repeats, lambda: numpy_search(rows, query, args.k))
+                _, found = top_k(rows, torch.from_numpy(query)[None], args.k)
+                assert found[0].tolist() == numpy_search(rows, query, args.k).tolist(), "results differ from numpy"
+                print(f"{count:>9,} {dtype:>8} {rows.nbytes / 2**20:>6.0f} {floor * 1e3:>9.1f} {ours * 1e3:>10.1f} "
+                      f"{plain * 1e3:>9.1f} {ours / floor:>12.2f}x {plain / ours:>12.2f}x")
+                del rows
+                if largest is not None and largest != path:
+                    largest.unlink()
+                    manifest_path(largest).unlink()
+                largest = path
+        if args.end_to_end and largest is not None:
+            simclr = Path(sys.executable).with_name("simclr")
+            command = [str(simclr), "similar", str(query_image), "--index", str(largest), "-k", str(args.k)]
+            walls, env = [], {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                subprocess.run(command, check=True, capture_output=True, env=env)
+                walls.append(time.perf_counter() - start)
+            startup = best_of(args.repeats, lambda: subprocess.run([str(simclr), "--version"], check=True,
+                                                                   capture_output=True, env=env))
+            print(f"end to end: `simclr similar` on {largest.name} ({args.image_size} px resnet18): best "
+                  f"{min(walls):.2f} s, worst {max(walls):.2f} s (target < 3 s); `simclr --version` alone "
+                  f"{startup:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
