@@ -195,16 +195,161 @@ def _not_built(name: str, issue: str) -> None:
     raise typer.Exit(1)
 
 
+def _labelled_data(train: Path, labels: Optional[Path], val: Optional[Path], val_split: Optional[float]) -> Any:
+    from simclr_cli.config import LabelledDataConfig
+
+    return LabelledDataConfig(train_dir=str(train), labels_csv=str(labels) if labels else None,
+                              val_dir=str(val) if val else None, val_split=val_split)
+
+
+def _print_accuracy(results: dict[str, Any], title: str) -> None:
+    """The headline numbers, then accuracy per class, as rich tables."""
+    from rich.table import Table
+
+    summary = Table(title=title, title_justify="left")
+    summary.add_column("metric")
+    summary.add_column("validation", justify="right")
+    summary.add_row("top-1", f"{results['top1']:.2%}")
+    summary.add_row(f"top-{min(5, len(results['classes']))}", f"{results['top5']:.2%}")
+    for k, value in results["knn"].items():
+        if k.startswith("k"):
+            summary.add_row(f"kNN top-1 ({k[1:]} neighbours)", f"{value:.2%}")
+    console.print(summary)
+    per_class = Table(title="per class", title_justify="left")
+    for column in ("class", "images", "top-1"):
+        per_class.add_column(column, justify="left" if column == "class" else "right")
+    for name, figures in results["per_class"].items():
+        accuracy = "-" if figures["accuracy"] is None else f"{figures['accuracy']:.2%}"
+        per_class.add_row(name, str(figures["count"]), accuracy)
+    console.print(per_class)
+
+
+ValOpt = Annotated[Optional[Path], typer.Option(
+    "--val", help="Validation folder, one subfolder per class. Default: --val-split of TRAIN.", show_default=False)]
+ValSplitOpt = Annotated[Optional[float], typer.Option(
+    help="Fraction of each class of TRAIN held out for validation, seeded (default 0.2 without --val).",
+    show_default=False)]
+LabelsOpt = Annotated[Optional[Path], typer.Option(
+    "--labels", help="CSV of path,label rows (paths relative to TRAIN) instead of class subfolders.",
+    show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as one JSON object, for scripts.")]
+
+
 @app.command("linear-eval")
-def linear_eval() -> None:
-    """Measure an encoder with a frozen linear probe and kNN on labelled images (not built yet)."""
-    _not_built("linear-eval", "linear evaluation")
+@_fail_cleanly
+def linear_eval(
+    model: Annotated[Path, typer.Argument(
+        metavar="MODEL", help="encoder.safetensors, or a run folder that holds one.", show_default=False)],
+    train: Annotated[Path, typer.Argument(
+        metavar="TRAIN", help="Labelled images: one subfolder per class (or any folder with --labels).",
+        show_default=False)],
+    val: ValOpt = None,
+    val_split: ValSplitOpt = None,
+    labels: LabelsOpt = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Folder for the results and the feature cache. Default: runs/linear-eval-<timestamp>.",
+        show_default=False)] = None,
+    l2: Annotated[Optional[float], typer.Option(
+        help="L2 strength of the probe. Default: chosen on 20% of TRAIN from 1e-6 to 1.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass when computing features.")] = 256,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = None,
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure a frozen encoder: a linear probe and weighted kNN on labelled images."""
+    import json
+
+    from simclr_cli.config import LinearEvalConfig
+    from simclr_cli.evaluate import linear_eval as run_linear_eval
+
+    config = LinearEvalConfig(
+        model=str(model), data=_labelled_data(train, labels, val, val_split),
+        out_dir=str(out or default_run_dir("linear-eval")), l2=l2, batch_size=batch_size,
+        runtime=RuntimeConfig(device=device, precision=precision, workers=workers, seed=seed))
+    with Reporter(quiet=quiet or as_json) as reporter:
+        result = run_linear_eval(config, reporter)
+    if as_json:
+        typer.echo(json.dumps({**result.results, "out": str(result.out_dir)}, indent=2))
+        return
+    _print_accuracy(result.results, f"linear evaluation of {result.results['model']} (L2 {result.results['l2']:g})")
+    console.print(f"results in {result.out_dir} (linear_eval.json, linear.safetensors, confusion_matrix.png)")
+
+
+class _FinetuneReporter(Reporter):
+    def on_start(self, **fields: Any) -> None:
+        super().on_start(**fields)
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, description="finetune")
 
 
 @app.command()
-def finetune() -> None:
-    """Fine-tune an encoder and a linear head on (a fraction of) labelled images (not built yet)."""
-    _not_built("finetune", "fine-tuning")
+@_fail_cleanly
+def finetune(
+    model: Annotated[Optional[Path], typer.Argument(
+        metavar="MODEL", help="encoder.safetensors, or a run folder that holds one (optional with --resume).",
+        show_default=False)] = None,
+    train: Annotated[Optional[Path], typer.Argument(
+        metavar="TRAIN", help="Labelled images: one subfolder per class (or any folder with --labels).",
+        show_default=False)] = None,
+    val: ValOpt = None,
+    val_split: ValSplitOpt = None,
+    labels: LabelsOpt = None,
+    label_fraction: Annotated[float, typer.Option(
+        help="Train on a class-balanced, seeded subset of TRAIN: 0.01 and 0.1 as in the papers.")] = 1.0,
+    from_head_layer: Annotated[int, typer.Option(
+        help="1: start from the first projection-head layer (SimCLRv2); needs head.safetensors beside MODEL.")] = 0,
+    epochs: Annotated[int, typer.Option(help="Passes over the (subset of the) training images.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 256,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Peak learning rate (SGD, Nesterov momentum 0.9, cosine decay). Default: 0.05 x batch/256.",
+        show_default=False)] = None,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay; never on biases and BatchNorm.")] = 0.0,
+    crop_min_scale: Annotated[float, typer.Option(help="Smallest random crop, as a fraction of the image.")] = 0.08,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Run folder. Default: runs/finetune-<timestamp>.", show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Continue the run in this folder from its checkpoint, with its saved settings.",
+        show_default=False)] = None,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = None,
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune an encoder and a new linear head end to end on (a fraction of) labelled images."""
+    import json
+
+    from simclr_cli.config import FinetuneConfig
+    from simclr_cli.finetune import finetune as run_finetune, resume_finetune
+
+    with _FinetuneReporter(quiet=quiet or as_json) as reporter:
+        if resume is not None:
+            result = resume_finetune(resume, reporter, device=None if device == "auto" else device, workers=workers)
+        else:
+            if model is None or train is None:
+                raise typer.BadParameter("give MODEL and TRAIN (or --resume RUN_DIR)", param_hint="MODEL TRAIN")
+            config = FinetuneConfig(
+                model=str(model), data=_labelled_data(train, labels, val, val_split),
+                out_dir=str(out or default_run_dir("finetune")), label_fraction=label_fraction,
+                from_head_layer=from_head_layer, epochs=epochs, batch_size=batch_size, lr=lr,
+                weight_decay=weight_decay, crop_min_scale=crop_min_scale,
+                runtime=RuntimeConfig(device=device, precision=precision, workers=workers, seed=seed))
+            result = run_finetune(config, reporter)
+    if result.interrupted:
+        err_console.print(f"interrupted at epoch {result.state.epoch + 1}; checkpoint saved. Continue with: "
+                          f"simclr finetune --resume {result.run_dir}")
+        raise typer.Exit(130)
+    if as_json:
+        typer.echo(json.dumps({**result.results, "out": str(result.run_dir)}, indent=2))
+        return
+    _print_accuracy(result.results, f"fine-tuned model, best epoch {result.results['best_epoch']} of "
+                                    f"{result.results['epochs']}")
+    console.print(f"model saved to {result.model_path}; results in {result.run_dir} (finetune.json, "
+                  f"metrics.jsonl, confusion_matrix.png)")
 
 
 class _EmbedReporter(Reporter):

@@ -1,0 +1,397 @@
+"""Fine-tuning: the encoder and a new linear head trained end to end on labelled images, keeping the
+best validation epoch; resumable and interrupt-safe like pretraining."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torchvision import transforms as T
+
+from simclr_cli import __version__
+from simclr_cli.config import FinetuneConfig, replace
+from simclr_cli.data import ImageDataset, Skipped, epoch_order, make_loader
+from simclr_cli.errors import ConfigError, ModelFileError
+from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_confusion, knn_report, report_data,
+                                 split_features)
+from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, EncoderInfo, load_checkpoint, load_encoder,
+                               load_optimizer, read_json, read_metadata, resolve_model_path, save_checkpoint,
+                               save_tensors, write_json)
+from simclr_cli.features import compute_features, preprocessing
+from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, load_labelled
+from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
+from simclr_cli.runtime import (default_workers, resolve_device, resolve_precision, rng_state, seed_everything,
+                                set_rng_state)
+from simclr_cli.train import Report, TrainingDiverged, _StopFlag, silent
+
+FINETUNED_FILE = "finetuned.safetensors"
+FINETUNED_FORMAT = "simclr-finetuned"
+RESULTS_FILE = "finetune.json"
+SPLIT_FILE = "split.json"
+
+
+def finetune_augmentation(info: EncoderInfo, crop_min_scale: float = 0.08) -> T.Compose:
+    """Random resized crop and horizontal flip only, as SimCLR fine-tunes (arXiv 2002.05709, B.6)."""
+    return T.Compose([
+        T.RandomResizedCrop(info.image_size, scale=(crop_min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC,
+                            antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(info.mean, info.std),
+    ])
+
+
+def first_head_layer(model_path: Path) -> nn.Module:
+    """The first Linear-BN-ReLU layer of the projection head saved beside the encoder (SimCLRv2, arXiv
+    2006.10029, section 2: fine-tuning from the middle of a 3-layer head beats fine-tuning from h)."""
+    head_path = model_path.parent / HEAD_FILE
+    if not head_path.is_file():
+        raise ConfigError(f"--from-head-layer 1: no {HEAD_FILE} beside {model_path}; pass the run folder of "
+                          f"`simclr pretrain` (it writes one), or use --from-head-layer 0")
+    if read_metadata(head_path, "projection head").get("format") != "simclr-head":
+        raise ModelFileError(f"{head_path}: not a simclr projection head; pass the run folder of `simclr pretrain`")
+    tensors = load_file(str(head_path))
+    if "layers.0.weight" not in tensors or "layers.1.running_mean" not in tensors:
+        raise ModelFileError(f"{head_path}: the head has no Linear-BN first layer; use --from-head-layer 0")
+    hidden, width = tensors["layers.0.weight"].shape
+    layer = nn.Sequential(OrderedDict(layers=nn.Sequential(
+        nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True))))
+    layer.load_state_dict({k: v for k, v in tensors.items() if k.startswith(("layers.0.", "layers.1."))})
+    layer.out_dim = hidden
+    return layer
+
+
+class Classifier(nn.Module):
+    """The encoder f, optionally the first projection-head layer, and a new linear classifier."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, head: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.classifier = nn.Linear(head.out_dim if head is not None else backbone.feature_dim, num_classes)
+        nn.init.zeros_(self.classifier.weight)  # as SimCLR's code does: every class starts equally likely
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(images)  # (N, D)
+        if self.head is not None:
+            features = self.head(features)  # (N, hidden)
+        return self.classifier(features)  # (N, C)
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Backbone keys as torchvision names them, then head.* and classifier.*."""
+        tensors = dict(self.backbone.state_dict())
+        if self.head is not None:
+            tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        tensors.update({f"classifier.{k}": v for k, v in self.classifier.state_dict().items()})
+        return tensors
+
+    def load_export(self, tensors: dict[str, torch.Tensor]) -> None:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.backbone.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("head.", "classifier."))})
+        if self.head is not None:
+            self.head.load_state_dict(part("head."))
+        self.classifier.load_state_dict(part("classifier."))
+
+
+@dataclass
+class FinetuneState:
+    """Where the loop is; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    step_in_epoch: int = 0
+    elapsed: float = 0.0
+    best_top1: float = -1.0
+    best_epoch: int = 0
+    loss_sum: float = 0.0  # the current epoch's running sums, kept across an interrupt
+    correct: int = 0
+    seen: int = 0
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    model_path: Path | None
+    state: FinetuneState
+    results: dict[str, Any] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+    interrupted: bool = False
+
+
+class FinetuneRun:
+    """One fine-tuning run in one folder: built fresh, or from its checkpoint when resuming."""
+
+    def __init__(self, config: FinetuneConfig, report: Report = silent, resume: bool = False):
+        self.config, self.report = config, report
+        self.run_dir = Path(config.out_dir)
+        self._check_run_dir(resume)
+        self.device = resolve_device(config.runtime.device)
+        self.precision = resolve_precision(config.runtime.precision, self.device)
+        self.workers = config.runtime.workers if config.runtime.workers is not None else default_workers()
+        seed_everything(config.runtime.seed)
+        self.model_path = resolve_model_path(config.model)
+        backbone, self.info = load_encoder(self.model_path)
+        head = first_head_layer(self.model_path) if config.from_head_layer else None
+        self.data = self._read_split() if resume else self._load_data()
+        self.skipped: dict[str, Skipped] = {s.path: s for s in self.data.skipped}
+        train = self.data.train
+        self.batch_size = min(config.batch_size, len(train))
+        self.steps_per_epoch = max(1, len(train) // self.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.model = Classifier(backbone, len(self.data.classes), head).to(self.device)
+        self.optimizer = build_optimizer("sgd", self.model, config.resolved_lr, config.weight_decay)
+        self.scaler = self.precision.grad_scaler()
+        self.train_set = ImageDataset(train.paths, finetune_augmentation(self.info, config.crop_min_scale),
+                                      train.labels, min_side=self.info.image_size, seed=config.runtime.seed)
+        self.val_set = ImageDataset(self.data.val.paths, preprocessing(self.info), self.data.val.labels,
+                                    min_side=self.info.image_size)
+        self.state = FinetuneState()
+        if resume:
+            self._restore()
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "config.json", config.to_json())
+            (self.run_dir / "metrics.jsonl").write_text("")
+        report("message", text=f"fine-tuning {self.info.arch} from {self.model_path} on {len(train)} labelled "
+                               f"images ({len(self.data.classes)} classes), {len(self.data.val)} for validation; "
+                               f"{self.device} ({self.precision.name}), batch {self.batch_size}, "
+                               f"lr {config.resolved_lr:g}")
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _check_run_dir(self, resume: bool) -> None:
+        checkpoint = self.run_dir / CHECKPOINT_FILE
+        if resume and not checkpoint.is_file():
+            raise ConfigError(f"--resume {self.run_dir}: no {CHECKPOINT_FILE} there; pass the folder of a run "
+                              f"that `simclr finetune` started")
+        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
+            hint = f"resume it with --resume {self.run_dir}" if checkpoint.is_file() else "choose an empty folder"
+            raise ConfigError(f"--out {self.run_dir} already holds files; {hint}, or pass another --out")
+
+    def _load_data(self) -> LabelledData:
+        """The labelled images, the training set cut to --label-fraction; saved to split.json."""
+        config, d = self.config, self.config.data
+        data = load_labelled(d.train_dir, d.labels_csv, d.val_dir, d.val_split, config.runtime.seed)
+        if config.label_fraction < 1:
+            total = len(data.train)
+            data.train = data.train.subset(balanced_subset(data.train.labels, config.label_fraction,
+                                                           config.runtime.seed))
+            self.report("message", text=f"--label-fraction {config.label_fraction:g}: {len(data.train)} of "
+                                        f"{total} training images, class-balanced")
+        report_data(data, self.report)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.run_dir / SPLIT_FILE, {"classes": data.classes, "train": data.train.to_json(),
+                                               "val": data.val.to_json(),
+                                               "skipped": [s.to_json() for s in data.skipped]})
+        return data
+
+    def _read_split(self) -> LabelledData:
+        split = read_json(self.run_dir / SPLIT_FILE, "list of training and validation images")
+        return LabelledData(split["classes"], LabelledSet.from_json(split["train"]),
+                            LabelledSet.from_json(split["val"]), [Skipped(**s) for s in split["skipped"]])
+
+    def _restore(self) -> None:
+        checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_FILE)
+        self.model.load_state_dict(checkpoint.module_state("model"))
+        load_optimizer(self.optimizer, checkpoint.tensors, checkpoint.optimizer)
+        set_rng_state(checkpoint.rng_tensors(), checkpoint.rng)
+        self.state = FinetuneState(**checkpoint.progress["state"])
+        self.skipped.update({s["path"]: Skipped(**s) for s in checkpoint.progress.get("skipped", [])})
+        log = self.run_dir / "metrics.jsonl"
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.write_text("".join(line + "\n" for line in lines if json.loads(line)["epoch"] <= self.state.epoch))
+        self.report("message", text=f"resuming {self.run_dir} at epoch {self.state.epoch + 1}, step {self.state.step}")
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def train_one_epoch(self, stop: _StopFlag, clock) -> None:
+        """Train until the epoch ends or a stop is requested; running sums go to the state."""
+        config, state, device = self.config, self.state, self.device
+        self.model.train()
+        self.train_set.epoch = state.epoch
+        order = epoch_order(len(self.train_set), config.runtime.seed, state.epoch)
+        start = state.step_in_epoch * self.batch_size
+        loader = make_loader(self.train_set, self.batch_size, order[start:], self.workers, drop_last=True,
+                             pin_memory=device.type == "cuda")
+        last = clock()
+        for batch in loader:
+            self._note_skipped(batch.skipped)
+            if batch.samples is None or len(batch) < 2:  # BatchNorm needs two images
+                continue
+            lr = config.resolved_lr * warmup_cosine(state.step / self.total_steps, 0.0)
+            set_lr(self.optimizer, lr)
+            images = batch.samples.to(device, non_blocking=True)
+            labels = batch.labels.to(device, non_blocking=True)
+            with self.precision.autocast():
+                logits = self.model(images)  # (N, C)
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"the loss became {value} at step {state.step + 1}; lower --lr and run "
+                                       f"again (or --resume {self.run_dir} from the last epoch's checkpoint)")
+            now = clock()
+            state.step += 1
+            state.step_in_epoch += 1
+            state.elapsed = now
+            state.loss_sum += value * len(batch)
+            state.correct += (logits.argmax(1) == labels).sum().item()
+            state.seen += len(batch)
+            self.report("step", step=state.step, epoch=state.epoch + 1, lr=lr, loss=value,
+                        images_per_s=len(batch) / max(now - last, 1e-9), total_steps=self.total_steps,
+                        progress=state.step / self.total_steps)
+            last = now
+            if stop.signal is not None:
+                break
+
+    @torch.inference_mode()
+    def predict(self, dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, C), labels (N,)) of the readable images of a dataset, in eval mode."""
+        self.model.eval()
+        logits, labels = [], []
+        loader = make_loader(dataset, self.config.batch_size, None, self.workers,
+                             pin_memory=self.device.type == "cuda")
+        for batch in loader:
+            self._note_skipped(batch.skipped)
+            if batch.samples is None:
+                continue
+            with self.precision.autocast():
+                logits.append(self.model(batch.samples.to(self.device)).float().cpu())  # (n, C)
+            labels.append(batch.labels)
+        if not logits:
+            return torch.zeros(0, len(self.data.classes)), torch.zeros(0, dtype=torch.long)
+        return torch.cat(logits), torch.cat(labels)  # (N, C), (N,)
+
+    def end_epoch(self) -> None:
+        """Validate, log, keep the model if it is the best so far, and reset the running sums."""
+        state = self.state
+        state.epoch += 1
+        state.step_in_epoch = 0
+        logits, labels = self.predict(self.val_set)
+        top1 = (logits.argmax(1) == labels).double().mean().item() if len(labels) else 0.0
+        record = {"epoch": state.epoch, "step": state.step, "loss": state.loss_sum / max(state.seen, 1),
+                  "train_top1": state.correct / max(state.seen, 1), "val_top1": top1,
+                  "val_loss": nn.functional.cross_entropy(logits, labels).item() if len(labels) else None,
+                  "time": round(state.elapsed, 3)}
+        with open(self.run_dir / "metrics.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+        best = top1 > state.best_top1
+        if best:
+            state.best_top1, state.best_epoch = top1, state.epoch
+            self.export()
+        state.loss_sum, state.correct, state.seen = 0.0, 0, 0
+        self.report("message", text=f"epoch {state.epoch}/{self.config.epochs}: loss {record['loss']:.4f}, "
+                                    f"train top-1 {record['train_top1']:.1%}, val top-1 {top1:.1%}"
+                                    + (" (best so far, saved)" if best else ""))
+
+    def _note_skipped(self, skipped: list[Skipped]) -> None:
+        for item in skipped:
+            if item.path not in self.skipped:
+                self.skipped[item.path] = item
+                self.report("warning", text=f"skipped {item.path}: {item.reason}")
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        progress = {"state": asdict(self.state), "skipped": [s.to_json() for s in self.skipped.values()]}
+        save_checkpoint(self.run_dir / CHECKPOINT_FILE, {"model": self.model}, self.optimizer, rng_state(), progress)
+
+    def export(self) -> Path:
+        """Write finetuned.safetensors: an encoder file (simclr embed reads it) with head and classifier."""
+        info = self.info
+        resize = info.image_size if info.image_size <= 64 else round(info.image_size / 0.875)
+        metadata = {
+            **info.to_metadata(), "format": FINETUNED_FORMAT, "classes": json.dumps(self.data.classes),
+            "num_classes": str(len(self.data.classes)), "from_head_layer": str(self.config.from_head_layer),
+            "preprocessing": json.dumps({"resize": resize, "center_crop": info.image_size,
+                                         "interpolation": "bicubic", "mean": list(info.mean),
+                                         "std": list(info.std)}),
+            "best_epoch": str(self.state.best_epoch), "val_top1": str(self.state.best_top1),
+            "finetune_config": json.dumps(self.config.to_json()), "simclr_version": __version__,
+        }
+        path = self.run_dir / FINETUNED_FILE
+        save_tensors(path, self.model.export_tensors(), metadata)
+        return path
+
+    def final_report(self) -> dict[str, Any]:
+        """The best epoch's model on the validation set: linear-eval's report, kNN on its encoder."""
+        self.model.load_export(load_file(str(self.run_dir / FINETUNED_FILE)))
+        logits, labels = self.predict(self.val_set)
+        results = classification_report(logits, labels, self.data.classes)
+        self.report("message", text="kNN on the fine-tuned encoder's features")
+        paths = self.data.train.paths + self.data.val.paths
+        features, kept, skipped = compute_features(self.model.backbone, self.info, paths, self.device,
+                                                   self.precision, self.batch_size, self.workers)
+        self._note_skipped(skipped)
+        results.update(knn_report(*split_features(self.data, features, kept), len(self.data.classes)))
+        results.update({
+            "best_epoch": self.state.best_epoch, "epochs": self.config.epochs, "num_train": len(self.data.train),
+            "num_val": len(labels), "label_fraction": self.config.label_fraction, "classes": self.data.classes,
+            "model": str(self.run_dir / FINETUNED_FILE), "pretrained": str(self.model_path),
+            "skipped": [s.to_json() for s in self.skipped.values()], "config": self.config.to_json(),
+        })
+        draw_confusion(self.run_dir / CONFUSION_FILE, results["confusion"], self.data.classes)
+        write_json(self.run_dir / RESULTS_FILE, results)
+        return results
+
+    def run(self) -> FinetuneResult:
+        """Train to the last epoch, validating and checkpointing after each; report on the best epoch."""
+        state, offset, session_start = self.state, self.state.elapsed, time.monotonic()
+
+        def clock() -> float:  # seconds of training over all sessions of this run
+            return offset + time.monotonic() - session_start
+
+        self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs)
+        interrupted = False
+        with _StopFlag() as stop:
+            while state.epoch < self.config.epochs:
+                self.train_one_epoch(stop, clock)
+                if state.step_in_epoch >= self.steps_per_epoch:
+                    self.end_epoch()
+                interrupted = stop.signal is not None and state.epoch < self.config.epochs
+                self.save_checkpoint()
+                if interrupted:
+                    break
+        self.report("done")
+        if interrupted:
+            return FinetuneResult(self.run_dir, None, state, skipped=list(self.skipped.values()), interrupted=True)
+        results = self.final_report()
+        return FinetuneResult(self.run_dir, self.run_dir / FINETUNED_FILE, state, results,
+                              list(self.skipped.values()))
+
+
+def finetune(config: FinetuneConfig, report: Report = silent) -> FinetuneResult:
+    """Fine-tune a new run in config.out_dir."""
+    return FinetuneRun(config.validate(), report).run()
+
+
+def resume_finetune(run_dir: str | Path, report: Report = silent, device: str | None = None,
+                    workers: int | None = None) -> FinetuneResult:
+    """Continue the fine-tuning run in `run_dir` from its checkpoint, with its saved configuration."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.json there; pass the folder of a run that "
+                          f"`simclr finetune` started")
+    config = FinetuneConfig.from_json(read_json(run_dir / "config.json", "run configuration"))
+    runtime = replace(config.runtime, device=device or config.runtime.device,
+                      workers=workers if workers is not None else config.runtime.workers)
+    config = replace(config, out_dir=str(run_dir), runtime=runtime)
+    return FinetuneRun(config.validate(), report, resume=True).run()

@@ -1,0 +1,147 @@
+"""finetune end to end on the digits: accuracy, exported model and report, label-fraction subsets, the
+SimCLRv2 head layer, interrupt and resume, `simclr embed` of a fine-tuned model, user errors."""
+
+import json
+import math
+import os
+import shutil
+import signal
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from simclr_cli.cli import app
+from simclr_cli.config import FinetuneConfig, LabelledDataConfig, RuntimeConfig
+from simclr_cli.export import load_encoder, read_metadata
+from simclr_cli.features import compute_features
+from simclr_cli.finetune import finetune, resume_finetune
+from simclr_cli.runtime import resolve_precision
+
+runner = CliRunner()
+FAST = ["--device", "cpu", "--workers", "0"]
+SHORT = ["--epochs", "2", "--batch-size", "16", "--lr", "0.01", "--crop-min-scale", "0.5", *FAST]
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_encoder, digits_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finetune") / "run"
+    result = runner.invoke(app, ["finetune", str(tiny_encoder), str(digits_folder), "--label-fraction", "0.2",
+                                 "--out", str(out), "--json", *SHORT])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), out
+
+
+def test_finetune_learns_and_keeps_the_best_epoch(finetuned):
+    results, out = finetuned
+    assert {"top1", "top5", "knn_top1", "per_class"} <= set(results)
+    assert all(0 <= results[key] <= 1 for key in ("top1", "top5", "knn_top1"))
+    assert results["top1"] > 0.35 and results["knn_top1"] > 0.5, "chance is 0.1"
+    log = records(out)
+    assert [r["epoch"] for r in log] == [1, 2]
+    best = max(log, key=lambda r: r["val_top1"])
+    assert results["best_epoch"] == best["epoch"] and math.isclose(results["top1"], best["val_top1"])
+
+
+def test_label_fraction_draws_a_balanced_subset(finetuned):
+    results, out = finetuned
+    split = json.loads((out / "split.json").read_text())
+    counts = Counter(label for _, label in split["train"])
+    assert set(counts.values()) == {round(0.2 * 1438 / 10)} and len(counts) == 10
+    assert results["num_train"] == len(split["train"]) and results["num_val"] == len(split["val"]) == 359
+    assert not {path for path, _ in split["train"]} & {path for path, _ in split["val"]}
+
+
+def test_finetuned_model_file_and_report_are_consistent(finetuned, digits_folder, tmp_path):
+    results, out = finetuned
+    assert json.loads((out / "finetune.json").read_text()) == {k: v for k, v in results.items() if k != "out"}
+    assert (out / "confusion_matrix.png").is_file()
+    meta = read_metadata(out / "finetuned.safetensors", "model")
+    assert meta["format"] == "simclr-finetuned" and json.loads(meta["classes"]) == [str(d) for d in range(10)]
+    assert json.loads(meta["preprocessing"])["center_crop"] == 32 and int(meta["best_epoch"]) == results["best_epoch"]
+    tensors = load_file(str(out / "finetuned.safetensors"))
+    assert tensors["classifier.weight"].shape == (10, 512) and "conv1.weight" in tensors
+
+    # the exported encoder and classifier reproduce the reported accuracy
+    backbone, info = load_encoder(out)  # a run folder: finetuned.safetensors first
+    split = json.loads((out / "split.json").read_text())
+    paths, labels = [p for p, _ in split["val"]], torch.tensor([label for _, label in split["val"]])
+    features, kept, _ = compute_features(backbone, info, paths, torch.device("cpu"),
+                                         resolve_precision("fp32", torch.device("cpu")), workers=0)
+    logits = features @ tensors["classifier.weight"].T + tensors["classifier.bias"]  # (N, D) x (D, C)
+    assert math.isclose((logits.argmax(1) == labels[kept]).double().mean().item(), results["top1"], abs_tol=1e-9)
+
+    # `simclr embed` takes the fine-tuned model and embeds with its encoder
+    embedded = runner.invoke(app, ["embed", str(out / "finetuned.safetensors"), str(digits_folder / "3"),
+                                   str(tmp_path / "threes.npy"), "--no-normalize", *FAST])
+    assert embedded.exit_code == 0, embedded.output
+    rows = np.load(tmp_path / "threes.npy", allow_pickle=False)
+    assert rows.shape == (len(list((digits_folder / "3").iterdir())), 512)
+
+
+def _config(data, model, out, **changes):
+    settings = dict(model=str(model), data=LabelledDataConfig(str(data)), out_dir=str(out), epochs=2,
+                    batch_size=16, lr=0.01, runtime=RuntimeConfig(device="cpu", workers=0, seed=1))
+    return FinetuneConfig(**{**settings, **changes})
+
+
+def test_interrupted_finetune_resumes_to_the_same_model(tiny_encoder, small_digits_folder, tmp_path):
+    straight = finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "straight"))
+
+    def interrupt_at_step_12(kind, **fields):  # a Ctrl-C in the second epoch (10 steps each)
+        if kind == "step" and fields["step"] == 12:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "stopped"), interrupt_at_step_12)
+    assert stopped.interrupted and stopped.state.step == 12 and stopped.state.step_in_epoch == 2
+    assert len(records(tmp_path / "stopped")) == 1
+
+    cli = runner.invoke(app, ["finetune", "--resume", str(tmp_path / "stopped"), "--workers", "0"])
+    assert cli.exit_code == 0, cli.output
+    assert "resuming" in cli.output
+    untimed = [{k: v for k, v in r.items() if k != "time"} for r in records(tmp_path / "straight")]
+    assert untimed == [{k: v for k, v in r.items() if k != "time"} for r in records(tmp_path / "stopped")]
+    a = load_file(str(tmp_path / "straight" / "finetuned.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "finetuned.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resume_finetune(tmp_path / "stopped").results["top1"] == straight.results["top1"]
+
+
+def test_from_head_layer_fine_tunes_through_the_first_head_layer(tiny_encoder, small_digits_folder, tmp_path):
+    result = finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "v2", epochs=1, from_head_layer=1))
+    tensors = load_file(str(result.model_path))
+    head = load_file(str(tiny_encoder / "head.safetensors"))
+    assert tensors["head.layers.0.weight"].shape == head["layers.0.weight"].shape
+    assert not torch.equal(tensors["head.layers.0.weight"], head["layers.0.weight"]), "trained end to end"
+    assert tensors["classifier.weight"].shape == (10, head["layers.0.weight"].shape[0])
+    assert "head.layers.3.weight" not in tensors, "only the first layer is kept"
+    load_encoder(result.model_path)  # still an encoder file for embed
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{encoder}", "{digits}", "--label-fraction", "0"], "--label-fraction 0.0 must be in (0, 1]"),
+    (["{encoder}", "{digits}", "--from-head-layer", "2"], "--from-head-layer 2 must be 0"),
+    (["{bare}", "{digits}", "--from-head-layer", "1"], "no head.safetensors beside"),
+    (["{encoder}", "{digits}", "--epochs", "0"], "--epochs 0 must be at least 1"),
+    (["{encoder}", "{digits}", "--out", "{encoder}"], "already holds files"),
+    (["{encoder}", "{missing}"], "no such folder"),
+    (["--resume", "{digits}"], "no config.json there"),
+    (["{encoder}"], "give MODEL and TRAIN"),
+])
+def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, small_digits_folder, tmp_path, args, message):
+    (tmp_path / "bare").mkdir()
+    shutil.copy(tiny_encoder / "encoder.safetensors", tmp_path / "bare")
+    paths = {"encoder": str(tiny_encoder), "digits": str(small_digits_folder), "bare": str(tmp_path / "bare"),
+             "missing": str(tmp_path / "missing")}
+    result = runner.invoke(app, ["finetune", *[a.format(**paths) for a in args], *FAST])
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
