@@ -129,6 +129,18 @@ def pretrain(
     sync_bn: Annotated[Optional[bool], typer.Option(
         "--sync-bn/--no-sync-bn", help="BatchNorm statistics over all devices (SimCLR's global BN). "
                                        "Default: on with several GPUs.", show_default=False)] = None,
+    augment_on: Annotated[str, typer.Option(
+        help="Where views are made: device (crops in the loader, colour and blur in batches on the GPU), cpu "
+             "(all in batches in the loader workers), per-image (torchvision, one image at a time), or auto "
+             "(device on a GPU, else cpu).")] = "auto",
+    cache: Annotated[bool, typer.Option(
+        "--cache/--no-cache", help="Keep every decoded image (at 1.15x --image-size) in one memory-mapped file, "
+                                   "so epochs after the first skip decoding.")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        help="Folder for the --cache file, shareable between runs on the same images. Default: the run "
+             "folder.", show_default=False)] = None,
+    compile: Annotated[bool, typer.Option(
+        "--compile/--no-compile", help="torch.compile the model (slow to start; faster steps on a GPU).")] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     workers: WorkersOpt = None,
@@ -150,7 +162,8 @@ def pretrain(
             batch_size=batch_size, arch=arch, stem=stem, proj_layers=proj_layers, proj_dim=proj_dim,
             temperature=temperature, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, max_time=parse_duration(max_time) if max_time else None,
-            devices=devices, chunk_size=chunk_size, sync_bn=sync_bn,
+            devices=devices, chunk_size=chunk_size, sync_bn=sync_bn, augment_on=augment_on, cache=cache,
+            cache_dir=str(cache_dir) if cache_dir else None, compile=compile,
             augment=AugmentConfig(image_size=image_size, crop_min_scale=crop_min_scale, jitter=jitter,
                                   blur=blur),
             runtime=RuntimeConfig(device=device, precision=precision, workers=workers, seed=seed),

@@ -13,6 +13,7 @@ from simclr_cli.errors import ConfigError
 OPTIMIZERS = ("lars", "sgd", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STEMS = ("auto", "imagenet", "cifar")
+AUGMENT_ON = ("auto", "device", "cpu", "per-image")  # auto: device on a GPU, cpu otherwise
 SMALL_IMAGE_MAX = 64  # at or below this size the paper's CIFAR-10 recipe applies
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
@@ -106,6 +107,10 @@ class PretrainConfig:
     devices: int = 1  # processes on this machine, one per device (torchrun sets its own)
     chunk_size: int | None = None  # images whose activations are alive at once (gradient caching)
     sync_bn: bool | None = None  # None: SyncBatchNorm when distributed on GPUs
+    augment_on: str = "auto"  # where the views are made: see AUGMENT_ON and batch_augment.py
+    cache: bool = False  # keep decoded images in a memory-mapped file (cache.py)
+    cache_dir: str | None = None  # None: the run folder
+    compile: bool = False  # torch.compile the model
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -146,6 +151,9 @@ class PretrainConfig:
         _check(self.devices >= 1, f"--devices {self.devices} must be at least 1")
         _check(self.chunk_size is None or self.chunk_size >= 1,
                f"--chunk-size {self.chunk_size} must be at least 1 image (or leave it out)")
+        _check(self.augment_on in AUGMENT_ON,
+               f"--augment-on {self.augment_on!r} is not one of {', '.join(AUGMENT_ON)}")
+        _check(self.cache or self.cache_dir is None, "--cache-dir needs --cache; add --cache or leave --cache-dir out")
         self.augment.validate()
         self.runtime.validate()
         return self
@@ -156,6 +164,7 @@ class PretrainConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "PretrainConfig":
         data = dict(data)
+        data.setdefault("augment_on", "per-image")  # runs started before the batched pipeline resume on theirs
         data["augment"] = AugmentConfig(**data.get("augment", {}))
         data["runtime"] = RuntimeConfig(**data.get("runtime", {}))
         known = {f.name for f in dataclasses.fields(cls)}

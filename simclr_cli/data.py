@@ -187,17 +187,20 @@ class ImageDataset(torch.utils.data.Dataset):
     """Images (and optional labels) through a transform; a bad file yields a Skipped marker.
 
     With `seed` set, the transform's randomness is drawn from a generator seeded by
-    (seed, epoch, index); set `epoch` before each pass.
+    (seed, epoch, index); set `epoch` before each pass. `decode(index, path)` replaces
+    load_rgb(path, min_side) (the decoded cache's reader, cache.WorkingImages, is one).
     """
 
     def __init__(self, paths: Sequence[Path | str], transform: Callable[[Image.Image], torch.Tensor],
-                 labels: Sequence[int] | None = None, min_side: int | None = None, seed: int | None = None):
+                 labels: Sequence[int] | None = None, min_side: int | None = None, seed: int | None = None,
+                 decode: Callable[[int, str], Image.Image] | None = None):
         self.paths = [str(p) for p in paths]
         self.transform = transform
         self.labels = list(labels) if labels is not None else None
         self.min_side = min_side
         self.seed = seed
         self.epoch = 0
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -205,7 +208,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         try:
-            image = load_rgb(path, self.min_side)
+            image = self.decode(index, path) if self.decode else load_rgb(path, self.min_side)
         except UnreadableImage as error:
             return Skipped(path, str(error))
         if self.seed is None:
@@ -220,12 +223,17 @@ class ImageDataset(torch.utils.data.Dataset):
 
 @dataclass
 class Batch:
-    """A collated batch: samples (stacked), labels, dataset indices, and the files skipped."""
+    """A collated batch: samples (stacked), labels, dataset indices, and the files skipped.
+
+    `params` holds batch_augment's parameter table when the samples are uint8 crops still to be
+    augmented (the transform returned (crops, params) pairs).
+    """
 
     samples: torch.Tensor | None
     labels: torch.Tensor
     indices: torch.Tensor
     skipped: list[Skipped]
+    params: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return 0 if self.samples is None else self.samples.shape[0]
@@ -233,6 +241,8 @@ class Batch:
     def pin_memory(self) -> "Batch":
         if self.samples is not None:
             self.samples = self.samples.pin_memory()
+        if self.params is not None:
+            self.params = self.params.pin_memory()
         return self
 
 
@@ -242,9 +252,12 @@ def collate(items: list) -> Batch:
     good = [item for item in items if not isinstance(item, Skipped)]
     if not good:
         return Batch(None, torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped)
-    samples = torch.stack([item[0] for item in good])
     labels = torch.tensor([item[1] for item in good], dtype=torch.long)
     indices = torch.tensor([item[2] for item in good], dtype=torch.long)
+    if isinstance(good[0][0], tuple):  # (uint8 crops, parameter table) from batch_augment.ViewSampler
+        samples = torch.stack([item[0][0] for item in good])
+        return Batch(samples, labels, indices, skipped, torch.stack([item[0][1] for item in good]))
+    samples = torch.stack([item[0] for item in good])
     return Batch(samples, labels, indices, skipped)
 
 
@@ -262,18 +275,53 @@ def _quiet_worker(_: int) -> None:
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, order: Sequence[int] | None, workers: int,
-                drop_last: bool = False, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """A DataLoader over `order` (dataset indices; None for the natural order) that skips bad files."""
+                drop_last: bool = False, pin_memory: bool = False,
+                collate_fn: Callable[[list], Batch] = collate) -> torch.utils.data.DataLoader:
+    """A DataLoader over `order` (dataset indices; None for the natural order) that skips bad files.
+
+    `collate_fn` must build on `collate` (batch_augment.AugmentInLoader does)."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=list(order) if order is not None else None,
         shuffle=False,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         drop_last=drop_last,
         pin_memory=pin_memory,
         worker_init_fn=_quiet_worker if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )
+
+
+def to_device_ahead(batches: Iterable[Batch], device: torch.device) -> Iterable[Batch]:
+    """Yield batches with samples (and params) on `device`, each copied while the one before is used.
+
+    On a CUDA device the copy runs on a side stream, one batch ahead, from pinned memory; the
+    training stream waits for that copy alone (an event), never the host. Elsewhere a pass-through.
+    """
+    if device.type != "cuda":
+        yield from batches
+        return
+    stream = torch.cuda.Stream(device)
+    pending: tuple[Batch, torch.cuda.Event] | None = None
+    for batch in batches:
+        with torch.cuda.stream(stream):
+            if batch.samples is not None:
+                batch.samples = batch.samples.to(device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        if pending is not None:
+            yield _on_current_stream(*pending)
+        pending = (batch, copied)
+    if pending is not None:
+        yield _on_current_stream(*pending)
+
+
+def _on_current_stream(batch: Batch, copied: "torch.cuda.Event") -> Batch:
+    current = torch.cuda.current_stream()
+    current.wait_event(copied)
+    if batch.samples is not None:
+        batch.samples.record_stream(current)  # its memory is not reused before the training stream is done
+    return batch

@@ -14,8 +14,11 @@ import torch
 
 from simclr_cli import __version__, distributed
 from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, simclr_augmentation
+from simclr_cli.batch_augment import AugmentInLoader, BatchAugment, ViewSampler, resolve_augment_on
+from simclr_cli.cache import DecodedCache, WorkingImages, working_side
 from simclr_cli.config import PretrainConfig, replace
-from simclr_cli.data import ImageDataset, Skipped, epoch_order, make_loader, require_images, scan_images
+from simclr_cli.data import (ImageDataset, Skipped, collate, epoch_order, make_loader, require_images, scan_images,
+                             to_device_ahead)
 from simclr_cli.errors import ConfigError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, ENCODER_FILE, HEAD_FILE, EncoderInfo, load_checkpoint,
                                load_optimizer, read_json, save_checkpoint, save_encoder, save_tensors,
@@ -125,11 +128,14 @@ class PretrainRun:
         if self.sync_bn:
             self.model = distributed.convert_sync_bn(self.model)
         self.model.to(self.device, memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolutions once
         self.optimizer = build_optimizer(config.optimizer, self.model, config.resolved_lr,
                                          config.resolved_weight_decay)
         self.scaler = self.precision.grad_scaler()
-        self.dataset = ImageDataset(self.paths, TwoViews(simclr_augmentation(aug)), min_side=aug.image_size,
-                                    seed=config.runtime.seed)
+        self.cache = self._prepare_cache(scan.root) if config.cache else None
+        self.augment_on = resolve_augment_on(config.augment_on, self.device)
+        self.dataset, self.collate, self.batch_augment = self._pipeline()
         if resume:
             self._restore()
         elif is_main():
@@ -142,8 +148,11 @@ class PretrainRun:
                                f"{self.batch_size}, lr {config.resolved_lr:g}, {self.workers} loader worker(s)")
         for skipped in scan.skipped:
             report("warning", text=f"skipped {skipped.path}: {skipped.reason}")
-        # self.model stays unwrapped: it is what checkpoints and exports hold (DDP adds "module.").
-        self.parallel_model = distributed.wrap_ddp(self.model, self.device)
+        report("message", text=f"views: {_PIPELINES[self.augment_on]}")
+        # self.model stays unwrapped: it is what checkpoints and exports hold (DDP adds "module.",
+        # torch.compile "_orig_mod."); the compiled module shares its parameters.
+        self.parallel_model = distributed.wrap_ddp(torch.compile(self.model) if config.compile else self.model,
+                                                   self.device)
         if world_size() > 1:
             report("message", text=f"{world_size()} processes share each batch of {self.batch_size}: NT-Xent over "
                                    f"the global batch, " + ("SyncBatchNorm" if self.sync_bn else
@@ -153,6 +162,31 @@ class PretrainRun:
                                    f"per process (BatchNorm statistics per chunk)")
 
     # -- set-up -----------------------------------------------------------------------------
+
+    def _prepare_cache(self, root: Path) -> DecodedCache:
+        """Rank 0 creates or checks the decoded cache; the other ranks open it after."""
+        directory = self.config.cache_dir or self.run_dir
+        side = working_side(self.config.augment.image_size)
+        if is_main():
+            cache, summary = DecodedCache.prepare(directory, root, self.paths, side)
+            self.report("message", text=summary)
+        distributed.barrier()
+        return cache if is_main() else DecodedCache.locate(directory, root, len(self.paths), side)
+
+    def _pipeline(self) -> tuple[ImageDataset, Callable[[list], Any], BatchAugment | None]:
+        """The dataset, the loader's collate function, and the augmentation left for the device."""
+        aug, seed = self.config.augment, self.config.runtime.seed
+        decode = WorkingImages(working_side(aug.image_size), self.cache) if self.config.cache else None
+        if self.augment_on == "per-image":
+            views = TwoViews(simclr_augmentation(aug))
+            if decode is not None:
+                return ImageDataset(self.paths, views, seed=seed, decode=decode), collate, None
+            return ImageDataset(self.paths, views, min_side=aug.image_size, seed=seed), collate, None
+        decode = decode or WorkingImages(working_side(aug.image_size))
+        dataset = ImageDataset(self.paths, ViewSampler(aug), seed=seed, decode=decode)
+        if self.augment_on == "cpu":
+            return dataset, AugmentInLoader(BatchAugment(aug)), None
+        return dataset, collate, BatchAugment(aug)
 
     def _check_run_dir(self, resume: bool) -> None:
         checkpoint = self.run_dir / CHECKPOINT_FILE
@@ -222,13 +256,13 @@ class PretrainRun:
         # This rank's slice of each remaining global batch (one process: the whole batches, in order).
         order, local_batch = distributed.shard_order(order, self.batch_size, state.step_in_epoch)
         loader = make_loader(self.dataset, local_batch, order, self.workers, drop_last=True,
-                             pin_memory=device.type == "cuda")
+                             pin_memory=device.type == "cuda", collate_fn=self.collate)
         loss_sum = torch.zeros((), device=device)
         steps, images = 0, 0
         pending: list[tuple[dict[str, Any], torch.Tensor]] = []
         last = clock()
         epoch_start = last
-        for batch in loader:
+        for batch in to_device_ahead(loader, device):
             if distributed.any_rank(self._out_of_time(clock())):  # ranks stop together, or deadlock
                 break
             self._note_skipped(batch.skipped)
@@ -237,7 +271,7 @@ class PretrainRun:
                 continue
             lr = config.resolved_lr * warmup_cosine(self._progress(clock()), self._warmup_fraction())
             set_lr(self.optimizer, lr)
-            loss = self._step(batch.samples, sizes)
+            loss = self._step(self._views(batch), sizes)
             now = clock()
             state.step += 1
             state.step_in_epoch += 1
@@ -291,6 +325,12 @@ class PretrainRun:
             self.optimizer.step()
         return distributed.mean_over_ranks(loss.detach())
 
+    def _views(self, batch) -> torch.Tensor:
+        """The batch's two-view samples (N, 2, C, H, W), augmented on the device if it was left to it."""
+        if batch.params is None:
+            return batch.samples
+        return self.batch_augment(batch.samples.to(self.device, non_blocking=True), batch.params)
+
     def _embed(self, model: torch.nn.Module, views: torch.Tensor) -> torch.Tensor:
         """Projections of two-view samples (m, 2, C, H, W), as (m, 2, D): for gradient caching."""
         with self.precision.autocast():
@@ -328,6 +368,8 @@ class PretrainRun:
     def save_checkpoint(self) -> None:
         for item in distributed.gather_objects(list(self.skipped.values())):  # other ranks' unreadable files
             self.skipped.setdefault(item.path, item)
+        if self.cache is not None:
+            self.cache.flush()
         if not is_main():
             return
         progress = {"state": asdict(self.state), "num_images": len(self.paths),
@@ -388,6 +430,13 @@ class PretrainRun:
             self.report("done", encoder=str(encoder), steps=state.step, images_seen=state.images_seen,
                         elapsed=state.elapsed, loss=final_loss)
         return PretrainResult(self.run_dir, encoder, state, final_loss, list(self.skipped.values()), interrupted)
+
+
+_PIPELINES = {
+    "device": "crops in the loader workers, colour and blur in batches on the training device",
+    "cpu": "crops, colour and blur in batches in the loader workers",
+    "per-image": "torchvision's per-image pipeline in the loader workers",
+}
 
 
 def _two_view_images(views: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,215 @@
+"""The decoded cache (`--cache`): every image once as uint8 at a working resolution, memory-mapped.
+
+Decoding a photo of a few megapixels costs far more than everything SimCLR does to it afterwards.
+The first epoch decodes each image (Pillow draft mode where it can), brings it to the working
+resolution (shorter side 1.15x the training size; images more elongated than 4:3 keep their central
+4:3 region, the widest crop RandomResizedCrop takes) and stores it in a fixed-size slot of one
+memory-mapped file; later epochs read the slot instead of the file. Loader workers write their own
+slots, so filling the cache costs no extra pass.
+
+Files, beside each other in the run folder or in --cache-dir (`decoded-<side>px-<folder hash>`):
+  .u8     the pixels: one slot of side x ceil(4/3 side) x 3 bytes per image, in scan order
+  .slots  (images, 3) int32: state (0 empty, 1 stored, 2 unreadable), height, width
+  .json   the manifest: side, and every image's path, size and mtime
+A slot is used only while its file's size and mtime match the manifest; changed files are
+decoded again, and a different list of files starts a new cache.
+
+Every image takes the same route (decode, working resolution, crop) whether or not its slot is
+filled yet, so a run with --cache sees the same views as without, and resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from simclr_cli.data import UnreadableImage, load_rgb
+from simclr_cli.errors import DataError
+from simclr_cli.export import atomic_path, write_json
+
+WORKING_SCALE = 1.15
+MAX_ASPECT = 4 / 3
+EMPTY, STORED, UNREADABLE = 0, 1, 2
+FORMAT = "simclr-decoded-cache"
+
+
+def working_side(image_size: int) -> int:
+    """The shorter side images are kept at: 1.15x the training size, rounded up."""
+    return math.ceil(WORKING_SCALE * image_size)
+
+
+def slot_shape(side: int) -> tuple[int, int]:
+    """(short, long) sides of one slot: the largest working image, in either orientation."""
+    return side, math.ceil(side * MAX_ASPECT)
+
+
+def to_working_resolution(image: Image.Image, side: int) -> np.ndarray:
+    """The central (at most 4:3) region with its shorter side brought down to `side`: (H, W, 3) uint8.
+
+    Smaller images are not enlarged (the crop's resize does that once, later).
+    """
+    width, height = image.size
+    crop_w, crop_h = min(width, math.floor(height * MAX_ASPECT)), min(height, math.floor(width * MAX_ASPECT))
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    scale = min(1.0, side / min(crop_w, crop_h))
+    _, long = slot_shape(side)
+    size = (min(long, max(1, round(crop_w * scale))), min(long, max(1, round(crop_h * scale))))
+    box = (left, top, left + crop_w, top + crop_h)
+    if size == (crop_w, crop_h):
+        image = image.crop(box) if box != (0, 0, width, height) else image
+    else:
+        image = image.resize(size, Image.Resampling.BICUBIC, box=box)
+    return np.asarray(image)
+
+
+def load_working(path: str | Path, side: int) -> np.ndarray:
+    """Decode one file straight to the working resolution; raises UnreadableImage."""
+    return to_working_resolution(load_rgb(path, min_side=side), side)
+
+
+def _stats(path: str) -> list[int]:
+    info = os.stat(path)
+    return [info.st_size, info.st_mtime_ns]
+
+
+class DecodedCache:
+    """The memory-mapped slots of one folder's images at one working side.
+
+    Build or check it once, in one process, with `prepare`; loader workers then open it lazily
+    (the memory maps are not pickled with the object).
+    """
+
+    def __init__(self, base: Path, count: int, side: int):
+        self.base, self.count, self.side = base, count, side
+        self.slot = slot_shape(side)
+        self._pixels: np.memmap | None = None
+        self._slots: np.memmap | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.slot[0] * self.slot[1] * 3
+
+    @classmethod
+    def locate(cls, directory: str | Path, root: str | Path, count: int, side: int) -> "DecodedCache":
+        """The cache of `count` images under folder `root` in `directory`, as `prepare` left it."""
+        digest = hashlib.blake2b(str(Path(root).resolve()).encode(), digest_size=4).hexdigest()
+        return cls(Path(directory) / f"decoded-{side}px-{digest}", count, side)
+
+    @classmethod
+    def prepare(cls, directory: str | Path, root: str | Path, paths: Sequence[str | Path],
+                side: int) -> tuple["DecodedCache", str]:
+        """Open the cache for these files, creating or refreshing it; return it and a one-line summary."""
+        directory = Path(directory)
+        cache = cls.locate(directory, root, len(paths), side)
+        paths = [str(p) for p in paths]
+        stats = [_stats(p) for p in paths]
+        manifest = cache._read_manifest()
+        if manifest is None or manifest.get("paths") != paths or not cache._files_exist():
+            cache._create(directory)
+            summary = f"decoded cache {cache.base}.u8 created ({cache.nbytes / 2**30:.2f} GiB for {len(paths)} images)"
+        else:
+            slots = np.memmap(f"{cache.base}.slots", dtype=np.int32, mode="r+", shape=(cache.count, 3))
+            changed = [i for i, (old, new) in enumerate(zip(manifest["stats"], stats)) if old != new]
+            slots[changed, 0] = EMPTY
+            slots.flush()
+            stored = int((slots[:, 0] == STORED).sum())
+            del slots
+            summary = (f"decoded cache {cache.base}.u8: {stored} of {len(paths)} images stored"
+                       + (f", {len(changed)} changed since and decoded again" if changed else ""))
+        write_json(f"{cache.base}.json", {"format": FORMAT, "version": 1, "side": side, "slot": list(cache.slot),
+                                          "paths": paths, "stats": stats})
+        return cache, summary
+
+    def _read_manifest(self) -> dict | None:
+        try:
+            import json
+
+            manifest = json.loads(Path(f"{self.base}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if manifest.get("format") != FORMAT or manifest.get("side") != self.side:
+            return None
+        return manifest
+
+    def _files_exist(self) -> bool:
+        return (Path(f"{self.base}.u8").is_file() and Path(f"{self.base}.u8").stat().st_size == self.nbytes
+                and Path(f"{self.base}.slots").is_file())
+
+    def _create(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        old = Path(f"{self.base}.u8")
+        reusable = old.stat().st_size if old.is_file() else 0
+        free = shutil.disk_usage(directory).free + reusable
+        if self.nbytes > free:
+            raise DataError(f"--cache needs {self.nbytes / 2**30:.1f} GiB in {directory} but only {free / 2**30:.1f} "
+                            f"GiB is free; pass --cache-dir on a larger disk, or --no-cache")
+        Path(f"{self.base}.json").unlink(missing_ok=True)  # no manifest: half-made files are never trusted
+        for suffix, size in ((".slots", self.count * 3 * 4), (".u8", self.nbytes)):
+            with atomic_path(f"{self.base}{suffix}") as tmp:
+                with open(tmp, "wb") as handle:
+                    handle.truncate(size)  # sparse: zero slots, all EMPTY
+
+    def _open(self) -> None:
+        if self._pixels is None:
+            short, long = self.slot
+            self._pixels = np.memmap(f"{self.base}.u8", dtype=np.uint8, mode="r+",
+                                     shape=(self.count, short * long * 3))
+            self._slots = np.memmap(f"{self.base}.slots", dtype=np.int32, mode="r+", shape=(self.count, 3))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pixels": None, "_slots": None}
+
+    def get(self, index: int) -> np.ndarray | None:
+        """The stored image (H, W, 3) uint8 (a copy), None when not stored; raises UnreadableImage."""
+        self._open()
+        state, height, width = (int(v) for v in self._slots[index])
+        if state == UNREADABLE:
+            raise UnreadableImage("unreadable (recorded in the decoded cache when it was first read)")
+        if state != STORED:
+            return None
+        return np.array(self._pixels[index, :height * width * 3]).reshape(height, width, 3)
+
+    def put(self, index: int, image: np.ndarray | None) -> None:
+        """Store an image (H, W, 3) uint8, or None to record the file as unreadable."""
+        self._open()
+        if image is None:
+            self._slots[index] = (UNREADABLE, 0, 0)
+            return
+        height, width, _ = image.shape
+        self._pixels[index, :image.size] = image.reshape(-1)
+        self._slots[index] = (STORED, height, width)  # after the pixels: a half-written slot stays EMPTY
+
+    def flush(self) -> None:
+        if self._pixels is not None:
+            self._pixels.flush()
+            self._slots.flush()
+
+
+class WorkingImages:
+    """ImageDataset's decoder for the fast pipelines: (index, path) -> the working-resolution image.
+
+    Reads the decoded cache when it holds the image, else decodes the file and stores it there.
+    """
+
+    def __init__(self, side: int, cache: DecodedCache | None = None):
+        self.side, self.cache = side, cache
+
+    def __call__(self, index: int, path: str) -> Image.Image:
+        if self.cache is None:
+            return Image.fromarray(load_working(path, self.side))
+        array = self.cache.get(index)
+        if array is None:
+            try:
+                array = load_working(path, self.side)
+            except UnreadableImage:
+                self.cache.put(index, None)
+                raise
+            self.cache.put(index, array)
+        return Image.fromarray(array)

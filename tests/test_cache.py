@@ -1,0 +1,178 @@
+"""The decoded cache: working resolution, slots filled once, stale files decoded again, same views."""
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from simclr_cli import cache as cache_module
+from simclr_cli.cache import DecodedCache, WorkingImages, slot_shape, to_working_resolution, working_side
+from simclr_cli.cli import app
+from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
+from simclr_cli.data import UnreadableImage
+from simclr_cli.errors import DataError
+from simclr_cli.train import pretrain
+
+runner = CliRunner()
+
+
+def gradient(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    array = np.stack([(x * rng.uniform(0.1, 1) + y * rng.uniform(0.1, 1) + rng.uniform(0, 255)) % 256
+                      for _ in range(3)], axis=-1)
+    return Image.fromarray(array.astype(np.uint8))
+
+
+def write_folder(root: Path, sizes: list[tuple[int, int]]) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, size in enumerate(sizes):
+        path = root / f"{i:03d}.png"
+        gradient(*size, seed=i).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((400, 300), (37, 49)),  # 4:3 landscape: shorter side 37, all of it kept
+    ((300, 400), (49, 37)),  # portrait
+    ((800, 200), (37, 49)),  # a panorama keeps its central 4:3
+    ((30, 20), (20, 26)),  # smaller than the working side: not enlarged, central 4:3 kept
+])
+def test_working_resolution_keeps_the_central_4_3_at_1_15x(size, expected):
+    side = working_side(32)
+    assert side == 37 and slot_shape(side) == (37, 50)
+    array = to_working_resolution(gradient(*size), side)
+    assert array.shape[:2] == expected and array.dtype == np.uint8
+    short, long = slot_shape(side)
+    assert min(array.shape[:2]) <= short and max(array.shape[:2]) <= long
+
+
+def test_working_resolution_is_a_bicubic_resize_of_the_central_region():
+    image = gradient(800, 200)
+    array = to_working_resolution(image, 37)
+    expected = np.asarray(image.crop((267, 0, 533, 200)).resize((49, 37), Image.Resampling.BICUBIC))
+    difference = np.abs(array.astype(int) - expected.astype(int))
+    assert difference[:, 2:-2].max() <= 2, "the same away from the left and right edges (the box resize samples " \
+                                           "pixels just outside the crop)"
+
+
+def test_slots_are_filled_once_and_read_back_without_decoding(tmp_path, monkeypatch):
+    paths = write_folder(tmp_path / "images", [(120, 90), (90, 120), (60, 60)])
+    cache, summary = DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
+    assert "created" in summary and Path(f"{cache.base}.u8").stat().st_size == 3 * 37 * 50 * 3
+    decode = WorkingImages(37, pickle.loads(pickle.dumps(cache)))  # as a loader worker gets it
+    first = [np.asarray(decode(i, str(p))) for i, p in enumerate(paths)]
+    assert [a.shape[:2] for a in first] == [(37, 49), (49, 37), (37, 37)]
+
+    def no_decoding(*args):
+        raise AssertionError("decoded a file the cache holds")
+
+    monkeypatch.setattr(cache_module, "load_working", no_decoding)
+    again, summary = DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
+    assert "3 of 3 images stored" in summary
+    second = [np.asarray(WorkingImages(37, again)(i, str(p))) for i, p in enumerate(paths)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_uncached_decoding_gives_the_same_pixels(tmp_path):
+    paths = write_folder(tmp_path / "images", [(200, 150)])
+    cache, _ = DecodedCache.prepare(tmp_path, tmp_path / "images", paths, 37)
+    assert np.array_equal(np.asarray(WorkingImages(37, cache)(0, str(paths[0]))),
+                          np.asarray(WorkingImages(37)(0, str(paths[0]))))
+
+
+def test_changed_files_are_decoded_again_and_a_new_file_list_starts_over(tmp_path):
+    paths = write_folder(tmp_path / "images", [(120, 90), (120, 90)])
+    cache, _ = DecodedCache.prepare(tmp_path, tmp_path / "images", paths, 37)
+    decode = WorkingImages(37, cache)
+    old = [np.asarray(decode(i, str(p))) for i, p in enumerate(paths)]
+    gradient(100, 100, seed=99).save(paths[1])  # new content, size and mtime
+    os.utime(paths[1], ns=(1, 1))
+    cache, summary = DecodedCache.prepare(tmp_path, tmp_path / "images", paths, 37)
+    assert "1 of 2 images stored, 1 changed since" in summary
+    decode = WorkingImages(37, cache)
+    assert np.array_equal(np.asarray(decode(0, str(paths[0]))), old[0])
+    assert np.asarray(decode(1, str(paths[1]))).shape == (37, 37, 3)
+    manifest = json.loads(Path(f"{cache.base}.json").read_text())
+    assert manifest["stats"][1][1] == 1
+
+    extra = write_folder(tmp_path / "images", [(120, 90)] * 3)[2:]
+    cache, summary = DecodedCache.prepare(tmp_path, tmp_path / "images", paths + extra, 37)
+    assert "created" in summary
+
+
+def test_unreadable_files_are_recorded_and_not_read_again(tmp_path):
+    paths = write_folder(tmp_path / "images", [(64, 64)])
+    broken = tmp_path / "images" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    cache, _ = DecodedCache.prepare(tmp_path, tmp_path / "images", paths + [broken], 37)
+    decode = WorkingImages(37, cache)
+    with pytest.raises(UnreadableImage, match="unreadable"):
+        decode(1, str(broken))
+    broken.chmod(0)  # not opened a second time
+    with pytest.raises(UnreadableImage, match="recorded in the decoded cache"):
+        decode(1, str(broken))
+    broken.chmod(0o644)
+
+
+def test_not_enough_disk_space_is_a_clear_error(tmp_path, monkeypatch):
+    paths = write_folder(tmp_path / "images", [(64, 64)])
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10})())
+    with pytest.raises(DataError, match="--cache needs .* GiB in .* pass --cache-dir on a larger disk"):
+        DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
+
+
+def _config(data, out, **changes):
+    runtime = RuntimeConfig(device="cpu", workers=changes.pop("workers", 0), seed=3)
+    return PretrainConfig(data_dir=str(data), out_dir=str(out), epochs=2, batch_size=16, stem="imagenet",
+                          augment=AugmentConfig(image_size=32), runtime=runtime, **changes)
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_cached_run_on_the_device_path_resumes_to_the_plain_runs_curve(small_digits_folder, tmp_path):
+    import shutil
+    import signal
+
+    from simclr_cli.train import resume_pretrain
+
+    images = tmp_path / "images"  # 48 digits: 3 steps an epoch
+    images.mkdir()
+    for path in sorted(small_digits_folder.rglob("*.png"))[:48]:
+        shutil.copy(path, images / f"{path.parent.name}-{path.name}")
+    plain = tmp_path / "plain"
+    pretrain(_config(images, plain, augment_on="cpu"))
+
+    def interrupt_at_step_2(kind, **fields):
+        if kind == "step" and fields["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cached = tmp_path / "cached"
+    result = pretrain(_config(images, cached, augment_on="device", cache=True, cache_dir=str(tmp_path / "c"),
+                              workers=1), interrupt_at_step_2)
+    assert result.interrupted and len(_losses(cached)) == 2
+    assert list((tmp_path / "c").glob("decoded-37px-*.u8"))
+    resume_pretrain(cached)
+    assert len(_losses(plain)) == 6
+    assert _losses(cached) == _losses(plain), ("the cache (half filled at the interrupt), the workers and where "
+                                               "the batch is augmented change nothing")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cache-dir", "somewhere"], "--cache-dir needs --cache"),
+    (["--augment-on", "gpu"], "--augment-on 'gpu' is not one of auto, device, cpu, per-image"),
+])
+def test_bad_cache_and_augment_flags_are_one_line_errors(small_digits_folder, tmp_path, args, message):
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
