@@ -203,11 +203,6 @@ def _pretrain_process(config: PretrainConfig | None, resume: dict[str, Any] | No
     return result if main else None
 
 
-def _not_built(name: str, issue: str) -> None:
-    err_console.print(f"[red]error:[/] `simclr {name}` is not built yet ({issue}); see CHANGELOG.md")
-    raise typer.Exit(1)
-
-
 def _labelled_data(train: Path, labels: Optional[Path], val: Optional[Path], val_split: Optional[float]) -> Any:
     from simclr_cli.config import LabelledDataConfig
 
@@ -320,7 +315,9 @@ def finetune(
         help="Peak learning rate (SGD, Nesterov momentum 0.9, cosine decay). Default: 0.05 x batch/256.",
         show_default=False)] = None,
     weight_decay: Annotated[float, typer.Option(help="Weight decay; never on biases and BatchNorm.")] = 0.0,
-    crop_min_scale: Annotated[float, typer.Option(help="Smallest random crop, as a fraction of the image.")] = 0.08,
+    crop_min_scale: Annotated[Optional[float], typer.Option(
+        help="Smallest random crop, as a fraction of the image. Default: 0.08, or 0.5 for encoders trained at "
+             "<= 64 px.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="Run folder. Default: runs/finetune-<timestamp>.", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(

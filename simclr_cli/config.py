@@ -240,12 +240,19 @@ class FinetuneConfig:
     batch_size: int = 256
     lr: float | None = None  # None: 0.05 x batch / 256
     weight_decay: float = 0.0  # the papers fine-tune without weight decay
-    crop_min_scale: float = 0.08
+    crop_min_scale: float | None = None  # None: 0.08, or 0.5 for encoders trained at <= 64 px
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     @property
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else 0.05 * self.batch_size / 256
+
+    def resolved_crop_min_scale(self, image_size: int) -> float:
+        """The paper's 0.08 for ImageNet-sized images; small images lose their content in such crops
+        (on the digits, 0.08 gave 64% top-1 after 4 epochs where 0.5 gave 90%)."""
+        if self.crop_min_scale is not None:
+            return self.crop_min_scale
+        return 0.5 if image_size <= SMALL_IMAGE_MAX else 0.08
 
     def validate(self) -> "FinetuneConfig":
         _check(0 < self.label_fraction <= 1,
@@ -256,7 +263,8 @@ class FinetuneConfig:
         _check(self.batch_size >= 2, f"--batch-size {self.batch_size} must be at least 2 (BatchNorm needs it)")
         _check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be positive")
         _check(self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0")
-        _check(0 < self.crop_min_scale <= 1, f"--crop-min-scale {self.crop_min_scale} must be in (0, 1]")
+        _check(self.crop_min_scale is None or 0 < self.crop_min_scale <= 1,
+               f"--crop-min-scale {self.crop_min_scale} must be in (0, 1]")
         self.data.validate()
         self.runtime.validate()
         return self

@@ -152,7 +152,7 @@ class FinetuneRun:
         self.model = Classifier(backbone, len(self.data.classes), head).to(self.device)
         self.optimizer = build_optimizer("sgd", self.model, config.resolved_lr, config.weight_decay)
         self.scaler = self.precision.grad_scaler()
-        self.train_set = ImageDataset(train.paths, finetune_augmentation(self.info, config.crop_min_scale),
+        self.train_set = ImageDataset(train.paths, finetune_augmentation(self.info, config.resolved_crop_min_scale(self.info.image_size)),
                                       train.labels, min_side=self.info.image_size, seed=config.runtime.seed)
         self.val_set = ImageDataset(self.data.val.paths, preprocessing(self.info), self.data.val.labels,
                                     min_side=self.info.image_size)

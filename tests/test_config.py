@@ -31,3 +31,13 @@ def test_small_images_default_to_cifar_stem_and_config_round_trips():
     config = PretrainConfig(data_dir=".", out_dir="x", augment=AugmentConfig(image_size=32))
     assert config.resolved_stem == "cifar"
     assert PretrainConfig.from_json(config.to_json()) == config
+
+
+def test_finetune_crops_are_gentler_for_small_images():
+    from simclr_cli.config import FinetuneConfig, LabelledDataConfig
+
+    config = FinetuneConfig(model="m", data=LabelledDataConfig(train_dir="t"), out_dir="o")
+    assert config.resolved_crop_min_scale(32) == 0.5
+    assert config.resolved_crop_min_scale(224) == 0.08
+    assert FinetuneConfig(model="m", data=LabelledDataConfig(train_dir="t"), out_dir="o",
+                          crop_min_scale=0.2).resolved_crop_min_scale(32) == 0.2
