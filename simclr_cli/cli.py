@@ -12,10 +12,9 @@ import typer
 from typer.core import TyperGroup
 
 from simclr_cli import __version__
-from simclr_cli.config import (OPTIMIZERS, PRECISIONS, STEMS, AugmentConfig, PretrainConfig, RuntimeConfig,
-                               default_run_dir, parse_duration)
+from simclr_cli.config import (ARCHITECTURES, OPTIMIZERS, PRECISIONS, STEMS, AugmentConfig, PretrainConfig,
+                               RuntimeConfig, default_run_dir, parse_duration)
 from simclr_cli.errors import SimclrError
-from simclr_cli.models import BACKBONES
 from simclr_cli.progress import Reporter, console, err_console
 
 
@@ -96,7 +95,7 @@ def pretrain(
     batch_size: Annotated[int, typer.Option(help="Images per step; each gives two views.")] = 256,
     image_size: Annotated[int, typer.Option(help="Training resolution in pixels. <= 64 px uses the paper's "
                                                  "CIFAR settings.")] = 224,
-    arch: Annotated[str, typer.Option(help=f"Encoder: {', '.join(BACKBONES)}.")] = "resnet18",
+    arch: Annotated[str, typer.Option(help=f"Encoder: {', '.join(ARCHITECTURES)}.")] = "resnet18",
     stem: Annotated[str, typer.Option(help=f"{', '.join(STEMS)}. auto: 3x3 'cifar' stem at <= 64 px.")] = "auto",
     temperature: Annotated[float, typer.Option(help="NT-Xent temperature tau.")] = 0.1,
     lr: Annotated[Optional[float], typer.Option(

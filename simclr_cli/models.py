@@ -8,14 +8,11 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-# One registry feeds the CLI choices, validation and the per-backbone tests.
-BACKBONES: dict[str, Callable[[], tvm.ResNet]] = {
-    "resnet18": tvm.resnet18,
-    "resnet34": tvm.resnet34,
-    "resnet50": tvm.resnet50,
-    "resnet101": tvm.resnet101,
-    "resnet152": tvm.resnet152,
-}
+from simclr_cli.config import ARCHITECTURES
+
+# One registry, keyed by the names in config.ARCHITECTURES, feeds the CLI choices, validation and
+# the per-backbone tests.
+BACKBONES: dict[str, Callable[[], tvm.ResNet]] = {name: getattr(tvm, name) for name in ARCHITECTURES}
 
 
 def build_backbone(arch: str, stem: str = "imagenet") -> tvm.ResNet:

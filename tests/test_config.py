@@ -41,3 +41,12 @@ def test_finetune_crops_are_gentler_for_small_images():
     assert config.resolved_crop_min_scale(224) == 0.08
     assert FinetuneConfig(model="m", data=LabelledDataConfig(train_dir="t"), out_dir="o",
                           crop_min_scale=0.2).resolved_crop_min_scale(32) == 0.2
+
+
+def test_the_cli_starts_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, simclr_cli.cli; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False", "`simclr --help` must not pay for importing torch"
