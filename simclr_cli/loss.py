@@ -20,11 +20,65 @@ def nt_xent(projections_a: torch.Tensor, projections_b: torch.Tensor, temperatur
                          f"and {tuple(projections_b.shape)}")
     n = projections_a.shape[0]
     z = F.normalize(torch.cat([projections_a, projections_b]).float(), dim=1)  # (2N, D)
-    logits = z @ z.T / temperature  # (2N, 2N)
-    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)  # (2N, 2N)
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)  # (2N,)
-    return F.cross_entropy(logits, positives)
+    views = torch.arange(2 * n, device=z.device)
+    positives = torch.cat([views[n:], views[:n]])  # (2N,): a's partner is its b view and back
+    return _ContrastiveSum.apply(z, positives, [(0, 2 * n)], temperature) / (2 * n)
+
+
+def _chunk_rows(columns: int, device: torch.device) -> int:
+    """Query rows per block: about 32 MB of logits on a CPU, 512 MB on a GPU."""
+    elements = 2**23 if device.type == "cpu" else 2**27
+    return max(1, elements // max(columns, 1))
+
+
+class _ContrastiveSum(torch.autograd.Function):
+    """sum over queries q of -log softmax(z[q] . z / temperature, own column excluded)[positive of q].
+
+    The queries are the rows of z in `spans` ((begin, end) ranges, in order) and `positives` holds
+    each query's positive column. The same numbers as the textbook (2N, 2N) logits with a masked
+    diagonal and cross-entropy, but computed a block of query rows at a time and recomputed in the
+    backward pass instead of kept: memory holds one block of logits, not several full (2N, 2N)
+    matrices, and no eye mask or index tensor is built. Gradient, with P the softmax rows:
+    d/dz[q] = (P z - z[positive]) / t and d/dz += (P^T z[q] - onehot(positive)^T z[q]) / t.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, positives: torch.Tensor, spans: list[tuple[int, int]], temperature: float):
+        rows = torch.cat([torch.arange(b, e, device=z.device) for b, e in spans])  # (Q,)
+        positive_logits = (z[rows] * z[positives]).sum(dim=1) / temperature  # (Q,)
+        log_normalisers = torch.cat([torch.logsumexp(logits, dim=1) for logits in _blocks(z, spans, temperature)])
+        ctx.save_for_backward(z, rows, positives, log_normalisers)
+        ctx.spans, ctx.temperature = spans, temperature
+        return (log_normalisers - positive_logits).sum()
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        z, rows, positives, log_normalisers = ctx.saved_tensors
+        scale = grad_total / ctx.temperature
+        grad = torch.zeros_like(z)  # (M, D)
+        done = 0
+        for (begin, end), logits in zip(_block_spans(ctx.spans, len(z), z.device), _blocks(z, ctx.spans,
+                                                                                            ctx.temperature)):
+            softmax = logits.sub_(log_normalisers[done:done + end - begin, None]).exp_().mul_(scale)  # (c, M)
+            grad[begin:end].addmm_(softmax, z)  # (c, M) @ (M, D)
+            grad.addmm_(softmax.T, z[begin:end])  # (M, c) @ (c, D)
+            done += end - begin
+        grad.index_add_(0, rows, z[positives] * -scale)  # the positive logits' own terms (no host sync)
+        grad.index_add_(0, positives, z[rows] * -scale)
+        return grad, None, None, None
+
+
+def _block_spans(spans: list[tuple[int, int]], columns: int, device: torch.device) -> list[tuple[int, int]]:
+    step = _chunk_rows(columns, device)
+    return [(b, min(b + step, end)) for begin, end in spans for b in range(begin, end, step)]
+
+
+def _blocks(z: torch.Tensor, spans: list[tuple[int, int]], temperature: float):
+    """Logits of each block of query rows against every row of z, own column -inf: (c, M) each."""
+    for begin, end in _block_spans(spans, len(z), z.device):
+        logits = (z[begin:end] / temperature) @ z.T  # (c, D) @ (D, M) -> (c, M)
+        logits[:, begin:end].fill_diagonal_(float("-inf"))  # no view is its own candidate
+        yield logits
 
 
 def global_nt_xent(projections_a: torch.Tensor, projections_b: torch.Tensor, temperature: float,
@@ -55,8 +109,6 @@ def global_nt_xent(projections_a: torch.Tensor, projections_b: torch.Tensor, tem
     views_b = torch.cat([g[widest:widest + size] for g, size in zip(gathered, sizes)])  # (N, D)
     z = F.normalize(torch.cat([views_a, views_b]), dim=1)  # (2N, D): global a views, then global b views
     rows_a = torch.arange(offset, offset + n, device=z.device)  # this rank's a views in z
-    rows = torch.cat([rows_a, rows_a + total])  # (2n,)
-    logits = z[rows] @ z.T / temperature  # (2n, 2N)
-    logits[torch.arange(2 * n, device=z.device), rows] = float("-inf")  # no view is its own candidate
     positives = torch.cat([rows_a + total, rows_a])  # (2n,): a's partner is its b view and back
-    return F.cross_entropy(logits, positives, reduction="sum") * len(sizes) / (2 * total)
+    spans = [(offset, offset + n), (total + offset, total + offset + n)]  # this rank's a views, then b views
+    return _ContrastiveSum.apply(z, positives, spans, temperature) * len(sizes) / (2 * total)

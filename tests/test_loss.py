@@ -84,3 +84,21 @@ def test_uniform_random_projections_give_about_log_of_candidates():
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape|one shape"):
         nt_xent(torch.randn(4, 8), torch.randn(5, 8), 0.1)
+
+
+def test_blocks_of_query_rows_give_the_whole_matrix_result(monkeypatch):
+    """The loss is computed a few query rows at a time; blocks that do not divide 2N change nothing."""
+    import simclr_cli.loss as loss_module
+
+    torch.manual_seed(0)
+    z_a = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
+    z_b = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
+    expected = reference_nt_xent(z_a, z_b, 0.2)
+    grads = torch.autograd.grad(expected, [z_a, z_b])
+    monkeypatch.setattr(loss_module, "_chunk_rows", lambda columns, device: 3)  # blocks of 3 rows
+    a32, b32 = (z.detach().float().requires_grad_() for z in (z_a, z_b))
+    actual = nt_xent(a32, b32, 0.2)
+    actual.backward()
+    assert actual.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(a32.grad.double(), grads[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b32.grad.double(), grads[1], rtol=1e-4, atol=1e-6)
