@@ -12,8 +12,8 @@ import typer
 from typer.core import TyperGroup
 
 from simclr_cli import __version__
-from simclr_cli.config import (ARCHITECTURES, OPTIMIZERS, PRECISIONS, STEMS, AugmentConfig, PretrainConfig,
-                               RuntimeConfig, default_run_dir, parse_duration)
+from simclr_cli.config import (ARCHITECTURES, OPTIMIZERS, PRECISIONS, PRESETS, STEMS, AugmentConfig, PretrainConfig,
+                               RuntimeConfig, apply_preset, default_run_dir, parse_duration)
 from simclr_cli.errors import SimclrError
 from simclr_cli.progress import Reporter, console, err_console
 
@@ -86,6 +86,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only warnin
 @app.command()
 @_fail_cleanly
 def pretrain(
+    ctx: typer.Context,
     data_dir: Annotated[Optional[Path], typer.Argument(
         help="Folder of images, searched at every depth (optional with --resume).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
@@ -140,6 +141,13 @@ def pretrain(
              "folder.", show_default=False)] = None,
     compile: Annotated[bool, typer.Option(
         "--compile/--no-compile", help="torch.compile the model (slow to start; faster steps on a GPU).")] = False,
+    preset: Annotated[Optional[str], typer.Option(
+        help=f"The papers' settings by name ({', '.join(PRESETS)}): imagenet is ResNet-50, batch 4096, LARS "
+             f"4.8, temperature 0.1, 100 epochs, 224 px; cifar is ResNet-50 with the 3x3 stem, 32 px, batch "
+             f"1024, LARS 1.0, temperature 0.5. Flags you give override it.", show_default=False)] = None,
+    monitor: Annotated[Optional[Path], typer.Option(
+        help="A small folder of labelled images (one subfolder per class): kNN top-1 on it after every epoch, "
+             "in metrics.jsonl and curves.png.", show_default=False)] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     workers: WorkersOpt = None,
@@ -163,10 +171,14 @@ def pretrain(
             warmup_epochs=warmup_epochs, max_time=parse_duration(max_time) if max_time else None,
             devices=devices, chunk_size=chunk_size, sync_bn=sync_bn, augment_on=augment_on, cache=cache,
             cache_dir=str(cache_dir) if cache_dir else None, compile=compile,
+            monitor=str(monitor) if monitor else None,
             augment=AugmentConfig(image_size=image_size, crop_min_scale=crop_min_scale, jitter=jitter,
                                   blur=blur),
             runtime=RuntimeConfig(device=device, precision=precision, workers=workers, seed=seed),
-        ).validate()
+        )
+        if preset is not None:
+            config = apply_preset(config, preset, _flags_given(ctx))
+        config = config.validate()
     job = (config, resumed, quiet)
     if distributed.launched():  # started by torchrun: this process is one of many
         result = distributed.run_in_group(_pretrain_process, *job)
@@ -189,6 +201,13 @@ def pretrain(
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     console.print(f"encoder saved to {result.encoder_path} ({result.state.step} steps, "
                   f"{result.state.images_seen:,} images{loss})")
+
+
+def _flags_given(ctx: typer.Context) -> set[str]:
+    """Names of the parameters the user set (command line or environment), not left at their defaults."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {name for name, source in sources.items() if source is not None
+            and source.name not in ("DEFAULT", "DEFAULT_MAP")}
 
 
 def _pretrain_process(config: PretrainConfig | None, resume: dict[str, Any] | None, quiet: bool) -> Any:

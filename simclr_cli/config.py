@@ -114,6 +114,7 @@ class PretrainConfig:
     cache: bool = False  # keep decoded images in a memory-mapped file (cache.py)
     cache_dir: str | None = None  # None: the run folder
     compile: bool = False  # torch.compile the model
+    monitor: str | None = None  # a small labelled folder for a kNN after every epoch (curves.py)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -156,6 +157,9 @@ class PretrainConfig:
         _check(self.augment_on in AUGMENT_ON,
                f"--augment-on {self.augment_on!r} is not one of {', '.join(AUGMENT_ON)}")
         _check(self.cache or self.cache_dir is None, "--cache-dir needs --cache; add --cache or leave --cache-dir out")
+        _check(self.monitor is None or Path(self.monitor).is_dir(),
+               f"--monitor {self.monitor}: no such folder; pass a small folder of labelled images, one "
+               f"subfolder per class")
         self.augment.validate()
         self.runtime.validate()
         return self
@@ -281,3 +285,32 @@ class FinetuneConfig:
         data["runtime"] = RuntimeConfig(**data.get("runtime", {}))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# -- presets: the papers' recipes by name (`simclr pretrain --preset NAME`) ------------------------------
+
+# Values by `simclr pretrain` parameter name; every flag the user gives overrides its preset value.
+PRESETS: dict[str, dict[str, Any]] = {
+    # SimCLR (arXiv 2002.05709) section 2.3, "Default setting", the ImageNet recipe: ResNet-50, batch 4096,
+    # LARS at 0.3 x batch/256 (None: that rule, 4.8 at 4096, rescaled if --batch-size changes), weight
+    # decay 1e-6, temperature 0.1, 100 epochs with 10 of linear warmup, 224 px, Appendix A's views.
+    "imagenet": {"arch": "resnet50", "stem": "imagenet", "image_size": 224, "batch_size": 4096, "optimizer": "lars",
+                 "lr": None, "weight_decay": 1e-6, "temperature": 0.1, "epochs": 100, "warmup_epochs": 10.0,
+                 "proj_layers": 2, "crop_min_scale": 0.08, "jitter": 1.0, "blur": True},
+    # SimCLR Appendix B.9, CIFAR-10: ResNet-50 with a 3x3 stride-1 first convolution and no max-pool,
+    # 32 px, colour jitter 0.5 and no blur, batch 1024, LARS at lr 1.0 (the middle of the 0.5/1.0/1.5
+    # the appendix sweeps), temperature 0.5, weight decay 1e-6; 1000 epochs and lr 1.0, temperature 0.5
+    # as in google-research/simclr's published CIFAR-10 command.
+    "cifar": {"arch": "resnet50", "stem": "cifar", "image_size": 32, "batch_size": 1024, "optimizer": "lars",
+              "lr": 1.0, "weight_decay": 1e-6, "temperature": 0.5, "epochs": 1000, "warmup_epochs": 10.0,
+              "proj_layers": 2, "crop_min_scale": 0.08, "jitter": 0.5, "blur": False},
+}
+
+
+def apply_preset(config: PretrainConfig, name: str, given: set[str] | frozenset[str] = frozenset()) -> PretrainConfig:
+    """`config` with preset `name`'s values, except those whose flags are in `given` (parameter names)."""
+    _check(name in PRESETS, f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    values = {key: value for key, value in PRESETS[name].items() if key not in given}
+    augment_fields = {f.name for f in dataclasses.fields(AugmentConfig)}
+    augment = {key: values.pop(key) for key in list(values) if key in augment_fields}
+    return replace(config, **values, augment=replace(config.augment, **augment))

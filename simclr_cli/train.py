@@ -17,6 +17,7 @@ from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, simclr_aug
 from simclr_cli.batch_augment import AugmentInLoader, BatchAugment, ViewSampler, resolve_augment_on
 from simclr_cli.cache import DecodedCache, WorkingImages, working_side
 from simclr_cli.config import PretrainConfig, replace
+from simclr_cli.curves import CurvesWriter, KnnMonitor
 from simclr_cli.data import (ImageDataset, Skipped, collate, epoch_order, make_loader, require_images, scan_images,
                              to_device_ahead)
 from simclr_cli.errors import ConfigError, SimclrError
@@ -136,6 +137,11 @@ class PretrainRun:
         self.cache = self._prepare_cache(scan.root) if config.cache else None
         self.augment_on = resolve_augment_on(config.augment_on, self.device)
         self.dataset, self.collate, self.batch_augment = self._pipeline()
+        self.monitor = (KnnMonitor(config.monitor, self.device, self.precision, config.runtime.seed, self.workers)
+                        if config.monitor and is_main() else None)
+        if self.monitor is not None:
+            report("message", text=self.monitor.describe())
+        self.curves = CurvesWriter(self.run_dir, report)
         if resume:
             self._restore()
         elif is_main():
@@ -417,12 +423,21 @@ class PretrainRun:
                     state.epoch += 1
                     state.step_in_epoch = 0
                     self.report("epoch", epoch=state.epoch, epochs=self.config.epochs, **metrics)
+                    if self.monitor is not None:
+                        knn = self.monitor.log_epoch(self.run_dir, self.model.backbone, self.encoder_info(),
+                                                     state.epoch, state.step)
+                        self.report("message", text=f"epoch {state.epoch}: kNN top-1 {knn:.1%} on "
+                                                    f"{self.config.monitor}")
                 state.finished = state.step >= self.total_steps or distributed.any_rank(self._out_of_time(clock()))
                 if distributed.any_rank(stop.signal is not None) and not state.finished:
                     interrupted = True
                 self.save_checkpoint()
+                if is_main():
+                    self.curves.draw()  # at most once a minute; always at the end
                 if interrupted:
                     break
+        if is_main():
+            self.curves.draw(final=True)
         if state.finished and final_loss is None and state.step:
             self.report("message", text=f"{self.run_dir} had already finished; exporting its encoder again")
         encoder = None if interrupted else self.export()

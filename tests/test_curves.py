@@ -1,0 +1,120 @@
+"""curves.png and the per-epoch kNN monitor (`simclr pretrain --monitor DIR`)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from simclr_cli.cli import app
+from simclr_cli.curves import CURVES_FILE, CURVES_SIZE, MONITOR_K, KnnMonitor, draw_curves, read_metrics
+from simclr_cli.export import load_encoder
+from simclr_cli.features import compute_features
+from simclr_cli.runtime import resolve_precision
+
+runner = CliRunner()
+FAST = ["--image-size", "32", "--stem", "imagenet", "--workers", "0", "--device", "cpu"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_png(path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == CURVES_SIZE
+        return np.asarray(image.convert("L"))
+
+
+def test_draw_curves_from_a_log_with_and_without_knn(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    steps = [{"step": s, "epoch": 1 + s // 10, "loss": 5 - math.log(s), "lr": 0.1 * s / 30, "images_per_s": 9.0,
+              "time": s * 0.5} for s in range(1, 31)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in steps))
+    plain = _assert_png(draw_curves(metrics, tmp_path / "plain.png"))
+    with open(metrics, "a") as log:
+        for epoch in (1, 2, 3):
+            log.write(json.dumps({"step": 10 * epoch, "epoch": epoch, "knn_top1": 0.2 * epoch}) + "\n")
+    monitored = _assert_png(draw_curves(metrics, tmp_path / "monitored.png"))
+    third = slice(2 * CURVES_SIZE[0] // 3, None)
+    assert not np.array_equal(plain[:, third], monitored[:, third]), "the kNN panel shows the epoch records"
+    step_records, epoch_records = read_metrics(metrics)
+    assert len(step_records) == 30 and [r["knn_top1"] for r in epoch_records] == [0.2, 0.4, 0.6000000000000001]
+
+
+def test_knn_monitor_matches_a_slow_reference(tiny_encoder, small_digits_folder):
+    """Weighted kNN written from its definition (Wu et al. 2018): each of the k most cosine-similar
+    reference images votes exp(similarity / 0.07) for its class."""
+    backbone, info = load_encoder(tiny_encoder)
+    device = torch.device("cpu")
+    monitor = KnnMonitor(small_digits_folder, device, resolve_precision("fp32", device), seed=0)
+    accuracy = monitor.measure(backbone, info)
+
+    data = monitor.data
+    features, kept, _ = compute_features(backbone, info, monitor.paths, device, resolve_precision("fp32", device))
+    assert kept.tolist() == list(range(len(monitor.paths)))
+    features = features.double().numpy()
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    reference, queries = features[: len(data.train)], features[len(data.train):]
+    correct = 0
+    for query, label in zip(queries, data.val.labels):
+        similarity = reference @ query
+        votes = np.zeros(len(data.classes))
+        for index in np.argsort(-similarity)[:MONITOR_K]:
+            votes[data.train.labels[index]] += np.exp(similarity[index] / 0.07)
+        correct += int(np.argmax(votes) == label)
+    assert accuracy == pytest.approx(correct / len(data.val))
+    assert accuracy > 0.5, "the briefly trained encoder separates the digits far above chance (0.1)"
+    assert not backbone.training, "the monitor leaves the backbone in the mode it found it in"
+
+
+@pytest.mark.slow
+def test_pretrain_with_monitor_logs_knn_per_epoch_and_draws_curves(tmp_path, small_digits_folder):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "2",
+                                 "--batch-size", "64", "--monitor", str(small_digits_folder), *FAST])
+    assert result.exit_code == 0, result.output
+    assert "kNN monitor: 10 classes" in result.output and "epoch 2: kNN top-1" in result.output
+    records = _records(out)
+    epoch_records = [r for r in records if "knn_top1" in r]
+    step_records = [r for r in records if "loss" in r]
+    assert [r["epoch"] for r in epoch_records] == [1, 2]
+    assert all(0.0 <= r["knn_top1"] <= 1.0 for r in epoch_records)
+    steps_per_epoch = 200 // 64
+    assert [r["step"] for r in epoch_records] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert len(step_records) == 2 * steps_per_epoch and all(math.isfinite(r["loss"]) for r in step_records)
+    _assert_png(out / CURVES_FILE)
+    assert json.loads((out / "config.json").read_text())["monitor"] == str(small_digits_folder)
+
+
+def test_pretrain_without_monitor_draws_curves_too(tiny_encoder):
+    _assert_png(tiny_encoder / CURVES_FILE)
+    assert all("loss" in r for r in _records(tiny_encoder)), "no epoch records without --monitor"
+
+
+def test_monitor_folder_that_does_not_exist_is_one_line_and_exit_1(tmp_path, small_digits_folder):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out),
+                                 "--monitor", str(tmp_path / "missing"), *FAST])
+    assert result.exit_code == 1, result.output
+    assert f"--monitor {tmp_path / 'missing'}: no such folder" in result.output.replace("\n", "")
+    assert "Traceback" not in result.output
+
+
+def test_monitor_folder_without_classes_fails_before_training(tmp_path, small_digits_folder):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (32, 32)).save(flat / "a.png")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--monitor", str(flat),
+                                 *FAST])
+    assert result.exit_code == 1, result.output
+    assert "no class subfolders" in result.output
+    assert not (out / "metrics.jsonl").exists()

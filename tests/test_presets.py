@@ -1,0 +1,73 @@
+"""`simclr pretrain --preset imagenet|cifar`: the papers' settings by name, every given flag overriding them."""
+
+import pytest
+from typer.testing import CliRunner
+
+from simclr_cli import cli
+from simclr_cli.cli import app
+from simclr_cli.config import PRESETS, PretrainConfig, apply_preset
+from simclr_cli.errors import ConfigError
+
+runner = CliRunner()
+
+
+def _config_from_cli(monkeypatch, tmp_path, folder, *flags: str) -> PretrainConfig:
+    """The PretrainConfig that `simclr pretrain FOLDER *flags` hands to the engine (which is not run)."""
+    handed = []
+    monkeypatch.setattr(cli, "_pretrain_process", lambda config, resume, quiet: handed.append(config))
+    result = runner.invoke(app, ["pretrain", str(folder), "--out", str(tmp_path / "run"), *flags])
+    assert result.exit_code == 0, result.output
+    assert len(handed) == 1
+    return handed[0]
+
+
+def test_imagenet_preset_is_the_papers_default_setting():
+    config = apply_preset(PretrainConfig(data_dir="x", out_dir="y"), "imagenet").validate()
+    assert (config.arch, config.resolved_stem, config.augment.image_size) == ("resnet50", "imagenet", 224)
+    assert (config.batch_size, config.optimizer, config.epochs, config.warmup_epochs) == (4096, "lars", 100, 10)
+    assert config.resolved_lr == pytest.approx(4.8)  # 0.3 x 4096 / 256
+    assert config.temperature == 0.1 and config.resolved_weight_decay == 1e-6
+    assert config.augment.jitter_strength == 1.0 and config.augment.use_blur
+
+
+def test_cifar_preset_is_appendix_b9():
+    config = apply_preset(PretrainConfig(data_dir="x", out_dir="y"), "cifar").validate()
+    assert (config.arch, config.resolved_stem, config.augment.image_size) == ("resnet50", "cifar", 32)
+    assert (config.batch_size, config.optimizer, config.resolved_lr, config.temperature) == (1024, "lars", 1.0, 0.5)
+    assert config.augment.jitter_strength == 0.5 and not config.augment.use_blur
+
+
+def test_given_flags_override_the_preset_and_nothing_else_changes():
+    base = PretrainConfig(data_dir="x", out_dir="y", batch_size=512, temperature=0.2, epochs=7)
+    config = apply_preset(base, "imagenet", {"batch_size", "temperature"})
+    assert (config.batch_size, config.temperature, config.epochs) == (512, 0.2, 100)
+    assert config.resolved_lr == pytest.approx(0.6), "the paper's rule, 0.3 x batch/256, follows the given batch"
+    assert (config.data_dir, config.out_dir) == ("x", "y")
+    assert set(PRESETS["imagenet"]) == set(PRESETS["cifar"]), "both presets set the same things"
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"--preset 'resnet' is unknown; choose one of imagenet, cifar"):
+        apply_preset(PretrainConfig(data_dir="x", out_dir="y"), "resnet")
+
+
+def test_cli_preset_with_flags_that_override_it(monkeypatch, tmp_path, small_digits_folder):
+    # --epochs 100 is the command's default value: given explicitly, it still beats the preset's 1000.
+    config = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--preset", "cifar", "--epochs", "100",
+                              "--batch-size", "256", "--lr", "0.5", "--arch", "resnet18")
+    assert (config.epochs, config.batch_size, config.lr, config.arch) == (100, 256, 0.5, "resnet18")
+    assert (config.temperature, config.augment.image_size, config.resolved_stem) == (0.5, 32, "cifar")
+
+
+def test_cli_without_preset_keeps_the_defaults(monkeypatch, tmp_path, small_digits_folder):
+    config = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--image-size", "32")
+    assert (config.arch, config.batch_size, config.temperature, config.epochs) == ("resnet18", 256, 0.1, 100)
+
+
+def test_cli_unknown_preset_is_one_line_and_exit_1(tmp_path, small_digits_folder):
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(tmp_path / "run"),
+                                 "--preset", "imagenet21k"])
+    assert result.exit_code == 1, result.output
+    assert "--preset 'imagenet21k' is unknown; choose one of imagenet, cifar" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
