@@ -46,7 +46,7 @@ class _ContrastiveSum(torch.autograd.Function):
     def forward(ctx, z: torch.Tensor, positives: torch.Tensor, spans: list[tuple[int, int]], temperature: float):
         rows = torch.cat([torch.arange(b, e, device=z.device) for b, e in spans])  # (Q,)
         positive_logits = (z[rows] * z[positives]).sum(dim=1) / temperature  # (Q,)
-        log_normalisers = torch.cat([torch.logsumexp(logits, dim=1) for logits in _blocks(z, spans, temperature)])
+        log_normalisers = torch.cat([_logsumexp_(logits) for logits in _blocks(z, spans, temperature)])
         ctx.save_for_backward(z, rows, positives, log_normalisers)
         ctx.spans, ctx.temperature = spans, temperature
         return (log_normalisers - positive_logits).sum()
@@ -66,6 +66,12 @@ class _ContrastiveSum(torch.autograd.Function):
         grad.index_add_(0, rows, z[positives] * -scale)  # the positive logits' own terms (no host sync)
         grad.index_add_(0, positives, z[rows] * -scale)
         return grad, None, None, None
+
+
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp of each row, (c,), overwriting the (c, M) logits (no temporary copies)."""
+    peak = logits.amax(dim=1, keepdim=True)  # (c, 1): finite, every row has its positive
+    return logits.sub_(peak).exp_().sum(dim=1).log_().add_(peak.squeeze(1))
 
 
 def _block_spans(spans: list[tuple[int, int]], columns: int, device: torch.device) -> list[tuple[int, int]]:
