@@ -12,6 +12,7 @@ loader's start included) and over the whole run, and the ratio. Target: 1.5x.
 
     .venv/bin/python benchmarks/bench_pretrain.py
     .venv/bin/python benchmarks/bench_pretrain.py --images 128 --batch-size 32 --image-size 224 --epochs 3
+    .venv/bin/python benchmarks/bench_pretrain.py --skip-plain --augment-on device   # vs cpu: what auto picks
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def plain_loop(paths, image_size: int, batch_size: int, epochs: int, workers: in
     return rates
 
 
-def simclr_run(folder: Path, out: Path, image_size: int, batch_size: int, epochs: int,
-               workers: int) -> tuple[list[float], float]:
+def simclr_run(folder: Path, out: Path, image_size: int, batch_size: int, epochs: int, workers: int,
+               augment_on: str) -> tuple[list[float], float]:
     """train.pretrain with the cache: images/s of each epoch and of the whole call."""
     from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
     from simclr_cli.train import pretrain
@@ -72,7 +73,7 @@ def simclr_run(folder: Path, out: Path, image_size: int, batch_size: int, epochs
             rates.append(fields["images_per_s"])
 
     config = PretrainConfig(data_dir=str(folder), out_dir=str(out), epochs=epochs, batch_size=batch_size,
-                            stem="imagenet", cache=True, warmup_epochs=0,
+                            stem="imagenet", cache=True, warmup_epochs=0, augment_on=augment_on,
                             augment=AugmentConfig(image_size=image_size),
                             runtime=RuntimeConfig(device="cpu", workers=workers))
     start = time.perf_counter()
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: simclr's default)")
+    parser.add_argument("--augment-on", default="auto", help="simclr's --augment-on")
+    parser.add_argument("--skip-plain", action="store_true", help="time simclr alone (to compare --augment-on)")
     args = parser.parse_args()
 
     from simclr_cli.runtime import default_workers
@@ -100,11 +103,15 @@ def main() -> None:
               f"{torch.get_num_threads()} torch threads, {workers} loader worker(s); resnet18 at {args.image_size} "
               f"px, batch {args.batch_size}, {args.images} photos of "
               f"{args.photo_size[0] * args.photo_size[1] / 1e6:.1f} MP, {args.epochs} epochs")
+        ours, ours_total = simclr_run(folder, Path(tmp) / "run", args.image_size, args.batch_size, args.epochs,
+                                      workers, args.augment_on)
+        if args.skip_plain:
+            print(f"simclr --cache --augment-on {args.augment_on}: " + ", ".join(
+                f"epoch {e + 1}: {r:.1f} images/s" for e, r in enumerate(ours)) + f"; whole run {ours_total:.1f}")
+            return
         start = time.perf_counter()
         plain = plain_loop(sorted(folder.glob("*.jpg")), args.image_size, args.batch_size, args.epochs, workers)
         plain_total = (args.images // args.batch_size) * args.batch_size * args.epochs / (time.perf_counter() - start)
-        ours, ours_total = simclr_run(folder, Path(tmp) / "run", args.image_size, args.batch_size, args.epochs,
-                                      workers)
         for name, rates, total in (("plain", plain, plain_total), ("simclr --cache", ours, ours_total)):
             print(f"{name:15s} " + ", ".join(f"epoch {e + 1}: {r:.1f} images/s" for e, r in enumerate(rates))
                   + f"; whole run (set-up, checkpoints, export included) {total:.1f} images/s")
