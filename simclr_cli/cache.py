@@ -21,6 +21,7 @@ filled yet, so a run with --cache sees the same views as without, and resumes bi
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -129,8 +130,6 @@ class DecodedCache:
 
     def _read_manifest(self) -> dict | None:
         try:
-            import json
-
             manifest = json.loads(Path(f"{self.base}.json").read_text())
         except (OSError, ValueError):
             return None
