@@ -143,18 +143,25 @@ def top_k(rows: np.ndarray, queries: torch.Tensor, k: int, normalized: bool = Tr
     count, num_queries = rows.shape[0], queries.shape[0]
     k = min(k, count - (1 if exclude and any(e is not None for e in exclude) else 0))
     queries_t = queries.float().T.contiguous()  # (D, Q)
+    queries_np = queries_t.numpy()
     best_scores = torch.full((0, num_queries), -float("inf"))
     best_rows = torch.empty((0, num_queries), dtype=torch.long)
     buffer = torch.empty((min(chunk_rows, count), rows.shape[1]), dtype=torch.float32)
     for start in range(0, count, chunk_rows):
-        block = torch.from_numpy(np.ascontiguousarray(rows[start:start + chunk_rows]))  # (C, D)
-        if block.dtype != torch.float32:  # float16: converted into a reused buffer that stays in cache
-            block = buffer[:len(block)].copy_(block)
-        scores = block @ queries_t  # (C, Q)
+        chunk = np.asarray(rows[start:start + chunk_rows])  # (C, D), read from the memory map
+        if chunk.dtype == np.float32:
+            # numpy's BLAS matrix-vector product reads float32 rows about 2x faster than torch's here.
+            scores = torch.from_numpy(chunk @ queries_np)  # (C, Q)
+        else:
+            # float16: torch converts (vectorised; numpy's conversion is 7x slower) into a reused
+            # buffer that stays in cache, and scores it. Mixing numpy's BLAS threads with torch's
+            # in one loop makes both spin against each other, so this branch stays all torch.
+            block = buffer[:len(chunk)].copy_(torch.from_numpy(chunk))
+            scores = block @ queries_t  # (C, Q)
         if not normalized:
-            scores /= block.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (C, 1)
+            scores /= torch.from_numpy(np.linalg.norm(chunk, axis=1, keepdims=True)).clamp_min(1e-12)  # (C, 1)
         for j, row in enumerate(exclude or ()):
-            if row is not None and start <= row < start + len(block):
+            if row is not None and start <= row < start + len(chunk):
                 scores[row - start, j] = -float("inf")
         values, positions = scores.topk(min(k, scores.shape[0]), dim=0)  # (k', Q)
         merged = torch.cat([best_scores, values])  # (k + k', Q)
