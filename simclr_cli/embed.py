@@ -29,8 +29,7 @@ from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.export import load_encoder, read_json, resolve_model_path, write_json
 from simclr_cli.features import iter_features, preprocessing
 from simclr_cli.index import DTYPES, Manifest, manifest_path, remember_index, sha256_file, write_manifest
-from simclr_cli.runtime import default_workers, resolve_device, resolve_precision
-from simclr_cli.train import _StopFlag
+from simclr_cli.runtime import StopFlag, default_workers, resolve_device, resolve_precision
 
 Report = Callable[..., None]
 SAVE_EVERY = 8  # batches between progress records
@@ -184,7 +183,7 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
     report("embed_start", total=len(paths), done=done)
 
     start_time, start_done, batches, interrupted = time.monotonic(), done, 0, False
-    with _StopFlag() as stop:  # Ctrl-C or SIGTERM: finish the batch, save progress, stop
+    with StopFlag() as stop:  # Ctrl-C or SIGTERM: finish the batch, save progress, stop
         try:
             for batch in iter_features(backbone, info, paths, device, precision, config.batch_size, workers,
                                        order=range(done, len(paths))):

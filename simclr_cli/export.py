@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from simclr_cli import __version__
-from simclr_cli.errors import ModelFileError
+from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.models import BACKBONES, build_backbone
 
 ENCODER_FORMAT = "simclr-encoder"
@@ -43,6 +43,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_run_dir(run_dir: Path, resume: bool, command: str) -> None:
+    """A new run needs an empty (or new) --out; a resumed one needs the checkpoint a run left there."""
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if resume and not checkpoint.is_file():
+        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT_FILE} there; pass the folder of a run that "
+                          f"`simclr {command}` started")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        hint = f"resume it with --resume {run_dir}" if checkpoint.is_file() else "choose an empty folder"
+        raise ConfigError(f"--out {run_dir} already holds files; {hint}, or pass another --out")
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -22,15 +22,15 @@ from simclr_cli.data import ImageDataset, Skipped, epoch_order, make_loader
 from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_confusion, knn_report, report_data,
                                  split_features)
-from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, EncoderInfo, load_checkpoint, load_encoder,
-                               load_optimizer, read_json, read_metadata, resolve_model_path, save_checkpoint,
-                               save_tensors, write_json)
+from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, EncoderInfo, check_run_dir, load_checkpoint,
+                               load_encoder, load_optimizer, read_json, read_metadata, resolve_model_path,
+                               save_checkpoint, save_tensors, write_json)
 from simclr_cli.features import compute_features, preprocessing
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, load_labelled
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
-from simclr_cli.runtime import (default_workers, resolve_device, resolve_precision, rng_state, seed_everything,
-                                set_rng_state)
-from simclr_cli.train import Report, TrainingDiverged, _StopFlag, silent
+from simclr_cli.runtime import (StopFlag, default_workers, resolve_device, resolve_precision, rng_state,
+                                seed_everything, set_rng_state)
+from simclr_cli.train import Report, TrainingDiverged, silent
 
 FINETUNED_FILE = "finetuned.safetensors"
 FINETUNED_FORMAT = "simclr-finetuned"
@@ -135,7 +135,7 @@ class FinetuneRun:
     def __init__(self, config: FinetuneConfig, report: Report = silent, resume: bool = False):
         self.config, self.report = config, report
         self.run_dir = Path(config.out_dir)
-        self._check_run_dir(resume)
+        check_run_dir(self.run_dir, resume, "finetune")
         self.device = resolve_device(config.runtime.device)
         self.precision = resolve_precision(config.runtime.precision, self.device)
         self.workers = config.runtime.workers if config.runtime.workers is not None else default_workers()
@@ -169,15 +169,6 @@ class FinetuneRun:
                                f"lr {config.resolved_lr:g}")
 
     # -- set-up -----------------------------------------------------------------------------
-
-    def _check_run_dir(self, resume: bool) -> None:
-        checkpoint = self.run_dir / CHECKPOINT_FILE
-        if resume and not checkpoint.is_file():
-            raise ConfigError(f"--resume {self.run_dir}: no {CHECKPOINT_FILE} there; pass the folder of a run "
-                              f"that `simclr finetune` started")
-        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
-            hint = f"resume it with --resume {self.run_dir}" if checkpoint.is_file() else "choose an empty folder"
-            raise ConfigError(f"--out {self.run_dir} already holds files; {hint}, or pass another --out")
 
     def _load_data(self) -> LabelledData:
         """The labelled images, the training set cut to --label-fraction; saved to split.json."""
@@ -215,7 +206,7 @@ class FinetuneRun:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def train_one_epoch(self, stop: _StopFlag, clock) -> None:
+    def train_one_epoch(self, stop: StopFlag, clock) -> None:
         """Train until the epoch ends or a stop is requested; running sums go to the state."""
         config, state, device = self.config, self.state, self.device
         self.model.train()
@@ -361,7 +352,7 @@ class FinetuneRun:
 
         self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs)
         interrupted = False
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while state.epoch < self.config.epochs:
                 self.train_one_epoch(stop, clock)
                 if state.step_in_epoch >= self.steps_per_epoch:

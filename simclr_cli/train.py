@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,14 +20,14 @@ from simclr_cli.curves import CurvesWriter, KnnMonitor
 from simclr_cli.data import (ImageDataset, Skipped, collate, epoch_order, make_loader, require_images, scan_images,
                              to_device_ahead)
 from simclr_cli.errors import ConfigError, SimclrError
-from simclr_cli.export import (CHECKPOINT_FILE, ENCODER_FILE, HEAD_FILE, EncoderInfo, load_checkpoint,
-                               load_optimizer, read_json, save_checkpoint, save_encoder, save_tensors,
-                               write_json)
+from simclr_cli.export import (CHECKPOINT_FILE, ENCODER_FILE, HEAD_FILE, EncoderInfo, check_run_dir,
+                               load_checkpoint, load_optimizer, read_json, save_checkpoint, save_encoder,
+                               save_tensors, write_json)
 from simclr_cli.gradcache import cached_backward, chunk_count
 from simclr_cli.loss import global_nt_xent
 from simclr_cli.models import SimCLR
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
-from simclr_cli.runtime import (default_workers, is_main, resolve_device, resolve_precision, rng_state,
+from simclr_cli.runtime import (StopFlag, default_workers, is_main, resolve_device, resolve_precision, rng_state,
                                 seed_everything, set_rng_state, world_size)
 
 Report = Callable[..., None]  # report(kind, **fields): the CLI draws these; the engine never prints
@@ -64,31 +63,6 @@ class PretrainResult:
     interrupted: bool = False
 
 
-class _StopFlag:
-    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop; a second one is immediate."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay as they are
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class PretrainRun:
     """One pretraining run in one folder: built fresh, or from its checkpoint when resuming."""
 
@@ -102,7 +76,8 @@ class PretrainRun:
         self._created = time.monotonic()
         self.state = LoopState()
         self._step_seconds = 0.0  # duration of the latest step, to tell whether another one fits
-        self._check_run_dir(resume)
+        self._time_progress = 0.0  # fraction of the time budget spent, as far as the schedule goes
+        check_run_dir(self.run_dir, resume, "pretrain")
         distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
         seed_everything(config.runtime.seed)
 
@@ -194,15 +169,6 @@ class PretrainRun:
             return dataset, AugmentInLoader(BatchAugment(aug)), None
         return dataset, collate, BatchAugment(aug)
 
-    def _check_run_dir(self, resume: bool) -> None:
-        checkpoint = self.run_dir / CHECKPOINT_FILE
-        if resume and not checkpoint.is_file():
-            raise ConfigError(f"--resume {self.run_dir}: no {CHECKPOINT_FILE} there; pass the folder of a run "
-                              f"that `simclr pretrain` started")
-        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
-            hint = f"resume it with --resume {self.run_dir}" if checkpoint.is_file() else "choose an empty folder"
-            raise ConfigError(f"--out {self.run_dir} already holds files; {hint}, or pass another --out")
-
     def _restore(self) -> None:
         checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_FILE)
         self.model.backbone.load_state_dict(checkpoint.module_state("backbone"))
@@ -238,7 +204,9 @@ class PretrainRun:
         """
         by_steps = (self.state.step + 0.5) / self.total_steps
         by_time = (elapsed + self._reserve()) / self.config.max_time if self.config.max_time else 0.0
-        return min(1.0, max(by_steps, by_time))
+        # The reserve follows the latest step's duration; never let that move the schedule backwards.
+        self._time_progress = max(self._time_progress, by_time)
+        return min(1.0, max(by_steps, self._time_progress))
 
     def _reserve(self) -> float:
         """Seconds to keep free at the end of a time budget: one more step and the export."""
@@ -253,7 +221,7 @@ class PretrainRun:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def train_one_epoch(self, stop: _StopFlag, clock: Callable[[], float]) -> dict[str, float]:
+    def train_one_epoch(self, stop: StopFlag, clock: Callable[[], float]) -> dict[str, float]:
         """Train until the epoch ends, the budget is spent or a stop is requested; return mean metrics."""
         config, state, device = self.config, self.state, self.device
         self.model.train()
@@ -413,7 +381,7 @@ class PretrainRun:
                     steps_per_epoch=self.steps_per_epoch, max_time=self.config.max_time)
         final_loss: float | None = None
         interrupted = False
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while not state.finished:
                 metrics = self.train_one_epoch(stop, clock)
                 if metrics["steps"]:

@@ -171,3 +171,13 @@ def test_version_and_help_list_every_command():
     assert result.exit_code == 0, result.output
     for command in ("pretrain", "linear-eval", "finetune", "embed", "similar"):
         assert command in result.output
+
+
+def test_time_budget_schedule_never_goes_back_up(small_digits_folder, tmp_path):
+    out = tmp_path / "monotone"
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1000",
+                                 "--batch-size", "16", "--max-time", "8s", "--warmup-epochs", "0", *FAST])
+    assert result.exit_code == 0, result.output
+    rates = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "lr" in json.loads(line)]
+    assert len(rates) >= 2 and all(a >= b for a, b in zip(rates, rates[1:])), rates
