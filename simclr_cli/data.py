@@ -176,6 +176,14 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
         raise UnreadableImage(f"unreadable: {message}") from None
 
 
+def note_skipped(known: dict[str, Skipped], skipped: list[Skipped], report: Callable[..., None]) -> None:
+    """Add newly skipped files to `known` (path -> Skipped) and warn once about each."""
+    for item in skipped:
+        if item.path not in known:
+            known[item.path] = item
+            report("warning", text=f"skipped {item.path}: {item.reason}")
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A seed that depends only on (run seed, epoch, image index): augmentations do not depend on
     worker count or batch order, so an interrupted run resumes bit for bit."""

@@ -18,7 +18,7 @@ from torchvision import transforms as T
 
 from simclr_cli import __version__
 from simclr_cli.config import FinetuneConfig, replace
-from simclr_cli.data import ImageDataset, Skipped, epoch_order, make_loader
+from simclr_cli.data import ImageDataset, Skipped, epoch_order, make_loader, note_skipped
 from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_confusion, knn_report, report_data,
                                  split_features)
@@ -294,10 +294,7 @@ class FinetuneRun:
                                     + (" (best so far, saved)" if best else ""))
 
     def _note_skipped(self, skipped: list[Skipped]) -> None:
-        for item in skipped:
-            if item.path not in self.skipped:
-                self.skipped[item.path] = item
-                self.report("warning", text=f"skipped {item.path}: {item.reason}")
+        note_skipped(self.skipped, skipped, self.report)
 
     # -- outputs ----------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from simclr_cli.batch_augment import AugmentInLoader, BatchAugment, ViewSampler,
 from simclr_cli.cache import DecodedCache, WorkingImages, working_side
 from simclr_cli.config import PretrainConfig, replace
 from simclr_cli.curves import CurvesWriter, KnnMonitor
-from simclr_cli.data import (ImageDataset, Skipped, collate, epoch_order, make_loader, require_images, scan_images,
-                             to_device_ahead)
+from simclr_cli.data import (ImageDataset, Skipped, collate, epoch_order, make_loader, note_skipped, require_images,
+                             scan_images, to_device_ahead)
 from simclr_cli.errors import ConfigError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, ENCODER_FILE, HEAD_FILE, EncoderInfo, check_run_dir,
                                load_checkpoint, load_optimizer, read_json, save_checkpoint, save_encoder,
@@ -332,10 +332,7 @@ class PretrainRun:
         pending.clear()
 
     def _note_skipped(self, skipped: list[Skipped]) -> None:
-        for item in skipped:
-            if item.path not in self.skipped:
-                self.skipped[item.path] = item
-                self.report("warning", text=f"skipped {item.path}: {item.reason}")
+        note_skipped(self.skipped, skipped, self.report)
 
     # -- outputs ----------------------------------------------------------------------------
 

@@ -2,12 +2,11 @@
 
 import json
 import os
-import pickle
+import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -68,7 +67,7 @@ def test_slots_are_filled_once_and_read_back_without_decoding(tmp_path, monkeypa
     paths = write_folder(tmp_path / "images", [(120, 90), (90, 120), (60, 60)])
     cache, summary = DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
     assert "created" in summary and Path(f"{cache.base}.u8").stat().st_size == 3 * 37 * 50 * 3
-    decode = WorkingImages(37, pickle.loads(pickle.dumps(cache)))  # as a loader worker gets it
+    decode = WorkingImages(37, copy.deepcopy(cache))  # through __getstate__, as a loader worker gets it
     first = [np.asarray(decode(i, str(p))) for i, p in enumerate(paths)]
     assert [a.shape[:2] for a in first] == [(37, 49), (49, 37), (37, 37)]
 

@@ -1,6 +1,5 @@
 """Scanning folders, decoding every mode to RGB, skipping bad files."""
 
-import io
 from pathlib import Path
 
 import numpy as np
