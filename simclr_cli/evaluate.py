@@ -86,7 +86,7 @@ class LinearProbe:
     l2: float
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        standardised = (features.double() - self.mean) / self.std
+        standardised = (features.float() - self.mean) / self.std
         return standardised @ self.weight.T + self.bias  # (N, D) x (D, C) -> (N, C)
 
     def folded(self) -> dict[str, torch.Tensor]:
@@ -97,16 +97,22 @@ class LinearProbe:
 
 
 def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float,
-                 max_iter: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight (C, D), bias (C,)) minimising mean cross-entropy + l2/2 ||W||^2, full batch, with L-BFGS.
+                 max_iter: int = 500, start: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight (C, D), bias (C,)) minimising mean cross-entropy + l2/2 ||W||^2, full batch, with L-BFGS,
+    in the dtype of `features`, from zeros or from `start` (a nearby solution: warm start).
 
     The objective is scikit-learn's LogisticRegression with C = 1 / (l2 N) (bias not penalised).
     """
-    features = features.double()
-    weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    dtype = features.dtype
+    tiny = torch.finfo(dtype).eps
+    weight0, bias0 = start if start is not None else (torch.zeros(num_classes, features.shape[1]),
+                                                      torch.zeros(num_classes))
+    weight = weight0.to(dtype).clone().requires_grad_(True)
+    bias = bias0.to(dtype).clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+                                  tolerance_grad=1e3 * tiny, tolerance_change=10 * tiny,
+                                  line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -130,22 +136,29 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
 def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float | None = None,
                        seed: int = 0) -> tuple[LinearProbe, list[dict[str, float]]]:
     """The probe on all training features, its L2 strength chosen (when not given) by accuracy on a
-    stratified 20% of them, as in SimCLR's linear evaluation; also the search's (l2, accuracy) pairs."""
-    features = features.double()
+    stratified 20% of them, as in SimCLR's linear evaluation; also the search's (l2, accuracy) pairs.
+
+    Float32 (2.4x faster than float64 on a CPU) and warm starts: the search walks from the strongest
+    penalty to the weakest, each fit starting from the last solution, and the final fit starts from
+    the chosen one. With 60,000 x 512 features that takes about a minute on 2 cores instead of 14.
+    """
+    features = features.float()
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     standardised = (features - mean) / std
     search: list[dict[str, float]] = []
+    start = None
     if l2 is None:
         kept, held = stratified_split(labels.tolist(), 0.2, seed)
-        best = -1.0
+        kept_x, kept_y, held_x, held_y = standardised[kept], labels[kept], standardised[held], labels[held]
+        best, previous = -1.0, None
         for candidate in sorted(L2_GRID, reverse=True):  # on ties the stronger penalty wins
-            weight, bias = fit_logistic(standardised[kept], labels[kept], num_classes, candidate)
-            predicted = (standardised[held] @ weight.T + bias).argmax(1)  # (n_held, C) -> (n_held,)
-            accuracy = (predicted == labels[held]).double().mean().item()
+            previous = fit_logistic(kept_x, kept_y, num_classes, candidate, start=previous)
+            weight, bias = previous
+            accuracy = ((held_x @ weight.T + bias).argmax(1) == held_y).double().mean().item()  # (n_held,)
             search.append({"l2": candidate, "holdout_top1": accuracy})
             if accuracy > best:
-                best, l2 = accuracy, candidate
-    weight, bias = fit_logistic(standardised, labels, num_classes, l2)
+                best, l2, start = accuracy, candidate, previous
+    weight, bias = fit_logistic(standardised, labels, num_classes, l2, start=start)
     return LinearProbe(weight, bias, mean, std, l2), search
 
 
