@@ -10,7 +10,7 @@ from typing import Any
 
 from simclr_cli.errors import ConfigError
 
-# The backbone names; models.BACKBONES maps each to its torchvision constructor. Kept here so that
+# The backbone names; models.BACKBONES maps each to its constructor. Kept here so that
 # `simclr --help` and validation need no torch import (about 2 s on a small CPU).
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 OPTIMIZERS = ("lars", "sgd", "adamw")

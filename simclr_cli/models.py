@@ -1,31 +1,133 @@
-"""Backbone registry, the encoder f (a torchvision ResNet) and the projection head g."""
+"""Backbone registry, the encoder f (a ResNet) and the projection head g."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
-from torchvision import models as tvm
 
 from simclr_cli.config import ARCHITECTURES
 
+
+# -- ResNet (He et al. 2015, arXiv 1512.03385), written out so that loading an encoder needs no
+# torchvision: importing it costs about 2 s on a small CPU (torchvision.ops imports torch._dynamo),
+# more than `simclr similar` spends on everything else. Module and key names, shapes and weight
+# initialisation are torchvision's, so our files load into torchvision.models.resnetXX and back
+# (tests/test_models.py checks that both give the same outputs for the same weights).
+
+def _conv3x3(inplanes: int, planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(inplanes: int, planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions and a shortcut (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 down, 3x3 (strided, as torchvision's "ResNet v1.5"), 1x1 up, and a shortcut (ResNet-50+)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = _conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """The encoder f: images (B, 3, H, W) -> h (B, feature_dim), global-average-pooled, no classifier."""
+
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: tuple[int, int, int, int]):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, depths[0])
+        self.layer2 = self._make_layer(block, 128, depths[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, depths[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, depths[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.feature_dim = 512 * block.expansion
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def _make_layer(self, block, planes: int, count: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(_conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        blocks = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        blocks += [block(self.inplanes, planes) for _ in range(1, count)]
+        return nn.Sequential(*blocks)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)  # (B, feature_dim)
+
+
+_DEPTHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4, 6, 3)),
+           "resnet50": (Bottleneck, (3, 4, 6, 3)), "resnet101": (Bottleneck, (3, 4, 23, 3)),
+           "resnet152": (Bottleneck, (3, 8, 36, 3))}
+
 # One registry, keyed by the names in config.ARCHITECTURES, feeds the CLI choices, validation and
 # the per-backbone tests.
-BACKBONES: dict[str, Callable[[], tvm.ResNet]] = {name: getattr(tvm, name) for name in ARCHITECTURES}
+BACKBONES: dict[str, Callable[[], ResNet]] = {name: partial(ResNet, *_DEPTHS[name]) for name in ARCHITECTURES}
 
 
-def build_backbone(arch: str, stem: str = "imagenet") -> tvm.ResNet:
-    """A randomly initialised torchvision ResNet with `fc` removed; forward gives h.
+def build_backbone(arch: str, stem: str = "imagenet") -> ResNet:
+    """A randomly initialised ResNet without classifier; forward gives h.
 
     stem "cifar" swaps the 7x7/2 convolution and max-pool for one 3x3/1 convolution, as the
     SimCLR paper does for 32 px CIFAR-10 images (Appendix B.9). Key names stay torchvision's.
     """
     model = BACKBONES[arch]()
-    model.feature_dim = model.fc.in_features
-    model.fc = nn.Identity()
     if stem == "cifar":
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
     elif stem != "imagenet":
         raise ValueError(f"unknown stem {stem!r}")

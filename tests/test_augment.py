@@ -62,3 +62,19 @@ def test_eval_transform_is_deterministic_and_normalised():
     out = transform(image)
     assert out.shape == (3, 32, 32) and torch.equal(out, transform(image))
     assert out.abs().max() < 0.02  # the ImageNet mean colour normalises to about zero
+
+
+@pytest.mark.parametrize("image_size", [28, 32, 96, 224])
+@pytest.mark.parametrize("width, height", [(300, 200), (120, 333), (32, 32), (20, 45), (256, 256)])
+def test_eval_transform_equals_torchvisions_composition(image_size, width, height):
+    """Ours needs no torchvision import; it must give torchvision's numbers exactly, or an index
+    built before would no longer match the queries."""
+    from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    generator = torch.Generator().manual_seed(width * height)
+    pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
+    image = Image.fromarray(pixels.numpy())
+    resize = image_size if image_size <= 64 else round(image_size / 0.875)
+    reference = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                           T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    assert torch.equal(eval_transform(image_size)(image), reference(image))

@@ -21,6 +21,25 @@ def test_every_backbone_forward_backward_reaches_every_parameter(arch):
     assert model.backbone.feature_dim == FEATURE_DIMS[arch]
 
 
+@pytest.mark.parametrize("arch", list(BACKBONES))
+def test_our_resnet_is_torchvisions_key_for_key_and_output_for_output(arch):
+    """Encoders are rebuilt without torchvision (2 s faster to start); files must still load both ways."""
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, arch)()
+    reference.fc = torch.nn.Identity()
+    ours = build_backbone(arch, "imagenet")
+    ours_state = ours.state_dict()
+    assert {k: v.shape for k, v in ours_state.items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    ours.load_state_dict(reference.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(ours.eval()(images), reference.eval()(images), atol=1e-5)
+    # torchvision's initialisation: He-normal (fan out) convolutions, unit BatchNorm scales.
+    conv = ours_state["layer2.0.conv1.weight"]
+    fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
+    assert conv.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
+    assert torch.equal(ours_state["bn1.weight"], torch.ones(64))
+
+
 def test_cifar_stem_keeps_resolution_and_torchvision_key_names():
     backbone = build_backbone("resnet18", "cifar")
     assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
