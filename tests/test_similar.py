@@ -102,6 +102,25 @@ def test_top_k_matches_brute_force(count, dim, k, chunk_rows, normalized):
     np.testing.assert_allclose(scores.numpy(), np.take_along_axis(expected, found.numpy(), 1), atol=1e-5)
 
 
+@pytest.mark.parametrize("exclude", [None, 3])
+def test_float16_rows_are_ranked_exactly_despite_near_ties(exclude):
+    """One query against float16 rows takes float16 scores only to find candidates: the ranking must be
+    the float32 one, even among rows whose scores differ by less than float16 can resolve."""
+    generator = np.random.default_rng(0)
+    query = generator.standard_normal(64).astype(np.float32)
+    query /= np.linalg.norm(query)
+    near = query + 2e-3 * generator.standard_normal((40, 64)).astype(np.float32)  # scores within ~1e-4
+    rows = np.concatenate([generator.standard_normal((5000, 64)).astype(np.float32), near])
+    rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
+    generator.shuffle(rows)
+    scores, found = top_k(rows, torch.from_numpy(query)[None], 12, exclude=[exclude], chunk_rows=1000)
+    exact = rows.astype(np.float64) @ query.astype(np.float64)  # (N,): the rows as stored, unit or not
+    if exclude is not None:
+        exact[exclude] = -np.inf
+    assert found[0].tolist() == list(np.argsort(-exact, kind="stable")[:12])
+    np.testing.assert_allclose(scores[0].numpy(), exact[found[0].numpy()], rtol=1e-6)
+
+
 def test_float16_index_gives_the_same_top_k(indexes):
     rows32, manifest = open_index(indexes["float32"])
     rows16, _ = open_index(indexes["float16"])
