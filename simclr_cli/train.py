@@ -67,10 +67,11 @@ class PretrainRun:
     """One pretraining run in one folder: built fresh, or from its checkpoint when resuming."""
 
     def __init__(self, config: PretrainConfig, report: Report = silent, resume: bool = False):
-        self.config = config
         self.report = report
         self.run_dir = Path(config.out_dir)
         self.device = resolve_device(config.runtime.device)
+        # Decided once and saved in config.json, so a resumed run keeps its architecture.
+        self.config = config = replace(config, stem=config.resolved_stem(self.device.type))
         self.precision = resolve_precision(config.runtime.precision, self.device)
         self.workers = config.runtime.workers if config.runtime.workers is not None else default_workers()
         self._created = time.monotonic()
@@ -95,11 +96,12 @@ class PretrainRun:
         self.steps_per_epoch = max(1, len(self.paths) // self.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         if aug.small:
-            report("message", text=f"{aug.image_size} px images: using the paper's CIFAR-10 settings "
-                                   f"(jitter strength {aug.jitter_strength:g}, blur "
-                                   f"{'on' if aug.use_blur else 'off'}, {config.resolved_stem} stem)")
+            report("message", text=f"{aug.image_size} px images: the paper's CIFAR-10 views (jitter strength "
+                                   f"{aug.jitter_strength:g}, blur {'on' if aug.use_blur else 'off'}), {config.stem} stem"
+                                   + (" (the 3x3 cifar stem is about 30x slower on a CPU; --stem cifar forces it)"
+                                      if config.stem == "imagenet" and self.device.type == "cpu" else ""))
 
-        self.model = SimCLR(config.arch, config.resolved_stem, config.proj_layers, config.proj_dim)
+        self.model = SimCLR(config.arch, config.stem, config.proj_layers, config.proj_dim)
         self.sync_bn = distributed.use_sync_bn(config.sync_bn, self.device)
         if self.sync_bn:
             self.model = distributed.convert_sync_bn(self.model)
@@ -350,7 +352,7 @@ class PretrainRun:
         write_json(self.run_dir / "skipped.json", [s.to_json() for s in self.skipped.values()])
 
     def encoder_info(self) -> EncoderInfo:
-        return EncoderInfo(arch=self.config.arch, stem=self.config.resolved_stem,
+        return EncoderInfo(arch=self.config.arch, stem=self.config.stem,
                            feature_dim=self.model.backbone.feature_dim, image_size=self.config.augment.image_size,
                            mean=IMAGENET_MEAN, std=IMAGENET_STD, version=__version__, config=self.config.to_json())
 

@@ -1,6 +1,6 @@
 import pytest
 
-from simclr_cli.config import AugmentConfig, PretrainConfig, parse_duration
+from simclr_cli.config import AugmentConfig, PretrainConfig, parse_duration, replace
 from simclr_cli.errors import ConfigError
 
 
@@ -27,9 +27,11 @@ def test_validation_names_the_flag(change, flag):
         PretrainConfig(data_dir=".", out_dir="x", **change).validate()
 
 
-def test_small_images_default_to_cifar_stem_and_config_round_trips():
+def test_small_images_default_to_cifar_stem_on_accelerators_only_and_config_round_trips():
     config = PretrainConfig(data_dir=".", out_dir="x", augment=AugmentConfig(image_size=32))
-    assert config.resolved_stem == "cifar"
+    assert config.resolved_stem("cuda") == "cifar" and config.resolved_stem("cpu") == "imagenet"
+    assert PretrainConfig(data_dir=".", out_dir="x").resolved_stem("cuda") == "imagenet"  # 224 px
+    assert replace(config, stem="cifar").resolved_stem("cpu") == "cifar"
     assert PretrainConfig.from_json(config.to_json()) == config
 
 

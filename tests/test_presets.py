@@ -23,7 +23,7 @@ def _config_from_cli(monkeypatch, tmp_path, folder, *flags: str) -> PretrainConf
 
 def test_imagenet_preset_is_the_papers_default_setting():
     config = apply_preset(PretrainConfig(data_dir="x", out_dir="y"), "imagenet").validate()
-    assert (config.arch, config.resolved_stem, config.augment.image_size) == ("resnet50", "imagenet", 224)
+    assert (config.arch, config.resolved_stem("cpu"), config.augment.image_size) == ("resnet50", "imagenet", 224)
     assert (config.batch_size, config.optimizer, config.epochs, config.warmup_epochs) == (4096, "lars", 100, 10)
     assert config.resolved_lr == pytest.approx(4.8)  # 0.3 x 4096 / 256
     assert config.temperature == 0.1 and config.resolved_weight_decay == 1e-6
@@ -32,7 +32,7 @@ def test_imagenet_preset_is_the_papers_default_setting():
 
 def test_cifar_preset_is_appendix_b9():
     config = apply_preset(PretrainConfig(data_dir="x", out_dir="y"), "cifar").validate()
-    assert (config.arch, config.resolved_stem, config.augment.image_size) == ("resnet50", "cifar", 32)
+    assert (config.arch, config.resolved_stem("cpu"), config.augment.image_size) == ("resnet50", "cifar", 32)
     assert (config.batch_size, config.optimizer, config.resolved_lr, config.temperature) == (1024, "lars", 1.0, 0.5)
     assert config.augment.jitter_strength == 0.5 and not config.augment.use_blur
 
@@ -56,7 +56,7 @@ def test_cli_preset_with_flags_that_override_it(monkeypatch, tmp_path, small_dig
     config = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--preset", "cifar", "--epochs", "100",
                               "--batch-size", "256", "--lr", "0.5", "--arch", "resnet18")
     assert (config.epochs, config.batch_size, config.lr, config.arch) == (100, 256, 0.5, "resnet18")
-    assert (config.temperature, config.augment.image_size, config.resolved_stem) == (0.5, 32, "cifar")
+    assert (config.temperature, config.augment.image_size, config.resolved_stem("cpu")) == (0.5, 32, "cifar")
 
 
 def test_cli_without_preset_keeps_the_defaults(monkeypatch, tmp_path, small_digits_folder):
