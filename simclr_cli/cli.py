@@ -98,7 +98,7 @@ def pretrain(
                                                  "CIFAR settings.")] = 224,
     arch: Annotated[str, typer.Option(help=f"Encoder: {', '.join(ARCHITECTURES)}.")] = "resnet18",
     stem: Annotated[str, typer.Option(help=f"{', '.join(STEMS)}. auto: 3x3 'cifar' stem at <= 64 px on a GPU, "
-                                                  f"'imagenet' on a CPU (30x faster there).")] = "auto",
+                                                  f"'imagenet' on a CPU (13x faster there).")] = "auto",
     temperature: Annotated[float, typer.Option(help="NT-Xent temperature tau.")] = 0.1,
     lr: Annotated[Optional[float], typer.Option(
         help="Peak learning rate. Default: 0.3 x batch/256 (LARS, SGD) or 0.001 x batch/256 (AdamW).",

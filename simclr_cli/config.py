@@ -120,8 +120,8 @@ class PretrainConfig:
 
     def resolved_stem(self, device_type: str) -> str:
         """--stem auto: the paper's 3x3 CIFAR stem for small images on an accelerator; on a CPU the 7x7
-        ImageNet stem, since the 3x3 one keeps 16x the activations (about 30x slower measured on
-        2 cores at 32 px: a 10-minute budget would not see a quarter of Fashion-MNIST)."""
+        ImageNet stem, since the 3x3 one keeps 16x the activations (13x slower measured on
+        2 cores at 32 px: in 10 minutes it would see about a quarter of Fashion-MNIST, once)."""
         if self.stem != "auto":
             return self.stem
         return "cifar" if self.augment.small and device_type != "cpu" else "imagenet"

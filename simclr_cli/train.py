@@ -98,7 +98,7 @@ class PretrainRun:
         if aug.small:
             report("message", text=f"{aug.image_size} px images: the paper's CIFAR-10 views (jitter strength "
                                    f"{aug.jitter_strength:g}, blur {'on' if aug.use_blur else 'off'}), {config.stem} stem"
-                                   + (" (the 3x3 cifar stem is about 30x slower on a CPU; --stem cifar forces it)"
+                                   + (" (the 3x3 cifar stem is about 13x slower on a CPU; --stem cifar forces it)"
                                       if config.stem == "imagenet" and self.device.type == "cpu" else ""))
 
         self.model = SimCLR(config.arch, config.stem, config.proj_layers, config.proj_dim)
