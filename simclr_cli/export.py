@@ -154,11 +154,12 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     """Rebuild a backbone from an encoder file's metadata and weights, in eval mode on `device`."""
     path = resolve_model_path(path)
     info = EncoderInfo.from_metadata(read_metadata(path, "encoder"), path)
-    backbone = build_backbone(info.arch, info.stem)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced (0.1 s for resnet18)
+        backbone = build_backbone(info.arch, info.stem, initialise=False)
     tensors = load_file(str(path))
     state = {k: v for k, v in tensors.items() if not k.startswith(("head.", "classifier."))}
     try:
-        backbone.load_state_dict(state, strict=True)
+        backbone.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         raise ModelFileError(f"{path}: weights do not match a {info.arch} ({str(error).splitlines()[0]}); "
                              f"the file is damaged") from None

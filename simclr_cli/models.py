@@ -86,12 +86,16 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 512, depths[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.feature_dim = 512 * block.expansion
+
+    def initialise(self) -> "ResNet":
+        """torchvision's initialisation: He-normal (fan out) convolutions, unit BatchNorm scales."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        return self
 
     def _make_layer(self, block, planes: int, count: int, stride: int = 1) -> nn.Sequential:
         downsample = None
@@ -118,8 +122,9 @@ _DEPTHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 
 BACKBONES: dict[str, Callable[[], ResNet]] = {name: partial(ResNet, *_DEPTHS[name]) for name in ARCHITECTURES}
 
 
-def build_backbone(arch: str, stem: str = "imagenet") -> ResNet:
-    """A randomly initialised ResNet without classifier; forward gives h.
+def build_backbone(arch: str, stem: str = "imagenet", initialise: bool = True) -> ResNet:
+    """A randomly initialised ResNet without classifier (forward gives h); with initialise=False,
+    under torch.device("meta"), an empty one for weights from a file (export.load_encoder).
 
     stem "cifar" swaps the 7x7/2 convolution and max-pool for one 3x3/1 convolution, as the
     SimCLR paper does for 32 px CIFAR-10 images (Appendix B.9). Key names stay torchvision's.
@@ -127,12 +132,11 @@ def build_backbone(arch: str, stem: str = "imagenet") -> ResNet:
     model = BACKBONES[arch]()
     if stem == "cifar":
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
     elif stem != "imagenet":
         raise ValueError(f"unknown stem {stem!r}")
     model.stem = stem
-    return model
+    return model.initialise() if initialise else model
 
 
 class ProjectionHead(nn.Module):
