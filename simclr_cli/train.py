@@ -96,8 +96,9 @@ class PretrainRun:
         self.steps_per_epoch = max(1, len(self.paths) // self.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         if aug.small:
+            blur = "on" if aug.use_blur else "off"
             report("message", text=f"{aug.image_size} px images: the paper's CIFAR-10 views (jitter strength "
-                                   f"{aug.jitter_strength:g}, blur {'on' if aug.use_blur else 'off'}), {config.stem} stem"
+                                   f"{aug.jitter_strength:g}, blur {blur}), {config.stem} stem"
                                    + (" (the 3x3 cifar stem is about 13x slower on a CPU; --stem cifar forces it)"
                                       if config.stem == "imagenet" and self.device.type == "cpu" else ""))
 
