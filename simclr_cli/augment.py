@@ -89,7 +89,8 @@ class EvalTransform:
         left = int(round((size[0] - self.size) / 2.0))
         top = int(round((size[1] - self.size) / 2.0))
         image = image.crop((left, top, left + self.size, top + self.size))
-        pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))  # (S, S, 3)
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (S, S, 3)
         return pixels.permute(2, 0, 1).float().div(255).sub_(self.mean).div_(self.std)  # (3, S, S)
 
 

@@ -305,7 +305,7 @@ def make_loader(dataset: ImageDataset, batch_size: int, order: Sequence[int] | N
 
 
 def to_device_ahead(batches: Iterable[Batch], device: torch.device) -> Iterable[Batch]:
-    """Yield batches with samples (and params) on `device`, each copied while the one before is used.
+    """Yield batches with samples on `device`, each copied while the one before is used (params stay on the CPU).
 
     On a CUDA device the copy runs on a side stream, one batch ahead, from pinned memory; the
     training stream waits for that copy alone (an event), never the host. Elsewhere a pass-through.

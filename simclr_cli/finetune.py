@@ -152,8 +152,9 @@ class FinetuneRun:
         self.model = Classifier(backbone, len(self.data.classes), head).to(self.device)
         self.optimizer = build_optimizer("sgd", self.model, config.resolved_lr, config.weight_decay)
         self.scaler = self.precision.grad_scaler()
-        self.train_set = ImageDataset(train.paths, finetune_augmentation(self.info, config.resolved_crop_min_scale(self.info.image_size)),
-                                      train.labels, min_side=self.info.image_size, seed=config.runtime.seed)
+        crops = finetune_augmentation(self.info, config.resolved_crop_min_scale(self.info.image_size))
+        self.train_set = ImageDataset(train.paths, crops, train.labels, min_side=self.info.image_size,
+                                      seed=config.runtime.seed)
         self.val_set = ImageDataset(self.data.val.paths, preprocessing(self.info), self.data.val.labels,
                                     min_side=self.info.image_size)
         self.state = FinetuneState()
@@ -217,7 +218,7 @@ class FinetuneRun:
                              pin_memory=device.type == "cuda")
         last = clock()
         for batch in loader:
-            self._note_skipped(batch.skipped)
+            note_skipped(self.skipped, batch.skipped, self.report)
             if batch.samples is None or len(batch) < 2:  # BatchNorm needs two images
                 continue
             lr = config.resolved_lr * warmup_cosine(state.step / self.total_steps, 0.0)
@@ -261,7 +262,7 @@ class FinetuneRun:
         loader = make_loader(dataset, self.config.batch_size, None, self.workers,
                              pin_memory=self.device.type == "cuda")
         for batch in loader:
-            self._note_skipped(batch.skipped)
+            note_skipped(self.skipped, batch.skipped, self.report)
             if batch.samples is None:
                 continue
             with self.precision.autocast():
@@ -292,9 +293,6 @@ class FinetuneRun:
         self.report("message", text=f"epoch {state.epoch}/{self.config.epochs}: loss {record['loss']:.4f}, "
                                     f"train top-1 {record['train_top1']:.1%}, val top-1 {top1:.1%}"
                                     + (" (best so far, saved)" if best else ""))
-
-    def _note_skipped(self, skipped: list[Skipped]) -> None:
-        note_skipped(self.skipped, skipped, self.report)
 
     # -- outputs ----------------------------------------------------------------------------
 
@@ -328,7 +326,7 @@ class FinetuneRun:
         paths = self.data.train.paths + self.data.val.paths
         features, kept, skipped = compute_features(self.model.backbone, self.info, paths, self.device,
                                                    self.precision, self.batch_size, self.workers)
-        self._note_skipped(skipped)
+        note_skipped(self.skipped, skipped, self.report)
         results.update(knn_report(*split_features(self.data, features, kept), len(self.data.classes)))
         results.update({
             "best_epoch": self.state.best_epoch, "epochs": self.config.epochs, "num_train": len(self.data.train),

@@ -46,7 +46,7 @@ class _ContrastiveSum(torch.autograd.Function):
     def forward(ctx, z: torch.Tensor, positives: torch.Tensor, spans: list[tuple[int, int]], temperature: float):
         rows = torch.cat([torch.arange(b, e, device=z.device) for b, e in spans])  # (Q,)
         positive_logits = (z[rows] * z[positives]).sum(dim=1) / temperature  # (Q,)
-        log_normalisers = torch.cat([_logsumexp_(logits) for logits in _blocks(z, spans, temperature)])
+        log_normalisers = torch.cat([_logsumexp_(logits) for _, _, logits in _blocks(z, spans, temperature)])
         ctx.save_for_backward(z, rows, positives, log_normalisers)
         ctx.spans, ctx.temperature = spans, temperature
         return (log_normalisers - positive_logits).sum()
@@ -57,8 +57,7 @@ class _ContrastiveSum(torch.autograd.Function):
         scale = grad_total / ctx.temperature
         grad = torch.zeros_like(z)  # (M, D)
         done = 0
-        for (begin, end), logits in zip(_block_spans(ctx.spans, len(z), z.device), _blocks(z, ctx.spans,
-                                                                                            ctx.temperature)):
+        for begin, end, logits in _blocks(z, ctx.spans, ctx.temperature):
             softmax = logits.sub_(log_normalisers[done:done + end - begin, None]).exp_().mul_(scale)  # (c, M)
             grad[begin:end].addmm_(softmax, z)  # (c, M) @ (M, D)
             grad.addmm_(softmax.T, z[begin:end])  # (M, c) @ (c, D)
@@ -80,11 +79,12 @@ def _block_spans(spans: list[tuple[int, int]], columns: int, device: torch.devic
 
 
 def _blocks(z: torch.Tensor, spans: list[tuple[int, int]], temperature: float):
-    """Logits of each block of query rows against every row of z, own column -inf: (c, M) each."""
+    """(begin, end, logits) for each block of query rows z[begin:end] against every row of z, own
+    column -inf: logits (c, M)."""
     for begin, end in _block_spans(spans, len(z), z.device):
         logits = (z[begin:end] / temperature) @ z.T  # (c, D) @ (D, M) -> (c, M)
         logits[:, begin:end].fill_diagonal_(float("-inf"))  # no view is its own candidate
-        yield logits
+        yield begin, end, logits
 
 
 def global_nt_xent(projections_a: torch.Tensor, projections_b: torch.Tensor, temperature: float,

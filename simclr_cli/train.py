@@ -161,11 +161,9 @@ class PretrainRun:
         """The dataset, the loader's collate function, and the augmentation left for the device."""
         aug, seed = self.config.augment, self.config.runtime.seed
         decode = WorkingImages(working_side(aug.image_size), self.cache) if self.config.cache else None
-        if self.augment_on == "per-image":
+        if self.augment_on == "per-image":  # min_side applies when there is no cache to decode from
             views = TwoViews(simclr_augmentation(aug))
-            if decode is not None:
-                return ImageDataset(self.paths, views, seed=seed, decode=decode), collate, None
-            return ImageDataset(self.paths, views, min_side=aug.image_size, seed=seed), collate, None
+            return ImageDataset(self.paths, views, min_side=aug.image_size, seed=seed, decode=decode), collate, None
         decode = decode or WorkingImages(working_side(aug.image_size))
         dataset = ImageDataset(self.paths, ViewSampler(aug), seed=seed, decode=decode)
         if self.augment_on == "cpu":
@@ -242,7 +240,7 @@ class PretrainRun:
         for batch in to_device_ahead(loader, device):
             if distributed.any_rank(self._out_of_time(clock())):  # ranks stop together, or deadlock
                 break
-            self._note_skipped(batch.skipped)
+            note_skipped(self.skipped, batch.skipped, self.report)
             sizes = distributed.gather_sizes(len(batch))  # every rank's images in this global batch
             if min(sizes) == 0:  # a rank's images were all unreadable: every rank skips the step
                 continue
@@ -333,9 +331,6 @@ class PretrainRun:
             with open(self.run_dir / "metrics.jsonl", "a") as log:
                 log.writelines(lines)
         pending.clear()
-
-    def _note_skipped(self, skipped: list[Skipped]) -> None:
-        note_skipped(self.skipped, skipped, self.report)
 
     # -- outputs ----------------------------------------------------------------------------
 
