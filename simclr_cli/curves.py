@@ -32,7 +32,7 @@ class KnnMonitor:
         from simclr_cli.labels import load_labelled
 
         self.folder = Path(folder)
-        self.data = load_labelled(self.folder, seed=seed)  # one-line errors for a bad folder, before training
+        self.data = load_labelled(self.folder, seed=seed, flag="--monitor")  # one-line errors, before training
         self.device, self.precision = device, precision
         self.paths = self.data.train.paths + self.data.val.paths
         self.workers = workers if len(self.paths) > MONITOR_WORKERS_ABOVE else 0

@@ -70,8 +70,9 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None,
     scan = scan_images(root, check=False)  # existence errors, as for pretrain
     subfolders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not subfolders:
+        csv_hint = ", or pass --labels labels.csv" if flag == "TRAIN" else ""
         raise DataError(f"{flag} {root}: no class subfolders; put each class's images in its own subfolder "
-                        f"(e.g. {root}/cat, {root}/dog), or pass --labels labels.csv")
+                        f"(e.g. {root}/cat, {root}/dog){csv_hint}")
     notes = []
     loose = [p for p in scan.paths if p.parent == root]
     if loose:
@@ -180,9 +181,9 @@ def balanced_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
 
 
 def load_labelled(train_dir: str | Path, labels_csv: str | Path | None = None, val_dir: str | Path | None = None,
-                  val_split: float | None = None, seed: int = 0) -> LabelledData:
+                  val_split: float | None = None, seed: int = 0, flag: str = "TRAIN") -> LabelledData:
     """Read the training images and their labels, and the validation set (--val DIR or a seeded,
-    stratified --val-split of the training images)."""
+    stratified --val-split of the training images); errors name the folder as `flag`."""
     if val_dir is not None and val_split is not None:
         raise ConfigError("--val and --val-split both given; use --val DIR for a separate validation folder "
                           "or --val-split F to hold out part of TRAIN, not both")
@@ -190,7 +191,7 @@ def load_labelled(train_dir: str | Path, labels_csv: str | Path | None = None, v
     if labels_csv is not None:
         classes, train, skipped = read_label_csv(labels_csv, train_dir)
     else:
-        classes, train, skipped, notes = read_class_folders(train_dir)
+        classes, train, skipped, notes = read_class_folders(train_dir, flag=flag)
     if val_dir is not None:
         _, val, val_skipped, val_notes = read_class_folders(val_dir, classes, flag="--val")
         return LabelledData(classes, train, val, skipped + val_skipped, notes + val_notes)

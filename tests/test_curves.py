@@ -117,4 +117,5 @@ def test_monitor_folder_without_classes_fails_before_training(tmp_path, small_di
                                  *FAST])
     assert result.exit_code == 1, result.output
     assert "no class subfolders" in result.output
+    assert f"--monitor {flat}" in result.output and "--labels" not in result.output  # the flag the user gave
     assert not (out / "metrics.jsonl").exists()
