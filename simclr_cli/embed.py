@@ -219,7 +219,7 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
                         preprocessing={"image_size": info.image_size, "mean": list(info.mean), "std": list(info.std),
                                        "transform": repr(preprocessing(info)).replace("\n", " ")},
                         dim=info.feature_dim, dtype=config.dtype, normalized=config.normalize,
-                        images=plan["images"], skipped=[s.to_json() for s in skipped], simclr_version=__version__)
+                        precision=precision.name, images=plan["images"], skipped=[s.to_json() for s in skipped], simclr_version=__version__)
     _truncate_rows(work / "rows.npy", written)
     manifest_path(out).unlink(missing_ok=True)  # never an old manifest beside new rows, even after a crash
     os.replace(work / "rows.npy", out)
@@ -230,13 +230,20 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
     return result
 
 
-def embed_queries(model_path: str | Path, paths: list[str], device: torch.device) -> tuple[torch.Tensor, list[int],
-                                                                                          list[Skipped]]:
-    """Unit-length features of query images: (features (M, D), positions in `paths` (M,), skipped files)."""
+def embed_queries(model_path: str | Path, paths: list[str], device: torch.device,
+                  precision: str = "auto") -> tuple[torch.Tensor, list[int], list[Skipped]]:
+    """Unit-length features of query images: (features (M, D), positions in `paths` (M,), skipped files).
+
+    `precision` should be the index's, so that an image in the index finds its own row at score 1;
+    where this device cannot compute it (fp16 rows from a GPU, queried on a CPU), auto is used.
+    """
     backbone, info = load_encoder(model_path, device)
-    precision = resolve_precision("auto", device)
+    try:
+        chosen = resolve_precision(precision, device)
+    except ConfigError:
+        chosen = resolve_precision("auto", device)
     features, positions, skipped = [], [], []
-    for batch in iter_features(backbone, info, paths, device, precision, batch_size=64,
+    for batch in iter_features(backbone, info, paths, device, chosen, batch_size=64,
                                workers=0 if len(paths) <= 64 else None):
         features.append(F.normalize(batch.features, dim=1))  # (n, D)
         positions.extend(batch.indices.tolist())

@@ -55,6 +55,7 @@ class Manifest:
     dim: int
     dtype: str
     normalized: bool
+    precision: str = ""  # fp32, bf16 or fp16: how the rows were computed ("" before it was recorded)
     images: str = ""  # the folder that was embedded
     skipped: list[dict[str, str]] = field(default_factory=list)
     complete: bool = True
@@ -271,7 +272,8 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
         raise ModelFileError(f"{manifest.model} changed since {index_path} was built (SHA-256 differs), so its "
                              f"embeddings would not match; restore the file, or run `simclr embed` again")
     paths, skipped = query_paths(queries)
-    features, positions, unreadable = embed_queries(manifest.model, paths, resolve_device(device))  # (M, D)
+    features, positions, unreadable = embed_queries(manifest.model, paths, resolve_device(device),
+                                                    manifest.precision or "auto")  # (M, D)
     kept = [paths[i] for i in positions]
     exclude = None
     if exclude_self:

@@ -35,11 +35,11 @@ def run_embed(*args: str | Path):
     return runner.invoke(app, ["embed", *FAST, *map(str, args)])
 
 
-def reference_features(model: Path, paths: list[str]) -> np.ndarray:
+def reference_features(model: Path, paths: list[str], precision: str) -> np.ndarray:
     """Features computed directly with the encoder, for comparison with the index rows."""
     backbone, info = load_encoder(model / "encoder.safetensors")
     device = torch.device("cpu")
-    features, _, _ = compute_features(backbone, info, paths, device, resolve_precision("fp32", device), workers=0)
+    features, _, _ = compute_features(backbone, info, paths, device, resolve_precision(precision, device), workers=0)
     return features.numpy()
 
 
@@ -62,7 +62,9 @@ def test_embed_writes_rows_in_manifest_order(tiny_encoder, mixed_folder, tmp_pat
     assert manifest["model_sha256"] == hashlib.sha256(encoder.read_bytes()).hexdigest()
     assert manifest["preprocessing"]["image_size"] == 32
 
-    expected = reference_features(tiny_encoder, manifest["paths"])
+    # The rows are computed at the precision the manifest records: auto's choice for this CPU.
+    assert manifest["precision"] == resolve_precision("auto", torch.device("cpu")).name
+    expected = reference_features(tiny_encoder, manifest["paths"], manifest["precision"])
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(rows, expected, atol=1e-5)
     assert not work_dir(out).exists()
@@ -77,7 +79,7 @@ def test_no_normalize_and_float16(tiny_encoder, mixed_folder, tmp_path):
     raw_rows, half_rows = np.load(raw), np.load(half)
     manifest = json.loads(raw.with_suffix(".json").read_text())
     assert manifest["normalized"] is False
-    np.testing.assert_allclose(raw_rows, reference_features(tiny_encoder, manifest["paths"]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(raw_rows, reference_features(tiny_encoder, manifest["paths"], manifest["precision"]), rtol=1e-4, atol=1e-5)
     assert half_rows.dtype == np.float16 and json.loads(half.with_suffix(".json").read_text())["dtype"] == "float16"
     unit = raw_rows / np.linalg.norm(raw_rows, axis=1, keepdims=True)
     np.testing.assert_allclose(half_rows.astype(np.float32), unit, atol=2e-3)

@@ -151,6 +151,17 @@ def test_query_finds_itself_then_its_near_duplicates(indexes, photos):
         assert [hit["path"] for hit in without_self["results"][0]["hits"]] == [hit["path"] for hit in hits[1:3]]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_queries_are_embedded_at_the_index_precision(tiny_encoder, photos, tmp_path, precision):
+    """An image in the index must find its own row at score 1, whatever precision built the index."""
+    out = tmp_path / "index.npy"
+    embed_folder(EmbedConfig(model=str(tiny_encoder), images=str(photos), out=str(out), precision=precision,
+                             device="cpu", workers=0))
+    assert json.loads(out.with_suffix(".json").read_text())["precision"] == precision
+    hits = similar_json(photos / ORIGINALS[0], "--index", out, "-k", "1")["results"][0]["hits"]
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_folder_of_queries_gives_one_block_each_and_a_grid(indexes, photos, tmp_path):
     queries = tmp_path / "queries"
     queries.mkdir()
