@@ -6,7 +6,9 @@ It writes --images smooth random JPEG photos of --photo-size pixels, then trains
            twice per image) in a DataLoader, the model in channels_last, the textbook NT-Xent
            (one (2N, 2N) matmul, eye mask, cross-entropy), SGD with momentum
   simclr   train.pretrain with --cache and --augment-on auto (on a CPU: crops and batched
-           colour/blur in the loader workers), its NT-Xent, LARS, checkpoints every epoch
+           colour/blur in the loader workers), its NT-Xent, LARS, checkpoints every epoch, and
+           --precision auto (bf16 autocast on a CPU with bf16 instructions; --precision fp32 to
+           compare without it)
 Both use the same number of loader workers and torch threads. It prints images/s per epoch (the
 loader's start included) and over the whole run, and the ratio. Target: 1.5x.
 
@@ -61,7 +63,7 @@ def plain_loop(paths, image_size: int, batch_size: int, epochs: int, workers: in
 
 
 def simclr_run(folder: Path, out: Path, image_size: int, batch_size: int, epochs: int, workers: int,
-               augment_on: str) -> tuple[list[float], float]:
+               augment_on: str, precision: str) -> tuple[list[float], float]:
     """train.pretrain with the cache: images/s of each epoch and of the whole call."""
     from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
     from simclr_cli.train import pretrain
@@ -75,7 +77,7 @@ def simclr_run(folder: Path, out: Path, image_size: int, batch_size: int, epochs
     config = PretrainConfig(data_dir=str(folder), out_dir=str(out), epochs=epochs, batch_size=batch_size,
                             stem="imagenet", cache=True, warmup_epochs=0, augment_on=augment_on,
                             augment=AugmentConfig(image_size=image_size),
-                            runtime=RuntimeConfig(device="cpu", workers=workers))
+                            runtime=RuntimeConfig(device="cpu", precision=precision, workers=workers))
     start = time.perf_counter()
     result = pretrain(config, report)
     return rates, result.state.images_seen / (time.perf_counter() - start)
@@ -90,10 +92,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: simclr's default)")
     parser.add_argument("--augment-on", default="auto", help="simclr's --augment-on")
+    parser.add_argument("--precision", default="auto",
+                        help="simclr's --precision (auto: bf16 on CPUs with bf16 instructions; the plain loop is fp32)")
     parser.add_argument("--skip-plain", action="store_true", help="time simclr alone (to compare --augment-on)")
     args = parser.parse_args()
 
-    from simclr_cli.runtime import default_workers
+    from simclr_cli.runtime import default_workers, resolve_precision
 
     workers = default_workers() if args.workers is None else args.workers
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,10 +105,11 @@ def main() -> None:
         write_photos(folder, args.images, tuple(args.photo_size))
         print(f"{platform.machine()}, {os.cpu_count()} CPU core(s) (shared: other jobs may be running), "
               f"{torch.get_num_threads()} torch threads, {workers} loader worker(s); resnet18 at {args.image_size} "
-              f"px, batch {args.batch_size}, {args.images} photos of "
+              f"px, batch {args.batch_size}, simclr in {resolve_precision(args.precision, torch.device('cpu')).name}, "
+              f"{args.images} photos of "
               f"{args.photo_size[0] * args.photo_size[1] / 1e6:.1f} MP, {args.epochs} epochs")
         ours, ours_total = simclr_run(folder, Path(tmp) / "run", args.image_size, args.batch_size, args.epochs,
-                                      workers, args.augment_on)
+                                      workers, args.augment_on, args.precision)
         if args.skip_plain:
             print(f"simclr --cache --augment-on {args.augment_on}: " + ", ".join(
                 f"epoch {e + 1}: {r:.1f} images/s" for e, r in enumerate(ours)) + f"; whole run {ours_total:.1f}")

@@ -79,7 +79,8 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps. au
 WorkersOpt = Annotated[Optional[int], typer.Option(
     help="Image-loading processes. Default: one fewer than the CPU cores, at most 8.", show_default=False)]
 SeedOpt = Annotated[int, typer.Option(help="Random seed: same seed, same data, same CPU run.")]
-PrecisionOpt = Annotated[str, typer.Option(help=f"{', '.join(PRECISIONS)}. auto: bf16 on CUDA, fp32 elsewhere.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    help=f"{', '.join(PRECISIONS)}. auto: bf16 on CUDA and on CPUs with bf16 instructions, fp32 elsewhere.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only warnings, errors and the result.")]
 
 

@@ -52,3 +52,30 @@ def test_the_cli_starts_without_importing_torch():
     code = "import sys, simclr_cli.cli; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False", "`simclr --help` must not pay for importing torch"
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_precision_is_bf16_only_on_cpus_that_compute_it(monkeypatch, has_bf16):
+    import torch
+
+    from simclr_cli import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: has_bf16)
+    precision = runtime.resolve_precision("auto", torch.device("cpu"))
+    assert precision.dtype == (torch.bfloat16 if has_bf16 else torch.float32)
+    assert runtime.resolve_precision("fp32", torch.device("cpu")).dtype == torch.float32
+    with precision.autocast():
+        out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert out.dtype == precision.dtype
+
+
+def test_cpu_bf16_check_agrees_with_the_cpu_flags():
+    from pathlib import Path
+
+    from simclr_cli.runtime import cpu_has_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    flags = set(cpuinfo.read_text().split())
+    assert cpu_has_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})

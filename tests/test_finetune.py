@@ -69,12 +69,12 @@ def test_finetuned_model_file_and_report_are_consistent(finetuned, digits_folder
     tensors = load_file(str(out / "finetuned.safetensors"))
     assert tensors["classifier.weight"].shape == (10, 512) and "conv1.weight" in tensors
 
-    # the exported encoder and classifier reproduce the reported accuracy
+    # the exported encoder and classifier reproduce the reported accuracy, at the run's precision (auto)
     backbone, info = load_encoder(out)  # a run folder: finetuned.safetensors first
     split = json.loads((out / "split.json").read_text())
     paths, labels = [p for p, _ in split["val"]], torch.tensor([label for _, label in split["val"]])
     features, kept, _ = compute_features(backbone, info, paths, torch.device("cpu"),
-                                         resolve_precision("fp32", torch.device("cpu")), workers=0)
+                                         resolve_precision("auto", torch.device("cpu")), workers=0)
     logits = features @ tensors["classifier.weight"].T + tensors["classifier.bias"]  # (N, D) x (D, C)
     assert math.isclose((logits.argmax(1) == labels[kept]).double().mean().item(), results["top1"], abs_tol=1e-9)
 
