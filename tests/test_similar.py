@@ -87,14 +87,15 @@ def brute_force(rows: np.ndarray, queries: np.ndarray, k: int, exclude: list[int
 
 @pytest.mark.parametrize("count, dim, k, chunk_rows", [(1, 4, 1, 1), (50, 8, 5, 7), (300, 16, 10, 64), (40, 8, 60, 9)])
 @pytest.mark.parametrize("normalized", [True, False])
-def test_top_k_matches_brute_force(count, dim, k, chunk_rows, normalized):
+@pytest.mark.parametrize("num_queries", [3, 1])  # one query: the rows are shared among threads
+def test_top_k_matches_brute_force(count, dim, k, chunk_rows, normalized, num_queries):
     generator = np.random.default_rng(count + dim)
     rows = generator.standard_normal((count, dim)).astype(np.float32)
     if normalized:
         rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-    queries = generator.standard_normal((3, dim)).astype(np.float32)
+    queries = generator.standard_normal((num_queries, dim)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    exclude = [None, 0, count - 1] if count > 1 else [None, None, None]
+    exclude = ([None, 0, count - 1] if count > 1 else [None, None, None])[-num_queries:]
     scores, found = top_k(rows, torch.from_numpy(queries), k, normalized, exclude, chunk_rows=chunk_rows)
     assert found.tolist() == brute_force(rows, queries, scores.shape[1], exclude)
     assert scores.shape[1] == min(k, count - (1 if count > 1 else 0))
