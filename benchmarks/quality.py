@@ -187,7 +187,8 @@ def train_supervised(path: Path, data: dict, arch: str, stem: str, image_size: i
     Cross-entropy, random resized crops (scale 0.5-1, as finetune uses for small images) and flips,
     SGD with Nesterov momentum 0.9, lr 0.1 x batch/256 with a 2% warmup and a cosine decay that
     follows the elapsed fraction of the budget (as pretrain's --max-time does), weight decay 5e-4
-    on weights only. Images come from memory, so no time goes to decoding: a generous ceiling.
+    on weights only, at the precision `simclr pretrain` picks (bf16 autocast on a CPU with bf16
+    instructions). Images come from memory, so no time goes to decoding: a generous ceiling.
     """
     import math
 
@@ -198,8 +199,10 @@ def train_supervised(path: Path, data: dict, arch: str, stem: str, image_size: i
     from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD
     from simclr_cli.export import EncoderInfo, save_encoder
     from simclr_cli.models import build_backbone
+    from simclr_cli.runtime import resolve_precision
 
     started = time.monotonic()
+    precision = resolve_precision("auto", torch.device("cpu"))
     torch.manual_seed(seed)
     backbone = build_backbone(arch, stem)
     classifier = torch.nn.Linear(backbone.feature_dim, len(CLASSES))
@@ -234,7 +237,8 @@ def train_supervised(path: Path, data: dict, arch: str, stem: str, image_size: i
             lr = peak_lr * (fraction / 0.02 if fraction < 0.02 else 0.5 * (1 + math.cos(math.pi * fraction)))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits = model(batch)  # (B, 10)
+            with precision.autocast():
+                logits = model(batch).float()  # (B, 10)
             loss = torch.nn.functional.cross_entropy(logits, labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
