@@ -219,7 +219,8 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
                         preprocessing={"image_size": info.image_size, "mean": list(info.mean), "std": list(info.std),
                                        "transform": repr(preprocessing(info)).replace("\n", " ")},
                         dim=info.feature_dim, dtype=config.dtype, normalized=config.normalize,
-                        precision=precision.name, images=plan["images"], skipped=[s.to_json() for s in skipped], simclr_version=__version__)
+                        precision=precision.name, images=plan["images"], skipped=[s.to_json() for s in skipped],
+                        simclr_version=__version__)
     _truncate_rows(work / "rows.npy", written)
     manifest_path(out).unlink(missing_ok=True)  # never an old manifest beside new rows, even after a crash
     os.replace(work / "rows.npy", out)

@@ -79,7 +79,8 @@ def test_no_normalize_and_float16(tiny_encoder, mixed_folder, tmp_path):
     raw_rows, half_rows = np.load(raw), np.load(half)
     manifest = json.loads(raw.with_suffix(".json").read_text())
     assert manifest["normalized"] is False
-    np.testing.assert_allclose(raw_rows, reference_features(tiny_encoder, manifest["paths"], manifest["precision"]), rtol=1e-4, atol=1e-5)
+    expected = reference_features(tiny_encoder, manifest["paths"], manifest["precision"])
+    np.testing.assert_allclose(raw_rows, expected, rtol=1e-4, atol=1e-5)
     assert half_rows.dtype == np.float16 and json.loads(half.with_suffix(".json").read_text())["dtype"] == "float16"
     unit = raw_rows / np.linalg.norm(raw_rows, axis=1, keepdims=True)
     np.testing.assert_allclose(half_rows.astype(np.float32), unit, atol=2e-3)
