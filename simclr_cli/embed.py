@@ -83,7 +83,7 @@ def work_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _start(config: EmbedConfig, model_path: Path, sha256: str, info) -> dict[str, Any]:
+def _start(config: EmbedConfig, model_path: Path, sha256: str, info, precision: str) -> dict[str, Any]:
     """Scan the folder and write plan.json and an empty rows.npy; return the plan."""
     out, work = Path(config.out), work_dir(Path(config.out))
     if work.exists() and not config.overwrite:
@@ -96,7 +96,7 @@ def _start(config: EmbedConfig, model_path: Path, sha256: str, info) -> dict[str
     work.mkdir(parents=True)
     plan = {
         "images": str(Path(config.images).absolute()), "model": str(model_path.absolute()), "model_sha256": sha256,
-        "dtype": config.dtype, "normalize": config.normalize, "dim": info.feature_dim,
+        "dtype": config.dtype, "normalize": config.normalize, "dim": info.feature_dim, "precision": precision,
         "paths": [str(p.absolute()) for p in scan.paths],
         "skipped": [Skipped(str(Path(s.path).absolute()), s.reason).to_json() for s in scan.skipped],
     }
@@ -107,7 +107,7 @@ def _start(config: EmbedConfig, model_path: Path, sha256: str, info) -> dict[str
     return plan
 
 
-def _load_plan(config: EmbedConfig, sha256: str) -> dict[str, Any]:
+def _load_plan(config: EmbedConfig, sha256: str, precision: str) -> dict[str, Any]:
     """The plan of the interrupted embed in OUT.npy.partial/, checked against this command."""
     work = work_dir(Path(config.out))
     if not (work / "plan.json").is_file():
@@ -120,7 +120,8 @@ def _load_plan(config: EmbedConfig, sha256: str) -> dict[str, Any]:
         raise ConfigError(f"IMAGES {config.images}: the interrupted embed read {plan['images']}; resume with "
                           f"that folder, or --overwrite to start again")
     for flag, saved, given in (("--dtype", plan["dtype"], config.dtype),
-                               ("--normalize/--no-normalize", plan["normalize"], config.normalize)):
+                               ("--normalize/--no-normalize", plan["normalize"], config.normalize),
+                               ("--precision", plan.get("precision", precision), precision)):
         if saved != given:
             raise ConfigError(f"{flag} {given} differs from the interrupted embed's {saved}; resume with the same "
                               f"flags, or --overwrite to start again")
@@ -167,7 +168,8 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
     precision = resolve_precision(config.precision, device)
     backbone, info = load_encoder(model_path, device)
     sha256 = sha256_file(model_path)
-    plan = _load_plan(config, sha256) if config.resume else _start(config, model_path, sha256, info)
+    plan = (_load_plan(config, sha256, precision.name) if config.resume
+            else _start(config, model_path, sha256, info, precision.name))
     work = work_dir(out)
     progress = read_json(work / "progress.json", "embed progress")
     done, written = progress["done"], progress["rows"]

@@ -143,6 +143,7 @@ def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupt
         handle.write(b"\x00\x00\x80\x3f")
     out = tmp_path / "out.npy"
     folder = mixed_folder[0]
+    other_precision = "fp32" if resolve_precision("auto", torch.device("cpu")).name == "bf16" else "bf16"
     cases = [
         ((tmp_path / "missing.safetensors", folder, out), "no such encoder file"),
         ((foreign, folder, out), "not a simclr encoder"),
@@ -157,6 +158,8 @@ def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupt
         ((tiny_encoder, folder, out, "--resume", "--overwrite"), "use one of them"),
         ((tiny_encoder, folder, interrupted), "holds an interrupted embed; add --resume"),
         ((tiny_encoder, folder, interrupted, "--resume", "--dtype", "float16"), "differs from the interrupted"),
+        ((tiny_encoder, folder, interrupted, "--resume", "--precision", other_precision),
+         f"--precision {other_precision} differs from the interrupted"),
         ((tiny_encoder, empty, interrupted, "--resume"), "the interrupted embed read"),
         ((other_model, folder, interrupted, "--resume"), "SHA-256 differs"),
     ]
