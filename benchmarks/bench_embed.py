@@ -40,12 +40,11 @@ def write_images(folder: Path, count: int, size: int) -> None:
 def plain_loop(model_path: Path, folder: Path, out: Path, batch_size: int, workers: int) -> None:
     import torchvision
 
-    from simclr_cli.augment import eval_transform
     from simclr_cli.export import load_encoder
+    from simclr_cli.features import preprocessing
 
     backbone, info = load_encoder(model_path)
-    dataset = torchvision.datasets.ImageFolder(str(folder), transform=eval_transform(info.image_size, info.mean,
-                                                                                     info.std))
+    dataset = torchvision.datasets.ImageFolder(str(folder), transform=preprocessing(info))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     features = []
     with torch.inference_mode():

@@ -92,7 +92,3 @@ class EvalTransform:
         image = image if image.mode == "RGB" else image.convert("RGB")
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (S, S, 3)
         return pixels.permute(2, 0, 1).float().div(255).sub_(self.mean).div_(self.std)  # (3, S, S)
-
-
-def eval_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> EvalTransform:
-    return EvalTransform(image_size, mean, std)

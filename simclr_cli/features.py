@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from simclr_cli.augment import eval_transform
+from simclr_cli.augment import EvalTransform
 from simclr_cli.data import ImageDataset, Skipped, make_loader
 from simclr_cli.export import EncoderInfo
 from simclr_cli.runtime import Precision, default_workers
@@ -26,7 +26,7 @@ class FeatureBatch:
 
 def preprocessing(info: EncoderInfo):
     """The evaluation transform an encoder was trained for (resize, centre crop, normalise)."""
-    return eval_transform(info.image_size, info.mean, info.std)
+    return EvalTransform(info.image_size, info.mean, info.std)
 
 
 @torch.inference_mode()

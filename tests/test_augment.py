@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from simclr_cli.augment import TwoViews, blur_kernel_size, eval_transform, simclr_augmentation
+from simclr_cli.augment import EvalTransform, TwoViews, blur_kernel_size, simclr_augmentation
 from simclr_cli.config import AugmentConfig
 
 
@@ -58,7 +58,7 @@ def test_two_views_differ_and_have_the_training_shape():
 
 def test_eval_transform_is_deterministic_and_normalised():
     image = Image.new("RGB", (50, 40), (124, 116, 104))
-    transform = eval_transform(32)
+    transform = EvalTransform(32)
     out = transform(image)
     assert out.shape == (3, 32, 32) and torch.equal(out, transform(image))
     assert out.abs().max() < 0.02  # the ImageNet mean colour normalises to about zero
@@ -77,4 +77,4 @@ def test_eval_transform_equals_torchvisions_composition(image_size, width, heigh
     resize = image_size if image_size <= 64 else round(image_size / 0.875)
     reference = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                            T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    assert torch.equal(eval_transform(image_size)(image), reference(image))
+    assert torch.equal(EvalTransform(image_size)(image), reference(image))
