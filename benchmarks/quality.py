@@ -27,6 +27,7 @@ probe chooses its L2 strength from 7 values by L-BFGS on 48,000 images: minutes 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -37,6 +38,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from simclr_cli.export import EncoderInfo
 
 import numpy as np
 
@@ -164,24 +169,21 @@ def raw_pixels(data: dict) -> dict[str, float]:
     return {"linear_top1": linear, "knn_top1": knn, "l2": probe.l2}
 
 
-def save_random_encoder(path: Path, arch: str, stem: str, image_size: int, seed: int) -> None:
-    """The encoder `simclr pretrain` starts from: same arch, stem and image size, its initial weights."""
+def save_random_encoder(path: Path, like: EncoderInfo, seed: int) -> None:
+    """The encoder `simclr pretrain` starts from: the same arch, width, stem and image size as `like`,
+    with its initial weights."""
     import torch
 
-    from simclr_cli import __version__
-    from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD
-    from simclr_cli.export import EncoderInfo, save_encoder
+    from simclr_cli.export import save_encoder
     from simclr_cli.models import build_backbone
 
     torch.manual_seed(seed)
-    backbone = build_backbone(arch, stem)
-    info = EncoderInfo(arch, stem, backbone.feature_dim, image_size, IMAGENET_MEAN, IMAGENET_STD, __version__,
-                       {"baseline": "random weights"})
-    save_encoder(path, backbone, info)
+    backbone = build_backbone(like.arch, like.stem, width=like.width)
+    save_encoder(path, backbone, dataclasses.replace(like, config={"baseline": "random weights"}))
 
 
-def train_supervised(path: Path, data: dict, arch: str, stem: str, image_size: int, batch_size: int,
-                     budget: float, seed: int) -> dict[str, float]:
+def train_supervised(path: Path, data: dict, like: EncoderInfo, batch_size: int, budget: float,
+                     seed: int) -> dict[str, float]:
     """The same encoder with a linear classifier, trained with labels for `budget` seconds; save its backbone.
 
     Cross-entropy, random resized crops (scale 0.5-1, as finetune uses for small images) and flips,
@@ -195,16 +197,14 @@ def train_supervised(path: Path, data: dict, arch: str, stem: str, image_size: i
     import torch
     from torchvision.transforms import v2
 
-    from simclr_cli import __version__
-    from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD
-    from simclr_cli.export import EncoderInfo, save_encoder
+    from simclr_cli.export import save_encoder
     from simclr_cli.models import build_backbone
     from simclr_cli.runtime import resolve_precision
 
     started = time.monotonic()
     precision = resolve_precision("auto", torch.device("cpu"))
     torch.manual_seed(seed)
-    backbone = build_backbone(arch, stem)
+    backbone = build_backbone(like.arch, like.stem, width=like.width)
     classifier = torch.nn.Linear(backbone.feature_dim, len(CLASSES))
     model = torch.nn.Sequential(backbone, classifier).to(memory_format=torch.channels_last).train()
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -212,10 +212,10 @@ def train_supervised(path: Path, data: dict, arch: str, stem: str, image_size: i
     peak_lr = 0.1 * batch_size / 256
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0}],
                                 lr=peak_lr, momentum=0.9, nesterov=True)
-    crop = v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
+    crop = v2.Compose([v2.RandomResizedCrop(like.image_size, scale=(0.5, 1.0), antialias=True),
                        v2.RandomHorizontalFlip()])
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(like.mean).view(1, 3, 1, 1)
+    std = torch.tensor(like.std).view(1, 3, 1, 1)
     images = torch.from_numpy(data["train_x"].copy()).unsqueeze(1)  # (N, 1, 28, 28) uint8
     labels = torch.from_numpy(data["train_y"].astype(np.int64))
     if len(images) < batch_size:
@@ -246,8 +246,8 @@ def train_supervised(path: Path, data: dict, arch: str, stem: str, image_size: i
             correct += (logits.argmax(1) == labels[index]).sum().item()
             seen, steps = seen + len(index), steps + 1
             last_step = time.monotonic() - started - now
-    info = EncoderInfo(arch, stem, backbone.feature_dim, image_size, IMAGENET_MEAN, IMAGENET_STD, __version__,
-                       {"baseline": "supervised", "budget_s": budget, "steps": steps, "images_seen": seen})
+    info = dataclasses.replace(like, config={"baseline": "supervised", "budget_s": budget, "steps": steps,
+                                             "images_seen": seen})
     save_encoder(path, backbone.eval(), info)
     return {"images_seen": seen, "steps": steps, "train_top1": correct / max(seen, 1),
             "seconds": time.monotonic() - started}
@@ -326,7 +326,8 @@ def main() -> None:
 
     _, info = load_encoder(simclr_dir)
     state = load_checkpoint(simclr_dir / "checkpoint.safetensors").progress["state"]
-    rows = [{"name": f"SimCLR ({info.arch}, {info.stem} stem, {info.image_size} px)", "timed": True,
+    width = "" if info.width == 1 else f" {info.width:g}x"
+    rows = [{"name": f"SimCLR ({info.arch}{width}, {info.stem} stem, {info.image_size} px)", "timed": True,
              "images_seen": state["images_seen"], "steps": state["step"], "epochs": state["epoch"],
              "seconds": state["elapsed"], **linear_eval(simclr_dir, data, out / "simclr-eval", args.workers)}]
 
@@ -335,14 +336,14 @@ def main() -> None:
         rows.append({"name": "raw pixels (784 grey levels)", "images_seen": None, **raw_pixels(data)})
     if "random" not in skip:
         random_dir = out / "random"
-        save_random_encoder(random_dir / "encoder.safetensors", info.arch, info.stem, info.image_size, args.seed)
+        save_random_encoder(random_dir / "encoder.safetensors", info, args.seed)
         rows.append({"name": "same encoder, random weights", "images_seen": 0,
                      **linear_eval(random_dir, data, out / "random-eval", args.workers)})
     if "supervised" not in skip:
         print(f"supervised baseline: {info.arch} with labels for {args.budget}", flush=True)
         supervised_dir = out / "supervised"
-        trained = train_supervised(supervised_dir / "encoder.safetensors", data, info.arch, info.stem,
-                                   info.image_size, args.batch_size, budget, args.seed)
+        trained = train_supervised(supervised_dir / "encoder.safetensors", data, info, args.batch_size, budget,
+                                   args.seed)
         rows.append({"name": "same encoder, supervised (labels, same time)", "timed": True, **trained,
                      **linear_eval(supervised_dir, data, out / "supervised-eval", args.workers)})
 

@@ -100,6 +100,8 @@ def pretrain(
     arch: Annotated[str, typer.Option(help=f"Encoder: {', '.join(ARCHITECTURES)}.")] = "resnet18",
     stem: Annotated[str, typer.Option(help=f"{', '.join(STEMS)}. auto: 3x3 'cifar' stem at <= 64 px on a GPU, "
                                                   f"'imagenet' on a CPU (13x faster there).")] = "auto",
+    width: Annotated[float, typer.Option(help="Channel multiplier of the ResNet: 1 is the standard one, 2 and 3 "
+                                              "SimCLRv2's wide ones, 0.5 about a quarter of the compute.")] = 1.0,
     temperature: Annotated[float, typer.Option(help="NT-Xent temperature tau.")] = 0.1,
     lr: Annotated[Optional[float], typer.Option(
         help="Peak learning rate. Default: 0.3 x batch/256 (LARS, SGD) or 0.001 x batch/256 (AdamW).",
@@ -168,7 +170,7 @@ def pretrain(
             raise typer.BadParameter("give the folder of images (or --resume RUN_DIR)", param_hint="DATA_DIR")
         config = PretrainConfig(
             data_dir=str(data_dir), out_dir=str(out or default_run_dir("pretrain")), epochs=epochs,
-            batch_size=batch_size, arch=arch, stem=stem, proj_layers=proj_layers, proj_dim=proj_dim,
+            batch_size=batch_size, arch=arch, stem=stem, width=width, proj_layers=proj_layers, proj_dim=proj_dim,
             temperature=temperature, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, max_time=parse_duration(max_time) if max_time else None,
             devices=devices, chunk_size=chunk_size, sync_bn=sync_bn, augment_on=augment_on, cache=cache,

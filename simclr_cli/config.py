@@ -99,6 +99,7 @@ class PretrainConfig:
     batch_size: int = 256
     arch: str = "resnet18"
     stem: str = "auto"
+    width: float = 1.0  # channel multiplier: SimCLRv2's 2x and 3x ResNets, or below 1 for a small CPU
     proj_layers: int = 2
     proj_dim: int = 128
     temperature: float = 0.1
@@ -145,6 +146,8 @@ class PretrainConfig:
         _check(self.arch in ARCHITECTURES,
                f"--arch {self.arch!r} is unknown; choose one of {', '.join(ARCHITECTURES)}")
         _check(self.stem in STEMS, f"--stem {self.stem!r} is not one of {', '.join(STEMS)}")
+        _check(0.125 <= self.width <= 4, f"--width {self.width} is out of range; use 0.125 to 4 (1 is the "
+                                         f"standard ResNet, 2 and 3 SimCLRv2's wide ones)")
         _check(self.proj_layers in (2, 3), f"--proj-layers {self.proj_layers} must be 2 (SimCLR) or 3 (SimCLRv2)")
         _check(self.proj_dim >= 1, f"--proj-dim {self.proj_dim} must be positive")
         _check(0.01 <= self.temperature <= 10,

@@ -102,10 +102,11 @@ class EncoderInfo:
     std: tuple[float, ...]
     version: str
     config: dict[str, Any]
+    width: float = 1.0  # the ResNet's channel multiplier; files without it are standard ResNets
 
     def to_metadata(self) -> dict[str, str]:
         return {
-            "format": ENCODER_FORMAT, "arch": self.arch, "stem": self.stem,
+            "format": ENCODER_FORMAT, "arch": self.arch, "stem": self.stem, "width": str(self.width),
             "feature_dim": str(self.feature_dim), "image_size": str(self.image_size),
             "mean": json.dumps(list(self.mean)), "std": json.dumps(list(self.std)),
             "simclr_version": self.version, "config": json.dumps(self.config),
@@ -120,7 +121,7 @@ class EncoderInfo:
             info = cls(arch=meta["arch"], stem=meta["stem"], feature_dim=int(meta["feature_dim"]),
                        image_size=int(meta["image_size"]), mean=tuple(json.loads(meta["mean"])),
                        std=tuple(json.loads(meta["std"])), version=meta.get("simclr_version", "?"),
-                       config=json.loads(meta.get("config", "{}")))
+                       config=json.loads(meta.get("config", "{}")), width=float(meta.get("width", 1.0)))
         except (KeyError, ValueError) as error:
             raise ModelFileError(f"{path}: simclr encoder metadata is incomplete ({error}); re-export it "
                                  f"with `simclr pretrain`") from None
@@ -155,7 +156,7 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     path = resolve_model_path(path)
     info = EncoderInfo.from_metadata(read_metadata(path, "encoder"), path)
     with torch.device("meta"):  # no random initialisation of weights about to be replaced (0.1 s for resnet18)
-        backbone = build_backbone(info.arch, info.stem, initialise=False)
+        backbone = build_backbone(info.arch, info.stem, initialise=False, width=info.width)
     tensors = load_file(str(path))
     state = {k: v for k, v in tensors.items() if not k.startswith(("head.", "classifier."))}
     try:

@@ -70,22 +70,29 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+def channels(base: int, width: float) -> int:
+    """A stage's channel count at a width multiplier (SimCLRv2's 2x and 3x, or 0.5x for small CPUs)."""
+    return max(1, round(base * width))
+
+
 class ResNet(nn.Module):
     """The encoder f: images (B, 3, H, W) -> h (B, feature_dim), global-average-pooled, no classifier."""
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: tuple[int, int, int, int]):
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: tuple[int, int, int, int],
+                 width: float = 1.0):
         super().__init__()
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        planes = [channels(base, width) for base in (64, 128, 256, 512)]
+        self.inplanes = planes[0]
+        self.conv1 = nn.Conv2d(3, planes[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, depths[0])
-        self.layer2 = self._make_layer(block, 128, depths[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, depths[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, depths[3], stride=2)
+        self.layer1 = self._make_layer(block, planes[0], depths[0])
+        self.layer2 = self._make_layer(block, planes[1], depths[1], stride=2)
+        self.layer3 = self._make_layer(block, planes[2], depths[2], stride=2)
+        self.layer4 = self._make_layer(block, planes[3], depths[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.feature_dim = 512 * block.expansion
+        self.feature_dim = planes[3] * block.expansion
 
     def initialise(self) -> "ResNet":
         """torchvision's initialisation: He-normal (fan out) convolutions, unit BatchNorm scales."""
@@ -122,16 +129,16 @@ _DEPTHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 
 BACKBONES: dict[str, Callable[[], ResNet]] = {name: partial(ResNet, *_DEPTHS[name]) for name in ARCHITECTURES}
 
 
-def build_backbone(arch: str, stem: str = "imagenet", initialise: bool = True) -> ResNet:
+def build_backbone(arch: str, stem: str = "imagenet", initialise: bool = True, width: float = 1.0) -> ResNet:
     """A randomly initialised ResNet without classifier (forward gives h); with initialise=False,
     under torch.device("meta"), an empty one for weights from a file (export.load_encoder).
 
     stem "cifar" swaps the 7x7/2 convolution and max-pool for one 3x3/1 convolution, as the
     SimCLR paper does for 32 px CIFAR-10 images (Appendix B.9). Key names stay torchvision's.
     """
-    model = BACKBONES[arch]()
+    model = BACKBONES[arch](width=width)
     if stem == "cifar":
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.conv1 = nn.Conv2d(3, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     elif stem != "imagenet":
         raise ValueError(f"unknown stem {stem!r}")
@@ -165,9 +172,9 @@ class ProjectionHead(nn.Module):
 class SimCLR(nn.Module):
     """f then g; `forward` gives the projections z of a batch of images."""
 
-    def __init__(self, arch: str, stem: str, proj_layers: int = 2, proj_dim: int = 128):
+    def __init__(self, arch: str, stem: str, proj_layers: int = 2, proj_dim: int = 128, width: float = 1.0):
         super().__init__()
-        self.backbone = build_backbone(arch, stem)
+        self.backbone = build_backbone(arch, stem, width=width)
         self.head = ProjectionHead(self.backbone.feature_dim, out_dim=proj_dim, layers=proj_layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,7 @@ class PretrainRun:
                                    + (" (the 3x3 cifar stem is about 13x slower on a CPU; --stem cifar forces it)"
                                       if config.stem == "imagenet" and self.device.type == "cpu" else ""))
 
-        self.model = SimCLR(config.arch, config.stem, config.proj_layers, config.proj_dim)
+        self.model = SimCLR(config.arch, config.stem, config.proj_layers, config.proj_dim, config.width)
         self.sync_bn = distributed.use_sync_bn(config.sync_bn, self.device)
         if self.sync_bn:
             self.model = distributed.convert_sync_bn(self.model)
@@ -348,7 +348,7 @@ class PretrainRun:
         write_json(self.run_dir / "skipped.json", [s.to_json() for s in self.skipped.values()])
 
     def encoder_info(self) -> EncoderInfo:
-        return EncoderInfo(arch=self.config.arch, stem=self.config.stem,
+        return EncoderInfo(arch=self.config.arch, stem=self.config.stem, width=self.config.width,
                            feature_dim=self.model.backbone.feature_dim, image_size=self.config.augment.image_size,
                            mean=IMAGENET_MEAN, std=IMAGENET_STD, version=__version__, config=self.config.to_json())
 

@@ -1,5 +1,6 @@
 """Encoder files load into torchvision; checkpoints round-trip; writes are atomic; nothing is unpickled."""
 
+from dataclasses import replace
 
 import pytest
 import torch
@@ -38,6 +39,23 @@ def test_encoder_round_trip_and_torchvision_loading(tmp_path):
     assert set(result.missing_keys) == {"fc.weight", "fc.bias"} and not result.unexpected_keys
     plain.fc = torch.nn.Identity()
     torch.testing.assert_close(plain.eval()(images), backbone(images))
+
+
+def test_a_narrow_encoder_round_trips_and_files_without_a_width_are_standard(tmp_path):
+    torch.manual_seed(0)
+    narrow = build_backbone("resnet18", "cifar", width=0.5).eval()
+    path = tmp_path / "narrow.safetensors"
+    save_encoder(path, narrow, replace(info_for(stem="cifar"), feature_dim=256, width=0.5))
+    loaded, info = load_encoder(path)
+    assert (info.width, info.feature_dim, loaded.feature_dim) == (0.5, 256, 256)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(images), narrow(images))
+
+    older = tmp_path / "older.safetensors"  # written before --width existed: no "width" in the metadata
+    metadata = info_for().to_metadata()
+    del metadata["width"]
+    save_file(build_backbone("resnet18", "imagenet").state_dict(), str(older), metadata=metadata)
+    assert load_encoder(older)[1].width == 1.0
 
 
 def test_foreign_and_broken_files_are_clear_errors(tmp_path):

@@ -49,6 +49,21 @@ def test_cifar_stem_keeps_resolution_and_torchvision_key_names():
     assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 512)
 
 
+@pytest.mark.parametrize("arch,stem,width", [("resnet18", "imagenet", 0.5), ("resnet18", "cifar", 2),
+                                              ("resnet50", "imagenet", 0.25)])
+def test_width_scales_every_convolution_but_the_image_input(arch, stem, width):
+    standard, scaled = build_backbone(arch, stem).state_dict(), build_backbone(arch, stem, width=width)
+    assert set(scaled.state_dict()) == set(standard), "torchvision's key names at any width"
+    for key, tensor in scaled.state_dict().items():
+        reference = standard[key]
+        if tensor.ndim == 4:  # a convolution (out, in, kh, kw): every width scaled except the RGB input
+            assert tensor.shape[0] == round(reference.shape[0] * width), key
+            inputs = 3 if key == "conv1.weight" else round(reference.shape[1] * width)
+            assert tensor.shape[1:] == (inputs, *reference.shape[2:]), key
+    assert scaled.feature_dim == FEATURE_DIMS[arch] * width
+    assert scaled(torch.randn(2, 3, 32, 32)).shape == (2, FEATURE_DIMS[arch] * width)
+
+
 @pytest.mark.parametrize("layers", [2, 3])
 def test_projection_head_depth(layers):
     head = ProjectionHead(512, out_dim=128, layers=layers)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -57,6 +58,21 @@ def test_pretrain_mixed_folder_skips_broken_files_and_exports_a_torchvision_enco
     _, info = load_encoder(out)
     assert (info.arch, info.stem, info.feature_dim, info.image_size) == ("resnet18", "imagenet", 512, 32)
     assert info.config["epochs"] == 2 and len(info.mean) == 3
+
+
+def test_width_reaches_the_encoder_file_and_embed(small_digits_folder, tmp_path):
+    out = tmp_path / "narrow"
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1",
+                                 "--batch-size", "32", "--width", "0.25", *FAST])
+    assert result.exit_code == 0, result.output
+    backbone, info = load_encoder(out)
+    assert (info.width, info.feature_dim, backbone.layer4[-1].conv2.out_channels) == (0.25, 128, 128)
+    assert json.loads((out / "config.json").read_text())["width"] == 0.25
+    threes = small_digits_folder / "3"
+    embedded = runner.invoke(app, ["embed", str(out), str(threes), str(tmp_path / "threes.npy"), "--device", "cpu",
+                                   "--workers", "0"])
+    assert embedded.exit_code == 0, embedded.output
+    assert np.load(tmp_path / "threes.npy", allow_pickle=False).shape == (len(list(threes.iterdir())), 128)
 
 
 def _config(data, out, workers=0, epochs=2):
