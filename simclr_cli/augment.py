@@ -39,7 +39,7 @@ def simclr_augmentation(config: AugmentConfig, mean=IMAGENET_MEAN, std=IMAGENET_
 
     s = config.jitter_strength
     steps: list[torch.nn.Module] = [
-        T.RandomResizedCrop(config.image_size, scale=(config.crop_min_scale, 1.0), ratio=(3 / 4, 4 / 3),
+        T.RandomResizedCrop(config.image_size, scale=(config.crop_scale, 1.0), ratio=(3 / 4, 4 / 3),
                             interpolation=T.InterpolationMode.BICUBIC, antialias=True),
         T.RandomHorizontalFlip(),
     ]

@@ -46,7 +46,7 @@ class ViewSampler:
 
     def __init__(self, config: AugmentConfig):
         self.size = config.image_size
-        self.scale = (config.crop_min_scale, 1.0)
+        self.scale = (config.crop_scale, 1.0)
         self.ratio = (3 / 4, 4 / 3)
         s = config.jitter_strength
         self.jitter = T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.5, 0.2 * s)) if s > 0 else None

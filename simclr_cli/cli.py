@@ -104,8 +104,11 @@ def pretrain(
                                               "SimCLRv2's wide ones, 0.5 about a quarter of the compute.")] = 1.0,
     temperature: Annotated[float, typer.Option(help="NT-Xent temperature tau.")] = 0.1,
     lr: Annotated[Optional[float], typer.Option(
-        help="Peak learning rate. Default: 0.3 x batch/256 (LARS, SGD) or 0.001 x batch/256 (AdamW).",
-        show_default=False)] = None,
+        help="Peak learning rate. Default: by --lr-scaling from the batch size.", show_default=False)] = None,
+    lr_scaling: Annotated[str, typer.Option(
+        help="The default --lr (LARS, SGD): sqrt, 0.075 x sqrt(batch) (1.2 at 256; the paper's choice for small "
+             "batches and short runs), or linear, 0.3 x batch/256 (0.3 at 256); both 4.8 at 4096. AdamW: "
+             "0.001 at 256, scaled alike.")] = "sqrt",
     optimizer: Annotated[str, typer.Option(help=f"{'|'.join(OPTIMIZERS)}. LARS as in the paper.")] = "lars",
     weight_decay: Annotated[Optional[float], typer.Option(
         help="Default: 1e-6 (LARS, SGD) or 0.05 (AdamW); never on biases and BatchNorm.",
@@ -113,7 +116,9 @@ def pretrain(
     warmup_epochs: Annotated[float, typer.Option(help="Linear warmup, capped at 10% of the run.")] = 10.0,
     proj_layers: Annotated[int, typer.Option(help="Projection head depth: 2 (SimCLR) or 3 (SimCLRv2).")] = 2,
     proj_dim: Annotated[int, typer.Option(help="Projection (z) dimension.")] = 128,
-    crop_min_scale: Annotated[float, typer.Option(help="Smallest crop, as a fraction of the image area.")] = 0.08,
+    crop_min_scale: Annotated[Optional[float], typer.Option(
+        help="Smallest crop, as a fraction of the image area. Default: 0.08, or 0.2 at <= 64 px.",
+        show_default=False)] = None,
     jitter: Annotated[Optional[float], typer.Option(
         help="Colour-jitter strength s. Default: 1.0, or 0.5 at <= 64 px.", show_default=False)] = None,
     blur: Annotated[Optional[bool], typer.Option(
@@ -171,7 +176,7 @@ def pretrain(
         config = PretrainConfig(
             data_dir=str(data_dir), out_dir=str(out or default_run_dir("pretrain")), epochs=epochs,
             batch_size=batch_size, arch=arch, stem=stem, width=width, proj_layers=proj_layers, proj_dim=proj_dim,
-            temperature=temperature, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+            temperature=temperature, optimizer=optimizer, lr=lr, lr_scaling=lr_scaling, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, max_time=parse_duration(max_time) if max_time else None,
             devices=devices, chunk_size=chunk_size, sync_bn=sync_bn, augment_on=augment_on, cache=cache,
             cache_dir=str(cache_dir) if cache_dir else None, compile=compile,

@@ -14,6 +14,7 @@ from simclr_cli.errors import ConfigError
 # `simclr --help` and validation need no torch import (about 2 s on a small CPU).
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 OPTIMIZERS = ("lars", "sgd", "adamw")
+LR_SCALINGS = ("sqrt", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STEMS = ("auto", "imagenet", "cifar")
 AUGMENT_ON = ("auto", "device", "cpu", "per-image")  # auto: device on a GPU, cpu otherwise
@@ -60,13 +61,21 @@ class AugmentConfig:
     """The SimCLR view pipeline (SimCLR Appendix A); None means 'the default for this image size'."""
 
     image_size: int = 224
-    crop_min_scale: float = 0.08
+    crop_min_scale: float | None = None  # smallest crop (area fraction); 0.08 at ImageNet size, 0.2 at <= 64 px
     jitter: float | None = None  # colour-jitter strength s; 1.0 at ImageNet size, 0.5 at <= 64 px
     blur: bool | None = None  # Gaussian blur; on at ImageNet size, off at <= 64 px
 
     @property
     def small(self) -> bool:
         return self.image_size <= SMALL_IMAGE_MAX
+
+    @property
+    def crop_scale(self) -> float:
+        """The paper's 0.08, except for small images: 0.2 there, chosen with benchmarks/sweep.py (README,
+        Quality: with lr 1.2, +0.7 linear and +1.0 kNN top-1 on Fashion-MNIST after five minutes)."""
+        if self.crop_min_scale is not None:
+            return self.crop_min_scale
+        return 0.2 if self.small else 0.08
 
     @property
     def jitter_strength(self) -> float:
@@ -83,7 +92,7 @@ class AugmentConfig:
     def validate(self) -> None:
         _check(8 <= self.image_size <= 4096,
                f"--image-size {self.image_size} is out of range; use 8 to 4096 pixels (e.g. 32 or 224)")
-        _check(0 < self.crop_min_scale <= 1,
+        _check(self.crop_min_scale is None or 0 < self.crop_min_scale <= 1,
                f"--crop-min-scale {self.crop_min_scale} must be in (0, 1]; the paper uses 0.08")
         _check(self.jitter is None or 0 <= self.jitter <= 2,
                f"--jitter {self.jitter} must be in [0, 2]; the paper uses 1.0 (0.5 for CIFAR)")
@@ -104,7 +113,8 @@ class PretrainConfig:
     proj_dim: int = 128
     temperature: float = 0.1
     optimizer: str = "lars"
-    lr: float | None = None  # None: 0.3 x batch / 256 (LARS, SGD) or 1e-3 x batch / 256 (AdamW)
+    lr: float | None = None  # None: by lr_scaling from the batch size (resolved_lr)
+    lr_scaling: str = "sqrt"
     weight_decay: float | None = None  # None: 1e-6 (LARS, SGD, the paper) or 0.05 (AdamW)
     warmup_epochs: float = 10.0
     max_time: float | None = None  # seconds
@@ -129,10 +139,15 @@ class PretrainConfig:
 
     @property
     def resolved_lr(self) -> float:
+        """--lr, or the paper's rules for LARS and SGD (SimCLR Appendix B.1): sqrt, 0.075 x sqrt(batch),
+        which it finds better at small batches and short runs; linear, 0.3 x batch / 256 (section 2.3).
+        Both give 4.8 at batch 4096; at 256, 1.2 and 0.3. AdamW: 1e-3 at 256, scaled the same way."""
         if self.lr is not None:
             return self.lr
-        base = 1e-3 if self.optimizer == "adamw" else 0.3
-        return base * self.batch_size / 256
+        if self.optimizer == "adamw":
+            ratio = self.batch_size / 256
+            return 1e-3 * (ratio ** 0.5 if self.lr_scaling == "sqrt" else ratio)
+        return 0.075 * self.batch_size ** 0.5 if self.lr_scaling == "sqrt" else 0.3 * self.batch_size / 256
 
     @property
     def resolved_weight_decay(self) -> float:
@@ -154,6 +169,8 @@ class PretrainConfig:
                f"--temperature {self.temperature} is out of range; use 0.01 to 10 (the paper uses 0.1 to 0.5)")
         _check(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         _check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be positive")
+        _check(self.lr_scaling in LR_SCALINGS, f"--lr-scaling {self.lr_scaling!r} is not one of "
+                                               f"{', '.join(LR_SCALINGS)}")
         _check(self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0")
         _check(self.warmup_epochs >= 0, f"--warmup-epochs {self.warmup_epochs} must be >= 0")
         _check(self.devices >= 1, f"--devices {self.devices} must be at least 1")
@@ -176,6 +193,7 @@ class PretrainConfig:
     def from_json(cls, data: dict[str, Any]) -> "PretrainConfig":
         data = dict(data)
         data.setdefault("augment_on", "per-image")  # runs started before the batched pipeline resume on theirs
+        data.setdefault("lr_scaling", "linear")  # and runs from before --lr-scaling with the rule they started on
         data["augment"] = AugmentConfig(**data.get("augment", {}))
         data["runtime"] = RuntimeConfig(**data.get("runtime", {}))
         known = {f.name for f in dataclasses.fields(cls)}
@@ -297,17 +315,17 @@ class FinetuneConfig:
 # Values by `simclr pretrain` parameter name; every flag the user gives overrides its preset value.
 PRESETS: dict[str, dict[str, Any]] = {
     # SimCLR (arXiv 2002.05709) section 2.3, "Default setting", the ImageNet recipe: ResNet-50, batch 4096,
-    # LARS at 0.3 x batch/256 (None: that rule, 4.8 at 4096, rescaled if --batch-size changes), weight
+    # LARS at 0.3 x batch/256 (lr None, scaling linear: 4.8 at 4096, rescaled if --batch-size changes), weight
     # decay 1e-6, temperature 0.1, 100 epochs with 10 of linear warmup, 224 px, Appendix A's views.
     "imagenet": {"arch": "resnet50", "stem": "imagenet", "image_size": 224, "batch_size": 4096, "optimizer": "lars",
-                 "lr": None, "weight_decay": 1e-6, "temperature": 0.1, "epochs": 100, "warmup_epochs": 10.0,
+                 "lr": None, "lr_scaling": "linear", "weight_decay": 1e-6, "temperature": 0.1, "epochs": 100, "warmup_epochs": 10.0,
                  "proj_layers": 2, "crop_min_scale": 0.08, "jitter": 1.0, "blur": True},
     # SimCLR Appendix B.9, CIFAR-10: ResNet-50 with a 3x3 stride-1 first convolution and no max-pool,
     # 32 px, colour jitter 0.5 and no blur, batch 1024, LARS at lr 1.0 (the middle of the 0.5/1.0/1.5
     # the appendix sweeps), temperature 0.5, weight decay 1e-6; 1000 epochs and lr 1.0, temperature 0.5
     # as in google-research/simclr's published CIFAR-10 command.
     "cifar": {"arch": "resnet50", "stem": "cifar", "image_size": 32, "batch_size": 1024, "optimizer": "lars",
-              "lr": 1.0, "weight_decay": 1e-6, "temperature": 0.5, "epochs": 1000, "warmup_epochs": 10.0,
+              "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-6, "temperature": 0.5, "epochs": 1000, "warmup_epochs": 10.0,
               "proj_layers": 2, "crop_min_scale": 0.08, "jitter": 0.5, "blur": False},
 }
 

@@ -97,8 +97,9 @@ class PretrainRun:
         self.total_steps = config.epochs * self.steps_per_epoch
         if aug.small:
             blur = "on" if aug.use_blur else "off"
-            report("message", text=f"{aug.image_size} px images: the paper's CIFAR-10 views (jitter strength "
-                                   f"{aug.jitter_strength:g}, blur {blur}), {config.stem} stem"
+            report("message", text=f"{aug.image_size} px images: small-image views (crops from "
+                                   f"{aug.crop_scale:.0%}, jitter strength {aug.jitter_strength:g}, blur {blur}), "
+                                   f"{config.stem} stem"
                                    + (" (the 3x3 cifar stem is about 13x slower on a CPU; --stem cifar forces it)"
                                       if config.stem == "imagenet" and self.device.type == "cpu" else ""))
 

@@ -60,18 +60,19 @@ def test_small_images_use_the_cifar_strength_and_no_blur():
     assert none[:, JITTER].sum() == 0
 
 
-def test_crops_cover_the_papers_scale_and_aspect_ranges():
+@pytest.mark.parametrize("size,smallest", [(224, 0.08), (32, 0.2)])  # the paper's 0.08; 0.2 for small images
+def test_crops_cover_the_papers_scale_and_aspect_ranges(size, smallest):
     torch.manual_seed(0)
-    sampler = ViewSampler(AugmentConfig(image_size=32))
+    sampler = ViewSampler(AugmentConfig(image_size=size))
     image = photo(400, 300)
     boxes = torch.tensor([v2.RandomResizedCrop.get_params(image, sampler.scale, sampler.ratio) for _ in range(3000)],
                          dtype=torch.float)
     area = boxes[:, 2] * boxes[:, 3] / (400 * 300)
     aspect = boxes[:, 3] / boxes[:, 2]
-    assert 0.08 <= area.min() < 0.09 and area.max() <= 1.0
+    assert smallest <= area.min() < smallest + 0.01 and area.max() <= 1.0
     assert (aspect >= 0.74).all() and (aspect <= 1.34).all()
     crops, params = sampler(image)
-    assert crops.shape == (2, 3, 32, 32) and crops.dtype == torch.uint8 and params.shape == (2, PARAMS)
+    assert crops.shape == (2, 3, size, size) and crops.dtype == torch.uint8 and params.shape == (2, PARAMS)
 
 
 @pytest.mark.parametrize("op, reference, column", [

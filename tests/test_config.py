@@ -21,7 +21,7 @@ def test_bad_durations_name_the_flag(text):
     ({"proj_layers": 4}, "--proj-layers"), ({"temperature": 0.0}, "--temperature"), ({"epochs": 0}, "--epochs"),
     ({"augment": AugmentConfig(image_size=4)}, "--image-size"),
     ({"augment": AugmentConfig(crop_min_scale=1.5)}, "--crop-min-scale"), ({"stem": "vit"}, "--stem"),
-    ({"width": 0}, "--width"), ({"width": 8}, "--width"),
+    ({"width": 0}, "--width"), ({"width": 8}, "--width"), ({"lr_scaling": "cubic"}, "--lr-scaling"),
 ])
 def test_validation_names_the_flag(change, flag):
     with pytest.raises(ConfigError, match=flag):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from simclr_cli.config import PretrainConfig
+from simclr_cli.config import PretrainConfig, replace
 from simclr_cli.optim import LARS, build_optimizer, warmup_cosine
 
 
@@ -60,8 +60,20 @@ def test_warmup_then_cosine_to_zero():
     assert warmup_cosine(0.5, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
-@pytest.mark.parametrize("optimizer,batch,expected", [("lars", 256, 0.3), ("lars", 4096, 4.8),
-                                                      ("sgd", 512, 0.6), ("adamw", 256, 1e-3)])
-def test_default_learning_rate_scales_with_batch(optimizer, batch, expected):
-    config = PretrainConfig(data_dir=".", out_dir="x", batch_size=batch, optimizer=optimizer)
+@pytest.mark.parametrize("optimizer,scaling,batch,expected", [
+    ("lars", "linear", 256, 0.3), ("lars", "linear", 4096, 4.8), ("sgd", "linear", 512, 0.6),  # 0.3 x batch/256
+    ("lars", "sqrt", 256, 1.2), ("lars", "sqrt", 4096, 4.8), ("sgd", "sqrt", 64, 0.6),  # 0.075 x sqrt(batch)
+    ("adamw", "linear", 256, 1e-3), ("adamw", "linear", 1024, 4e-3), ("adamw", "sqrt", 1024, 2e-3),
+])
+def test_default_learning_rate_scales_with_batch(optimizer, scaling, batch, expected):
+    config = PretrainConfig(data_dir=".", out_dir="x", batch_size=batch, optimizer=optimizer, lr_scaling=scaling)
     assert config.resolved_lr == pytest.approx(expected)
+    assert replace(config, lr=0.5).resolved_lr == 0.5, "--lr wins over the rule"
+
+
+def test_sqrt_scaling_is_the_default_and_runs_from_before_it_resume_on_linear():
+    config = PretrainConfig(data_dir=".", out_dir="x")
+    assert config.lr_scaling == "sqrt" and config.resolved_lr == pytest.approx(1.2)
+    older = config.to_json()
+    del older["lr_scaling"]
+    assert PretrainConfig.from_json(older).resolved_lr == pytest.approx(0.3)

@@ -42,6 +42,7 @@ def test_given_flags_override_the_preset_and_nothing_else_changes():
     config = apply_preset(base, "imagenet", {"batch_size", "temperature"})
     assert (config.batch_size, config.temperature, config.epochs) == (512, 0.2, 100)
     assert config.resolved_lr == pytest.approx(0.6), "the paper's rule, 0.3 x batch/256, follows the given batch"
+    assert apply_preset(base, "imagenet").lr_scaling == "linear", "not the CLI's sqrt default"
     assert (config.data_dir, config.out_dir) == ("x", "y")
     assert set(PRESETS["imagenet"]) == set(PRESETS["cifar"]), "both presets set the same things"
 
