@@ -16,7 +16,7 @@ Steps, all in one run:
               weighted kNN top-1 (k = 20), train -> test
   baselines   the same linear probe and kNN on
               raw pixels     the 784 grey levels of each image, no encoder
-              random         the same encoder (arch, stem, image size) with its initial random weights
+              random         the same encoder (arch, width, stem, image size) with its initial weights
               supervised     the same encoder trained with labels (cross-entropy, crops and flips, SGD)
                              for the same time budget: a ceiling for the budget
 It prints a markdown table and writes it, with the numbers in JSON, to OUT/results.md and
