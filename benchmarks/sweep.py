@@ -29,16 +29,6 @@ import quality  # noqa: E402  (benchmarks/ is not a package)
 L2 = 1e-4
 
 
-def labelled(folder: Path) -> tuple[list[Path], list[int]]:
-    """The images of one class-folder split, classes in name order (Fashion-MNIST's label order)."""
-    paths, labels = [], []
-    for label, directory in enumerate(sorted(d for d in folder.iterdir() if d.is_dir())):
-        files = sorted(directory.iterdir())
-        paths += files
-        labels += [label] * len(files)
-    return paths, labels
-
-
 def quick_eval(run_dir: Path, data: dict) -> dict[str, float]:
     """kNN top-1 and the fixed-L2 linear probe's top-1 on the test images."""
     import torch
@@ -46,16 +36,18 @@ def quick_eval(run_dir: Path, data: dict) -> dict[str, float]:
     from simclr_cli.evaluate import fit_logistic, knn_scores
     from simclr_cli.export import load_encoder
     from simclr_cli.features import compute_features
+    from simclr_cli.labels import read_class_folders
     from simclr_cli.runtime import resolve_precision
 
     device = torch.device("cpu")
     backbone, info = load_encoder(run_dir, device)
     precision = resolve_precision("auto", device)
-    (train_paths, train_y), (test_paths, test_y) = labelled(data["train"]), labelled(data["test"])
-    train_y, test_y = torch.tensor(train_y), torch.tensor(test_y)
-    train, _, _ = compute_features(backbone, info, train_paths, device, precision, workers=1)  # (N, D)
-    test, _, _ = compute_features(backbone, info, test_paths, device, precision, workers=1)  # (M, D)
-    classes = len(quality.CLASSES)
+    classes, train_set, _, _ = read_class_folders(data["train"])
+    _, test_set, _, _ = read_class_folders(data["test"], classes)
+    train_y, test_y = torch.tensor(train_set.labels), torch.tensor(test_set.labels)
+    train, _, _ = compute_features(backbone, info, train_set.paths, device, precision, workers=1)  # (N, D)
+    test, _, _ = compute_features(backbone, info, test_set.paths, device, precision, workers=1)  # (M, D)
+    classes = len(classes)
     knn = (knn_scores(train, train_y, test, classes).argmax(1) == test_y).double().mean().item()
     mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
     weight, bias = fit_logistic((train - mean) / std, train_y, classes, L2, max_iter=200)
