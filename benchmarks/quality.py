@@ -278,7 +278,8 @@ def main() -> None:
                         help="use only the first N train images (and N/6 test images, at least 1,000): quick checks")
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--stem", default="auto", help="auto (simclr's default), imagenet or cifar")
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=48,
+                        help="training resolution (default 48: the 28 px images upsampled; see the README)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--monitor-size", type=int, default=1000,
                         help="labelled train images for pretrain's per-epoch kNN monitor (0: none)")

@@ -4,12 +4,13 @@
 
 Each SETTING is a string of `simclr pretrain` flags added to the defaults ("" for the defaults alone).
 For each, in turn: `simclr pretrain` on the 60,000 train images without labels under --max-time BUDGET
-(32 px, batch 256, on the CPU, no monitor), then a quick evaluation of its encoder on the 10,000 test
-images: kNN top-1 (k = 20, the kNN of `simclr linear-eval`) over all train images, and a linear probe
-at a fixed L2 strength (1e-4 on standardised features, float32 L-BFGS, 200 iterations) instead of
-linear-eval's search over seven strengths. That takes about 45 s where `benchmarks/quality.py`'s
-evaluation takes 3.5 minutes, and gives the same kNN and a linear top-1 within a few tenths of a point
-(84.9% against 84.7% for the same encoder). The data come from benchmarks/quality.py's export.
+(at --image-size, 48 px by default; batch 256, on the CPU, no monitor), then a quick evaluation of its
+encoder on the 10,000 test images: kNN top-1 (k = 20, the kNN of `simclr linear-eval`) over all
+train images, and a linear probe at a fixed L2 strength (1e-4 on standardised features, float32
+L-BFGS, 200 iterations) instead of linear-eval's search over seven strengths. At 32 px that took
+about 45 s where `benchmarks/quality.py`'s evaluation takes 3.5 minutes, and gave the same kNN and a
+linear top-1 within a few tenths of a point (84.9% against 84.7% for the same encoder). The data
+come from benchmarks/quality.py's export.
 
 Prints a markdown table; each row also goes to OUT/sweep.jsonl as it finishes.
 """
@@ -59,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("settings", nargs="+", help='`simclr pretrain` flags per setting, e.g. "--lr 1.2"')
     parser.add_argument("--budget", default="5m", help="pretraining time per setting (default 5m)")
+    parser.add_argument("--image-size", type=int, default=48, help="training resolution (default 48, as quality.py)")
     parser.add_argument("--data", type=Path, default=Path("data/fashion-mnist"), help="where the PNG folders go")
     parser.add_argument("--out", type=Path, default=None, help="default runs/sweep-<timestamp>; must be new")
     args = parser.parse_args()
@@ -72,7 +74,7 @@ def main() -> None:
     for number, setting in enumerate(args.settings):
         run_dir = out / f"setting-{number}"
         quality.simclr("pretrain", str(data["train"]), "--out", str(run_dir), "--max-time", args.budget,
-                       "--image-size", "32", "--device", "cpu", "--quiet", *shlex.split(setting))
+                       "--image-size", str(args.image_size), "--device", "cpu", "--quiet", *shlex.split(setting))
         from simclr_cli.export import load_checkpoint
 
         state = load_checkpoint(run_dir / "checkpoint.safetensors").progress["state"]
