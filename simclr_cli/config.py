@@ -144,10 +144,11 @@ class PretrainConfig:
         Both give 4.8 at batch 4096; at 256, 1.2 and 0.3. AdamW: 1e-3 at 256, scaled the same way."""
         if self.lr is not None:
             return self.lr
+        ratio = self.batch_size / 256
+        scale = ratio ** 0.5 if self.lr_scaling == "sqrt" else ratio
         if self.optimizer == "adamw":
-            ratio = self.batch_size / 256
-            return 1e-3 * (ratio ** 0.5 if self.lr_scaling == "sqrt" else ratio)
-        return 0.075 * self.batch_size ** 0.5 if self.lr_scaling == "sqrt" else 0.3 * self.batch_size / 256
+            return 1e-3 * scale
+        return (1.2 if self.lr_scaling == "sqrt" else 0.3) * scale  # 1.2 x sqrt(batch/256) = 0.075 x sqrt(batch)
 
     @property
     def resolved_weight_decay(self) -> float:
@@ -318,15 +319,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # LARS at 0.3 x batch/256 (lr None, scaling linear: 4.8 at 4096, rescaled if --batch-size changes), weight
     # decay 1e-6, temperature 0.1, 100 epochs with 10 of linear warmup, 224 px, Appendix A's views.
     "imagenet": {"arch": "resnet50", "stem": "imagenet", "image_size": 224, "batch_size": 4096, "optimizer": "lars",
-                 "lr": None, "lr_scaling": "linear", "weight_decay": 1e-6, "temperature": 0.1, "epochs": 100, "warmup_epochs": 10.0,
-                 "proj_layers": 2, "crop_min_scale": 0.08, "jitter": 1.0, "blur": True},
+                 "lr": None, "lr_scaling": "linear", "weight_decay": 1e-6, "temperature": 0.1, "epochs": 100,
+                 "warmup_epochs": 10.0, "proj_layers": 2, "crop_min_scale": 0.08, "jitter": 1.0, "blur": True},
     # SimCLR Appendix B.9, CIFAR-10: ResNet-50 with a 3x3 stride-1 first convolution and no max-pool,
     # 32 px, colour jitter 0.5 and no blur, batch 1024, LARS at lr 1.0 (the middle of the 0.5/1.0/1.5
     # the appendix sweeps), temperature 0.5, weight decay 1e-6; 1000 epochs and lr 1.0, temperature 0.5
     # as in google-research/simclr's published CIFAR-10 command.
     "cifar": {"arch": "resnet50", "stem": "cifar", "image_size": 32, "batch_size": 1024, "optimizer": "lars",
-              "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-6, "temperature": 0.5, "epochs": 1000, "warmup_epochs": 10.0,
-              "proj_layers": 2, "crop_min_scale": 0.08, "jitter": 0.5, "blur": False},
+              "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-6, "temperature": 0.5, "epochs": 1000,
+              "warmup_epochs": 10.0, "proj_layers": 2, "crop_min_scale": 0.08, "jitter": 0.5, "blur": False},
 }
 
 
