@@ -73,7 +73,8 @@ def main() -> None:
         print(json.dumps(measure(args.child[0], int(args.child[1]), args.dim, args.repeats)))
         return
 
-    print(f"{platform.machine()} {os.cpu_count()} CPU core(s), torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    print(f"{platform.machine()} {os.cpu_count()} CPU core(s), torch threads {threads}")
     for batch in args.batch:
         results = {}
         for variant in ("straightforward", "simclr"):

@@ -120,8 +120,8 @@ def main() -> None:
         for name, rates, total in (("plain", plain, plain_total), ("simclr --cache", ours, ours_total)):
             print(f"{name:15s} " + ", ".join(f"epoch {e + 1}: {r:.1f} images/s" for e, r in enumerate(rates))
                   + f"; whole run (set-up, checkpoints, export included) {total:.1f} images/s")
-        print(f"ratio simclr / plain: last epoch {ours[-1] / plain[-1]:.2f}x, whole run {ours_total / plain_total:.2f}x "
-              f"(target 1.5x)")
+        print(f"ratio simclr / plain: last epoch {ours[-1] / plain[-1]:.2f}x, "
+              f"whole run {ours_total / plain_total:.2f}x (target 1.5x)")
 
 
 if __name__ == "__main__":

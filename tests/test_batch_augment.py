@@ -168,7 +168,8 @@ def test_views_depend_only_on_seed_epoch_and_index_not_on_batches_or_workers(sma
     assert one.samples.shape == (24, 2, 3, 32, 32) and one.params is None
     assert torch.allclose(one.samples, other, atol=1e-6), "same views whatever the batches and workers"
     dataset.epoch = 1
-    next_epoch = next(iter(make_loader(dataset, 24, list(range(24)), 0, collate_fn=AugmentInLoader(BatchAugment(config)))))
+    loader = make_loader(dataset, 24, list(range(24)), 0, collate_fn=AugmentInLoader(BatchAugment(config)))
+    next_epoch = next(iter(loader))
     assert not torch.allclose(one.samples, next_epoch.samples), "a new epoch draws new views"
     raw = collate([dataset[i] for i in range(4)])
     assert raw.samples.dtype == torch.uint8 and raw.params.shape == (4, 2, PARAMS)
