@@ -280,7 +280,9 @@ def main() -> None:
     parser.add_argument("--stem", default="auto", help="auto (simclr's default), imagenet or cifar")
     parser.add_argument("--image-size", type=int, default=48,
                         help="training resolution (default 48: the 28 px images upsampled; see the README)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: simclr pretrain's (128 at <= 64 px on a CPU); the supervised baseline uses "
+                             "the same")
     parser.add_argument("--monitor-size", type=int, default=1000,
                         help="labelled train images for pretrain's per-epoch kNN monitor (0: none)")
     parser.add_argument("--pretrain-args", default="",
@@ -320,9 +322,10 @@ def main() -> None:
     simclr_dir = out / "simclr"
     # pretrain's own --epochs (100) stays: the budget ends the run first, and warmup stays 10% of it.
     simclr("pretrain", str(data["train"]), "--out", str(simclr_dir), "--max-time", args.budget, "--arch", args.arch,
-           "--stem", args.stem, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-           "--device", "cpu", "--seed", str(args.seed), *monitor, *workers,
+           "--stem", args.stem, "--image-size", str(args.image_size), "--device", "cpu", "--seed", str(args.seed),
+           *(["--batch-size", str(args.batch_size)] if args.batch_size else []), *monitor, *workers,
            *shlex.split(args.pretrain_args))
+    batch_size = json.loads((simclr_dir / "config.json").read_text())["batch_size"]  # as resolved by pretrain
     from simclr_cli.export import load_checkpoint, load_encoder
 
     _, info = load_encoder(simclr_dir)
@@ -343,8 +346,7 @@ def main() -> None:
     if "supervised" not in skip:
         print(f"supervised baseline: {info.arch} with labels for {args.budget}", flush=True)
         supervised_dir = out / "supervised"
-        trained = train_supervised(supervised_dir / "encoder.safetensors", data, info, args.batch_size, budget,
-                                   args.seed)
+        trained = train_supervised(supervised_dir / "encoder.safetensors", data, info, batch_size, budget, args.seed)
         rows.append({"name": "same encoder, supervised (labels, same time)", "timed": True, **trained,
                      **linear_eval(supervised_dir, data, out / "supervised-eval", args.workers)})
 

@@ -4,8 +4,8 @@
 
 Each SETTING is a string of `simclr pretrain` flags added to the defaults ("" for the defaults alone).
 For each, in turn: `simclr pretrain` on the 60,000 train images without labels under --max-time BUDGET
-(at --image-size, 48 px by default; batch 256, on the CPU, no monitor), then a quick evaluation of its
-encoder on the 10,000 test images: kNN top-1 (k = 20, the kNN of `simclr linear-eval`) over all
+(at --image-size, 48 px by default, and simclr's default batch: 128 on a CPU at <= 64 px; no monitor), then a quick
+evaluation of its encoder on the 10,000 test images: kNN top-1 (k = 20, the kNN of `simclr linear-eval`) over all
 train images, and a linear probe at a fixed L2 strength (1e-4 on standardised features, float32
 L-BFGS, 200 iterations) instead of linear-eval's search over seven strengths. At 32 px that took
 about 45 s where `benchmarks/quality.py`'s evaluation takes 3.5 minutes, and gave the same kNN and a

@@ -94,7 +94,9 @@ def pretrain(
         help="Run folder for the encoder, checkpoint and logs. Default: runs/pretrain-<timestamp>.",
         show_default=False)] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the data (the run also ends at --max-time).")] = 100,
-    batch_size: Annotated[int, typer.Option(help="Images per step; each gives two views.")] = 256,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Images per step; each gives two views. Default: 256, or 128 at <= 64 px on a CPU.",
+        show_default=False)] = None,
     image_size: Annotated[int, typer.Option(help="Training resolution in pixels. <= 64 px uses the paper's "
                                                  "CIFAR settings.")] = 224,
     arch: Annotated[str, typer.Option(help=f"Encoder: {', '.join(ARCHITECTURES)}.")] = "resnet18",

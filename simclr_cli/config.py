@@ -19,6 +19,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STEMS = ("auto", "imagenet", "cifar")
 AUGMENT_ON = ("auto", "device", "cpu", "per-image")  # auto: device on a GPU, cpu otherwise
 SMALL_IMAGE_MAX = 64  # at or below this size the paper's CIFAR-10 recipe applies
+BATCH_SIZE = 256
+SMALL_CPU_BATCH_SIZE = 128  # small images on a CPU: twice the steps a minute (README, Quality)
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
 
@@ -105,7 +107,7 @@ class PretrainConfig:
     data_dir: str
     out_dir: str
     epochs: int = 100
-    batch_size: int = 256
+    batch_size: int | None = None  # None: BATCH_SIZE, or SMALL_CPU_BATCH_SIZE (resolved_batch_size)
     arch: str = "resnet18"
     stem: str = "auto"
     width: float = 1.0  # channel multiplier: SimCLRv2's 2x and 3x ResNets, or below 1 for a small CPU
@@ -137,6 +139,14 @@ class PretrainConfig:
             return self.stem
         return "cifar" if self.augment.small and device_type != "cpu" else "imagenet"
 
+    def resolved_batch_size(self, device_type: str) -> int:
+        """--batch-size, or 256; 128 for small images on a CPU, where a 10-minute run takes about 400 steps
+        at 256: with twice the steps, kNN top-1 gained 0.5 point on Fashion-MNIST over two seeds, and
+        linear top-1 stayed level (README, Quality)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return SMALL_CPU_BATCH_SIZE if self.augment.small and device_type == "cpu" else BATCH_SIZE
+
     @property
     def resolved_lr(self) -> float:
         """--lr, or the paper's rules for LARS and SGD (SimCLR Appendix B.1): sqrt, 0.075 x sqrt(batch),
@@ -144,7 +154,7 @@ class PretrainConfig:
         Both give 4.8 at batch 4096; at 256, 1.2 and 0.3. AdamW: 1e-3 at 256, scaled the same way."""
         if self.lr is not None:
             return self.lr
-        ratio = self.batch_size / 256
+        ratio = (self.batch_size or BATCH_SIZE) / 256  # train.py resolves the batch size before asking
         scale = ratio ** 0.5 if self.lr_scaling == "sqrt" else ratio
         if self.optimizer == "adamw":
             return 1e-3 * scale
@@ -158,7 +168,8 @@ class PretrainConfig:
 
     def validate(self) -> "PretrainConfig":
         _check(self.epochs >= 1, f"--epochs {self.epochs} must be at least 1")
-        _check(self.batch_size >= 2, f"--batch-size {self.batch_size} must be at least 2 (SimCLR needs negatives)")
+        _check(self.batch_size is None or self.batch_size >= 2,
+               f"--batch-size {self.batch_size} must be at least 2 (SimCLR needs negatives)")
         _check(self.arch in ARCHITECTURES,
                f"--arch {self.arch!r} is unknown; choose one of {', '.join(ARCHITECTURES)}")
         _check(self.stem in STEMS, f"--stem {self.stem!r} is not one of {', '.join(STEMS)}")

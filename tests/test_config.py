@@ -36,6 +36,16 @@ def test_small_images_default_to_cifar_stem_on_accelerators_only_and_config_roun
     assert PretrainConfig.from_json(config.to_json()) == config
 
 
+def test_default_batch_is_128_for_small_images_on_a_cpu_only_and_the_lr_follows_it():
+    small = PretrainConfig(data_dir=".", out_dir="x", augment=AugmentConfig(image_size=48))
+    assert (small.resolved_batch_size("cpu"), small.resolved_batch_size("cuda")) == (128, 256)
+    assert PretrainConfig(data_dir=".", out_dir="x").resolved_batch_size("cpu") == 256  # 224 px
+    assert replace(small, batch_size=64).resolved_batch_size("cpu") == 64
+    resolved = replace(small, batch_size=small.resolved_batch_size("cpu"))
+    assert resolved.resolved_lr == pytest.approx(0.075 * 128 ** 0.5)  # the sqrt rule at the resolved batch
+    assert small.validate() is small
+
+
 def test_finetune_crops_are_gentler_for_small_images():
     from simclr_cli.config import FinetuneConfig, LabelledDataConfig
 

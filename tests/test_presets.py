@@ -62,7 +62,9 @@ def test_cli_preset_with_flags_that_override_it(monkeypatch, tmp_path, small_dig
 
 def test_cli_without_preset_keeps_the_defaults(monkeypatch, tmp_path, small_digits_folder):
     config = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--image-size", "32")
-    assert (config.arch, config.batch_size, config.temperature, config.epochs) == ("resnet18", 256, 0.1, 100)
+    assert (config.arch, config.temperature, config.epochs) == ("resnet18", 0.1, 100)
+    assert config.batch_size is None, "left to the engine, which knows the device"
+    assert (config.resolved_batch_size("cpu"), config.resolved_batch_size("cuda")) == (128, 256)
 
 
 def test_cli_unknown_preset_is_one_line_and_exit_1(tmp_path, small_digits_folder):
