@@ -60,7 +60,7 @@ def test_pretrain_mixed_folder_skips_broken_files_and_exports_a_torchvision_enco
     assert info.config["epochs"] == 2 and len(info.mean) == 3
 
 
-def test_default_batch_on_a_cpu_at_32_px_is_128_and_saved_for_resume(small_digits_folder, tmp_path):
+def test_default_batch_on_a_cpu_at_32_px_is_128_and_recorded_in_config_json(small_digits_folder, tmp_path):
     out = tmp_path / "default-batch"
     result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1", *FAST])
     assert result.exit_code == 0, result.output
