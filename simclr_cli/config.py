@@ -142,7 +142,7 @@ class PretrainConfig:
     def resolved_batch_size(self, device_type: str) -> int:
         """--batch-size, or 256; 128 for small images on a CPU, where a 10-minute run takes about 450 steps
         at 256. Twice the steps: on Fashion-MNIST at 48 px, 87.9% linear and 84.1% kNN top-1 on average
-        over three 10-minute runs, against 87.75% and 83.85% over two at 256; level within noise, with
+        over three 10-minute runs, against 87.85% and 83.8% over three at 256; level within noise, with
         half the activation memory (README, Quality)."""
         if self.batch_size is not None:
             return self.batch_size
