@@ -325,10 +325,10 @@ def main() -> None:
            "--stem", args.stem, "--image-size", str(args.image_size), "--device", "cpu", "--seed", str(args.seed),
            *(["--batch-size", str(args.batch_size)] if args.batch_size else []), *monitor, *workers,
            *shlex.split(args.pretrain_args))
-    batch_size = json.loads((simclr_dir / "config.json").read_text())["batch_size"]  # as resolved by pretrain
     from simclr_cli.export import load_checkpoint, load_encoder
 
     _, info = load_encoder(simclr_dir)
+    batch_size = info.config["batch_size"]  # as pretrain resolved it: the supervised baseline uses the same
     state = load_checkpoint(simclr_dir / "checkpoint.safetensors").progress["state"]
     width = "" if info.width == 1 else f" {info.width:g}x"
     rows = [{"name": f"SimCLR ({info.arch}{width}, {info.stem} stem, {info.image_size} px)", "timed": True,

@@ -155,7 +155,7 @@ class PretrainConfig:
         Both give 4.8 at batch 4096; at 256, 1.2 and 0.3. AdamW: 1e-3 at 256, scaled the same way."""
         if self.lr is not None:
             return self.lr
-        ratio = (self.batch_size or BATCH_SIZE) / 256  # train.py resolves the batch size before asking
+        ratio = self.batch_size / 256  # resolved first (resolved_batch_size): the rule needs the real batch
         scale = ratio ** 0.5 if self.lr_scaling == "sqrt" else ratio
         if self.optimizer == "adamw":
             return 1e-3 * scale

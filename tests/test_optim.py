@@ -72,7 +72,7 @@ def test_default_learning_rate_scales_with_batch(optimizer, scaling, batch, expe
 
 
 def test_sqrt_scaling_is_the_default_and_runs_from_before_it_resume_on_linear():
-    config = PretrainConfig(data_dir=".", out_dir="x")
+    config = PretrainConfig(data_dir=".", out_dir="x", batch_size=256)
     assert config.lr_scaling == "sqrt" and config.resolved_lr == pytest.approx(1.2)
     older = config.to_json()
     del older["lr_scaling"]

@@ -66,6 +66,7 @@ def test_default_batch_on_a_cpu_at_32_px_is_128_and_recorded_in_config_json(smal
     assert result.exit_code == 0, result.output
     assert "batch 128, lr 0.848528" in result.output  # 0.075 x sqrt(128)
     assert json.loads((out / "config.json").read_text())["batch_size"] == 128
+    assert load_encoder(out)[1].config["batch_size"] == 128, "the encoder file records it too"
 
 
 def test_width_reaches_the_encoder_file_and_embed(small_digits_folder, tmp_path):
