@@ -34,7 +34,10 @@ def iter_features(backbone: nn.Module, info: EncoderInfo, paths: Sequence[str | 
                   precision: Precision, batch_size: int = 256, workers: int | None = None,
                   order: Sequence[int] | None = None) -> Iterator[FeatureBatch]:
     """Yield FeatureBatch for `paths` (in `order` if given), skipping unreadable files."""
-    dataset = ImageDataset(paths, preprocessing(info), min_side=info.image_size)
+    transform = preprocessing(info)
+    # Large JPEGs are decoded in draft mode no smaller than the side the transform resizes to (256 for
+    # 224 px), so that they are never scaled up again after being scaled down.
+    dataset = ImageDataset(paths, transform, min_side=transform.resize)
     loader = make_loader(dataset, batch_size, order, default_workers() if workers is None else workers,
                          pin_memory=device.type == "cuda")
     backbone.eval().to(device, memory_format=torch.channels_last)

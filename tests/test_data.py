@@ -8,9 +8,13 @@ import torch
 from PIL import Image
 
 from simclr_cli import data
+from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from simclr_cli.data import (NEUTRAL_BACKGROUND, ImageDataset, Skipped, UnreadableImage, collate, epoch_order,
                              load_rgb, require_images, scan_images, to_rgb)
 from simclr_cli.errors import DataError
+from simclr_cli.export import EncoderInfo
+from simclr_cli.features import compute_features
+from simclr_cli.runtime import resolve_precision
 
 
 def relative(paths, root):
@@ -97,6 +101,27 @@ def test_large_jpeg_is_decoded_in_draft_mode(tmp_path):
     assert small.size == (500, 400), "1/4 scale is the smallest whose sides are >= 224"
     assert min(small.size) >= 224
     assert load_rgb(path).size == (2000, 1600)
+
+
+def test_features_never_scale_a_draft_decoded_jpeg_back_up(tmp_path, monkeypatch):
+    """224 px encoders resize to 256 before the centre crop: the draft decode must keep 256, not 224."""
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (2400, 1800), (90, 120, 150)).save(path, quality=80)  # 1/8 would give 300x225
+    decoded = []
+
+    def recording_load_rgb(file, min_side=None):
+        decoded.append(real_load_rgb(file, min_side))
+        return decoded[-1]
+
+    real_load_rgb = data.load_rgb
+    monkeypatch.setattr(data, "load_rgb", recording_load_rgb)
+    info = EncoderInfo("resnet18", "imagenet", 3 * 224 * 224, 224, IMAGENET_MEAN, IMAGENET_STD, "test", {})
+    device = torch.device("cpu")
+    features, _, _ = compute_features(torch.nn.Flatten(), info, [str(path)], device,
+                                      resolve_precision("fp32", device), workers=0)
+    assert features.shape == (1, 3 * 224 * 224)
+    assert decoded[0].size == (600, 450), "1/4 scale: the smallest whose sides are >= 256"
+    assert min(decoded[0].size) >= EvalTransform(224).resize == 256
 
 
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
