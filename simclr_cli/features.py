@@ -29,15 +29,19 @@ def preprocessing(info: EncoderInfo):
     return EvalTransform(info.image_size, info.mean, info.std)
 
 
+def eval_dataset(info: EncoderInfo, paths: Sequence[str | Path], labels: Sequence[int] | None = None) -> ImageDataset:
+    """`paths` through the encoder's evaluation transform. Large JPEGs are decoded in draft mode no
+    smaller than the side the transform resizes to (256 for 224 px), so never scaled back up."""
+    transform = preprocessing(info)
+    return ImageDataset(paths, transform, labels, min_side=transform.resize)
+
+
 @torch.inference_mode()
 def iter_features(backbone: nn.Module, info: EncoderInfo, paths: Sequence[str | Path], device: torch.device,
                   precision: Precision, batch_size: int = 256, workers: int | None = None,
                   order: Sequence[int] | None = None) -> Iterator[FeatureBatch]:
     """Yield FeatureBatch for `paths` (in `order` if given), skipping unreadable files."""
-    transform = preprocessing(info)
-    # Large JPEGs are decoded in draft mode no smaller than the side the transform resizes to (256 for
-    # 224 px), so that they are never scaled up again after being scaled down.
-    dataset = ImageDataset(paths, transform, min_side=transform.resize)
+    dataset = eval_dataset(info, paths)
     loader = make_loader(dataset, batch_size, order, default_workers() if workers is None else workers,
                          pin_memory=device.type == "cuda")
     backbone.eval().to(device, memory_format=torch.channels_last)

@@ -25,7 +25,7 @@ from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_con
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, EncoderInfo, check_run_dir, load_checkpoint,
                                load_encoder, load_optimizer, read_json, read_metadata, resolve_model_path,
                                save_checkpoint, save_tensors, write_json)
-from simclr_cli.features import compute_features, preprocessing
+from simclr_cli.features import compute_features, eval_dataset, preprocessing
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, load_labelled
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
 from simclr_cli.runtime import (StopFlag, default_workers, resolve_device, resolve_precision, rng_state,
@@ -155,8 +155,7 @@ class FinetuneRun:
         crops = finetune_augmentation(self.info, config.resolved_crop_min_scale(self.info.image_size))
         self.train_set = ImageDataset(train.paths, crops, train.labels, min_side=self.info.image_size,
                                       seed=config.runtime.seed)
-        self.val_set = ImageDataset(self.data.val.paths, preprocessing(self.info), self.data.val.labels,
-                                    min_side=self.info.image_size)
+        self.val_set = eval_dataset(self.info, self.data.val.paths, self.data.val.labels)
         self.state = FinetuneState()
         if resume:
             self._restore()
@@ -303,7 +302,7 @@ class FinetuneRun:
     def export(self) -> Path:
         """Write finetuned.safetensors: an encoder file (simclr embed reads it) with head and classifier."""
         info = self.info
-        resize = info.image_size if info.image_size <= 64 else round(info.image_size / 0.875)
+        resize = preprocessing(info).resize
         metadata = {
             **info.to_metadata(), "format": FINETUNED_FORMAT, "classes": json.dumps(self.data.classes),
             "num_classes": str(len(self.data.classes)), "from_head_layer": str(self.config.from_head_layer),
