@@ -3,6 +3,8 @@
     python benchmarks/sweep.py --budget 5m "--lr-scaling linear --crop-min-scale 0.08" "--lr 1.2" ...
 
 Each SETTING is a string of `simclr pretrain` flags added to the defaults ("" for the defaults alone).
+Put the settings after `--` when one is a single flag, which sweep.py would otherwise read as its own:
+`sweep.py --budget 5m -- "--blur" "--lr 0.5"`.
 For each, in turn: `simclr pretrain` on the 60,000 train images without labels under --max-time BUDGET
 (at --image-size, 48 px by default, and simclr's default batch: 128 on a CPU at <= 64 px; no monitor), then a quick
 evaluation of its encoder on the 10,000 test images: kNN top-1 (k = 20, the kNN of `simclr linear-eval`) over all

@@ -119,10 +119,10 @@ def pretrain(
     proj_layers: Annotated[int, typer.Option(help="Projection head depth: 2 (SimCLR) or 3 (SimCLRv2).")] = 2,
     proj_dim: Annotated[int, typer.Option(help="Projection (z) dimension.")] = 128,
     crop_min_scale: Annotated[Optional[float], typer.Option(
-        help="Smallest crop, as a fraction of the image area. Default: 0.08, or 0.2 at <= 64 px.",
+        help="Smallest crop, as a fraction of the image area. Default: 0.08; at <= 64 px 0.2, or 0.6 on a CPU.",
         show_default=False)] = None,
     jitter: Annotated[Optional[float], typer.Option(
-        help="Colour-jitter strength s. Default: 1.0, or 0.5 at <= 64 px.", show_default=False)] = None,
+        help="Colour-jitter strength s. Default: 1.0, or 0.5 at <= 64 px on a GPU.", show_default=False)] = None,
     blur: Annotated[Optional[bool], typer.Option(
         "--blur/--no-blur", help="Gaussian blur. Default: on, off at <= 64 px.", show_default=False)] = None,
     max_time: Annotated[Optional[str], typer.Option(

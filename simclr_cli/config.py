@@ -21,6 +21,10 @@ AUGMENT_ON = ("auto", "device", "cpu", "per-image")  # auto: device on a GPU, cp
 SMALL_IMAGE_MAX = 64  # at or below this size the paper's CIFAR-10 recipe applies
 BATCH_SIZE = 256
 SMALL_CPU_BATCH_SIZE = 128  # small images on a CPU: twice the steps a minute (README, Quality)
+# Small images on a CPU: crops from 60% with full-strength jitter, 0.9 points more kNN top-1 after 10 minutes
+# on Fashion-MNIST at the same linear top-1 (README, Quality).
+SMALL_CPU_CROP_MIN_SCALE = 0.6
+SMALL_CPU_JITTER = 1.0
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
 
@@ -63,6 +67,7 @@ class AugmentConfig:
     """The SimCLR view pipeline (SimCLR Appendix A); None means 'the default for this image size'."""
 
     image_size: int = 224
+    # None: by image size below, or SMALL_CPU_* for small images on a CPU (PretrainConfig.resolved_augment)
     crop_min_scale: float | None = None  # smallest crop (area fraction); 0.08 at ImageNet size, 0.2 at <= 64 px
     jitter: float | None = None  # colour-jitter strength s; 1.0 at ImageNet size, 0.5 at <= 64 px
     blur: bool | None = None  # Gaussian blur; on at ImageNet size, off at <= 64 px
@@ -148,6 +153,18 @@ class PretrainConfig:
             return self.batch_size
         return SMALL_CPU_BATCH_SIZE if self.augment.small and device_type == "cpu" else BATCH_SIZE
 
+    def resolved_augment(self, device_type: str) -> AugmentConfig:
+        """The views with every default decided. Small images on a CPU, where budgets are short, crop from
+        60% with jitter 1.0: with batch 128 on Fashion-MNIST at 48 px, two 10-minute runs gave 84.9% and
+        85.2% kNN top-1 and 87.9% linear, against 84.1% and 87.9% on average over three with crops from
+        20% and jitter 0.5 (README, Quality). Elsewhere AugmentConfig's defaults by image size."""
+        aug = self.augment
+        small_cpu = aug.small and device_type == "cpu"
+        crop = SMALL_CPU_CROP_MIN_SCALE if small_cpu else aug.crop_scale
+        jitter = SMALL_CPU_JITTER if small_cpu else aug.jitter_strength
+        return replace(aug, crop_min_scale=aug.crop_min_scale if aug.crop_min_scale is not None else crop,
+                       jitter=aug.jitter if aug.jitter is not None else jitter, blur=aug.use_blur)
+
     @property
     def resolved_lr(self) -> float:
         """--lr, or the paper's rules for LARS and SGD (SimCLR Appendix B.1): sqrt, 0.075 x sqrt(batch),
@@ -207,7 +224,10 @@ class PretrainConfig:
         data = dict(data)
         data.setdefault("augment_on", "per-image")  # runs started before the batched pipeline resume on theirs
         data.setdefault("lr_scaling", "linear")  # and runs from before --lr-scaling with the rule they started on
-        data["augment"] = AugmentConfig(**data.get("augment", {}))
+        augment = AugmentConfig(**data.get("augment", {}))
+        # Runs saved before the views were decided at the start resume with the size defaults they began on.
+        data["augment"] = replace(augment, crop_min_scale=augment.crop_scale, jitter=augment.jitter_strength,
+                                  blur=augment.use_blur)
         data["runtime"] = RuntimeConfig(**data.get("runtime", {}))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})

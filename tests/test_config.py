@@ -33,7 +33,8 @@ def test_small_images_default_to_cifar_stem_on_accelerators_only_and_config_roun
     assert config.resolved_stem("cuda") == "cifar" and config.resolved_stem("cpu") == "imagenet"
     assert PretrainConfig(data_dir=".", out_dir="x").resolved_stem("cuda") == "imagenet"  # 224 px
     assert replace(config, stem="cifar").resolved_stem("cpu") == "cifar"
-    assert PretrainConfig.from_json(config.to_json()) == config
+    resolved = replace(config, stem="imagenet", augment=config.resolved_augment("cpu"))
+    assert PretrainConfig.from_json(resolved.to_json()) == resolved
 
 
 def test_default_batch_is_128_for_small_images_on_a_cpu_only_and_the_lr_follows_it():
@@ -44,6 +45,23 @@ def test_default_batch_is_128_for_small_images_on_a_cpu_only_and_the_lr_follows_
     resolved = replace(small, batch_size=small.resolved_batch_size("cpu"))
     assert resolved.resolved_lr == pytest.approx(0.075 * 128 ** 0.5)  # the sqrt rule at the resolved batch
     assert small.validate() is small
+
+
+def test_small_images_on_a_cpu_crop_from_60_percent_with_full_jitter_and_old_runs_keep_their_views():
+    def views(config: PretrainConfig, device: str) -> tuple[float | None, float | None, bool | None]:
+        aug = config.resolved_augment(device)
+        return aug.crop_min_scale, aug.jitter, aug.blur
+
+    small = PretrainConfig(data_dir=".", out_dir="x", augment=AugmentConfig(image_size=48))
+    assert views(small, "cpu") == (0.6, 1.0, False)
+    assert views(small, "cuda") == (0.2, 0.5, False)  # the CIFAR-sized recipe on accelerators
+    assert views(PretrainConfig(data_dir=".", out_dir="x"), "cpu") == (0.08, 1.0, True)  # 224 px: the paper's
+    explicit = replace(small, augment=AugmentConfig(image_size=48, crop_min_scale=0.3, jitter=0.25, blur=True))
+    assert views(explicit, "cpu") == (0.3, 0.25, True)
+    # A config.json saved before the views were decided at the start holds None: it resumes as it began.
+    saved = small.to_json()
+    assert saved["augment"]["crop_min_scale"] is None
+    assert views(PretrainConfig.from_json(saved), "cpu") == (0.2, 0.5, False)
 
 
 def test_finetune_crops_are_gentler_for_small_images():

@@ -76,7 +76,10 @@ def test_finetuned_model_file_and_report_are_consistent(finetuned, digits_folder
     features, kept, _ = compute_features(backbone, info, paths, torch.device("cpu"),
                                          resolve_precision("auto", torch.device("cpu")), workers=0)
     logits = features @ tensors["classifier.weight"].T + tensors["classifier.bias"]  # (N, D) x (D, C)
-    assert math.isclose((logits.argmax(1) == labels[kept]).double().mean().item(), results["top1"], abs_tol=1e-9)
+    # The two paths run bf16 kernels at other batch sizes and memory layouts, so a near tie may break the
+    # other way: one image of the 359 at most.
+    accuracy = (logits.argmax(1) == labels[kept]).double().mean().item()
+    assert math.isclose(accuracy, results["top1"], abs_tol=1 / len(kept) + 1e-9)
 
     # `simclr embed` takes the fine-tuned model and embeds with its encoder
     embedded = runner.invoke(app, ["embed", str(out / "finetuned.safetensors"), str(digits_folder / "3"),

@@ -60,12 +60,15 @@ def test_pretrain_mixed_folder_skips_broken_files_and_exports_a_torchvision_enco
     assert info.config["epochs"] == 2 and len(info.mean) == 3
 
 
-def test_default_batch_on_a_cpu_at_32_px_is_128_and_recorded_in_config_json(small_digits_folder, tmp_path):
+def test_default_batch_and_views_on_a_cpu_at_32_px_are_recorded_in_config_json(small_digits_folder, tmp_path):
     out = tmp_path / "default-batch"
     result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1", *FAST])
     assert result.exit_code == 0, result.output
     assert "batch 128, lr 0.848528" in result.output  # 0.075 x sqrt(128)
-    assert json.loads((out / "config.json").read_text())["batch_size"] == 128
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["batch_size"] == 128
+    assert "crops from 60%, jitter strength 1, blur off" in result.output
+    assert (saved["augment"]["crop_min_scale"], saved["augment"]["jitter"]) == (0.6, 1.0), "decided once, kept"
     assert load_encoder(out)[1].config["batch_size"] == 128, "the encoder file records it too"
 
 
