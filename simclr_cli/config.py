@@ -155,9 +155,9 @@ class PretrainConfig:
 
     def resolved_augment(self, device_type: str) -> AugmentConfig:
         """The views with every default decided. Small images on a CPU, where budgets are short, crop from
-        60% with jitter 1.0: with batch 128 on Fashion-MNIST at 48 px, two 10-minute runs gave 84.9% and
-        85.2% kNN top-1 and 87.9% linear, against 84.1% and 87.9% on average over three with crops from
-        20% and jitter 0.5 (README, Quality). Elsewhere AugmentConfig's defaults by image size."""
+        60% with jitter 1.0: with batch 128 on Fashion-MNIST at 48 px, three 10-minute runs gave 85.1%
+        kNN top-1 and 88.0% linear on average, against 84.1% and 87.9% over three with crops from 20%
+        and jitter 0.5 (README, Quality). Elsewhere AugmentConfig's defaults by image size."""
         aug = self.augment
         small_cpu = aug.small and device_type == "cpu"
         crop = SMALL_CPU_CROP_MIN_SCALE if small_cpu else aug.crop_scale
