@@ -160,10 +160,10 @@ class PretrainConfig:
         and jitter 0.5 (README, Quality). Elsewhere AugmentConfig's defaults by image size."""
         aug = self.augment
         small_cpu = aug.small and device_type == "cpu"
-        crop = SMALL_CPU_CROP_MIN_SCALE if small_cpu else aug.crop_scale
-        jitter = SMALL_CPU_JITTER if small_cpu else aug.jitter_strength
-        return replace(aug, crop_min_scale=aug.crop_min_scale if aug.crop_min_scale is not None else crop,
-                       jitter=aug.jitter if aug.jitter is not None else jitter, blur=aug.use_blur)
+        return replace(aug, blur=aug.use_blur,
+                       crop_min_scale=SMALL_CPU_CROP_MIN_SCALE if small_cpu and aug.crop_min_scale is None
+                       else aug.crop_scale,
+                       jitter=SMALL_CPU_JITTER if small_cpu and aug.jitter is None else aug.jitter_strength)
 
     @property
     def resolved_lr(self) -> float:
