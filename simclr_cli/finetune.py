@@ -149,7 +149,10 @@ class FinetuneRun:
         self.batch_size = min(config.batch_size, len(train))
         self.steps_per_epoch = max(1, len(train) // self.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
-        self.model = Classifier(backbone, len(self.data.classes), head).to(self.device)
+        # channels_last, as pretrain and compute_features use: faster convolutions, and the same numbers as the
+        # exported encoder gives
+        self.model = Classifier(backbone, len(self.data.classes), head).to(self.device,
+                                                                          memory_format=torch.channels_last)
         self.optimizer = build_optimizer("sgd", self.model, config.resolved_lr, config.weight_decay)
         self.scaler = self.precision.grad_scaler()
         crops = finetune_augmentation(self.info, config.resolved_crop_min_scale(self.info.image_size))
@@ -222,7 +225,7 @@ class FinetuneRun:
                 continue
             lr = config.resolved_lr * warmup_cosine(state.step / self.total_steps, 0.0)
             set_lr(self.optimizer, lr)
-            images = batch.samples.to(device, non_blocking=True)
+            images = batch.samples.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             labels = batch.labels.to(device, non_blocking=True)
             with self.precision.autocast():
                 logits = self.model(images)  # (N, C)
@@ -265,7 +268,8 @@ class FinetuneRun:
             if batch.samples is None:
                 continue
             with self.precision.autocast():
-                logits.append(self.model(batch.samples.to(self.device)).float().cpu())  # (n, C)
+                images = batch.samples.to(self.device).contiguous(memory_format=torch.channels_last)
+                logits.append(self.model(images).float().cpu())  # (n, C)
             labels.append(batch.labels)
         if not logits:
             return torch.zeros(0, len(self.data.classes)), torch.zeros(0, dtype=torch.long)
