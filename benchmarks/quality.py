@@ -5,6 +5,8 @@ One command:
     .venv/bin/python benchmarks/quality.py --budget 10m
     .venv/bin/python benchmarks/quality.py --budget 60m
     .venv/bin/python benchmarks/quality.py --budget 30s --subset 2000      # a quick check of the pipeline
+    .venv/bin/python benchmarks/quality.py --budget 60m --simclr-run runs/quality-60m-.../simclr --skip raw,random
+                                                                    # the supervised ceiling of an earlier run
 
 Steps, all in one run:
   data        Fashion-MNIST (60,000 train / 10,000 test, 28 px grayscale, 10 classes) from Debian's
@@ -288,6 +290,9 @@ def main() -> None:
     parser.add_argument("--pretrain-args", default="",
                         help="more `simclr pretrain` flags, quoted, e.g. \"--temperature 0.2 --jitter 0.4\"")
     parser.add_argument("--skip", default="", help="baselines to leave out, comma-separated: raw,random,supervised")
+    parser.add_argument("--simclr-run", type=Path, default=None,
+                        help="a finished `simclr pretrain` run on the same data with the same --budget (an earlier "
+                             "run's OUT/simclr): measure it and the baselines without pretraining again")
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: simclr's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=Path("data/fashion-mnist"), help="where the PNG folders go")
@@ -307,6 +312,13 @@ def main() -> None:
     skip = {name for name in args.skip.split(",") if name}
     if skip - {"raw", "random", "supervised"}:
         sys.exit(f"error: --skip {args.skip!r}: only raw, random and supervised can be left out")
+    if args.simclr_run is not None:
+        if args.pretrain_args or args.batch_size:
+            sys.exit("error: --pretrain-args and --batch-size set the pretraining, which --simclr-run skips; leave "
+                     "them out")
+        if not (args.simclr_run / "checkpoint.safetensors").is_file():
+            sys.exit(f"error: --simclr-run {args.simclr_run}: no checkpoint.safetensors; pass the simclr/ folder of "
+                     f"an earlier run")
     label = args.budget.replace(" ", "") + (f"-subset{args.subset}" if args.subset else "")
     out = args.out or Path("runs") / f"quality-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and any(out.iterdir()):
@@ -319,15 +331,24 @@ def main() -> None:
     workers = ["--workers", str(args.workers)] if args.workers is not None else []
     monitor = ["--monitor", str(data["monitor"])] if data["monitor"] else []
 
-    simclr_dir = out / "simclr"
-    # pretrain's own --epochs (100) stays: the budget ends the run first, and warmup stays 10% of it.
-    simclr("pretrain", str(data["train"]), "--out", str(simclr_dir), "--max-time", args.budget, "--arch", args.arch,
-           "--stem", args.stem, "--image-size", str(args.image_size), "--device", "cpu", "--seed", str(args.seed),
-           *(["--batch-size", str(args.batch_size)] if args.batch_size else []), *monitor, *workers,
-           *shlex.split(args.pretrain_args))
+    if args.simclr_run is None:
+        simclr_dir = out / "simclr"
+        # pretrain's own --epochs (100) stays: the budget ends the run first, and warmup stays 10% of it.
+        simclr("pretrain", str(data["train"]), "--out", str(simclr_dir), "--max-time", args.budget, "--arch",
+               args.arch, "--stem", args.stem, "--image-size", str(args.image_size), "--device", "cpu", "--seed",
+               str(args.seed), *(["--batch-size", str(args.batch_size)] if args.batch_size else []), *monitor,
+               *workers, *shlex.split(args.pretrain_args))
+    else:
+        simclr_dir = args.simclr_run
     from simclr_cli.export import load_checkpoint, load_encoder
 
     _, info = load_encoder(simclr_dir)
+    if info.config.get("max_time") != budget:
+        sys.exit(f"error: --simclr-run {simclr_dir} was pretrained with --max-time {info.config.get('max_time') or 0:g} "
+                 f"s, not the {budget:g} s of --budget {args.budget}; pass the same budget")
+    if Path(info.config.get("data_dir", "")).resolve() != Path(data["train"]).resolve():
+        sys.exit(f"error: --simclr-run {simclr_dir} was pretrained on {info.config.get('data_dir')}, not "
+                 f"{data['train']}; pass the same --subset and --data")
     batch_size = info.config["batch_size"]  # as pretrain resolved it: the supervised baseline uses the same
     state = load_checkpoint(simclr_dir / "checkpoint.safetensors").progress["state"]
     width = "" if info.width == 1 else f" {info.width:g}x"
