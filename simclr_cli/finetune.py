@@ -149,8 +149,8 @@ class FinetuneRun:
         self.batch_size = min(config.batch_size, len(train))
         self.steps_per_epoch = max(1, len(train) // self.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
-        # channels_last, as pretrain and compute_features use: faster convolutions, and the same numbers as the
-        # exported encoder gives
+        # channels_last, as pretrain and compute_features use: faster convolutions, and the same kernels as the
+        # exported encoder runs
         self.model = Classifier(backbone, len(self.data.classes), head).to(self.device,
                                                                           memory_format=torch.channels_last)
         self.optimizer = build_optimizer("sgd", self.model, config.resolved_lr, config.weight_decay)
