@@ -344,8 +344,9 @@ def main() -> None:
 
     _, info = load_encoder(simclr_dir)
     if info.config.get("max_time") != budget:
-        sys.exit(f"error: --simclr-run {simclr_dir} was pretrained with --max-time {info.config.get('max_time') or 0:g} "
-                 f"s, not the {budget:g} s of --budget {args.budget}; pass the same budget")
+        trained = info.config.get("max_time") or 0
+        sys.exit(f"error: --simclr-run {simclr_dir} was pretrained with --max-time {trained:g} s, not the {budget:g} s "
+                 f"of --budget {args.budget}; pass the same budget")
     if Path(info.config.get("data_dir", "")).resolve() != Path(data["train"]).resolve():
         sys.exit(f"error: --simclr-run {simclr_dir} was pretrained on {info.config.get('data_dir')}, not "
                  f"{data['train']}; pass the same --subset and --data")
