@@ -96,6 +96,10 @@ class AugmentConfig:
             return self.blur
         return not self.small
 
+    def decided(self) -> "AugmentConfig":
+        """This config with every None replaced by its default for the image size."""
+        return replace(self, crop_min_scale=self.crop_scale, jitter=self.jitter_strength, blur=self.use_blur)
+
     def validate(self) -> None:
         _check(8 <= self.image_size <= 4096,
                f"--image-size {self.image_size} is out of range; use 8 to 4096 pixels (e.g. 32 or 224)")
@@ -159,11 +163,10 @@ class PretrainConfig:
         kNN top-1 and 88.0% linear on average, against 84.1% and 87.9% over three with crops from 20%
         and jitter 0.5 (README, Quality). Elsewhere AugmentConfig's defaults by image size."""
         aug = self.augment
-        small_cpu = aug.small and device_type == "cpu"
-        return replace(aug, blur=aug.use_blur,
-                       crop_min_scale=SMALL_CPU_CROP_MIN_SCALE if small_cpu and aug.crop_min_scale is None
-                       else aug.crop_scale,
-                       jitter=SMALL_CPU_JITTER if small_cpu and aug.jitter is None else aug.jitter_strength)
+        if aug.small and device_type == "cpu":
+            aug = replace(aug, crop_min_scale=SMALL_CPU_CROP_MIN_SCALE if aug.crop_min_scale is None
+                          else aug.crop_min_scale, jitter=SMALL_CPU_JITTER if aug.jitter is None else aug.jitter)
+        return aug.decided()
 
     @property
     def resolved_lr(self) -> float:
@@ -224,10 +227,8 @@ class PretrainConfig:
         data = dict(data)
         data.setdefault("augment_on", "per-image")  # runs started before the batched pipeline resume on theirs
         data.setdefault("lr_scaling", "linear")  # and runs from before --lr-scaling with the rule they started on
-        augment = AugmentConfig(**data.get("augment", {}))
         # Runs saved before the views were decided at the start resume with the size defaults they began on.
-        data["augment"] = replace(augment, crop_min_scale=augment.crop_scale, jitter=augment.jitter_strength,
-                                  blur=augment.use_blur)
+        data["augment"] = AugmentConfig(**data.get("augment", {})).decided()
         data["runtime"] = RuntimeConfig(**data.get("runtime", {}))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
