@@ -343,13 +343,14 @@ def main() -> None:
     from simclr_cli.export import load_checkpoint, load_encoder
 
     _, info = load_encoder(simclr_dir)
-    if args.simclr_run is not None and info.config.get("max_time") != budget:
-        trained = info.config.get("max_time") or 0
-        sys.exit(f"error: --simclr-run {simclr_dir} was pretrained with --max-time {trained:g} s, not the {budget:g} s "
-                 f"of --budget {args.budget}; pass the same budget")
-    if args.simclr_run is not None and Path(info.config.get("data_dir", "")).resolve() != data["train"].resolve():
-        sys.exit(f"error: --simclr-run {simclr_dir} was pretrained on {info.config.get('data_dir')}, not "
-                 f"{data['train']}; pass the same --subset and --data")
+    if args.simclr_run is not None:  # an earlier run is comparable only with the same budget and data
+        max_time = info.config.get("max_time") or 0
+        if max_time != budget:
+            sys.exit(f"error: --simclr-run {simclr_dir} was pretrained with --max-time {max_time:g} s, not the "
+                     f"{budget:g} s of --budget {args.budget}; pass the same budget")
+        if Path(info.config.get("data_dir", "")).resolve() != data["train"].resolve():
+            sys.exit(f"error: --simclr-run {simclr_dir} was pretrained on {info.config.get('data_dir')}, not "
+                     f"{data['train']}; pass the same --subset and --data")
     batch_size = info.config["batch_size"]  # as pretrain resolved it: the supervised baseline uses the same
     state = load_checkpoint(simclr_dir / "checkpoint.safetensors").progress["state"]
     width = "" if info.width == 1 else f" {info.width:g}x"
