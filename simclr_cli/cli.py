@@ -400,7 +400,7 @@ class _EmbedReporter(Reporter):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
 
-        self._next_plain = done + max(1, total // 10)
+        self._next_plain = min(done + max(1, total // 10), total)  # the next count to print without a live bar
         if self.quiet or not self.live:
             return
         self.progress = Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(),
@@ -413,9 +413,9 @@ class _EmbedReporter(Reporter):
         speed = f"{images_per_s:,.0f} images/s"
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=done, speed=speed)
-        elif not self.quiet and (done >= self._next_plain or done == total):
+        elif not self.quiet and done >= self._next_plain:
             console.print(f"{done:,}/{total:,} images  {speed}")
-            self._next_plain = done + max(1, total // 10)
+            self._next_plain = min(done + max(1, total // 10), total) if done < total else total + 1
 
     def on_embed_done(self, **_: Any) -> None:
         self.close()
@@ -438,6 +438,9 @@ def embed(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted embed into OUT, "
                                                           "with the same arguments.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT, or an interrupted embed of it.")] = False,
+    devices: Annotated[int, typer.Option(
+        help="Processes sharing the images, one per GPU (or per CPU share with --device cpu). Also applies to "
+             "--resume, whatever the number before.")] = 1,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     workers: WorkersOpt = None,
@@ -447,14 +450,13 @@ def embed(
     from simclr_cli.embed import EmbedConfig, embed_folder
 
     config = EmbedConfig(model=str(model), images=str(images), out=str(out), dtype=dtype, normalize=normalize,
-                         batch_size=batch_size, device=device, precision=precision, workers=workers, resume=resume,
-                         overwrite=overwrite)
+                         batch_size=batch_size, device=device, precision=precision, workers=workers, devices=devices,
+                         resume=resume, overwrite=overwrite)
     with _EmbedReporter(quiet=quiet) as reporter:
         result = embed_folder(config, reporter)
     if result.interrupted:
-        flags = (f" --dtype {dtype}" if dtype != "float32" else "") + ("" if normalize else " --no-normalize")
         err_console.print(f"interrupted with {result.rows:,} of {result.total:,} images embedded; progress saved. "
-                          f"Continue with: simclr embed {model} {images} {out}{flags} --resume")
+                          f"Continue with: {config.resume_command()}")
         raise typer.Exit(130)
     if result.skipped:
         err_console.print(f"{len(result.skipped)} unreadable file(s) skipped; listed in the manifest")

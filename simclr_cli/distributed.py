@@ -46,7 +46,8 @@ def check_devices(devices: int, device_spec: str) -> None:
                           f"--devices {torch.cuda.device_count()} (or use torchrun for several machines)")
 
 
-def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int) -> Any:
+def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int,
+           resume: str = "simclr pretrain --resume RUN_DIR") -> Any:
     """Run entrypoint(*args) in `devices` processes on this machine; return rank 0's result.
 
     Uses torch's elastic launcher (standalone rendezvous on a free local port, no restarts).
@@ -56,7 +57,8 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int) ->
 
     Ctrl-C: this process ignores SIGINT while the workers run, so the terminal's Ctrl-C reaches the
     workers alone and they checkpoint and stop together (the launcher would otherwise send them a
-    second signal, which stops a worker at once). SIGTERM sent to this process is passed on once.
+    second signal, which stops a worker at once). SIGTERM sent to this process is passed on once,
+    and the error names `resume`, the command that continues.
     """
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -75,8 +77,8 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int) ->
         results = elastic_launch(config, _in_group)(entrypoint, tuple(args), str(error_dir))
         return results[0]
     except SignalException as stop:
-        raise SimclrError(f"stopped by {stop.sigval.name}: the workers were asked to save a checkpoint; "
-                          f"continue with `simclr pretrain --resume RUN_DIR`") from None
+        raise SimclrError(f"stopped by {stop.sigval.name}: the workers were asked to save their progress; "
+                          f"continue with `{resume}`") from None
     except Exception:
         reports = sorted(error_dir.glob("error-rank*.txt"))
         if reports:

@@ -1,11 +1,16 @@
 """`simclr embed`: a folder of images -> an index (rows streamed into a memory-mapped .npy + manifest).
 
-While it runs, the work lives in `OUT.npy.partial/`: `rows.npy` (one row per scanned image, filled in
-order), `plan.json` (the images, model hash and settings, written once) and `progress.json` (how far it
-got, written atomically every few batches after the rows are flushed). `--resume` continues from
-`progress.json`; at the end the rows are cut to the images actually embedded and renamed to OUT.npy
-in one step. Rows of unreadable images are not written: the manifest lists the embedded images in
-row order and the skipped ones apart.
+While it runs, the work lives in `OUT.npy.partial/`: `rows.npy` (one row slot per scanned image),
+`plan.json` (the images, model hash and settings, written once) and the progress records. The images
+are cut into blocks of consecutive positions, one or more per process (`--devices N`); a block from
+position b writes the rows of its readable images from row b on, in order, so processes never write
+the same rows. `progress.json` (written by the launching process) lists the blocks of this session and
+what earlier ones finished; each process records how far its blocks got in `progress-G-R.json` (G: the
+session, R: the process), atomically, every few batches, after its rows are flushed. `--resume`
+gathers all of it and shares out what is left, on any number of devices. At the end the blocks' rows
+are brought together (in place when they already follow each other, the common case) and renamed to
+OUT.npy in one step. Rows of unreadable images are not written: the manifest lists the embedded
+images in row order and the skipped ones apart.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,13 +32,14 @@ from numpy.lib import format as npy_format
 from simclr_cli import __version__
 from simclr_cli.data import Skipped, require_images, scan_images
 from simclr_cli.errors import ConfigError, ModelFileError
-from simclr_cli.export import load_encoder, read_json, resolve_model_path, write_json
+from simclr_cli.export import EncoderInfo, load_encoder, read_json, resolve_model_path, write_json
 from simclr_cli.features import iter_features, preprocessing
 from simclr_cli.index import DTYPES, Manifest, manifest_path, remember_index, sha256_file, write_manifest
-from simclr_cli.runtime import StopFlag, default_workers, resolve_device, resolve_precision
+from simclr_cli.runtime import StopFlag, default_workers, rank, resolve_device, resolve_precision
 
 Report = Callable[..., None]
 SAVE_EVERY = 8  # batches between progress records
+COPY_ROWS = 65536  # rows per read when the blocks' rows are brought together
 
 
 def silent(kind: str, **fields: Any) -> None:
@@ -52,6 +59,7 @@ class EmbedConfig:
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None
+    devices: int = 1
     resume: bool = False
     overwrite: bool = False
 
@@ -62,11 +70,20 @@ class EmbedConfig:
             raise ConfigError(f"--batch-size {self.batch_size} must be at least 1")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers {self.workers} must be 0 (load in the main process) or more")
+        if self.devices < 1:
+            raise ConfigError(f"--devices {self.devices} must be at least 1")
         if Path(self.out).suffix != ".npy":
             raise ConfigError(f"OUT {self.out}: the index must end in .npy (its manifest goes beside it as .json)")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite both given; use one of them")
         return self
+
+    def resume_command(self) -> str:
+        """The command that continues this embed if it stops."""
+        flags = ((f" --dtype {self.dtype}" if self.dtype != "float32" else "")
+                 + ("" if self.normalize else " --no-normalize")
+                 + (f" --devices {self.devices}" if self.devices > 1 else ""))
+        return f"simclr embed {self.model} {self.images} {self.out}{flags} --resume"
 
 
 @dataclass
@@ -79,12 +96,97 @@ class EmbedResult:
     images_per_s: float = 0.0
 
 
+@dataclass
+class Block:
+    """Positions [begin, end) of the plan's images; [begin, done) are embedded or skipped, and the rows of
+    the embedded ones fill rows begin .. begin + rows - 1 of rows.npy, in order. `owner`: the process
+    that works on it this session (None when it is finished)."""
+
+    begin: int
+    end: int
+    done: int
+    rows: int = 0
+    owner: int | None = None
+
+
+@dataclass
+class Progress:
+    """Everything an embed in OUT.npy.partial/ has done: its blocks (by position) and skipped files."""
+
+    session: int
+    blocks: list[Block]
+    skipped: list[Skipped]
+
+    @property
+    def done(self) -> int:
+        return sum(b.done - b.begin for b in self.blocks)
+
+    @property
+    def rows(self) -> int:
+        return sum(b.rows for b in self.blocks)
+
+
 def work_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _start(config: EmbedConfig, model_path: Path, sha256: str, info, precision: str) -> dict[str, Any]:
-    """Scan the folder and write plan.json and an empty rows.npy; return the plan."""
+def _process_record(work: Path, session: int, process: int) -> Path:
+    return work / f"progress-{session}-{process}.json"
+
+
+def read_progress(work: Path, total: int) -> Progress:
+    """The launcher's record of this session, updated by its processes' records."""
+    record = read_json(work / "progress.json", "embed progress")
+    skipped = [Skipped(**s) for s in record["skipped"]]
+    if "session" not in record:  # written before --devices: one block, its rows from the first row on
+        return Progress(0, [Block(0, total, record["done"], record["rows"])], skipped)
+    blocks = {b["begin"]: Block(**b) for b in record["blocks"]}
+    for process in sorted({b.owner for b in blocks.values() if b.owner is not None}):
+        path = _process_record(work, record["session"], process)
+        if path.is_file():
+            mine = read_json(path, "embed progress")
+            blocks.update((b["begin"], Block(**b)) for b in mine["blocks"])
+            skipped += [Skipped(**s) for s in mine["skipped"]]
+    return Progress(record["session"], sorted(blocks.values(), key=lambda b: b.begin), skipped)
+
+
+def share_out(progress: Progress, processes: int) -> Progress:
+    """The next session: what is left cut into `processes` runs of equal length, in position order.
+
+    The first piece of a block's unfinished part stays in that block (so one process resuming one
+    block goes on writing its rows where it stopped); the other pieces become new blocks.
+    """
+    pending = sum(b.end - b.done for b in progress.blocks)
+    cuts = [pending * p // processes for p in range(processes + 1)]
+    blocks, offset = [], 0  # offset: pending positions before this block
+    for block in progress.blocks:
+        if block.done == block.end:
+            blocks.append(Block(block.begin, block.end, block.done, block.rows))
+            continue
+        for process in range(processes):
+            low = max(block.done, block.done + cuts[process] - offset)
+            high = min(block.end, block.done + cuts[process + 1] - offset)
+            if low >= high:
+                continue
+            if low == block.done:  # the block goes on up to `high`
+                blocks.append(Block(block.begin, high, block.done, block.rows, process))
+            else:
+                blocks.append(Block(low, high, low, 0, process))
+        offset += block.end - block.done
+    return Progress(progress.session + 1, blocks, progress.skipped)
+
+
+def write_progress(work: Path, progress: Progress) -> None:
+    """Start a session: its record first, then the records of earlier sessions go (they no longer count)."""
+    write_json(work / "progress.json", {"session": progress.session, "blocks": [asdict(b) for b in progress.blocks],
+                                        "skipped": [s.to_json() for s in progress.skipped]})
+    for stale in work.glob("progress-*-*.json"):
+        if not stale.name.startswith(f"progress-{progress.session}-"):
+            stale.unlink(missing_ok=True)
+
+
+def _start(config: EmbedConfig, model_path: Path, sha256: str, info: EncoderInfo, precision: str) -> dict[str, Any]:
+    """Scan the folder and write plan.json, an empty rows.npy and the first progress record; return the plan."""
     out, work = Path(config.out), work_dir(Path(config.out))
     if work.exists() and not config.overwrite:
         raise ConfigError(f"{work} holds an interrupted embed; add --resume to continue it, or --overwrite "
@@ -102,7 +204,7 @@ def _start(config: EmbedConfig, model_path: Path, sha256: str, info, precision: 
     }
     npy_format.open_memmap(work / "rows.npy", mode="w+", dtype=config.dtype,
                            shape=(len(scan.paths), info.feature_dim)).flush()
-    write_json(work / "progress.json", {"done": 0, "rows": 0, "skipped": []})
+    write_progress(work, Progress(0, [Block(0, len(scan.paths), 0)], []))
     write_json(work / "plan.json", plan)
     return plan
 
@@ -128,9 +230,94 @@ def _load_plan(config: EmbedConfig, sha256: str, precision: str) -> dict[str, An
     return plan
 
 
-def _save_progress(work: Path, rows: np.memmap, done: int, written: int, skipped: list[Skipped]) -> None:
-    rows.flush()  # rows first: the record never claims rows that are not on disk
-    write_json(work / "progress.json", {"done": done, "rows": written, "skipped": [s.to_json() for s in skipped]})
+def _embed_process(config: EmbedConfig, work: Path, report: Report = silent, stop_after_batches: int | None = None,
+                   encoder: tuple[torch.nn.Module, EncoderInfo] | None = None) -> None:
+    """Embed this process's blocks of the session into rows.npy, recording how far they got.
+
+    Ctrl-C or SIGTERM (or `stop_after_batches` batches, for tests) ends it after the current batch.
+    """
+    plan = read_json(work / "plan.json", "embed plan")
+    paths = plan["paths"]
+    progress = read_progress(work, len(paths))
+    blocks = [b for b in progress.blocks if b.owner == rank() and b.done < b.end]
+    skipped: list[Skipped] = []
+    record = _process_record(work, progress.session, rank())
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    backbone, info = encoder or load_encoder(plan["model"], device)
+    rows = npy_format.open_memmap(work / "rows.npy", mode="r+")
+    workers = default_workers() if config.workers is None else config.workers
+
+    def save() -> None:
+        rows.flush()  # rows first: the record never claims rows that are not on disk
+        write_json(record, {"blocks": [asdict(b) for b in blocks], "skipped": [s.to_json() for s in skipped]})
+
+    start_time, processed, batches = time.monotonic(), 0, 0
+    with StopFlag() as stop:  # Ctrl-C or SIGTERM: finish the batch, save progress, stop
+        try:
+            for block in blocks:
+                for batch in iter_features(backbone, info, paths, device, precision, config.batch_size, workers,
+                                           order=range(block.done, block.end)):
+                    features = F.normalize(batch.features, dim=1) if config.normalize else batch.features  # (n, D)
+                    start = block.begin + block.rows
+                    rows[start:start + len(features)] = features.numpy().astype(config.dtype)
+                    # One assignment, so that a second Ctrl-C never leaves the counters half updated.
+                    block.done, block.rows, skipped = block.done + len(batch.indices) + len(batch.skipped), \
+                        block.rows + len(features), skipped + batch.skipped
+                    for item in batch.skipped:
+                        report("warning", text=f"skipped {item.path}: {item.reason}")
+                    batches += 1
+                    processed += len(batch.indices) + len(batch.skipped)
+                    report("embed_progress", done=progress.done + processed, total=len(paths),
+                           images_per_s=processed / max(time.monotonic() - start_time, 1e-9))
+                    if batches % SAVE_EVERY == 0:
+                        save()
+                    if stop.signal is not None or (stop_after_batches is not None and batches >= stop_after_batches):
+                        return
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, keeping the rows of finished batches
+            return
+        finally:
+            save()
+
+
+def _watch(work: Path, total: int, report: Report, finished: threading.Event, warned: set[str]) -> None:
+    """While other processes embed: report their progress, and skipped files not yet `warned` of."""
+    start_time, start_done = time.monotonic(), None
+    while not finished.wait(0.5):
+        try:
+            progress = read_progress(work, total)
+        except ModelFileError:  # a record being replaced; read it next time
+            continue
+        start_done = progress.done if start_done is None else start_done
+        for item in progress.skipped:
+            if item.path not in warned:
+                warned.add(item.path)
+                report("warning", text=f"skipped {item.path}: {item.reason}")
+        report("embed_progress", done=progress.done, total=total,
+               images_per_s=(progress.done - start_done) / max(time.monotonic() - start_time, 1e-9))
+
+
+def _finished_rows(work: Path, blocks: list[Block]) -> tuple[Path, int]:
+    """A .npy of every row in position order, and how many there are.
+
+    When each block's rows start where the previous block's end (always, unless an image was skipped
+    in a block that another one follows), that is rows.npy cut to its first rows. Otherwise the rows
+    are copied to gathered.npy, and rows.npy stays as it was: a crash half-way loses nothing.
+    """
+    blocks = sorted(blocks, key=lambda b: b.begin)
+    starts = np.cumsum([0] + [b.rows for b in blocks])  # where each block's rows go
+    if all(b.begin == start for b, start in zip(blocks, starts)):
+        _truncate_rows(work / "rows.npy", int(starts[-1]))
+        return work / "rows.npy", int(starts[-1])
+    rows = npy_format.open_memmap(work / "rows.npy", mode="r")
+    gathered = npy_format.open_memmap(work / "gathered.npy", mode="w+", dtype=rows.dtype,
+                                      shape=(int(starts[-1]), rows.shape[1]))
+    for block, target in zip(blocks, starts):
+        for offset in range(0, block.rows, COPY_ROWS):
+            count = min(COPY_ROWS, block.rows - offset)
+            gathered[target + offset:target + offset + count] = rows[block.begin + offset:block.begin + offset + count]
+    gathered.flush()
+    return work / "gathered.npy", int(starts[-1])
 
 
 def _truncate_rows(path: Path, rows: int) -> None:
@@ -155,67 +342,65 @@ def _truncate_rows(path: Path, rows: int) -> None:
 def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batches: int | None = None) -> EmbedResult:
     """Embed every image under config.images into config.out (resuming if asked); return what was done.
 
-    `stop_after_batches` stops the run after that many batches, as Ctrl-C would (for tests).
+    With `config.devices` > 1 the work is shared among that many processes (one per GPU).
+    `stop_after_batches` stops every process after that many batches, as Ctrl-C would (for tests).
     """
+    from simclr_cli import distributed
+
     config.validate()
     out = Path(config.out)
+    if distributed.launched():
+        raise ConfigError("simclr embed starts its own processes: run it without torchrun, with --devices N")
     if config.resume and out.is_file() and not work_dir(out).exists():
         manifest = read_json(manifest_path(out), "index manifest")
         report("message", text=f"{out} is already complete; nothing to resume")
         return EmbedResult(out, len(manifest["paths"]), len(manifest["paths"]) + len(manifest["skipped"]))
     model_path = resolve_model_path(config.model)
+    if config.devices > 1:
+        distributed.check_devices(config.devices, config.device)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    backbone, info = load_encoder(model_path, device)
+    encoder = load_encoder(model_path, device if config.devices == 1 else "cpu")
+    info = encoder[1]
     sha256 = sha256_file(model_path)
     plan = (_load_plan(config, sha256, precision.name) if config.resume
             else _start(config, model_path, sha256, info, precision.name))
-    work = work_dir(out)
-    progress = read_json(work / "progress.json", "embed progress")
-    done, written = progress["done"], progress["rows"]
-    skipped = [Skipped(**s) for s in plan["skipped"] + progress["skipped"]]
-    paths = plan["paths"]
-    rows = npy_format.open_memmap(work / "rows.npy", mode="r+")
+    work, paths = work_dir(out), plan["paths"]
+    progress = share_out(read_progress(work, len(paths)), config.devices)
+    write_progress(work, progress)
     workers = default_workers() if config.workers is None else config.workers
-    report("message", text=f"embedding {len(paths) - done:,} images from {config.images} with {info.arch} on "
-                           f"{device} ({precision.name}), {workers} loader worker(s)"
-                           + (f"; resuming after {done:,}" if done else ""))
-    for item in skipped:
+    where = (f"{device} ({precision.name}), {workers} loader worker(s)" if config.devices == 1
+             else f"{config.devices} {device.type} processes ({precision.name})")
+    report("message", text=f"embedding {len(paths) - progress.done:,} images from {config.images} with {info.arch} "
+                           f"on {where}" + (f"; resuming after {progress.done:,}" if progress.done else ""))
+    for item in progress.skipped + [Skipped(**s) for s in plan["skipped"]]:
         report("warning", text=f"skipped {item.path}: {item.reason}")
-    report("embed_start", total=len(paths), done=done)
+    report("embed_start", total=len(paths), done=progress.done)
 
-    start_time, start_done, batches, interrupted = time.monotonic(), done, 0, False
-    with StopFlag() as stop:  # Ctrl-C or SIGTERM: finish the batch, save progress, stop
+    start_time = time.monotonic()
+    if config.devices == 1:
+        _embed_process(config, work, report, stop_after_batches, encoder)
+    else:
+        finished = threading.Event()
+        warned = {s.path for s in progress.skipped}
+        watcher = threading.Thread(target=_watch, args=(work, len(paths), report, finished, warned), daemon=True)
+        watcher.start()
         try:
-            for batch in iter_features(backbone, info, paths, device, precision, config.batch_size, workers,
-                                       order=range(done, len(paths))):
-                features = F.normalize(batch.features, dim=1) if config.normalize else batch.features  # (n, D)
-                rows[written:written + len(features)] = features.numpy().astype(config.dtype)
-                # One assignment, so that a second Ctrl-C never leaves the counters half updated.
-                done, written, skipped = done + len(batch.indices) + len(batch.skipped), written + len(features), \
-                    skipped + batch.skipped
-                for item in batch.skipped:
-                    report("warning", text=f"skipped {item.path}: {item.reason}")
-                batches += 1
-                speed = (done - start_done) / max(time.monotonic() - start_time, 1e-9)
-                report("embed_progress", done=done, total=len(paths), images_per_s=speed)
-                if batches % SAVE_EVERY == 0:
-                    _save_progress(work, rows, done, written, skipped[len(plan["skipped"]):])
-                asked = stop.signal is not None or (stop_after_batches is not None and batches >= stop_after_batches)
-                if asked and done < len(paths):
-                    interrupted = True
-                    break
-        except KeyboardInterrupt:  # a second Ctrl-C: stop now, keeping the rows of finished batches
-            interrupted = True
-    _save_progress(work, rows, done, written, skipped[len(plan["skipped"]):])
-    del rows
-    speed = (done - start_done) / max(time.monotonic() - start_time, 1e-9)
-    result = EmbedResult(out, written, len(paths), skipped, interrupted, speed)
-    if interrupted:
+            distributed.launch(_embed_process, (config, work, silent, stop_after_batches), config.devices,
+                               resume=config.resume_command())
+        finally:
+            finished.set()
+            watcher.join()
+    end = read_progress(work, len(paths))
+    skipped = [Skipped(**s) for s in plan["skipped"]] + end.skipped
+    speed = (end.done - progress.done) / max(time.monotonic() - start_time, 1e-9)
+    result = EmbedResult(out, end.rows, len(paths), skipped, end.done < len(paths), speed)
+    if result.interrupted:
         return result
 
     skipped_paths = {s.path for s in skipped}
     embedded = [p for p in paths if p not in skipped_paths]
+    rows_file, written = _finished_rows(work, end.blocks)
     assert len(embedded) == written, (len(embedded), written)
     manifest = Manifest(paths=embedded, model=plan["model"], model_sha256=sha256,
                         preprocessing={"image_size": info.image_size, "mean": list(info.mean), "std": list(info.std),
@@ -223,9 +408,8 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
                         dim=info.feature_dim, dtype=config.dtype, normalized=config.normalize,
                         precision=precision.name, images=plan["images"], skipped=[s.to_json() for s in skipped],
                         simclr_version=__version__)
-    _truncate_rows(work / "rows.npy", written)
     manifest_path(out).unlink(missing_ok=True)  # never an old manifest beside new rows, even after a crash
-    os.replace(work / "rows.npy", out)
+    os.replace(rows_file, out)
     write_manifest(out, manifest)
     shutil.rmtree(work, ignore_errors=True)
     remember_index(out)

@@ -94,6 +94,20 @@ def mixed_folder(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
     return root, write_mixed_folder(root)
 
 
+@pytest.fixture
+def gappy_folder(tmp_path) -> Path:
+    """Ten PNGs and, third in scan order, a JPEG whose header reads but whose data is cut: it is skipped only
+    when decoded, so its row is missing from the middle of the first images' rows."""
+    root = tmp_path / "gappy"
+    root.mkdir()
+    for i in range(10):
+        Image.fromarray(_photo((40, 36), 100 + i)).save(root / f"{i:02d}.png")
+    buffer = io.BytesIO()
+    Image.fromarray(_photo((256, 256), 99)).save(buffer, format="JPEG", quality=95)
+    (root / "01b.jpg").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    return root
+
+
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory) -> Path:
     """scikit-learn's digits as 32 px PNGs, one subfolder per class (1,797 images)."""

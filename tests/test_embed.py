@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.embed import EmbedConfig, _truncate_rows, embed_folder, work_dir
+from simclr_cli.embed import (Block, EmbedConfig, Progress, _finished_rows, _truncate_rows, embed_folder, read_progress,
+                              share_out, work_dir)
 from simclr_cli.export import load_encoder
 from simclr_cli.features import compute_features
 from simclr_cli.index import state_dir
@@ -22,6 +23,7 @@ from simclr_cli.runtime import resolve_precision
 
 runner = CliRunner()
 FAST = ["--device", "cpu", "--workers", "0", "--batch-size", "4"]
+TWO_PROCESS_ATOL = 1e-2  # bf16 on CPUs that have it: one thread or two may round a feature differently
 
 
 @pytest.fixture(autouse=True)
@@ -110,6 +112,24 @@ def test_resume_gives_the_same_file(tiny_encoder, mixed_folder, tmp_path):
     assert "already complete" in result.output
 
 
+def test_an_embed_interrupted_before_devices_existed_resumes(tiny_encoder, gappy_folder, tmp_path):
+    whole, old = tmp_path / "whole.npy", tmp_path / "old.npy"
+    assert (result := run_embed(tiny_encoder, gappy_folder, whole)).exit_code == 0, result.output
+    config = EmbedConfig(model=str(tiny_encoder), images=str(gappy_folder), out=str(old), batch_size=4,
+                         device="cpu", workers=0)
+    assert embed_folder(config, stop_after_batches=1).interrupted
+    # The record as simclr wrote it before --devices: positions done, rows written from row 0, skipped files.
+    work = work_dir(old)
+    progress = read_progress(work, 11)
+    assert len(progress.blocks) == 1 and (progress.done, progress.rows) == (4, 3)  # 01b.jpg skipped
+    for record in work.glob("progress*.json"):
+        record.unlink()
+    (work / "progress.json").write_text(json.dumps({"done": progress.done, "rows": progress.rows,
+                                                    "skipped": [s.to_json() for s in progress.skipped]}))
+    assert (result := run_embed(tiny_encoder, gappy_folder, old, "--resume")).exit_code == 0, result.output
+    assert whole.read_bytes() == old.read_bytes()
+
+
 def test_truncate_rows_keeps_the_first_rows(tmp_path):
     path = tmp_path / "rows.npy"
     data = np.arange(1000 * 3, dtype=np.float16).reshape(1000, 3)
@@ -118,6 +138,92 @@ def test_truncate_rows_keeps_the_first_rows(tmp_path):
     del rows
     _truncate_rows(path, 997)
     np.testing.assert_array_equal(np.load(path, allow_pickle=False), data[:997])
+
+
+def test_share_out_gives_every_unfinished_position_to_one_process():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        # Blocks covering [0, total), each part done; rows <= positions done (some images skipped).
+        cuts = np.unique(np.r_[0, rng.integers(1, 60, rng.integers(0, 5)), 60])
+        blocks = []
+        for begin, end in zip(cuts[:-1], cuts[1:]):
+            done = int(rng.integers(begin, end + 1))
+            blocks.append(Block(int(begin), int(end), done, int(rng.integers(0, done - begin + 1))))
+        processes = int(rng.integers(1, 5))
+        shared = share_out(Progress(3, blocks, []), processes)
+
+        assert shared.session == 4 and shared.done == Progress(3, blocks, []).done
+        assert shared.rows == sum(b.rows for b in blocks)
+        # The new blocks still cover every position once, and their row slots never overlap.
+        spans = sorted((b.begin, b.end) for b in shared.blocks)
+        assert spans[0][0] == 0 and spans[-1][1] == 60
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert all(b.rows <= b.done - b.begin and b.done <= b.end for b in shared.blocks)
+        # What was finished stays finished, with its rows where they were.
+        for old in blocks:
+            kept = [b for b in shared.blocks if b.begin == old.begin]
+            assert len(kept) == 1 and (kept[0].done, kept[0].rows) == (old.done, old.rows)
+        # Each process gets an equal share (to one position) of what is left, and no finished block.
+        left = [sum(b.end - b.done for b in shared.blocks if b.owner == p) for p in range(processes)]
+        assert sum(left) == sum(b.end - b.done for b in blocks) and max(left) - min(left) <= 1
+        assert all(b.owner is None for b in shared.blocks if b.done == b.end)
+
+
+def test_the_resume_command_repeats_the_flags_that_matter():
+    config = EmbedConfig(model="run", images="photos", out="photos.npy")
+    assert config.resume_command() == "simclr embed run photos photos.npy --resume"
+    config = EmbedConfig(model="run", images="photos", out="photos.npy", dtype="float16", normalize=False, devices=2)
+    assert config.resume_command() == ("simclr embed run photos photos.npy --dtype float16 --no-normalize --devices 2 "
+                                       "--resume")
+
+
+def test_finished_rows_in_place_or_gathered(tmp_path):
+    data = np.arange(10 * 2, dtype=np.float32).reshape(10, 2)
+
+    def rows_file() -> Path:
+        work = tmp_path / "work"
+        work.mkdir(exist_ok=True)
+        rows = npy_format.open_memmap(work / "rows.npy", mode="w+", dtype=np.float32, shape=data.shape)
+        rows[:] = data
+        del rows
+        return work
+
+    # Rows that follow each other: rows.npy cut to them, nothing copied.
+    path, count = _finished_rows(rows_file(), [Block(4, 10, 10, 3), Block(0, 4, 4, 4)])
+    assert (path.name, count) == ("rows.npy", 7)
+    np.testing.assert_array_equal(np.load(path), data[:7])
+    # A gap (images skipped in the first block): rows 0-1 and 4-8 gathered into a new file.
+    work = rows_file()
+    path, count = _finished_rows(work, [Block(0, 4, 4, 2), Block(4, 10, 10, 5)])
+    assert (path.name, count) == ("gathered.npy", 7)
+    np.testing.assert_array_equal(np.load(path), np.r_[data[:2], data[4:9]])
+    np.testing.assert_array_equal(np.load(work / "rows.npy"), data)  # untouched until the rename
+
+
+def test_two_processes_write_the_file_of_one_and_resume_on_one(tiny_encoder, gappy_folder, tmp_path):
+    one, two, resumed = tmp_path / "one.npy", tmp_path / "two.npy", tmp_path / "resumed.npy"
+    assert (result := run_embed(tiny_encoder, gappy_folder, one)).exit_code == 0, result.output
+    assert (result := run_embed(tiny_encoder, gappy_folder, two, "--devices", "2", "--quiet")).exit_code == 0, \
+        result.output
+    manifests = [json.loads(p.with_suffix(".json").read_text()) for p in (one, two)]
+    assert manifests[0]["paths"] == manifests[1]["paths"] and manifests[1]["rows"] == 10
+    assert [Path(s["path"]).name for s in manifests[1]["skipped"]] == ["01b.jpg"]
+    # The first process's run of images has a gap (01b.jpg), so the rows were gathered. Each process uses
+    # one core instead of two: the same features up to the order of float sums.
+    np.testing.assert_allclose(np.load(two), np.load(one), atol=TWO_PROCESS_ATOL)
+
+    # Two processes stopped after a batch each (as Ctrl-C), then resumed in one: nothing computed twice.
+    config = EmbedConfig(model=str(tiny_encoder), images=str(gappy_folder), out=str(resumed), batch_size=4,
+                         device="cpu", workers=0, devices=2)
+    first = embed_folder(config, stop_after_batches=1)  # images 0-3 (01b.jpg among them) and 5-8
+    assert first.interrupted and first.rows == 7 and not resumed.exists()
+    starts = []
+    second = embed_folder(EmbedConfig(**{**config.__dict__, "resume": True, "devices": 1}),
+                          lambda kind, **fields: starts.append(fields) if kind == "embed_start" else None)
+    assert starts[0]["done"] == 8 and not second.interrupted
+    assert json.loads(resumed.with_suffix(".json").read_text())["paths"] == manifests[0]["paths"]
+    np.testing.assert_allclose(np.load(resumed), np.load(one), atol=TWO_PROCESS_ATOL)
+    assert not work_dir(resumed).exists()
 
 
 @pytest.fixture
@@ -129,7 +235,7 @@ def interrupted(tiny_encoder, mixed_folder, tmp_path) -> Path:
     return out
 
 
-def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupted, tmp_path):
+def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupted, tmp_path, monkeypatch):
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.zeros(2)}, str(foreign))
     empty = tmp_path / "empty"
@@ -154,6 +260,7 @@ def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupt
         ((tiny_encoder, folder, existing), "already exists; pass --overwrite"),
         ((tiny_encoder, folder, out, "--dtype", "int8"), "--dtype 'int8' is not one of float32, float16"),
         ((tiny_encoder, folder, out, "--batch-size", "0"), "--batch-size 0 must be at least 1"),
+        ((tiny_encoder, folder, out, "--devices", "0"), "--devices 0 must be at least 1"),
         ((tiny_encoder, folder, out, "--resume"), "no interrupted embed"),
         ((tiny_encoder, folder, out, "--resume", "--overwrite"), "use one of them"),
         ((tiny_encoder, folder, interrupted), "holds an interrupted embed; add --resume"),
@@ -169,3 +276,7 @@ def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupt
         assert message in " ".join(result.output.split()), (args, result.output)
         assert "Traceback" not in result.output
     assert not out.exists()
+    monkeypatch.setenv("RANK", "0")  # as torchrun would start it: each process would embed everything
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run_embed(tiny_encoder, folder, out)
+    assert result.exit_code == 1 and "run it without torchrun, with --devices N" in " ".join(result.output.split())
