@@ -280,3 +280,15 @@ def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupt
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = run_embed(tiny_encoder, folder, out)
     assert result.exit_code == 1 and "run it without torchrun, with --devices N" in " ".join(result.output.split())
+
+
+def test_plain_progress_prints_the_total_once(capsys):
+    from simclr_cli.cli import _EmbedReporter
+
+    reporter = _EmbedReporter()
+    reporter.live = False  # as in a log file
+    reporter.on_embed_start(total=100)
+    for done in (5, 10, 50, 100, 100, 100):  # --devices N reports the total again until every process ends
+        reporter.on_embed_progress(done=done, total=100, images_per_s=1.0)
+    printed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert printed == ["10/100", "50/100", "100/100"]
