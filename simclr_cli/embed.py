@@ -32,7 +32,7 @@ from numpy.lib import format as npy_format
 from simclr_cli import __version__
 from simclr_cli.data import Skipped, require_images, scan_images
 from simclr_cli.errors import ConfigError, ModelFileError
-from simclr_cli.export import EncoderInfo, load_encoder, read_json, resolve_model_path, write_json
+from simclr_cli.export import EncoderInfo, load_encoder, read_json, read_metadata, resolve_model_path, write_json
 from simclr_cli.features import iter_features, preprocessing
 from simclr_cli.index import DTYPES, Manifest, manifest_path, remember_index, sha256_file, write_manifest
 from simclr_cli.runtime import StopFlag, default_workers, rank, resolve_device, resolve_precision
@@ -360,8 +360,9 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
         distributed.check_devices(config.devices, config.device)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    encoder = load_encoder(model_path, device if config.devices == 1 else "cpu")
-    info = encoder[1]
+    # One process: load the encoder here and embed here. Several: each loads its own; only the metadata is read here.
+    encoder = load_encoder(model_path, device) if config.devices == 1 else None
+    info = encoder[1] if encoder else EncoderInfo.from_metadata(read_metadata(model_path, "encoder"), model_path)
     sha256 = sha256_file(model_path)
     plan = (_load_plan(config, sha256, precision.name) if config.resume
             else _start(config, model_path, sha256, info, precision.name))
