@@ -104,13 +104,14 @@ def test_top_k_matches_brute_force(count, dim, k, chunk_rows, normalized, num_qu
 
 
 @pytest.mark.parametrize("exclude", [None, 3])
-def test_float16_rows_are_ranked_exactly_despite_near_ties(exclude):
+@pytest.mark.parametrize("crowd", [40, 150])  # near-ties within one top-k of candidates, and too many for it
+def test_float16_rows_are_ranked_exactly_despite_near_ties(exclude, crowd):
     """One query against float16 rows takes float16 scores only to find candidates: the ranking must be
     the float32 one, even among rows whose scores differ by less than float16 can resolve."""
     generator = np.random.default_rng(0)
     query = generator.standard_normal(64).astype(np.float32)
     query /= np.linalg.norm(query)
-    near = query + 2e-3 * generator.standard_normal((40, 64)).astype(np.float32)  # scores within ~1e-4
+    near = query + 2e-3 * generator.standard_normal((crowd, 64)).astype(np.float32)  # scores within ~1e-4
     rows = np.concatenate([generator.standard_normal((5000, 64)).astype(np.float32), near])
     rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
     generator.shuffle(rows)
