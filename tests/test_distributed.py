@@ -71,6 +71,9 @@ def test_bad_values_are_one_line_errors(tiny_folder, tmp_path):
         PretrainConfig(data_dir=str(tiny_folder), out_dir=str(tmp_path / "r"), chunk_size=0).validate()
     result = runner.invoke(app, ["pretrain", str(tiny_folder), "--devices", "0", "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "--devices 0" in result.output
+    result = runner.invoke(app, ["pretrain", str(tiny_folder), "--devices", "2", "--device", "cuda:0", "--out",
+                                 str(tmp_path / "r")])
+    assert result.exit_code == 1 and "pass --device cuda, or --devices 1" in " ".join(result.output.split())
 
 
 # -- two processes on the CPU ------------------------------------------------------------------

@@ -261,6 +261,7 @@ def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupt
         ((tiny_encoder, folder, out, "--dtype", "int8"), "--dtype 'int8' is not one of float32, float16"),
         ((tiny_encoder, folder, out, "--batch-size", "0"), "--batch-size 0 must be at least 1"),
         ((tiny_encoder, folder, out, "--devices", "0"), "--devices 0 must be at least 1"),
+        ((tiny_encoder, folder, out, "--devices", "2", "--device", "cuda:1"), "--device cuda:1 with --devices 2"),
         ((tiny_encoder, folder, out, "--resume"), "no interrupted embed"),
         ((tiny_encoder, folder, out, "--resume", "--overwrite"), "use one of them"),
         ((tiny_encoder, folder, interrupted), "holds an interrupted embed; add --resume"),
