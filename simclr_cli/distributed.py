@@ -37,7 +37,7 @@ def launched() -> bool:
 
 def check_devices(devices: int, device_spec: str) -> None:
     """Fail early, in the launching process, when --devices cannot be honoured here."""
-    if ":" in device_spec:  # each process takes GPU LOCAL_RANK: an index would put them all on one GPU
+    if device_spec.startswith("cuda:"):  # each process takes GPU LOCAL_RANK: an index would put all on one
         raise ConfigError(f"--device {device_spec} with --devices {devices}: the processes take GPUs 0 to "
                           f"{devices - 1}, one each; pass --device cuda, or --devices 1 to use {device_spec} alone")
     device = resolve_device(device_spec)
