@@ -239,6 +239,7 @@ def _embed_process(config: EmbedConfig, work: Path, report: Report = silent, sto
     plan = read_json(work / "plan.json", "embed plan")
     paths = plan["paths"]
     progress = read_progress(work, len(paths))
+    done_before = progress.done  # the blocks below advance, and progress.done with them
     blocks = [b for b in progress.blocks if b.owner == rank() and b.done < b.end]
     skipped: list[Skipped] = []
     record = _process_record(work, progress.session, rank())
@@ -268,7 +269,7 @@ def _embed_process(config: EmbedConfig, work: Path, report: Report = silent, sto
                         report("warning", text=f"skipped {item.path}: {item.reason}")
                     batches += 1
                     processed += len(batch.indices) + len(batch.skipped)
-                    report("embed_progress", done=progress.done + processed, total=len(paths),
+                    report("embed_progress", done=done_before + processed, total=len(paths),
                            images_per_s=processed / max(time.monotonic() - start_time, 1e-9))
                     if batches % SAVE_EVERY == 0:
                         save()

@@ -100,10 +100,13 @@ def test_resume_gives_the_same_file(tiny_encoder, mixed_folder, tmp_path):
     assert (result := run_embed(tiny_encoder, root, resumed)).exit_code == 1
     assert "--resume" in result.output
 
-    starts = []
+    events = []
     second = embed_folder(EmbedConfig(**{**config.__dict__, "resume": True}),
-                          lambda kind, **fields: starts.append(fields) if kind == "embed_start" else None)
-    assert starts[0]["done"] == 8  # the first two batches were not computed again
+                          lambda kind, **fields: events.append((kind, fields)))
+    start = next(fields for kind, fields in events if kind == "embed_start")
+    assert start["done"] == 8  # the first two batches were not computed again
+    counts = [fields["done"] for kind, fields in events if kind == "embed_progress"]
+    assert counts == list(range(12, start["total"], 4)) + [start["total"]]  # from where it resumed, each batch once
     assert not second.interrupted and second.rows == len(names["good"])
     assert whole.read_bytes() == resumed.read_bytes()
     manifests = [json.loads(p.with_suffix(".json").read_text()) for p in (whole, resumed)]
