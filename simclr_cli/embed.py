@@ -239,7 +239,7 @@ def _embed_process(config: EmbedConfig, work: Path, report: Report = silent, sto
     plan = read_json(work / "plan.json", "embed plan")
     paths = plan["paths"]
     progress = read_progress(work, len(paths))
-    done_before = progress.done  # the blocks below advance, and progress.done with them
+    done_before = progress.done  # progress.done then grows as the blocks below advance
     blocks = [b for b in progress.blocks if b.owner == rank() and b.done < b.end]
     skipped: list[Skipped] = []
     record = _process_record(work, progress.session, rank())
@@ -253,7 +253,7 @@ def _embed_process(config: EmbedConfig, work: Path, report: Report = silent, sto
         rows.flush()  # rows first: the record never claims rows that are not on disk
         write_json(record, {"blocks": [asdict(b) for b in blocks], "skipped": [s.to_json() for s in skipped]})
 
-    start_time, processed, batches = time.monotonic(), 0, 0
+    start_time, batches = time.monotonic(), 0
     with StopFlag() as stop:  # Ctrl-C or SIGTERM: finish the batch, save progress, stop
         try:
             for block in blocks:
@@ -268,9 +268,8 @@ def _embed_process(config: EmbedConfig, work: Path, report: Report = silent, sto
                     for item in batch.skipped:
                         report("warning", text=f"skipped {item.path}: {item.reason}")
                     batches += 1
-                    processed += len(batch.indices) + len(batch.skipped)
-                    report("embed_progress", done=done_before + processed, total=len(paths),
-                           images_per_s=processed / max(time.monotonic() - start_time, 1e-9))
+                    report("embed_progress", done=progress.done, total=len(paths),
+                           images_per_s=(progress.done - done_before) / max(time.monotonic() - start_time, 1e-9))
                     if batches % SAVE_EVERY == 0:
                         save()
                     if stop.signal is not None or (stop_after_batches is not None and batches >= stop_after_batches):
