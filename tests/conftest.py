@@ -19,6 +19,14 @@ from export_digits import export_digits  # noqa: E402
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.fixture(autouse=True)
+def private_state(tmp_path, monkeypatch):
+    """Keep the 'last index' of every test (any `simclr embed` remembers one) out of the user's own state
+    directory, and the user's $SIMCLR_INDEX out of the tests."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("SIMCLR_INDEX", raising=False)
+
+
 def _photo(size: tuple[int, int], seed: int) -> np.ndarray:
     """A smooth random RGB image (uint8, H x W x 3): gradients plus a few blobs, not noise."""
     rng = np.random.default_rng(seed)

@@ -26,13 +26,6 @@ FAST = ["--device", "cpu", "--workers", "0", "--batch-size", "4"]
 TWO_PROCESS_ATOL = 1e-2  # bf16 on CPUs that have it: one thread or two may round a feature differently
 
 
-@pytest.fixture(autouse=True)
-def private_state(tmp_path, monkeypatch):
-    """Keep the 'last index' of these tests out of the user's own state directory."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.delenv("SIMCLR_INDEX", raising=False)
-
-
 def run_embed(*args: str | Path):
     return runner.invoke(app, ["embed", *FAST, *map(str, args)])
 

@@ -60,13 +60,6 @@ def indexes(tiny_encoder, photos, tmp_path_factory) -> dict[str, Path]:
     return {dtype: out / f"{dtype}.npy" for dtype in ("float32", "float16")}
 
 
-@pytest.fixture(autouse=True)
-def private_state(tmp_path, monkeypatch):
-    """Keep the 'last index' of these tests out of the user's own state directory."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.delenv("SIMCLR_INDEX", raising=False)
-
-
 def similar_json(*args: str | Path) -> dict:
     result = runner.invoke(app, ["similar", *map(str, args), "--json"])
     assert result.exit_code == 0, result.output
