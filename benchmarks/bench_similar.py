@@ -134,14 +134,16 @@ def main() -> None:
             simclr = Path(sys.executable).with_name("simclr")
             command = [str(simclr), "similar", str(query_image), "--index", str(largest), "-k", str(args.k)]
             env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-            walls = []
-            # The first run after writing gigabytes of indexes may find PyTorch's libraries pushed out of
-            # the page cache, and read them from disk again: reported apart, as a cold start.
-            for _ in range(args.repeats + 1):
+
+            def wall() -> float:
                 start = time.perf_counter()
                 subprocess.run(command, check=True, capture_output=True, env=env)
-                walls.append(time.perf_counter() - start)
-            first, walls = walls[0], walls[1:]
+                return time.perf_counter() - start
+
+            # The first run after writing gigabytes of indexes may find PyTorch's libraries pushed out of
+            # the page cache, and read them from disk again: reported apart, as a cold start.
+            first = wall()
+            walls = [wall() for _ in range(args.repeats)]
             startup = best_of(args.repeats, lambda: subprocess.run([str(simclr), "--version"], check=True,
                                                                    capture_output=True, env=env))
             print(f"end to end: `simclr similar` on {largest.name} ({args.image_size} px resnet18), {args.repeats} "
