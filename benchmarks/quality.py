@@ -171,16 +171,21 @@ def raw_pixels(data: dict) -> dict[str, float]:
     return {"linear_top1": linear, "knn_top1": knn, "l2": probe.l2}
 
 
+def zero_init(like: EncoderInfo) -> bool:
+    """Whether the pretraining run behind `like` started its residual blocks as their shortcuts."""
+    return bool(like.config.get("zero_init_residual", False))
+
+
 def save_random_encoder(path: Path, like: EncoderInfo, seed: int) -> None:
-    """The encoder `simclr pretrain` starts from: the same arch, width, stem and image size as `like`,
-    with its initial weights."""
+    """The encoder `simclr pretrain` starts from: the same arch, width, stem, image size and initialisation
+    as `like`, with its initial weights."""
     import torch
 
     from simclr_cli.export import save_encoder
     from simclr_cli.models import build_backbone
 
     torch.manual_seed(seed)
-    backbone = build_backbone(like.arch, like.stem, width=like.width)
+    backbone = build_backbone(like.arch, like.stem, width=like.width, zero_init_residual=zero_init(like))
     save_encoder(path, backbone, dataclasses.replace(like, config={"baseline": "random weights"}))
 
 
@@ -206,7 +211,7 @@ def train_supervised(path: Path, data: dict, like: EncoderInfo, batch_size: int,
     started = time.monotonic()
     precision = resolve_precision("auto", torch.device("cpu"))
     torch.manual_seed(seed)
-    backbone = build_backbone(like.arch, like.stem, width=like.width)
+    backbone = build_backbone(like.arch, like.stem, width=like.width, zero_init_residual=zero_init(like))
     classifier = torch.nn.Linear(backbone.feature_dim, len(CLASSES))
     model = torch.nn.Sequential(backbone, classifier).to(memory_format=torch.channels_last).train()
     decay = [p for p in model.parameters() if p.ndim > 1]

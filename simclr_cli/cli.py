@@ -104,6 +104,10 @@ def pretrain(
                                                   f"'imagenet' on a CPU (13x faster there).")] = "auto",
     width: Annotated[float, typer.Option(help="Channel multiplier of the ResNet: 1 is the standard one, 2 and 3 "
                                               "SimCLRv2's wide ones, 0.5 about a quarter of the compute.")] = 1.0,
+    zero_init_residual: Annotated[bool, typer.Option(
+        "--zero-init-residual/--no-zero-init-residual",
+        help="Start the last BatchNorm scale of every residual block at 0, so each block starts as its "
+             "shortcut, as SimCLR's reference ResNet does.")] = False,
     temperature: Annotated[float, typer.Option(help="NT-Xent temperature tau.")] = 0.1,
     lr: Annotated[Optional[float], typer.Option(
         help="Peak learning rate. Default: by --lr-scaling from the batch size.", show_default=False)] = None,
@@ -177,7 +181,8 @@ def pretrain(
             raise typer.BadParameter("give the folder of images (or --resume RUN_DIR)", param_hint="DATA_DIR")
         config = PretrainConfig(
             data_dir=str(data_dir), out_dir=str(out or default_run_dir("pretrain")), epochs=epochs,
-            batch_size=batch_size, arch=arch, stem=stem, width=width, proj_layers=proj_layers, proj_dim=proj_dim,
+            batch_size=batch_size, arch=arch, stem=stem, width=width, zero_init_residual=zero_init_residual,
+            proj_layers=proj_layers, proj_dim=proj_dim,
             temperature=temperature, optimizer=optimizer, lr=lr, lr_scaling=lr_scaling, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, max_time=parse_duration(max_time) if max_time else None,
             devices=devices, chunk_size=chunk_size, sync_bn=sync_bn, augment_on=augment_on, cache=cache,

@@ -94,14 +94,25 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.feature_dim = planes[3] * block.expansion
 
-    def initialise(self) -> "ResNet":
-        """torchvision's initialisation: He-normal (fan out) convolutions, unit BatchNorm scales."""
+    def initialise(self, zero_init_residual: bool = False) -> "ResNet":
+        """torchvision's initialisation: He-normal (fan out) convolutions, unit BatchNorm scales.
+
+        zero_init_residual: the last BatchNorm of every residual branch starts at scale 0, so each block
+        starts as its shortcut (Goyal et al. 2017, arXiv 1706.02677), as in SimCLR's reference ResNet
+        (`init_zero=True`) and torchvision's `zero_init_residual=True`.
+        """
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        if zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, Bottleneck):
+                    nn.init.zeros_(module.bn3.weight)
+                elif isinstance(module, BasicBlock):
+                    nn.init.zeros_(module.bn2.weight)
         return self
 
     def _make_layer(self, block, planes: int, count: int, stride: int = 1) -> nn.Sequential:
@@ -129,12 +140,14 @@ _DEPTHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 
 BACKBONES: dict[str, Callable[[], ResNet]] = {name: partial(ResNet, *_DEPTHS[name]) for name in ARCHITECTURES}
 
 
-def build_backbone(arch: str, stem: str = "imagenet", initialise: bool = True, width: float = 1.0) -> ResNet:
+def build_backbone(arch: str, stem: str = "imagenet", initialise: bool = True, width: float = 1.0,
+                   zero_init_residual: bool = False) -> ResNet:
     """A randomly initialised ResNet without classifier (forward gives h); with initialise=False,
     under torch.device("meta"), an empty one for weights from a file (export.load_encoder).
 
     stem "cifar" swaps the 7x7/2 convolution and max-pool for one 3x3/1 convolution, as the
     SimCLR paper does for 32 px CIFAR-10 images (Appendix B.9). Key names stay torchvision's.
+    zero_init_residual: see ResNet.initialise.
     """
     model = BACKBONES[arch](width=width)
     if stem == "cifar":
@@ -143,7 +156,7 @@ def build_backbone(arch: str, stem: str = "imagenet", initialise: bool = True, w
     elif stem != "imagenet":
         raise ValueError(f"unknown stem {stem!r}")
     model.stem = stem
-    return model.initialise() if initialise else model
+    return model.initialise(zero_init_residual) if initialise else model
 
 
 class ProjectionHead(nn.Module):
@@ -172,9 +185,10 @@ class ProjectionHead(nn.Module):
 class SimCLR(nn.Module):
     """f then g; `forward` gives the projections z of a batch of images."""
 
-    def __init__(self, arch: str, stem: str, proj_layers: int = 2, proj_dim: int = 128, width: float = 1.0):
+    def __init__(self, arch: str, stem: str, proj_layers: int = 2, proj_dim: int = 128, width: float = 1.0,
+                 zero_init_residual: bool = False):
         super().__init__()
-        self.backbone = build_backbone(arch, stem, width=width)
+        self.backbone = build_backbone(arch, stem, width=width, zero_init_residual=zero_init_residual)
         self.head = ProjectionHead(self.backbone.feature_dim, out_dim=proj_dim, layers=proj_layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -105,7 +105,8 @@ class PretrainRun:
                                    + (" (the 3x3 cifar stem is about 13x slower on a CPU; --stem cifar forces it)"
                                       if config.stem == "imagenet" and self.device.type == "cpu" else ""))
 
-        self.model = SimCLR(config.arch, config.stem, config.proj_layers, config.proj_dim, config.width)
+        self.model = SimCLR(config.arch, config.stem, config.proj_layers, config.proj_dim, config.width,
+                            config.zero_init_residual)
         self.sync_bn = distributed.use_sync_bn(config.sync_bn, self.device)
         if self.sync_bn:
             self.model = distributed.convert_sync_bn(self.model)

@@ -40,6 +40,24 @@ def test_our_resnet_is_torchvisions_key_for_key_and_output_for_output(arch):
     assert torch.equal(ours_state["bn1.weight"], torch.ones(64))
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_zero_init_residual_starts_every_block_as_its_shortcut(arch):
+    ours = build_backbone(arch, "imagenet", zero_init_residual=True)
+    reference = getattr(torchvision.models, arch)(zero_init_residual=True)
+    zeroed = {key for key, value in ours.state_dict().items() if key.endswith(".weight") and not value.any()}
+    assert zeroed == {key for key, value in reference.state_dict().items()
+                      if key.endswith(".weight") and not value.any()}, "the BatchNorms torchvision zeroes"
+    assert len(zeroed) == sum(len(getattr(ours, f"layer{i}")) for i in range(1, 5)), "one per block"
+    ours.train()
+    x = torch.randn(4, ours.layer1[0].conv1.in_channels, 8, 8)
+    for block in ours.layer1:  # a block whose branch adds zero gives relu(shortcut)
+        shortcut = x if block.downsample is None else block.downsample(x)
+        assert torch.equal(block(x), torch.relu(shortcut))
+        x = block(x)
+    default = build_backbone(arch, "imagenet").state_dict()
+    assert not [key for key in zeroed if not default[key].any()], "off by default: unit scales"
+
+
 def test_cifar_stem_keeps_resolution_and_torchvision_key_names():
     backbone = build_backbone("resnet18", "cifar")
     assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
