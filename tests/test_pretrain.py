@@ -15,9 +15,11 @@ import torchvision
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from simclr_cli import train
 from simclr_cli.cli import app
 from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
 from simclr_cli.export import load_checkpoint, load_encoder
+from simclr_cli.models import SimCLR
 from simclr_cli.train import pretrain, resume_pretrain
 
 runner = CliRunner()
@@ -72,14 +74,25 @@ def test_default_batch_and_views_on_a_cpu_at_32_px_are_recorded_in_config_json(s
     assert load_encoder(out)[1].config["batch_size"] == 128, "the encoder file records it too"
 
 
-def test_width_reaches_the_encoder_file_and_embed(small_digits_folder, tmp_path):
+def test_width_and_initialisation_reach_the_engine_the_encoder_file_and_embed(small_digits_folder, tmp_path,
+                                                                              monkeypatch):
+    initial_scales = []
+
+    def build(*args):  # the engine's model, as it starts
+        model = SimCLR(*args)
+        initial_scales.append(model.backbone.layer1[0].bn2.weight.detach().clone())
+        return model
+
+    monkeypatch.setattr(train, "SimCLR", build)
     out = tmp_path / "narrow"
     result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1",
-                                 "--batch-size", "32", "--width", "0.25", *FAST])
+                                 "--batch-size", "32", "--width", "0.25", "--zero-init-residual", *FAST])
     assert result.exit_code == 0, result.output
     backbone, info = load_encoder(out)
     assert (info.width, info.feature_dim, backbone.layer4[-1].conv2.out_channels) == (0.25, 128, 128)
-    assert json.loads((out / "config.json").read_text())["width"] == 0.25
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["width"], saved["zero_init_residual"]) == (0.25, True)
+    assert len(initial_scales) == 1 and not initial_scales[0].any(), "each block's last BatchNorm started at 0"
     threes = small_digits_folder / "3"
     embedded = runner.invoke(app, ["embed", str(out), str(threes), str(tmp_path / "threes.npy"), "--device", "cpu",
                                    "--workers", "0"])
