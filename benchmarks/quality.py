@@ -277,6 +277,16 @@ def markdown_table(rows: list[dict], budget_text: str) -> str:
     return "\n".join(lines)
 
 
+def joined_pretrain_args(argv: list[str]) -> list[str]:
+    """argv with `--pretrain-args VALUE` as `--pretrain-args=VALUE`: argparse reads a lone flag such as
+    "--blur" after it as an option of its own, not as the value."""
+    joined, rest = [], iter(argv)
+    for arg in rest:
+        value = next(rest, None) if arg == "--pretrain-args" else None
+        joined.append(arg if value is None else f"{arg}={value}")
+    return joined
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", default="10m", help="CPU time for pretraining, and for the supervised "
@@ -293,7 +303,8 @@ def main() -> None:
     parser.add_argument("--monitor-size", type=int, default=1000,
                         help="labelled train images for pretrain's per-epoch kNN monitor (0: none)")
     parser.add_argument("--pretrain-args", default="",
-                        help="more `simclr pretrain` flags, quoted, e.g. \"--temperature 0.2 --jitter 0.4\"")
+                        help="more `simclr pretrain` flags, quoted, e.g. \"--temperature 0.2 --jitter 0.4\" or "
+                             "\"--blur\"")
     parser.add_argument("--skip", default="", help="baselines to leave out, comma-separated: raw,random,supervised")
     parser.add_argument("--simclr-run", type=Path, default=None,
                         help="a finished `simclr pretrain` run on the same data with the same --budget (an earlier "
@@ -303,7 +314,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/fashion-mnist"), help="where the PNG folders go")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default runs/quality-<budget>[-subset<N>]-<timestamp>); must be new")
-    args = parser.parse_args()
+    args = parser.parse_args(joined_pretrain_args(sys.argv[1:]))
 
     from simclr_cli.config import parse_duration
     from simclr_cli.errors import ConfigError
