@@ -107,7 +107,8 @@ def pretrain(
     zero_init_residual: Annotated[bool, typer.Option(
         "--zero-init-residual/--no-zero-init-residual",
         help="Start the last BatchNorm scale of every residual block at 0, so each block starts as its "
-             "shortcut, as SimCLR's reference ResNet does.")] = False,
+             "shortcut, as SimCLR's reference ResNet does; --no-zero-init-residual: torchvision's unit "
+             "scales.")] = True,
     temperature: Annotated[float, typer.Option(help="NT-Xent temperature tau.")] = 0.1,
     lr: Annotated[Optional[float], typer.Option(
         help="Peak learning rate. Default: by --lr-scaling from the batch size.", show_default=False)] = None,

@@ -120,7 +120,7 @@ class PretrainConfig:
     arch: str = "resnet18"
     stem: str = "auto"
     width: float = 1.0  # channel multiplier: SimCLRv2's 2x and 3x ResNets, or below 1 for a small CPU
-    zero_init_residual: bool = False  # each residual block starts as its shortcut (models.ResNet.initialise)
+    zero_init_residual: bool = True  # each residual block starts as its shortcut (models.ResNet.initialise)
     proj_layers: int = 2
     proj_dim: int = 128
     temperature: float = 0.1
@@ -228,6 +228,7 @@ class PretrainConfig:
         data = dict(data)
         data.setdefault("augment_on", "per-image")  # runs started before the batched pipeline resume on theirs
         data.setdefault("lr_scaling", "linear")  # and runs from before --lr-scaling with the rule they started on
+        data.setdefault("zero_init_residual", False)  # and runs from before the flag with unit BatchNorm scales
         # Runs saved before the views were decided at the start resume with the size defaults they began on.
         data["augment"] = AugmentConfig(**data.get("augment", {})).decided()
         data["runtime"] = RuntimeConfig(**data.get("runtime", {}))

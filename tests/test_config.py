@@ -64,6 +64,15 @@ def test_small_images_on_a_cpu_crop_from_60_percent_with_full_jitter_and_old_run
     assert views(PretrainConfig.from_json(saved), "cpu") == (0.2, 0.5, False)
 
 
+def test_residual_blocks_start_as_shortcuts_by_default_and_old_runs_resume_without():
+    config = PretrainConfig(data_dir=".", out_dir="x")
+    assert config.zero_init_residual
+    saved = config.to_json()
+    assert PretrainConfig.from_json(saved).zero_init_residual
+    del saved["zero_init_residual"]  # a config.json written before the flag existed
+    assert not PretrainConfig.from_json(saved).zero_init_residual
+
+
 def test_finetune_crops_are_gentler_for_small_images():
     from simclr_cli.config import FinetuneConfig, LabelledDataConfig
 

@@ -55,7 +55,7 @@ def test_zero_init_residual_starts_every_block_as_its_shortcut(arch):
         assert torch.equal(block(x), torch.relu(shortcut))
         x = block(x)
     default = build_backbone(arch, "imagenet").state_dict()
-    assert not [key for key in zeroed if not default[key].any()], "off by default: unit scales"
+    assert not [key for key in zeroed if not default[key].any()], "build_backbone's default: unit scales"
 
 
 def test_cifar_stem_keeps_resolution_and_torchvision_key_names():

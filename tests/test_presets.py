@@ -68,7 +68,9 @@ def test_cli_preset_with_flags_that_override_it(monkeypatch, tmp_path, small_dig
 def test_cli_without_preset_keeps_the_defaults(monkeypatch, tmp_path, small_digits_folder):
     config = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--image-size", "32")
     assert (config.arch, config.temperature, config.epochs) == ("resnet18", 0.1, 100)
-    assert not config.zero_init_residual
+    assert config.zero_init_residual, "on by default, as in SimCLR's reference ResNet"
+    unit_scales = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--no-zero-init-residual")
+    assert not unit_scales.zero_init_residual
     assert config.batch_size is None, "left to the engine, which knows the device"
     assert (config.resolved_batch_size("cpu"), config.resolved_batch_size("cuda")) == (128, 256)
 

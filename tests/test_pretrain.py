@@ -69,6 +69,7 @@ def test_default_batch_and_views_on_a_cpu_at_32_px_are_recorded_in_config_json(s
     assert "batch 128, lr 0.848528" in result.output  # 0.075 x sqrt(128)
     saved = json.loads((out / "config.json").read_text())
     assert saved["batch_size"] == 128
+    assert saved["zero_init_residual"], "residual blocks start as their shortcuts by default"
     assert "crops from 60%, jitter strength 1, blur off" in result.output
     assert (saved["augment"]["crop_min_scale"], saved["augment"]["jitter"]) == (0.6, 1.0), "decided once, kept"
     assert load_encoder(out)[1].config["batch_size"] == 128, "the encoder file records it too"
@@ -86,13 +87,13 @@ def test_width_and_initialisation_reach_the_engine_the_encoder_file_and_embed(sm
     monkeypatch.setattr(train, "SimCLR", build)
     out = tmp_path / "narrow"
     result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1",
-                                 "--batch-size", "32", "--width", "0.25", "--zero-init-residual", *FAST])
+                                 "--batch-size", "32", "--width", "0.25", "--no-zero-init-residual", *FAST])
     assert result.exit_code == 0, result.output
     backbone, info = load_encoder(out)
     assert (info.width, info.feature_dim, backbone.layer4[-1].conv2.out_channels) == (0.25, 128, 128)
     saved = json.loads((out / "config.json").read_text())
-    assert (saved["width"], saved["zero_init_residual"]) == (0.25, True)
-    assert len(initial_scales) == 1 and not initial_scales[0].any(), "each block's last BatchNorm started at 0"
+    assert (saved["width"], saved["zero_init_residual"]) == (0.25, False)
+    assert len(initial_scales) == 1 and bool((initial_scales[0] == 1).all()), "torchvision's unit scales, not 0"
     threes = small_digits_folder / "3"
     embedded = runner.invoke(app, ["embed", str(out), str(threes), str(tmp_path / "threes.npy"), "--device", "cpu",
                                    "--workers", "0"])
