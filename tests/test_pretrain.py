@@ -75,16 +75,29 @@ def test_default_batch_and_views_on_a_cpu_at_32_px_are_recorded_in_config_json(s
     assert load_encoder(out)[1].config["batch_size"] == 128, "the encoder file records it too"
 
 
-def test_width_and_initialisation_reach_the_engine_the_encoder_file_and_embed(small_digits_folder, tmp_path,
-                                                                              monkeypatch):
-    initial_scales = []
+@pytest.fixture
+def initial_scales(monkeypatch) -> list[torch.Tensor]:
+    """The first residual block's last BatchNorm scale of each model the engine builds, as it starts."""
+    scales = []
 
-    def build(*args):  # the engine's model, as it starts
+    def build(*args):
         model = SimCLR(*args)
-        initial_scales.append(model.backbone.layer1[0].bn2.weight.detach().clone())
+        scales.append(model.backbone.layer1[0].bn2.weight.detach().clone())
         return model
 
     monkeypatch.setattr(train, "SimCLR", build)
+    return scales
+
+
+def test_engine_starts_residual_blocks_as_their_shortcuts_by_default(small_digits_folder, tmp_path, initial_scales):
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(tmp_path / "run"), "--epochs",
+                                 "1", "--batch-size", "32", "--width", "0.25", *FAST])
+    assert result.exit_code == 0, result.output
+    assert len(initial_scales) == 1 and not initial_scales[0].any(), "each block's last BatchNorm started at 0"
+
+
+def test_width_and_initialisation_reach_the_engine_the_encoder_file_and_embed(small_digits_folder, tmp_path,
+                                                                              initial_scales):
     out = tmp_path / "narrow"
     result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1",
                                  "--batch-size", "32", "--width", "0.25", "--no-zero-init-residual", *FAST])
