@@ -62,19 +62,6 @@ def test_pretrain_mixed_folder_skips_broken_files_and_exports_a_torchvision_enco
     assert info.config["epochs"] == 2 and len(info.mean) == 3
 
 
-def test_default_batch_and_views_on_a_cpu_at_32_px_are_recorded_in_config_json(small_digits_folder, tmp_path):
-    out = tmp_path / "default-batch"
-    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1", *FAST])
-    assert result.exit_code == 0, result.output
-    assert "batch 128, lr 0.848528" in result.output  # 0.075 x sqrt(128)
-    saved = json.loads((out / "config.json").read_text())
-    assert saved["batch_size"] == 128
-    assert saved["zero_init_residual"], "residual blocks start as their shortcuts by default"
-    assert "crops from 60%, jitter strength 1, blur off" in result.output
-    assert (saved["augment"]["crop_min_scale"], saved["augment"]["jitter"]) == (0.6, 1.0), "decided once, kept"
-    assert load_encoder(out)[1].config["batch_size"] == 128, "the encoder file records it too"
-
-
 @pytest.fixture
 def initial_scales(monkeypatch) -> list[torch.Tensor]:
     """The first residual block's last BatchNorm scale of each model the engine builds, as it starts."""
@@ -89,11 +76,19 @@ def initial_scales(monkeypatch) -> list[torch.Tensor]:
     return scales
 
 
-def test_engine_starts_residual_blocks_as_their_shortcuts_by_default(small_digits_folder, tmp_path, initial_scales):
-    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(tmp_path / "run"), "--epochs",
-                                 "1", "--batch-size", "32", "--width", "0.25", *FAST])
+def test_default_batch_views_and_initialisation_on_a_cpu_at_32_px_are_recorded_in_config_json(
+        small_digits_folder, tmp_path, initial_scales):
+    out = tmp_path / "default-batch"
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1", *FAST])
     assert result.exit_code == 0, result.output
+    assert "batch 128, lr 0.848528" in result.output  # 0.075 x sqrt(128)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["batch_size"] == 128
+    assert saved["zero_init_residual"], "residual blocks start as their shortcuts by default"
     assert len(initial_scales) == 1 and not initial_scales[0].any(), "each block's last BatchNorm started at 0"
+    assert "crops from 60%, jitter strength 1, blur off" in result.output
+    assert (saved["augment"]["crop_min_scale"], saved["augment"]["jitter"]) == (0.6, 1.0), "decided once, kept"
+    assert load_encoder(out)[1].config["batch_size"] == 128, "the encoder file records it too"
 
 
 def test_width_and_initialisation_reach_the_engine_the_encoder_file_and_embed(small_digits_folder, tmp_path,
