@@ -123,6 +123,10 @@ def pretrain(
     warmup_epochs: Annotated[float, typer.Option(help="Linear warmup, capped at 10% of the run.")] = 10.0,
     proj_layers: Annotated[int, typer.Option(help="Projection head depth: 2 (SimCLR) or 3 (SimCLRv2).")] = 2,
     proj_dim: Annotated[int, typer.Option(help="Projection (z) dimension.")] = 128,
+    proj_out_bn: Annotated[bool, typer.Option(
+        "--proj-out-bn/--no-proj-out-bn",
+        help="BatchNorm (a learned scale, no shift) on the head's output z, as SimCLR's reference head; "
+             "--no-proj-out-bn: a plain linear output layer with a bias.")] = True,
     crop_min_scale: Annotated[Optional[float], typer.Option(
         help="Smallest crop, as a fraction of the image area. Default: 0.08; at <= 64 px 0.2, or 0.6 on a CPU.",
         show_default=False)] = None,
@@ -183,7 +187,7 @@ def pretrain(
         config = PretrainConfig(
             data_dir=str(data_dir), out_dir=str(out or default_run_dir("pretrain")), epochs=epochs,
             batch_size=batch_size, arch=arch, stem=stem, width=width, zero_init_residual=zero_init_residual,
-            proj_layers=proj_layers, proj_dim=proj_dim,
+            proj_layers=proj_layers, proj_dim=proj_dim, proj_out_bn=proj_out_bn,
             temperature=temperature, optimizer=optimizer, lr=lr, lr_scaling=lr_scaling, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, max_time=parse_duration(max_time) if max_time else None,
             devices=devices, chunk_size=chunk_size, sync_bn=sync_bn, augment_on=augment_on, cache=cache,

@@ -123,6 +123,7 @@ class PretrainConfig:
     zero_init_residual: bool = True  # each residual block starts as its shortcut (models.ResNet.initialise)
     proj_layers: int = 2
     proj_dim: int = 128
+    proj_out_bn: bool = True  # BatchNorm (scale only) on z, as google-research/simclr's head (models.ProjectionHead)
     temperature: float = 0.1
     optimizer: str = "lars"
     lr: float | None = None  # None: by lr_scaling from the batch size (resolved_lr)
@@ -229,6 +230,7 @@ class PretrainConfig:
         data.setdefault("augment_on", "per-image")  # runs started before the batched pipeline resume on theirs
         data.setdefault("lr_scaling", "linear")  # and runs from before --lr-scaling with the rule they started on
         data.setdefault("zero_init_residual", False)  # and runs from before the flag with unit BatchNorm scales
+        data.setdefault("proj_out_bn", False)  # and runs from before --proj-out-bn with a plain output layer
         # Runs saved before the views were decided at the start resume with the size defaults they began on.
         data["augment"] = AugmentConfig(**data.get("augment", {})).decided()
         data["runtime"] = RuntimeConfig(**data.get("runtime", {}))
@@ -349,23 +351,24 @@ class FinetuneConfig:
 # -- presets: the papers' recipes by name (`simclr pretrain --preset NAME`) ------------------------------
 
 # Values by `simclr pretrain` parameter name; every flag the user gives overrides its preset value. Both
-# start every residual block as its shortcut, as google-research/simclr's ResNet does (init_zero=True).
+# start every residual block as its shortcut, as google-research/simclr's ResNet does (init_zero=True),
+# and end the projection head with BatchNorm, as its `projection_head` does.
 PRESETS: dict[str, dict[str, Any]] = {
     # SimCLR (arXiv 2002.05709) section 2.3, "Default setting", the ImageNet recipe: ResNet-50, batch 4096,
     # LARS at 0.3 x batch/256 (lr None, scaling linear: 4.8 at 4096, rescaled if --batch-size changes), weight
     # decay 1e-6, temperature 0.1, 100 epochs with 10 of linear warmup, 224 px, Appendix A's views.
     "imagenet": {"arch": "resnet50", "stem": "imagenet", "image_size": 224, "batch_size": 4096, "optimizer": "lars",
                  "lr": None, "lr_scaling": "linear", "weight_decay": 1e-6, "temperature": 0.1, "epochs": 100,
-                 "warmup_epochs": 10.0, "proj_layers": 2, "zero_init_residual": True, "crop_min_scale": 0.08,
-                 "jitter": 1.0, "blur": True},
+                 "warmup_epochs": 10.0, "proj_layers": 2, "proj_out_bn": True, "zero_init_residual": True,
+                 "crop_min_scale": 0.08, "jitter": 1.0, "blur": True},
     # SimCLR Appendix B.9, CIFAR-10: ResNet-50 with a 3x3 stride-1 first convolution and no max-pool,
     # 32 px, colour jitter 0.5 and no blur, batch 1024, LARS at lr 1.0 (the middle of the 0.5/1.0/1.5
     # the appendix sweeps), temperature 0.5, weight decay 1e-6; 1000 epochs and lr 1.0, temperature 0.5
     # as in google-research/simclr's published CIFAR-10 command.
     "cifar": {"arch": "resnet50", "stem": "cifar", "image_size": 32, "batch_size": 1024, "optimizer": "lars",
               "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-6, "temperature": 0.5, "epochs": 1000,
-              "warmup_epochs": 10.0, "proj_layers": 2, "zero_init_residual": True, "crop_min_scale": 0.08,
-              "jitter": 0.5, "blur": False},
+              "warmup_epochs": 10.0, "proj_layers": 2, "proj_out_bn": True, "zero_init_residual": True,
+              "crop_min_scale": 0.08, "jitter": 0.5, "blur": False},
 }
 
 

@@ -165,9 +165,14 @@ class ProjectionHead(nn.Module):
     SimCLR (arXiv 2002.05709, section 4.2) uses two layers with a ReLU: the loss may then throw away
     information (colour, orientation) that the representation h keeps. SimCLRv2 (arXiv 2006.10029)
     uses three layers and fine-tunes from the first. Hidden layers are Linear-BN-ReLU.
+
+    out_bn: the last layer is Linear-BN with a learned scale and no shift (the bias stays 0), as in
+    google-research/simclr's `projection_head` (`use_bn=True`, `center=False` on the final layer);
+    otherwise a plain Linear with a bias.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int | None = None, out_dim: int = 128, layers: int = 2):
+    def __init__(self, in_dim: int, hidden_dim: int | None = None, out_dim: int = 128, layers: int = 2,
+                 out_bn: bool = False):
         super().__init__()
         hidden_dim = hidden_dim or in_dim
         blocks: list[nn.Module] = []
@@ -175,7 +180,12 @@ class ProjectionHead(nn.Module):
         for _ in range(layers - 1):
             blocks += [nn.Linear(width, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
             width = hidden_dim
-        blocks.append(nn.Linear(width, out_dim))
+        if out_bn:
+            norm = nn.BatchNorm1d(out_dim)
+            norm.bias.requires_grad_(False)  # scale only
+            blocks += [nn.Linear(width, out_dim, bias=False), norm]
+        else:
+            blocks.append(nn.Linear(width, out_dim))
         self.layers = nn.Sequential(*blocks)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -186,10 +196,10 @@ class SimCLR(nn.Module):
     """f then g; `forward` gives the projections z of a batch of images."""
 
     def __init__(self, arch: str, stem: str, proj_layers: int = 2, proj_dim: int = 128, width: float = 1.0,
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False, proj_out_bn: bool = False):
         super().__init__()
         self.backbone = build_backbone(arch, stem, width=width, zero_init_residual=zero_init_residual)
-        self.head = ProjectionHead(self.backbone.feature_dim, out_dim=proj_dim, layers=proj_layers)
+        self.head = ProjectionHead(self.backbone.feature_dim, out_dim=proj_dim, layers=proj_layers, out_bn=proj_out_bn)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))

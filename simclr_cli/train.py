@@ -106,7 +106,7 @@ class PretrainRun:
                                       if config.stem == "imagenet" and self.device.type == "cpu" else ""))
 
         self.model = SimCLR(config.arch, config.stem, config.proj_layers, config.proj_dim, config.width,
-                            config.zero_init_residual)
+                            config.zero_init_residual, config.proj_out_bn)
         self.sync_bn = distributed.use_sync_bn(config.sync_bn, self.device)
         if self.sync_bn:
             self.model = distributed.convert_sync_bn(self.model)
@@ -364,6 +364,7 @@ class PretrainRun:
             return path
         save_encoder(path, self.model.backbone, info)
         head_meta = {"format": "simclr-head", "layers": str(self.config.proj_layers),
+                     "out_bn": str(self.config.proj_out_bn).lower(),
                      "out_dim": str(self.config.proj_dim), "in_dim": str(info.feature_dim)}
         save_tensors(self.run_dir / HEAD_FILE, self.model.head.state_dict(), head_meta)
         return path

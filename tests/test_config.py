@@ -73,6 +73,15 @@ def test_residual_blocks_start_as_shortcuts_by_default_and_old_runs_resume_witho
     assert not PretrainConfig.from_json(saved).zero_init_residual
 
 
+def test_the_head_ends_with_batchnorm_by_default_and_old_runs_resume_without():
+    config = PretrainConfig(data_dir=".", out_dir="x")
+    assert config.proj_out_bn
+    saved = config.to_json()
+    assert PretrainConfig.from_json(saved).proj_out_bn
+    del saved["proj_out_bn"]  # a config.json written before the flag existed
+    assert not PretrainConfig.from_json(saved).proj_out_bn
+
+
 def test_finetune_crops_are_gentler_for_small_images():
     from simclr_cli.config import FinetuneConfig, LabelledDataConfig
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torchvision
 
+from simclr_cli.loss import nt_xent
 from simclr_cli.models import BACKBONES, ProjectionHead, SimCLR, build_backbone
+from simclr_cli.optim import build_optimizer
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 
@@ -91,3 +93,30 @@ def test_projection_head_depth(layers):
     assert len(linears) == layers and len(norms) == layers - 1 and len(relus) == layers - 1
     assert linears[-1].out_features == 128
     assert head(torch.randn(4, 512)).shape == (4, 128)
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_projection_output_batchnorm_learns_a_scale_and_no_shift_as_the_reference_head(layers):
+    """google-research/simclr's last head layer: a Dense layer without bias, then BatchNorm with
+    center=False. Checked against that formula written out, then through LARS steps of NT-Xent."""
+    torch.manual_seed(0)
+    head = ProjectionHead(16, out_dim=8, layers=layers, out_bn=True).train()
+    *hidden, linear, norm = head.layers
+    assert linear.bias is None and isinstance(norm, torch.nn.BatchNorm1d)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+    x = torch.randn(32, 16)
+    pre = torch.nn.Sequential(*hidden)(x) @ linear.weight.T  # (32, 8)
+    expected = (pre - pre.mean(0)) / torch.sqrt(pre.var(0, unbiased=False) + norm.eps) * norm.weight
+    torch.testing.assert_close(head(x), expected)
+
+    scale = norm.weight.detach().clone()
+    optimizer = build_optimizer("lars", head, 0.5, 1e-6)
+    for _ in range(3):
+        z = head(x[:16].repeat(2, 1) + 0.1 * torch.randn_like(x))  # two noisy views of 16 inputs
+        loss = nt_xent(z[:16], z[16:], 0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert not torch.equal(norm.weight, scale), "the scale learns"
+    assert not norm.bias.any(), "the shift stays 0"

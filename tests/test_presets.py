@@ -29,6 +29,7 @@ def test_imagenet_preset_is_the_papers_default_setting():
     assert config.temperature == 0.1 and config.resolved_weight_decay == 1e-6
     assert config.augment.jitter_strength == 1.0 and config.augment.use_blur
     assert config.zero_init_residual, "google-research/simclr's ResNet zeroes each block's last BatchNorm"
+    assert config.proj_out_bn, "and its projection head ends with BatchNorm"
 
 
 def test_cifar_preset_is_appendix_b9():
@@ -59,18 +60,21 @@ def test_cli_preset_with_flags_that_override_it(monkeypatch, tmp_path, small_dig
                               "--batch-size", "256", "--lr", "0.5", "--arch", "resnet18")
     assert (config.epochs, config.batch_size, config.lr, config.arch) == (100, 256, 0.5, "resnet18")
     assert (config.temperature, config.augment.image_size, config.resolved_stem("cpu")) == (0.5, 32, "cifar")
-    assert config.zero_init_residual
+    assert config.zero_init_residual and config.proj_out_bn
     config = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--preset", "cifar",
-                              "--no-zero-init-residual")
+                              "--no-zero-init-residual", "--no-proj-out-bn")
     assert not config.zero_init_residual, "--no-zero-init-residual beats the preset"
+    assert not config.proj_out_bn, "--no-proj-out-bn beats the preset"
 
 
 def test_cli_without_preset_keeps_the_defaults(monkeypatch, tmp_path, small_digits_folder):
     config = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--image-size", "32")
     assert (config.arch, config.temperature, config.epochs) == ("resnet18", 0.1, 100)
     assert config.zero_init_residual, "on by default, as in SimCLR's reference ResNet"
-    unit_scales = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--no-zero-init-residual")
-    assert not unit_scales.zero_init_residual
+    assert config.proj_out_bn, "on by default, as in SimCLR's reference head"
+    unit_scales = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--no-zero-init-residual",
+                                   "--no-proj-out-bn")
+    assert not unit_scales.zero_init_residual and not unit_scales.proj_out_bn
     assert config.batch_size is None, "left to the engine, which knows the device"
     assert (config.resolved_batch_size("cpu"), config.resolved_batch_size("cuda")) == (128, 256)
 

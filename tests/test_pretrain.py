@@ -86,6 +86,9 @@ def test_default_batch_views_and_initialisation_on_a_cpu_at_32_px_are_recorded_i
     assert saved["batch_size"] == 128
     assert saved["zero_init_residual"], "residual blocks start as their shortcuts by default"
     assert len(initial_scales) == 1 and not initial_scales[0].any(), "each block's last BatchNorm started at 0"
+    assert saved["proj_out_bn"], "the head ends with BatchNorm by default"
+    head = load_file(str(out / "head.safetensors"))
+    assert "layers.3.bias" not in head and not head["layers.4.bias"].any(), "a scale and no shift, after training"
     assert "crops from 60%, jitter strength 1, blur off" in result.output
     assert (saved["augment"]["crop_min_scale"], saved["augment"]["jitter"]) == (0.6, 1.0), "decided once, kept"
     assert load_encoder(out)[1].config["batch_size"] == 128, "the encoder file records it too"
@@ -95,12 +98,14 @@ def test_width_and_initialisation_reach_the_engine_the_encoder_file_and_embed(sm
                                                                               initial_scales):
     out = tmp_path / "narrow"
     result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1",
-                                 "--batch-size", "32", "--width", "0.25", "--no-zero-init-residual", *FAST])
+                                 "--batch-size", "32", "--width", "0.25", "--no-zero-init-residual",
+                                 "--no-proj-out-bn", *FAST])
     assert result.exit_code == 0, result.output
     backbone, info = load_encoder(out)
     assert (info.width, info.feature_dim, backbone.layer4[-1].conv2.out_channels) == (0.25, 128, 128)
     saved = json.loads((out / "config.json").read_text())
-    assert (saved["width"], saved["zero_init_residual"]) == (0.25, False)
+    assert (saved["width"], saved["zero_init_residual"], saved["proj_out_bn"]) == (0.25, False, False)
+    assert "layers.3.bias" in load_file(str(out / "head.safetensors")), "a plain linear output layer"
     assert len(initial_scales) == 1 and bool((initial_scales[0] == 1).all()), "torchvision's unit scales, not 0"
     threes = small_digits_folder / "3"
     embedded = runner.invoke(app, ["embed", str(out), str(threes), str(tmp_path / "threes.npy"), "--device", "cpu",
