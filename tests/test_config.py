@@ -64,22 +64,16 @@ def test_small_images_on_a_cpu_crop_from_60_percent_with_full_jitter_and_old_run
     assert views(PretrainConfig.from_json(saved), "cpu") == (0.2, 0.5, False)
 
 
-def test_residual_blocks_start_as_shortcuts_by_default_and_old_runs_resume_without():
+@pytest.mark.parametrize("field", ["zero_init_residual", "proj_out_bn"])
+def test_reference_model_choices_are_on_by_default_and_old_runs_resume_without(field):
+    """Residual blocks starting as their shortcuts, and the head's last BatchNorm: on in new runs; a
+    config.json written before the flag existed resumes as its run started, without."""
     config = PretrainConfig(data_dir=".", out_dir="x")
-    assert config.zero_init_residual
+    assert getattr(config, field)
     saved = config.to_json()
-    assert PretrainConfig.from_json(saved).zero_init_residual
-    del saved["zero_init_residual"]  # a config.json written before the flag existed
-    assert not PretrainConfig.from_json(saved).zero_init_residual
-
-
-def test_the_head_ends_with_batchnorm_by_default_and_old_runs_resume_without():
-    config = PretrainConfig(data_dir=".", out_dir="x")
-    assert config.proj_out_bn
-    saved = config.to_json()
-    assert PretrainConfig.from_json(saved).proj_out_bn
-    del saved["proj_out_bn"]  # a config.json written before the flag existed
-    assert not PretrainConfig.from_json(saved).proj_out_bn
+    assert getattr(PretrainConfig.from_json(saved), field)
+    del saved[field]
+    assert not getattr(PretrainConfig.from_json(saved), field)
 
 
 def test_finetune_crops_are_gentler_for_small_images():
