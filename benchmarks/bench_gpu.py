@@ -53,7 +53,8 @@ def model_alone(arch: str, batch: int, size: int, steps: int, compile_model: boo
 
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
-    model = SimCLR(arch, "imagenet", 2, 128).to(device, memory_format=torch.channels_last).train()
+    model = SimCLR(arch, "imagenet", 2, 128, zero_init_residual=True, proj_out_bn=True)  # pretrain's defaults
+    model = model.to(device, memory_format=torch.channels_last).train()
     optimizer = build_optimizer("lars", model, 0.3 * batch / 256, 1e-6)
     step_model = torch.compile(model) if compile_model else model
     views = torch.randn(2 * batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
