@@ -72,9 +72,9 @@ def test_cli_without_preset_keeps_the_defaults(monkeypatch, tmp_path, small_digi
     assert (config.arch, config.temperature, config.epochs) == ("resnet18", 0.1, 100)
     assert config.zero_init_residual, "on by default, as in SimCLR's reference ResNet"
     assert config.proj_out_bn, "on by default, as in SimCLR's reference head"
-    unit_scales = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--no-zero-init-residual",
-                                   "--no-proj-out-bn")
-    assert not unit_scales.zero_init_residual and not unit_scales.proj_out_bn
+    without = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--no-zero-init-residual",
+                               "--no-proj-out-bn")
+    assert not without.zero_init_residual and not without.proj_out_bn
     assert config.batch_size is None, "left to the engine, which knows the device"
     assert (config.resolved_batch_size("cpu"), config.resolved_batch_size("cuda")) == (128, 256)
 
