@@ -293,7 +293,7 @@ def main() -> None:
                                                         "baseline: 30s, 10m, 1h (default 10m)")
     parser.add_argument("--subset", type=int, default=None,
                         help="use only the first N train images (and N/6 test images, at least 1,000): quick checks")
-    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--arch", default=None, help="encoder (default: simclr pretrain's, resnet50)")
     parser.add_argument("--stem", default="auto", help="auto (simclr's default), imagenet or cifar")
     parser.add_argument("--image-size", type=int, default=48,
                         help="training resolution (default 48: the 28 px images upsampled; see the README)")
@@ -350,9 +350,10 @@ def main() -> None:
     if args.simclr_run is None:
         simclr_dir = out / "simclr"
         # pretrain's own --epochs (100) stays: the budget ends the run first, and warmup stays 10% of it.
-        simclr("pretrain", str(data["train"]), "--out", str(simclr_dir), "--max-time", args.budget, "--arch",
-               args.arch, "--stem", args.stem, "--image-size", str(args.image_size), "--device", "cpu", "--seed",
-               str(args.seed), *(["--batch-size", str(args.batch_size)] if args.batch_size else []), *monitor,
+        simclr("pretrain", str(data["train"]), "--out", str(simclr_dir), "--max-time", args.budget,
+               *(["--arch", args.arch] if args.arch else []), "--stem", args.stem, "--image-size",
+               str(args.image_size), "--device", "cpu", "--seed", str(args.seed),
+               *(["--batch-size", str(args.batch_size)] if args.batch_size else []), *monitor,
                *workers, *shlex.split(args.pretrain_args))
     else:
         simclr_dir = args.simclr_run

@@ -144,7 +144,8 @@ def tiny_encoder(tmp_path_factory, small_digits_folder) -> Path:
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     config = PretrainConfig(data_dir=str(small_digits_folder), out_dir=str(run_dir), epochs=2, batch_size=64,
-                            stem="imagenet", zero_init_residual=False, augment=AugmentConfig(image_size=32),
+                            arch="resnet18", stem="imagenet", zero_init_residual=False,
+                            augment=AugmentConfig(image_size=32),
                             runtime=RuntimeConfig(device="cpu", workers=0, seed=0))
     pretrain(config)
     return run_dir

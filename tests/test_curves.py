@@ -16,7 +16,7 @@ from simclr_cli.features import compute_features
 from simclr_cli.runtime import resolve_precision
 
 runner = CliRunner()
-FAST = ["--image-size", "32", "--stem", "imagenet", "--workers", "0", "--device", "cpu"]
+FAST = ["--image-size", "32", "--stem", "imagenet", "--workers", "0", "--device", "cpu", "--arch", "resnet18"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -155,8 +155,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_pretrain_on_two_cpu_processes_exports_an_encoder(tiny_folder, tmp_path):
     run_dir = tmp_path / "run"
     result = runner.invoke(app, ["pretrain", str(tiny_folder), "--devices", "2", "--device", "cpu", "--out",
-                                 str(run_dir), "--image-size", "32", "--stem", "imagenet", "--epochs", "1",
-                                 "--batch-size", "8", "--chunk-size", "3", "--workers", "0", "--quiet"])
+                                 str(run_dir), "--image-size", "32", "--stem", "imagenet", "--epochs", "1", "--arch",
+                                 "resnet18", "--batch-size", "8", "--chunk-size", "3", "--workers", "0", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "encoder saved to" in result.output
     backbone, info = load_encoder(run_dir, "cpu")
@@ -177,7 +177,7 @@ def test_a_run_resumes_on_another_number_of_processes(tiny_folder, tmp_path):
 
     run_dir = tmp_path / "run"
     config = PretrainConfig(data_dir=str(tiny_folder), out_dir=str(run_dir), epochs=1, batch_size=8,
-                            stem="imagenet", augment=AugmentConfig(image_size=32),
+                            arch="resnet18", stem="imagenet", augment=AugmentConfig(image_size=32),
                             runtime=RuntimeConfig(device="cpu", workers=0, seed=0))
     first = pretrain(config, stop_after_first_step)
     assert first.interrupted and first.state.step == 1

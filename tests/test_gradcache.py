@@ -137,7 +137,8 @@ def test_pretrain_with_chunks_runs_and_exports(tmp_path, small_digits_folder):
     for path in sorted(small_digits_folder.rglob("*.png"))[:20]:
         shutil.copy(path, images / f"{path.parent.name}_{path.name}")
     config = PretrainConfig(data_dir=str(images), out_dir=str(tmp_path / "run"), epochs=1,
-                            batch_size=10, chunk_size=3, stem="imagenet", augment=AugmentConfig(image_size=32),
+                            batch_size=10, chunk_size=3, arch="resnet18", stem="imagenet",
+                            augment=AugmentConfig(image_size=32),
                             runtime=RuntimeConfig(device="cpu", workers=0, seed=0))
     result = pretrain(config)
     assert result.state.step == 2 and result.final_loss is not None

@@ -69,7 +69,7 @@ def test_cli_preset_with_flags_that_override_it(monkeypatch, tmp_path, small_dig
 
 def test_cli_without_preset_keeps_the_defaults(monkeypatch, tmp_path, small_digits_folder):
     config = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--image-size", "32")
-    assert (config.arch, config.temperature, config.epochs) == ("resnet18", 0.1, 100)
+    assert (config.arch, config.temperature, config.epochs) == ("resnet50", 0.1, 100)
     assert config.zero_init_residual, "on by default, as in SimCLR's reference ResNet"
     assert config.proj_out_bn, "on by default, as in SimCLR's reference head"
     without = _config_from_cli(monkeypatch, tmp_path, small_digits_folder, "--no-zero-init-residual",

@@ -23,7 +23,8 @@ from simclr_cli.models import SimCLR
 from simclr_cli.train import pretrain, resume_pretrain
 
 runner = CliRunner()
-FAST = ["--image-size", "32", "--stem", "imagenet", "--workers", "0", "--device", "cpu"]
+CPU = ["--image-size", "32", "--stem", "imagenet", "--workers", "0", "--device", "cpu"]
+FAST = [*CPU, "--arch", "resnet18"]  # a smaller encoder than the default, for speed
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -69,21 +70,24 @@ def initial_scales(monkeypatch) -> list[torch.Tensor]:
 
     def build(*args):
         model = SimCLR(*args)
-        scales.append(model.backbone.layer1[0].bn2.weight.detach().clone())
+        block = model.backbone.layer1[0]
+        last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2  # bottleneck or basic block
+        scales.append(last_bn.weight.detach().clone())
         return model
 
     monkeypatch.setattr(train, "SimCLR", build)
     return scales
 
 
-def test_default_batch_views_and_initialisation_on_a_cpu_at_32_px_are_recorded_in_config_json(
+def test_default_arch_batch_views_and_initialisation_on_a_cpu_at_32_px_are_recorded_in_config_json(
         small_digits_folder, tmp_path, initial_scales):
     out = tmp_path / "default-batch"
-    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1", *FAST])
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1", *CPU])
     assert result.exit_code == 0, result.output
     assert "batch 128, lr 0.848528" in result.output  # 0.075 x sqrt(128)
     saved = json.loads((out / "config.json").read_text())
     assert saved["batch_size"] == 128
+    assert saved["arch"] == "resnet50", "SimCLR's encoder, the best measured at every CPU budget (README, Quality)"
     assert saved["zero_init_residual"], "residual blocks start as their shortcuts by default"
     assert len(initial_scales) == 1 and not initial_scales[0].any(), "each block's last BatchNorm started at 0"
     assert saved["proj_out_bn"], "the head ends with BatchNorm by default"
@@ -91,7 +95,8 @@ def test_default_batch_views_and_initialisation_on_a_cpu_at_32_px_are_recorded_i
     assert "layers.3.bias" not in head and not head["layers.4.bias"].any(), "a scale and no shift, after training"
     assert "crops from 60%, jitter strength 1, blur off" in result.output
     assert (saved["augment"]["crop_min_scale"], saved["augment"]["jitter"]) == (0.6, 1.0), "decided once, kept"
-    assert load_encoder(out)[1].config["batch_size"] == 128, "the encoder file records it too"
+    info = load_encoder(out)[1]
+    assert (info.arch, info.feature_dim, info.config["batch_size"]) == ("resnet50", 2048, 128), "the file records them"
 
 
 def test_width_and_initialisation_reach_the_engine_the_encoder_file_and_embed(small_digits_folder, tmp_path,
@@ -115,7 +120,8 @@ def test_width_and_initialisation_reach_the_engine_the_encoder_file_and_embed(sm
 
 
 def _config(data, out, workers=0, epochs=2):
-    return PretrainConfig(data_dir=str(data), out_dir=str(out), epochs=epochs, batch_size=32, stem="imagenet",
+    return PretrainConfig(data_dir=str(data), out_dir=str(out), epochs=epochs, batch_size=32, arch="resnet18",
+                          stem="imagenet",
                           augment=AugmentConfig(image_size=32), runtime=RuntimeConfig(device="cpu",
                                                                                        workers=workers, seed=3))
 
