@@ -132,8 +132,7 @@ def test_not_enough_disk_space_is_a_clear_error(tmp_path, monkeypatch):
 def _config(data, out, **changes):
     runtime = RuntimeConfig(device="cpu", workers=changes.pop("workers", 0), seed=3)
     return PretrainConfig(data_dir=str(data), out_dir=str(out), epochs=2, batch_size=16, arch="resnet18",
-                          stem="imagenet",
-                          augment=AugmentConfig(image_size=32), runtime=runtime, **changes)
+                          stem="imagenet", augment=AugmentConfig(image_size=32), runtime=runtime, **changes)
 
 
 def _losses(run: Path) -> list[float]:
