@@ -47,13 +47,16 @@ def write_imagenet_sized(folder: Path, count: int) -> None:
 
 def model_alone(arch: str, batch: int, size: int, steps: int, compile_model: bool) -> float:
     """Images/s of forward, NT-Xent, backward and LARS on random views in GPU memory."""
+    from simclr_cli.config import PretrainConfig
     from simclr_cli.loss import nt_xent
     from simclr_cli.models import SimCLR
     from simclr_cli.optim import build_optimizer
 
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
-    model = SimCLR(arch, "imagenet", 2, 128, zero_init_residual=True, proj_out_bn=True)  # pretrain's defaults
+    defaults = PretrainConfig(data_dir="", out_dir="")  # pretrain's model: blocks as shortcuts, head BatchNorm
+    model = SimCLR(arch, "imagenet", defaults.proj_layers, defaults.proj_dim,
+                   zero_init_residual=defaults.zero_init_residual, proj_out_bn=defaults.proj_out_bn)
     model = model.to(device, memory_format=torch.channels_last).train()
     optimizer = build_optimizer("lars", model, 0.3 * batch / 256, 1e-6)
     step_model = torch.compile(model) if compile_model else model
