@@ -7,11 +7,13 @@ of --repeats, one query:
   numpy      the plain way: `scores = rows @ query`, then argpartition and a sort of the top k
 and prints the ratios. With --end-to-end it also times the whole command, `simclr similar QUERY --index
 BIG.npy` in a fresh process (start-up, model load and hash check, manifest, query embedding, search,
-output) on the largest index, with a resnet18 encoder at --image-size: one first run, reported apart,
-then best and worst of --repeats.
+output) on the largest index, with an untrained --arch encoder (resnet18 by default; resnet50 is
+pretrain's default, with --dim 2048) at --image-size: one first run, reported apart, then best and
+worst of --repeats.
 
     .venv/bin/python benchmarks/bench_similar.py                       # 100k rows, float16 and float32
     .venv/bin/python benchmarks/bench_similar.py --rows 100000 1000000 --end-to-end
+    .venv/bin/python benchmarks/bench_similar.py --rows 1000000 --dim 2048 --arch resnet50 --end-to-end
 """
 
 from __future__ import annotations
@@ -69,21 +71,21 @@ def numpy_search(rows: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
     return top[np.argsort(-scores[top])]
 
 
-def make_encoder(folder: Path, image_size: int) -> tuple[Path, Path]:
-    """An untrained resnet18 encoder file and one query JPEG (the weights do not change the timing)."""
+def make_encoder(folder: Path, arch: str, image_size: int) -> tuple[Path, Path, int]:
+    """An untrained encoder file, one query JPEG (the weights do not change the timing), the encoder's width."""
     from PIL import Image
 
     from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD
     from simclr_cli.export import EncoderInfo, save_encoder
     from simclr_cli.models import build_backbone
 
-    backbone = build_backbone("resnet18", "imagenet")
-    info = EncoderInfo("resnet18", "imagenet", backbone.feature_dim, image_size, IMAGENET_MEAN, IMAGENET_STD, "bench",
+    backbone = build_backbone(arch, "imagenet")
+    info = EncoderInfo(arch, "imagenet", backbone.feature_dim, image_size, IMAGENET_MEAN, IMAGENET_STD, "bench",
                        {})
     save_encoder(folder / "encoder.safetensors", backbone, info)
     pixels = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(folder / "query.jpg", quality=90)
-    return folder / "encoder.safetensors", folder / "query.jpg"
+    return folder / "encoder.safetensors", folder / "query.jpg", backbone.feature_dim
 
 
 def main() -> None:
@@ -95,6 +97,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--end-to-end", action="store_true", help="also time `simclr similar` on the largest index")
     parser.add_argument("--image-size", type=int, default=224, help="encoder input size for --end-to-end")
+    parser.add_argument("--arch", default="resnet18", help="encoder for --end-to-end; its features must be --dim "
+                                                           "wide (512 for resnet18 and 34, 2048 for resnet50 and up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the indexes (default: a temp dir)")
     args = parser.parse_args()
@@ -108,7 +112,9 @@ def main() -> None:
           f"{'simclr/floor':>13} {'numpy/simclr':>13}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
-        model, query_image = make_encoder(folder, args.image_size)
+        model, query_image, width = make_encoder(folder, args.arch, args.image_size)
+        if args.end_to_end and width != args.dim:
+            sys.exit(f"error: --arch {args.arch} gives {width}-d features, not --dim {args.dim}; pass --dim {width}")
         query = np.random.default_rng(1).standard_normal(args.dim).astype(np.float32)
         query /= np.linalg.norm(query)
         largest = None
@@ -146,7 +152,7 @@ def main() -> None:
             walls = [wall() for _ in range(args.repeats)]
             startup = best_of(args.repeats, lambda: subprocess.run([str(simclr), "--version"], check=True,
                                                                    capture_output=True, env=env))
-            print(f"end to end: `simclr similar` on {largest.name} ({args.image_size} px resnet18), {args.repeats} "
+            print(f"end to end: `simclr similar` on {largest.name} ({args.image_size} px {args.arch}), {args.repeats} "
                   f"runs: best {min(walls):.2f} s, worst {max(walls):.2f} s (target < 3 s); the first run before "
                   f"them {first:.2f} s; `simclr --version` alone {startup:.2f} s")
 
