@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +234,39 @@ def test_user_errors_exit_1_with_a_message(indexes, photos, tmp_path):
         assert result.exit_code == 1, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
         assert "Traceback" not in result.output
+
+
+# Run as the `simclr` script runs: an atexit handler that prints without flushing, and an object whose
+# __del__ only runs in the interpreter's teardown.
+QUICK_EXIT_SCRIPT = """
+import atexit, sys
+from simclr_cli.cli import main
+
+class Teardown:
+    def __del__(self):
+        print("teardown ran", file=sys.stderr, flush=True)
+
+keep = Teardown()
+atexit.register(lambda: sys.stderr.write("atexit ran\\n"))
+sys.argv = ["simclr", *sys.argv[1:]]
+main()
+"""
+
+
+def test_similar_exits_without_the_interpreter_teardown(indexes, photos):
+    """`simclr similar` skips Python's teardown (about 1 s once PyTorch is imported), yet keeps its exit
+    code, its output and the atexit handlers; other commands exit as usual."""
+    def run(*args: str | Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", QUICK_EXIT_SCRIPT, *map(str, args)], capture_output=True,
+                              text=True, timeout=300)
+
+    found = run("similar", photos / ORIGINALS[0], "--index", indexes["float32"], "-k", "2", "--json")
+    assert found.returncode == 0, found.stderr
+    assert Path(json.loads(found.stdout)["results"][0]["hits"][0]["path"]) == (photos / ORIGINALS[0]).absolute()
+    assert "atexit ran" in found.stderr and "teardown ran" not in found.stderr
+    failed = run("similar", photos / "missing.png", "--index", indexes["float32"])
+    assert failed.returncode == 1 and "missing.png: no such file or folder" in failed.stderr
+    assert "atexit ran" in failed.stderr and "teardown ran" not in failed.stderr
+    version = run("--version")
+    assert version.returncode == 0 and "simclr" in version.stdout
+    assert "atexit ran" in version.stderr and "teardown ran" in version.stderr
