@@ -544,7 +544,7 @@ def main() -> None:
 
 
 # `simclr similar` sets this: it leaves nothing open, and Python's own teardown of a process that imported
-# PyTorch (freeing every module, running C++ destructors) takes 1-1.3 s, half a search's latency.
+# PyTorch (freeing every module, running C++ destructors) took 1-1.3 s on a 2-core CPU, a quarter of the command.
 _exit_quickly = False
 
 
