@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -15,7 +16,7 @@ from simclr_cli import __version__
 from simclr_cli.config import (ARCHITECTURES, OPTIMIZERS, PRECISIONS, PRESETS, STEMS, AugmentConfig, PretrainConfig,
                                RuntimeConfig, apply_preset, default_run_dir, parse_duration)
 from simclr_cli.errors import SimclrError
-from simclr_cli.progress import Reporter, console, err_console
+from simclr_cli.progress import Reporter, console, err_console, labelled
 
 
 # Typer 0.29 vendors click, older releases use click itself: find click's UsageError through typer.
@@ -31,7 +32,7 @@ class _Group(TyperGroup):
                                   standalone_mode=False, **extra)
         except _UsageError as error:
             command = error.ctx.command_path if error.ctx else "simclr"
-            err_console.print(f"[red]error:[/] {error.format_message()} (see `{command} --help`)", soft_wrap=True)
+            err_console.print(labelled("error:", "red", f"{error.format_message()} (see `{command} --help`)"))
             sys.exit(1)
         except typer.Abort:
             err_console.print("aborted")
@@ -54,7 +55,7 @@ def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except SimclrError as error:
-            err_console.print(f"[red]error:[/] {error}", soft_wrap=True)
+            err_console.print(labelled("error:", "red", str(error)))
             raise typer.Exit(1) from None
 
     return wrapper
@@ -215,7 +216,7 @@ def pretrain(
         return
     if result.interrupted:
         err_console.print(f"interrupted after step {result.state.step}; checkpoint saved. Continue with: "
-                          f"simclr pretrain --resume {result.run_dir}")
+                          f"simclr pretrain --resume {shlex.quote(str(result.run_dir))}")
         raise typer.Exit(130)
     if result.skipped:
         err_console.print(f"{len(result.skipped)} unreadable file(s) skipped; listed in "
@@ -391,7 +392,7 @@ def finetune(
             result = run_finetune(config, reporter)
     if result.interrupted:
         err_console.print(f"interrupted at epoch {result.state.epoch + 1}; checkpoint saved. Continue with: "
-                          f"simclr finetune --resume {result.run_dir}")
+                          f"simclr finetune --resume {shlex.quote(str(result.run_dir))}")
         raise typer.Exit(130)
     if as_json:
         typer.echo(json.dumps({**result.results, "out": str(result.run_dir)}, indent=2))
@@ -512,9 +513,9 @@ def similar(
     if grid is not None:
         check_grid_path(grid)
     result = search(query, index, top_k, exclude_self, device)
-    err_console.print(f"index {result.index} ({result.size:,} images), from {result.source}", soft_wrap=True)
+    err_console.print(f"index {result.index} ({result.size:,} images), from {result.source}")
     for item in result.skipped:
-        err_console.print(f"[yellow]warning:[/] skipped query {item.path}: {item.reason}", soft_wrap=True)
+        err_console.print(labelled("warning:", "yellow", f"skipped query {item.path}: {item.reason}"))
     if as_json:
         typer.echo(json.dumps({"index": str(result.index), "results": [
             {"query": q, "hits": [vars(hit) for hit in hits]} for q, hits in zip(result.queries, result.hits)]},

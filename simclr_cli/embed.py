@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import shlex
 import shutil
 import threading
 import time
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from numpy.lib import format as npy_format
 
 from simclr_cli import __version__
+from simclr_cli.config import PRECISIONS
 from simclr_cli.data import Skipped, require_images, scan_images
 from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.export import EncoderInfo, load_encoder, read_json, read_metadata, resolve_model_path, write_json
@@ -72,6 +74,8 @@ class EmbedConfig:
             raise ConfigError(f"--workers {self.workers} must be 0 (load in the main process) or more")
         if self.devices < 1:
             raise ConfigError(f"--devices {self.devices} must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if Path(self.out).suffix != ".npy":
             raise ConfigError(f"OUT {self.out}: the index must end in .npy (its manifest goes beside it as .json)")
         if self.resume and self.overwrite:
@@ -79,11 +83,13 @@ class EmbedConfig:
         return self
 
     def resume_command(self) -> str:
-        """The command that continues this embed if it stops."""
-        flags = ((f" --dtype {self.dtype}" if self.dtype != "float32" else "")
-                 + ("" if self.normalize else " --no-normalize")
-                 + (f" --devices {self.devices}" if self.devices > 1 else ""))
-        return f"simclr embed {self.model} {self.images} {self.out}{flags} --resume"
+        """The command that continues this embed if it stops (a shell command line)."""
+        flags = ((["--dtype", self.dtype] if self.dtype != "float32" else [])
+                 + ([] if self.normalize else ["--no-normalize"])
+                 + (["--devices", str(self.devices)] if self.devices > 1 else [])
+                 + (["--device", self.device] if self.device != "auto" else [])
+                 + (["--precision", self.precision] if self.precision != "auto" else []))
+        return shlex.join(["simclr", "embed", self.model, self.images, self.out, *flags, "--resume"])
 
 
 @dataclass
@@ -197,10 +203,10 @@ def _start(config: EmbedConfig, model_path: Path, sha256: str, info: EncoderInfo
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     plan = {
-        "images": str(Path(config.images).absolute()), "model": str(model_path.absolute()), "model_sha256": sha256,
+        "images": os.path.abspath(config.images), "model": str(model_path.absolute()), "model_sha256": sha256,
         "dtype": config.dtype, "normalize": config.normalize, "dim": info.feature_dim, "precision": precision,
-        "paths": [str(p.absolute()) for p in scan.paths],
-        "skipped": [Skipped(str(Path(s.path).absolute()), s.reason).to_json() for s in scan.skipped],
+        "paths": [os.path.abspath(p) for p in scan.paths],  # absolute and normalised, as `similar` looks them up
+        "skipped": [Skipped(os.path.abspath(s.path), s.reason).to_json() for s in scan.skipped],
     }
     npy_format.open_memmap(work / "rows.npy", mode="w+", dtype=config.dtype,
                            shape=(len(scan.paths), info.feature_dim)).flush()
@@ -218,7 +224,7 @@ def _load_plan(config: EmbedConfig, sha256: str, precision: str) -> dict[str, An
     if plan["model_sha256"] != sha256:
         raise ModelFileError(f"{config.model}: not the model the interrupted embed used ({plan['model']}, "
                              f"SHA-256 differs); resume with that model, or --overwrite to start again")
-    if Path(plan["images"]) != Path(config.images).absolute():
+    if os.path.normpath(plan["images"]) != os.path.abspath(config.images):
         raise ConfigError(f"IMAGES {config.images}: the interrupted embed read {plan['images']}; resume with "
                           f"that folder, or --overwrite to start again")
     for flag, saved, given in (("--dtype", plan["dtype"], config.dtype),
@@ -320,6 +326,18 @@ def _finished_rows(work: Path, blocks: list[Block]) -> tuple[Path, int]:
     return work / "gathered.npy", int(starts[-1])
 
 
+def _rows_in(out: Path, shape: tuple[int, int], dtype: str) -> int:
+    """The number of rows of a finished embed's OUT, checked against what its plan expects."""
+    try:
+        rows = np.load(out, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        rows = None
+    if rows is None or rows.shape != shape or rows.dtype != np.dtype(dtype):
+        raise ModelFileError(f"{out}: not the rows of the interrupted embed in {work_dir(out)}; run again with "
+                             f"--overwrite")
+    return len(rows)
+
+
 def _truncate_rows(path: Path, rows: int) -> None:
     """Cut a (N, D) .npy to its first `rows` rows in place: rewrite the header, shorten the file."""
     with open(path, "rb+") as handle:
@@ -379,7 +397,9 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
     report("embed_start", total=len(paths), done=progress.done)
 
     start_time = time.monotonic()
-    if config.devices == 1:
+    if progress.done == len(paths):
+        pass  # every image done before it stopped: only the last step below is left
+    elif config.devices == 1:
         _embed_process(config, work, report, stop_after_batches, encoder)
     else:
         finished = threading.Event()
@@ -401,7 +421,12 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
 
     skipped_paths = {s.path for s in skipped}
     embedded = [p for p in paths if p not in skipped_paths]
-    rows_file, written = _finished_rows(work, end.blocks)
+    if (work / "rows.npy").is_file():
+        rows_file, written = _finished_rows(work, end.blocks)
+        manifest_path(out).unlink(missing_ok=True)  # never an old manifest beside new rows, even after a crash
+        os.replace(rows_file, out)
+    else:  # stopped after the rows went to OUT, before their manifest: they are there
+        written = _rows_in(out, (len(embedded), info.feature_dim), config.dtype)
     assert len(embedded) == written, (len(embedded), written)
     manifest = Manifest(paths=embedded, model=plan["model"], model_sha256=sha256,
                         preprocessing={"image_size": info.image_size, "mean": list(info.mean), "std": list(info.std),
@@ -409,8 +434,6 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
                         dim=info.feature_dim, dtype=config.dtype, normalized=config.normalize,
                         precision=precision.name, images=plan["images"], skipped=[s.to_json() for s in skipped],
                         simclr_version=__version__)
-    manifest_path(out).unlink(missing_ok=True)  # never an old manifest beside new rows, even after a crash
-    os.replace(rows_file, out)
     write_manifest(out, manifest)
     shutil.rmtree(work, ignore_errors=True)
     remember_index(out)

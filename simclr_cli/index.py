@@ -148,11 +148,13 @@ def top_k(rows: np.ndarray, queries: torch.Tensor, k: int, normalized: bool = Tr
     Rows are read in chunks, scored in float32 and merged into a running top-k, so memory stays at
     one chunk whatever N (plus 2 bytes a row for one or two queries against float16 rows). One query
     against float32 rows splits the rows among threads. `exclude[j]` is a row that query j must not
-    return (itself).
+    return (itself): it scores -inf, so when k reaches N it comes last, at -inf.
     """
     count, num_queries = rows.shape[0], queries.shape[0]
-    k = min(k, count - (1 if exclude and any(e is not None for e in exclude) else 0))
-    if rows.dtype == np.float16 and normalized and num_queries <= 2 and k > 0:
+    k = min(k, count)
+    if num_queries == 0 or k == 0:
+        return torch.empty((num_queries, k)), torch.empty((num_queries, k), dtype=torch.long)
+    if rows.dtype == np.float16 and normalized and num_queries <= 2:
         # torch's float16 matrix-vector product reads the rows as they are, without a float32 copy:
         # 2.3x faster than converting first. It does not batch queries, so it serves one or two.
         found = [_top_k_float16(rows, query, k, exclude[j] if exclude else None, chunk_rows or FLOAT16_CHUNK_ROWS)
@@ -248,6 +250,8 @@ def _top_k_float16(rows: np.ndarray, query: torch.Tensor, k: int, exclude: int |
     else:
         rows_found = (approx >= threshold).nonzero().flatten()  # (c,)
     exact = torch.from_numpy(np.asarray(rows[rows_found.numpy()], dtype=np.float32)) @ query  # (c,)
+    if exclude is not None:  # a candidate only when k reaches N and the threshold is -inf
+        exact[rows_found == exclude] = -float("inf")
     scores, order = exact.topk(k)
     return scores, rows_found[order]
 
@@ -280,14 +284,14 @@ def query_paths(queries: Sequence[str | Path]) -> tuple[list[str], list[Any]]:
     for query in map(Path, queries):
         if query.is_dir():
             scan = require_images(scan_images(query))
-            paths.extend(str(p.absolute()) for p in scan.paths)
+            paths.extend(os.path.abspath(p) for p in scan.paths)
             skipped.extend(scan.skipped)
         elif query.is_file():
             try:
                 load_rgb(query)
             except UnreadableImage as error:
                 raise DataError(f"QUERY {query}: {error}; pass an image file or a folder of images") from None
-            paths.append(str(query.absolute()))
+            paths.append(os.path.abspath(query))
         else:
             raise DataError(f"QUERY {query}: no such file or folder; pass an image file or a folder of images")
     return paths, skipped
@@ -313,13 +317,18 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
     features, positions, unreadable = embed_queries(manifest.model, paths, resolve_device(device),
                                                     manifest.precision or "auto")  # (M, D)
     kept = [paths[i] for i in positions]
+    if not kept:  # every query failed to decode (query_paths only opened them)
+        first = unreadable[0]
+        others = f" (and the other {len(paths) - 1} queries)" if len(paths) > 1 else ""
+        raise DataError(f"QUERY {first.path}: {first.reason}{others}; pass readable image files or folders")
     exclude = None
     if exclude_self:
-        row_of = {path: row for row, path in enumerate(manifest.paths)}
+        # Paths are stored absolute; indexes written before they were also normalised may hold "/../".
+        row_of = {(os.path.normpath(path) if "/." in path else path): row for row, path in enumerate(manifest.paths)}
         exclude = [row_of.get(path) for path in kept]
     scores, found = top_k(rows, features, k, manifest.normalized, exclude)  # (M, k), (M, k)
     hits = [[Hit(rank + 1, score, manifest.paths[row], row)
-             for rank, (score, row) in enumerate(zip(line_scores, line_rows))]
+             for rank, (score, row) in enumerate(zip(line_scores, line_rows)) if score > -float("inf")]
             for line_scores, line_rows in zip(scores.tolist(), found.tolist())]
     return SearchResult(index_path, source, len(rows), kept, hits, skipped + unreadable)
 
@@ -350,13 +359,19 @@ def contact_sheet(blocks: Sequence[tuple[str, Sequence[tuple[str, float]]]], out
             except UnreadableImage:
                 draw.rectangle((x, y, x + thumb - 1, y + thumb - 1), fill=(200, 200, 200))
             draw.text((x + 2, y + thumb + 2), label, fill=(200, 0, 0) if column == 0 else "black", font=font)
-    image_format = Image.registered_extensions()[Path(out).suffix.lower()]
-    with atomic_path(out) as tmp:
-        sheet.save(tmp, format=image_format)
+    try:
+        with atomic_path(out) as tmp:
+            sheet.save(tmp, format=GRID_FORMATS[Path(out).suffix.lower()])
+    except OSError as error:
+        raise ConfigError(f"--grid {out}: cannot write it ({error}); pass a path in a writable folder") from None
+
+
+# The formats a contact sheet can be written in (Pillow reads many more than it writes).
+GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF",
+                ".tif": "TIFF", ".tiff": "TIFF"}
 
 
 def check_grid_path(out: str | Path) -> None:
-    from PIL import Image
-
-    if Path(out).suffix.lower() not in Image.registered_extensions():
-        raise ConfigError(f"--grid {out}: unknown image type {Path(out).suffix!r}; end the name in .png or .jpg")
+    if Path(out).suffix.lower() not in GRID_FORMATS:
+        raise ConfigError(f"--grid {out}: {Path(out).suffix or 'no extension'} is not an image type simclr "
+                          f"writes; end the name in .png or .jpg")

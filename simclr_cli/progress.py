@@ -7,9 +7,16 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
+from rich.text import Text
 
-console = Console(highlight=False, soft_wrap=True)  # long paths stay on one line
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Long paths stay on one line; no markup, so that a path like "photo [edited].jpg" prints as it is.
+console = Console(highlight=False, soft_wrap=True, markup=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+
+def labelled(label: str, style: str, text: str) -> Text:
+    """`label` in `style` ("red"), then `text` exactly as it is: "error: ...", "warning: ..."."""
+    return Text.assemble((label, style), " ", text)
 
 
 def _duration(seconds: float) -> str:
@@ -56,9 +63,9 @@ class Reporter:
 
     def on_warning(self, text: str) -> None:
         if self.progress:
-            self.progress.console.print(f"[yellow]warning:[/] {text}")
+            self.progress.console.print(labelled("warning:", "yellow", text))
         else:
-            err_console.print(f"[yellow]warning:[/] {text}")
+            err_console.print(labelled("warning:", "yellow", text))
 
     def on_start(self, total_steps: int, start_step: int = 0, max_time: float | None = None, **_: Any) -> None:
         if self.quiet:

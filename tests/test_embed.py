@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -168,9 +169,49 @@ def test_share_out_gives_every_unfinished_position_to_one_process():
 def test_the_resume_command_repeats_the_flags_that_matter():
     config = EmbedConfig(model="run", images="photos", out="photos.npy")
     assert config.resume_command() == "simclr embed run photos photos.npy --resume"
-    config = EmbedConfig(model="run", images="photos", out="photos.npy", dtype="float16", normalize=False, devices=2)
-    assert config.resume_command() == ("simclr embed run photos photos.npy --dtype float16 --no-normalize --devices 2 "
-                                       "--resume")
+    config = EmbedConfig(model="run", images="my photos", out="photos.npy", dtype="float16", normalize=False,
+                         devices=2, device="cpu", precision="fp32")
+    assert config.resume_command() == ("simclr embed run 'my photos' photos.npy --dtype float16 --no-normalize "
+                                       "--devices 2 --device cpu --precision fp32 --resume")
+
+
+def test_the_printed_resume_command_resumes(tiny_encoder, mixed_folder, tmp_path):
+    """With a --precision that auto would not choose here, as the command line would print it."""
+    other_precision = "fp32" if resolve_precision("auto", torch.device("cpu")).name == "bf16" else "bf16"
+    config = EmbedConfig(model=str(tiny_encoder), images=str(mixed_folder[0]), out=str(tmp_path / "my index.npy"),
+                         batch_size=4, device="cpu", workers=0, precision=other_precision)
+    assert embed_folder(config, stop_after_batches=1).interrupted
+    command = shlex.split(config.resume_command())
+    assert command[:2] == ["simclr", "embed"]
+    result = runner.invoke(app, [*command[1:], "--workers", "0"])
+    assert result.exit_code == 0, (config.resume_command(), result.output)
+    assert json.loads((tmp_path / "my index.json").read_text())["precision"] == other_precision
+
+
+def test_an_embed_stopped_while_finishing_resumes(tiny_encoder, mixed_folder, tmp_path, monkeypatch):
+    """Stopped after its rows went to OUT but before their manifest: --resume writes the manifest, computing
+    nothing again, and the index is the one an uninterrupted embed writes."""
+    import simclr_cli.embed as embed_module
+
+    root = mixed_folder[0]
+    whole, stopped = tmp_path / "whole.npy", tmp_path / "stopped.npy"
+    assert (result := run_embed(tiny_encoder, root, whole)).exit_code == 0, result.output
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while a large manifest is written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(embed_module, "write_manifest", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            embed_folder(EmbedConfig(model=str(tiny_encoder), images=str(root), out=str(stopped), batch_size=4,
+                                     device="cpu", workers=0))
+    assert stopped.is_file() and not stopped.with_suffix(".json").exists() and work_dir(stopped).is_dir()
+    with monkeypatch.context() as patch:
+        patch.setattr(embed_module, "_embed_process", lambda *args, **kwargs: pytest.fail("embedded again"))
+        assert (result := run_embed(tiny_encoder, root, stopped, "--resume")).exit_code == 0, result.output
+    assert whole.read_bytes() == stopped.read_bytes() and not work_dir(stopped).exists()
+    manifests = [json.loads(p.with_suffix(".json").read_text()) for p in (whole, stopped)]
+    assert manifests[0] == manifests[1]
 
 
 def test_finished_rows_in_place_or_gathered(tmp_path):
@@ -257,6 +298,7 @@ def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupt
         ((tiny_encoder, folder, out, "--dtype", "int8"), "--dtype 'int8' is not one of float32, float16"),
         ((tiny_encoder, folder, out, "--batch-size", "0"), "--batch-size 0 must be at least 1"),
         ((tiny_encoder, folder, out, "--devices", "0"), "--devices 0 must be at least 1"),
+        ((tiny_encoder, folder, out, "--precision", "bf61"), "--precision 'bf61' is not one of auto, fp32"),
         ((tiny_encoder, folder, out, "--devices", "2", "--device", "cuda:1"), "--device cuda:1 with --devices 2"),
         ((tiny_encoder, folder, out, "--resume"), "no interrupted embed"),
         ((tiny_encoder, folder, out, "--resume", "--overwrite"), "use one of them"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -93,9 +94,22 @@ def test_top_k_matches_brute_force(count, dim, k, chunk_rows, normalized, num_qu
     exclude = ([None, 0, count - 1] if count > 1 else [None, None, None])[-num_queries:]
     scores, found = top_k(rows, torch.from_numpy(queries), k, normalized, exclude, chunk_rows=chunk_rows)
     assert found.tolist() == brute_force(rows, queries, scores.shape[1], exclude)
-    assert scores.shape[1] == min(k, count - (1 if count > 1 else 0))
+    assert scores.shape[1] == min(k, count)
     expected = queries @ rows.T / np.linalg.norm(rows, axis=1)  # (Q, N)
+    for j, row in enumerate(exclude):
+        if row is not None:
+            expected[j, row] = -np.inf  # last, when k reaches N
     np.testing.assert_allclose(scores.numpy(), np.take_along_axis(expected, found.numpy(), 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_query_excluding_itself_leaves_the_others_alone(dtype):
+    """k beyond the index: the query that excludes its row gets it last at -inf, the other every row."""
+    rows = np.eye(3, dtype=dtype)
+    scores, found = top_k(rows, torch.eye(3)[:2], 10, exclude=[0, None])
+    assert scores.shape == (2, 3)
+    assert found[0, 2] == 0 and scores[0, 2] == -np.inf and sorted(found[0, :2].tolist()) == [1, 2]
+    assert found[1, 0] == 1 and sorted(found[1].tolist()) == [0, 1, 2] and torch.isfinite(scores[1]).all()
 
 
 @pytest.mark.parametrize("exclude", [None, 3])
@@ -227,7 +241,8 @@ def test_user_errors_exit_1_with_a_message(indexes, photos, tmp_path):
         ([str(tmp_path / "nothing.png"), "--index", index], "no such file or folder"),
         ([str(not_an_image), "--index", index], "notes.png: unreadable"),
         ([query, "--index", index, "-k", "0"], "-k 0 must be at least 1"),
-        ([query, "--index", index, "--grid", str(tmp_path / "grid.txt")], "unknown image type"),
+        ([query, "--index", index, "--grid", str(tmp_path / "grid.txt")], ".txt is not an image type"),
+        ([query, "--index", index, "--grid", str(tmp_path / "grid.psd")], ".psd is not an image type"),
     ]
     for args, message in cases:
         result = runner.invoke(app, ["similar", *args])
@@ -270,3 +285,68 @@ def test_similar_exits_without_the_interpreter_teardown(indexes, photos):
     version = run("--version")
     assert version.returncode == 0 and "simclr" in version.stdout
     assert "atexit ran" in version.stderr and "teardown ran" in version.stderr
+
+
+def test_a_query_excluding_itself_is_found_whatever_the_spelling_of_its_path(tiny_encoder, photos, tmp_path):
+    """IMAGES given as "photos/copies/.." still names the query's row, and so does an index written before
+    paths were normalised, which stored them with the "..": --exclude-self leaves the query out."""
+    index = tmp_path / "dotdot.npy"
+    embed_folder(EmbedConfig(model=str(tiny_encoder), images=str(photos / "copies" / ".."), out=str(index),
+                             device="cpu", workers=0))
+    manifest = json.loads(index.with_suffix(".json").read_text())
+    assert str((photos / ORIGINALS[0]).absolute()) in manifest["paths"]
+    query = photos / ORIGINALS[0]
+    first = similar_json(query, "--index", index, "-k", "1", "--exclude-self")["results"][0]["hits"][0]
+    assert Path(first["path"]).name != ORIGINALS[0] and first["score"] < 0.999
+    manifest["paths"] = [path.replace(str(photos), str(photos / "copies" / "..")) for path in manifest["paths"]]
+    index.with_suffix(".json").write_text(json.dumps(manifest))
+    again = similar_json(query, "--index", index, "-k", "1", "--exclude-self")["results"][0]["hits"][0]
+    assert (again["row"], again["score"]) == (first["row"], first["score"])
+
+
+def test_an_index_of_one_row_and_exclude_self(tiny_encoder, photos, tmp_path):
+    """The query in the index gets no hit; a query not in it gets the one row."""
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(photos / ORIGINALS[0], one / "only.png")
+    embed_folder(EmbedConfig(model=str(tiny_encoder), images=str(one), out=str(tmp_path / "one.npy"), device="cpu",
+                             workers=0))
+    results = similar_json(one / "only.png", photos / ORIGINALS[1], "--index", tmp_path / "one.npy",
+                           "--exclude-self")["results"]
+    assert [len(result["hits"]) for result in results] == [0, 1]
+    assert Path(results[1]["hits"][0]["path"]).name == "only.png"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_no_readable_query_is_a_one_line_error(indexes, tmp_path, dtype):
+    """A folder whose only image opens but does not decode (a JPEG cut in half)."""
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    encoded = io.BytesIO()
+    _photo(5, size=128).save(encoded, format="JPEG", quality=95)
+    (queries / "cut.jpg").write_bytes(encoded.getvalue()[:len(encoded.getvalue()) // 2])
+    result = runner.invoke(app, ["similar", str(queries), "--index", str(indexes[dtype])])
+    assert result.exit_code == 1, result.output
+    assert "cut.jpg: unreadable" in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_paths_with_square_brackets_print_as_they_are(indexes, photos, tmp_path):
+    """Rich would read "[edited]" or "[/x]" as markup: dropped from the output, or a traceback."""
+    edited = tmp_path / "photo [edited].png"
+    shutil.copy(photos / ORIGINALS[0], edited)
+    odd = tmp_path / "odd[/x]" / "a.png"
+    odd.parent.mkdir(parents=True)  # "odd[" then "x]"
+    shutil.copy(photos / ORIGINALS[0], odd)
+    result = runner.invoke(app, ["similar", str(edited), str(odd), "--index", str(indexes["float32"]), "-k", "1"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "nearest to " + str(edited) in output and "nearest to " + str(odd) in output
+    result = runner.invoke(app, ["similar", str(tmp_path / "nothing[/x].png"), "--index", str(indexes["float32"])])
+    assert result.exit_code == 1 and str(tmp_path / "nothing[/x].png") + ": no such file" in result.output
+
+
+def test_a_grid_that_cannot_be_written_is_a_one_line_error(indexes, photos, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(indexes["float32"]),
+                                 "--grid", str(tmp_path / "file" / "grid.png")])
+    assert result.exit_code == 1 and "cannot write it" in result.output and "Traceback" not in result.output
