@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from simclr_cli.config import LinearEvalConfig
 from simclr_cli.data import Skipped
-from simclr_cli.errors import DataError
+from simclr_cli.errors import ConfigError, DataError
 from simclr_cli.export import (EncoderInfo, atomic_path, load_encoder, read_metadata, resolve_model_path,
                                save_tensors, write_json)
 from simclr_cli.features import compute_features
@@ -29,6 +29,7 @@ RESULTS_FILE = "linear_eval.json"
 LINEAR_FILE = "linear.safetensors"
 CONFUSION_FILE = "confusion_matrix.png"
 L2_GRID = tuple(10.0**exponent for exponent in range(-6, 1))  # 1e-6 ... 1, on the mean cross-entropy
+UNSEARCHED_L2 = 1e-3  # with one training image per class there is nothing to search on: the usual choice
 KNN_KS = (20, 200)
 KNN_TEMPERATURE = 0.07
 
@@ -149,10 +150,12 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
     start = None
     if l2 is None:
         kept, held = stratified_split(labels.tolist(), 0.2, seed)
+        if not held:  # one image per class: nothing to hold out, nothing to choose by
+            l2 = UNSEARCHED_L2
         kept_x, held_x = standardised[kept].float(), standardised[held].float()
         kept_y, held_y = labels[kept], labels[held]
         best, previous = -1.0, None
-        for candidate in sorted(L2_GRID, reverse=True):  # on ties the stronger penalty wins
+        for candidate in sorted(L2_GRID, reverse=True) if held else ():  # on ties the stronger penalty wins
             previous = fit_logistic(kept_x, kept_y, num_classes, candidate, start=previous)
             weight, bias = previous
             accuracy = ((held_x @ weight.T + bias).argmax(1) == held_y).double().mean().item()  # (n_held,)
@@ -277,6 +280,9 @@ def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult
     """Features of the frozen encoder, a linear probe and kNN on them; write the report to config.out_dir."""
     config.validate()
     seed_everything(config.runtime.seed)
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; pass a folder for the results")
     device = resolve_device(config.runtime.device)
     precision = resolve_precision(config.runtime.precision, device)
     model_path = resolve_model_path(config.model)
@@ -284,7 +290,6 @@ def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult
     d = config.data
     data = load_labelled(d.train_dir, d.labels_csv, d.val_dir, d.val_split, config.runtime.seed)
     report_data(data, report)
-    out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     model_sha256 = file_sha256(model_path)

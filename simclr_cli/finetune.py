@@ -222,6 +222,7 @@ class FinetuneRun:
         for batch in loader:
             note_skipped(self.skipped, batch.skipped, self.report)
             if batch.samples is None or len(batch) < 2:  # BatchNorm needs two images
+                state.step_in_epoch += 1  # past it, or the epoch never ends
                 continue
             lr = config.resolved_lr * warmup_cosine(state.step / self.total_steps, 0.0)
             set_lr(self.optimizer, lr)

@@ -123,6 +123,8 @@ def read_label_csv(csv_path: str | Path, root: str | Path) -> tuple[list[str], L
                 rows[path] = label
     except UnicodeDecodeError:
         raise DataError(f"--labels {csv_path}: not a UTF-8 text file; pass a CSV of path,label rows") from None
+    except csv.Error as error:  # e.g. an unclosed quote, which swallows the lines after it
+        raise DataError(f"--labels {csv_path}: not a valid CSV ({error}); look for an unclosed quote") from None
     if not rows:
         raise DataError(f"--labels {csv_path}: no rows; write one path,label row per image")
     missing = [path for path in rows if not path.is_file()]

@@ -19,7 +19,7 @@ from simclr_cli.config import PretrainConfig, replace
 from simclr_cli.curves import CurvesWriter, KnnMonitor
 from simclr_cli.data import (ImageDataset, Skipped, collate, epoch_order, make_loader, note_skipped, require_images,
                              scan_images, to_device_ahead)
-from simclr_cli.errors import ConfigError, SimclrError
+from simclr_cli.errors import ConfigError, DataError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, ENCODER_FILE, HEAD_FILE, EncoderInfo, check_run_dir,
                                load_checkpoint, load_optimizer, read_json, save_checkpoint, save_encoder,
                                save_tensors, write_json)
@@ -85,6 +85,9 @@ class PretrainRun:
         seed_everything(config.runtime.seed)
 
         scan = require_images(scan_images(config.data_dir))
+        if len(scan.paths) < 2:
+            raise DataError(f"{config.data_dir}: only one image; SimCLR contrasts each image with the others in "
+                            f"its batch, so it needs at least 2 (a few hundred to learn anything)")
         self.paths = scan.paths
         self.skipped: dict[str, Skipped] = {s.path: s for s in scan.skipped}
         aug = config.augment
@@ -247,6 +250,7 @@ class PretrainRun:
             note_skipped(self.skipped, batch.skipped, self.report)
             sizes = distributed.gather_sizes(len(batch))  # every rank's images in this global batch
             if min(sizes) == 0:  # a rank's images were all unreadable: every rank skips the step
+                state.step_in_epoch += 1  # past it, or the epoch never ends
                 continue
             lr = config.resolved_lr * warmup_cosine(self._progress(clock()), self._warmup_fraction())
             set_lr(self.optimizer, lr)
@@ -396,7 +400,8 @@ class PretrainRun:
                                                      state.epoch, state.step)
                         self.report("message", text=f"epoch {state.epoch}: kNN top-1 {knn:.1%} on "
                                                     f"{self.config.monitor}")
-                state.finished = state.step >= self.total_steps or distributed.any_rank(self._out_of_time(clock()))
+                state.finished = (state.epoch >= self.config.epochs or state.step >= self.total_steps
+                                  or distributed.any_rank(self._out_of_time(clock())))
                 if distributed.any_rank(stop.signal is not None) and not state.finished:
                     interrupted = True
                 self.save_checkpoint()

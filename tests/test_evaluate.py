@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.evaluate import (L2_GRID, classification_report, draw_confusion, fit_logistic, knn_scores,
-                                 split_features)
+from simclr_cli.evaluate import (L2_GRID, UNSEARCHED_L2, classification_report, draw_confusion, fit_logistic,
+                                 knn_scores, split_features, train_linear_probe)
 from simclr_cli.labels import load_labelled
 
 runner = CliRunner()
@@ -155,6 +155,7 @@ def test_a_second_evaluation_reuses_the_cached_features(evaluated, tiny_encoder,
     (["{encoder}", "{two}", "--l2", "-1"], "--l2 -1.0 must be >= 0"),
     (["{two}", "{two}"], "holds no encoder.safetensors"),
     (["{encoder}", "{two}", "--batch-size", "lots"], "--batch-size"),
+    (["{encoder}", "{two}", "--out", "{csv}"], "is a file; pass a folder"),
 ])
 def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, tmp_path, args, message):
     folders = {"one_class": {"a": 2}, "empty_class": {"a": 2, "b": 0}, "two": {"a": 2, "b": 2}}
@@ -173,3 +174,9 @@ def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, tmp_path, args, me
     assert message in result.output
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_one_training_image_per_class_leaves_nothing_to_search_the_l2_on():
+    probe, search = train_linear_probe(torch.randn(2, 8, generator=torch.Generator().manual_seed(0)),
+                                       torch.tensor([0, 1]), 2)
+    assert probe.l2 == UNSEARCHED_L2 and search == []

@@ -6,11 +6,14 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -134,6 +137,7 @@ def test_from_head_layer_fine_tunes_through_the_first_head_layer(tiny_encoder, s
     (["{bare}", "{digits}", "--from-head-layer", "1"], "no head.safetensors beside"),
     (["{encoder}", "{digits}", "--epochs", "0"], "--epochs 0 must be at least 1"),
     (["{encoder}", "{digits}", "--out", "{encoder}"], "already holds files"),
+    (["{encoder}", "{digits}", "--out", "{encoder}/encoder.safetensors"], "is a file; pass a folder"),
     (["{encoder}", "{missing}"], "no such folder"),
     (["--resume", "{digits}"], "no config.json there"),
     (["{encoder}"], "give MODEL and TRAIN"),
@@ -148,3 +152,25 @@ def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, small_digits_folde
     assert message in result.output
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_batches_without_two_readable_images_are_skipped_and_the_run_ends(tiny_encoder, tmp_path):
+    """Every batch of 2 holds a file that fails to decode (a PNG cut in half): each is skipped, and the
+    epochs still end (the run looped for ever on a skipped last batch)."""
+    for folder, counts in (("train", {"a": (1, 1), "b": (0, 2)}), ("val", {"a": (2, 0), "b": (2, 0)})):
+        for name, (good, cut) in counts.items():
+            (tmp_path / folder / name).mkdir(parents=True)
+            for index in range(good + cut):
+                path = tmp_path / folder / name / f"{index}.png"
+                Image.fromarray(np.random.default_rng(index).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+                if index >= good:
+                    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    try:
+        done = subprocess.run([sys.executable, "-m", "simclr_cli", "finetune", str(tiny_encoder),
+                               str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--out", str(tmp_path / "run"),
+                               "--epochs", "2", "--batch-size", "2", "--quiet", *FAST],
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("2 epochs of 2 steps were still running after 300 s")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "finetune.json").read_text())["epochs"] == 2

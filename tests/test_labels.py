@@ -74,6 +74,7 @@ def test_label_csv_over_any_folder(tmp_path):
     ("0.png,a,extra\n", "line 1: expected two fields"),
     ("0.png,a\n1.png,a\n", "only one class"),
     ("", "no rows"),
+    ('0.png,a\n"1.png,b\n' + "".join(f"{i}.png,a\n" for i in range(20_000)), "not a valid CSV .*unclosed quote"),
 ])
 def test_bad_label_csvs_are_refused(tmp_path, rows, message):
     root = make_classes(tmp_path, {"x": 0})

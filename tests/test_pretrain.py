@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from simclr_cli import train
 from simclr_cli.cli import app
 from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
+from simclr_cli.data import epoch_order
 from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.models import SimCLR
 from simclr_cli.train import pretrain, resume_pretrain
@@ -209,6 +211,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path):
     (["pretrain", "{empty}", "--batch-size", "many"], "--batch-size"),
     (["pretrain", "{empty}", "--device", "cuda:7"], "--device cuda:7"),
     (["pretrain", "{broken}", "--out", "{broken}"], "already holds files"),
+    (["pretrain", "{broken}", "--out", "{file}"], "is a file; pass a folder"),
+    (["pretrain", "{one}"], "only one image; SimCLR contrasts"),
     (["pretrain", "--resume", "{empty}"], "no config.json"),
     (["pretrain"], "give the folder of images"),
     (["pretrain", "{empty}", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
@@ -217,7 +221,10 @@ def test_user_errors_exit_1_with_one_clear_line(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.jpg").write_text("not a jpeg")
-    paths = {name: str(tmp_path / name) for name in ("missing", "empty", "broken")}
+    (tmp_path / "one").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "a.png")
+    (tmp_path / "file").write_text("not a folder")
+    paths = {name: str(tmp_path / name) for name in ("missing", "empty", "broken", "one", "file")}
     result = runner.invoke(app, [a.format(**paths) for a in args])
     assert result.exit_code == 1, result.output
     assert message in result.output
@@ -241,3 +248,35 @@ def test_time_budget_schedule_never_goes_back_up(small_digits_folder, tmp_path):
     rates = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "lr" in json.loads(line)]
     assert len(rates) >= 2 and all(a >= b for a, b in zip(rates, rates[1:])), rates
+
+
+def cut_png(path: Path, seed: int) -> None:
+    """A PNG cut in half: the scan reads its header and keeps it; decoding it fails."""
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def test_a_batch_of_unreadable_images_is_skipped_once(tmp_path):
+    """2 good images and 4 that fail to decode, batches of 2: a batch without a readable image is
+    skipped, the others train once each, and the run ends (it looped for ever when the last batch
+    of an epoch was the skipped one)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(2):
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
+            data / f"a{index}.png")  # positions 0 and 1
+    for index in range(4):
+        cut_png(data / f"b{index}.png", 10 + index)
+    seed = next(s for s in range(1000) if min(epoch_order(6, s, 0)[4:]) >= 2)  # epoch 1 ends on two cut files
+    trained = sum(min(order[i:i + 2]) < 2 for epoch in range(2) for order in [epoch_order(6, seed, epoch)]
+                  for i in (0, 2, 4))
+    try:
+        done = subprocess.run([sys.executable, "-m", "simclr_cli", "pretrain", str(data), "--out",
+                               str(tmp_path / "run"), "--batch-size", "2", "--epochs", "2", "--seed", str(seed),
+                               "--quiet", *FAST],
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("2 epochs of 3 steps were still running after 300 s")
+    assert done.returncode == 0, done.stderr
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len([s for s in steps if "step" in s]) == trained < 6
