@@ -59,8 +59,13 @@ def check_run_dir(run_dir: Path, resume: bool, command: str) -> None:
 
 
 def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Replace a text file in one step: a crash leaves the old file or the new one."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_text(text)
 
 
 def read_json(path: str | Path, what: str = "file") -> Any:

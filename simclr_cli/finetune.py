@@ -24,7 +24,7 @@ from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_con
                                  split_features)
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, EncoderInfo, check_run_dir, load_checkpoint,
                                load_encoder, load_optimizer, read_json, read_metadata, resolve_model_path,
-                               save_checkpoint, save_tensors, write_json)
+                               save_checkpoint, save_tensors, write_json, write_text)
 from simclr_cli.features import compute_features, eval_dataset, preprocessing
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, load_labelled
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
@@ -204,7 +204,7 @@ class FinetuneRun:
         self.skipped.update({s["path"]: Skipped(**s) for s in checkpoint.progress.get("skipped", [])})
         log = self.run_dir / "metrics.jsonl"
         lines = log.read_text().splitlines() if log.exists() else []
-        log.write_text("".join(line + "\n" for line in lines if json.loads(line)["epoch"] <= self.state.epoch))
+        write_text(log, "".join(line + "\n" for line in lines if json.loads(line)["epoch"] <= self.state.epoch))
         self.report("message", text=f"resuming {self.run_dir} at epoch {self.state.epoch + 1}, step {self.state.step}")
 
     # -- the loop ---------------------------------------------------------------------------

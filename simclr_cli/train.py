@@ -22,7 +22,7 @@ from simclr_cli.data import (ImageDataset, Skipped, collate, epoch_order, make_l
 from simclr_cli.errors import ConfigError, DataError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, ENCODER_FILE, HEAD_FILE, EncoderInfo, check_run_dir,
                                load_checkpoint, load_optimizer, read_json, save_checkpoint, save_encoder,
-                               save_tensors, write_json)
+                               save_tensors, write_json, write_text)
 from simclr_cli.gradcache import cached_backward, chunk_count
 from simclr_cli.loss import global_nt_xent
 from simclr_cli.models import SimCLR
@@ -199,8 +199,7 @@ class PretrainRun:
         path = self.run_dir / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
         kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        write_lines = "".join(line + "\n" for line in kept)
-        path.write_text(write_lines)
+        write_text(path, "".join(line + "\n" for line in kept))
 
     # -- schedule ---------------------------------------------------------------------------
 
@@ -332,7 +331,7 @@ class PretrainRun:
                 kept = (f"the last good checkpoint is kept in {checkpoint} (--resume {self.run_dir} continues "
                         f"from it)" if checkpoint.is_file() else "no checkpoint had been written yet")
                 raise TrainingDiverged(f"the loss became {value} at step {record['step']}; {kept}. Lower --lr "
-                                       f"or raise --temperature and run again")
+                                       f"or raise --temperature and run again with another --out")
             record["loss"] = value
             lines.append(json.dumps(record) + "\n")
         if is_main():

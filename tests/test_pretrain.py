@@ -178,6 +178,7 @@ def test_non_finite_loss_stops_with_a_clear_message(small_digits_folder, tmp_pat
                                  "--batch-size", "32", "--optimizer", "sgd", "--lr", "1e30", *FAST])
     assert result.exit_code == 1, result.output
     assert "the loss became" in result.output and "Lower --lr" in result.output
+    assert "run again with another --out" in result.output  # this --out holds the diverged run's files
     assert "no checkpoint had been written yet" in result.output
     assert "Traceback" not in result.output
     assert not (out / "encoder.safetensors").exists()
