@@ -33,7 +33,7 @@ from numpy.lib import format as npy_format
 from simclr_cli import __version__
 from simclr_cli.config import PRECISIONS
 from simclr_cli.data import Skipped, require_images, scan_images
-from simclr_cli.errors import ConfigError, ModelFileError
+from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.export import EncoderInfo, load_encoder, read_json, read_metadata, resolve_model_path, write_json
 from simclr_cli.features import iter_features, preprocessing
 from simclr_cli.index import DTYPES, Manifest, manifest_path, remember_index, sha256_file, write_manifest
@@ -194,6 +194,8 @@ def write_progress(work: Path, progress: Progress) -> None:
 def _start(config: EmbedConfig, model_path: Path, sha256: str, info: EncoderInfo, precision: str) -> dict[str, Any]:
     """Scan the folder and write plan.json, an empty rows.npy and the first progress record; return the plan."""
     out, work = Path(config.out), work_dir(Path(config.out))
+    if work.exists() and not (work / "plan.json").is_file():
+        shutil.rmtree(work)  # an embed that stopped before its plan was written: nothing to keep
     if work.exists() and not config.overwrite:
         raise ConfigError(f"{work} holds an interrupted embed; add --resume to continue it, or --overwrite "
                           f"to start again")
@@ -418,6 +420,10 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
     result = EmbedResult(out, end.rows, len(paths), skipped, end.done < len(paths), speed)
     if result.interrupted:
         return result
+    if end.rows == 0:
+        shutil.rmtree(work, ignore_errors=True)
+        raise DataError(f"IMAGES {config.images}: none of its {len(paths):,} images could be decoded (the first: "
+                        f"{skipped[0].path}: {skipped[0].reason}); nothing was written")
 
     skipped_paths = {s.path for s in skipped}
     embedded = [p for p in paths if p not in skipped_paths]

@@ -331,3 +331,32 @@ def test_plain_progress_prints_the_total_once(capsys):
         reporter.on_embed_progress(done=done, total=100, images_per_s=1.0)
     printed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert printed == ["10/100", "50/100", "100/100"]
+
+
+def test_a_folder_where_no_image_decodes_writes_nothing(tiny_encoder, tmp_path):
+    """PNGs cut in half pass the scan (their headers read) and fail to decode: one line, exit 1, and no
+    empty index left behind or remembered."""
+    from PIL import Image
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for index in range(2):
+        path = cut / f"{index}.png"
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    out = tmp_path / "out.npy"
+    result = run_embed(tiny_encoder, cut, out)
+    assert result.exit_code == 1, result.output
+    assert "none of its 2 images could be decoded" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert not out.exists() and not work_dir(out).exists() and not (state_dir() / "last_index.json").exists()
+
+
+def test_a_work_folder_without_a_plan_is_started_again(tiny_encoder, mixed_folder, tmp_path):
+    """An embed that stopped before writing its plan leaves nothing to resume: a plain run starts afresh
+    (it said "add --resume", and --resume said "run without --resume")."""
+    out = tmp_path / "out.npy"
+    work_dir(out).mkdir()
+    (work_dir(out) / "rows.npy").write_bytes(b"")
+    assert (result := run_embed(tiny_encoder, mixed_folder[0], out)).exit_code == 0, result.output
+    assert out.is_file() and not work_dir(out).exists()
