@@ -62,6 +62,9 @@ class TwoViews:
         return torch.stack([self.transform(image), self.transform(image)])
 
 
+MAX_RESIZED_PIXELS = 1 << 25  # beyond this (100 MB of RGB), only what the centre crop keeps is resized
+
+
 class EvalTransform:
     """Resize the shorter side to size/0.875 (to size itself for small images), centre crop, normalise.
 
@@ -84,11 +87,18 @@ class EvalTransform:
         short, long = min(width, height), max(width, height)
         resized_long = int(self.resize * long / short)  # torchvision's rounding
         size = (self.resize, resized_long) if width <= height else (resized_long, self.resize)
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.BICUBIC)
         left = int(round((size[0] - self.size) / 2.0))
         top = int(round((size[1] - self.size) / 2.0))
-        image = image.crop((left, top, left + self.size, top + self.size))
+        crop = (left, top, left + self.size, top + self.size)
+        if size[0] * size[1] > MAX_RESIZED_PIXELS:
+            # A long strip: resize only what the crop keeps (within a few grey levels of resizing it all,
+            # which could take gigabytes: 1 x 1,000,000 pixels -> 256 x 256,000,000).
+            scale_x, scale_y = width / size[0], height / size[1]
+            box = (crop[0] * scale_x, crop[1] * scale_y, crop[2] * scale_x, crop[3] * scale_y)
+            image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        else:
+            image = image.resize(size, Image.Resampling.BICUBIC) if size != image.size else image
+            image = image.crop(crop)
         image = image if image.mode == "RGB" else image.convert("RGB")
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (S, S, 3)
         return pixels.permute(2, 0, 1).float().div(255).sub_(self.mean).div_(self.std)  # (3, S, S)

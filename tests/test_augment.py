@@ -1,5 +1,6 @@
 """The view pipeline follows SimCLR Appendix A, with the paper's CIFAR settings for small images."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -78,3 +79,17 @@ def test_eval_transform_equals_torchvisions_composition(image_size, width, heigh
     reference = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                            T.CenterCrop(image_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     assert torch.equal(EvalTransform(image_size)(image), reference(image))
+
+
+def test_a_long_strip_resizes_only_its_centre(monkeypatch):
+    """A 1 x 2,000,000 image would take 1.5 GB resized whole; only the centre crop's source is resized.
+    That path, forced on a smaller strip, gives torchvision's numbers within a few grey levels."""
+    import simclr_cli.augment as augment
+
+    assert EvalTransform(224)(Image.new("RGB", (1, 2_000_000), (124, 116, 104))).shape == (3, 224, 224)
+    ramp = np.linspace(0, 255, 3000)[:, None, None] * np.ones((1, 40, 3))  # (H, W, 3): darker to lighter
+    ramp[1480:1520, 10:30] = (255, 0, 0)  # a red patch at the centre
+    strip = Image.fromarray(ramp.astype(np.uint8))
+    reference = EvalTransform(224)(strip)
+    monkeypatch.setattr(augment, "MAX_RESIZED_PIXELS", 0)
+    assert (EvalTransform(224)(strip) - reference).abs().mean() < 0.02
