@@ -78,6 +78,10 @@ class EmbedConfig:
             raise ConfigError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if Path(self.out).suffix != ".npy":
             raise ConfigError(f"OUT {self.out}: the index must end in .npy (its manifest goes beside it as .json)")
+        if Path(self.out).is_dir():
+            raise ConfigError(f"OUT {self.out} is a folder; pass a file name for the index, e.g. photos.npy")
+        if any(parent.exists() and not parent.is_dir() for parent in Path(self.out).parents):
+            raise ConfigError(f"OUT {self.out}: a folder on its path is a file; pass another path")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite both given; use one of them")
         return self

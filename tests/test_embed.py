@@ -285,6 +285,8 @@ def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupt
         handle.seek(-4, 2)
         handle.write(b"\x00\x00\x80\x3f")
     out = tmp_path / "out.npy"
+    a_folder = tmp_path / "folder.npy"
+    a_folder.mkdir()
     folder = mixed_folder[0]
     other_precision = "fp32" if resolve_precision("auto", torch.device("cpu")).name == "bf16" else "bf16"
     cases = [
@@ -299,6 +301,8 @@ def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupt
         ((tiny_encoder, folder, out, "--batch-size", "0"), "--batch-size 0 must be at least 1"),
         ((tiny_encoder, folder, out, "--devices", "0"), "--devices 0 must be at least 1"),
         ((tiny_encoder, folder, out, "--precision", "bf61"), "--precision 'bf61' is not one of auto, fp32"),
+        ((tiny_encoder, folder, a_folder, "--overwrite"), "is a folder; pass a file name"),
+        ((tiny_encoder, folder, existing / "x.npy"), "a folder on its path is a file"),
         ((tiny_encoder, folder, out, "--devices", "2", "--device", "cuda:1"), "--device cuda:1 with --devices 2"),
         ((tiny_encoder, folder, out, "--resume"), "no interrupted embed"),
         ((tiny_encoder, folder, out, "--resume", "--overwrite"), "use one of them"),
