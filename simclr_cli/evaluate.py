@@ -152,16 +152,17 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
         kept, held = stratified_split(labels.tolist(), 0.2, seed)
         if not held:  # one image per class: nothing to hold out, nothing to choose by
             l2 = UNSEARCHED_L2
-        kept_x, held_x = standardised[kept].float(), standardised[held].float()
-        kept_y, held_y = labels[kept], labels[held]
-        best, previous = -1.0, None
-        for candidate in sorted(L2_GRID, reverse=True) if held else ():  # on ties the stronger penalty wins
-            previous = fit_logistic(kept_x, kept_y, num_classes, candidate, start=previous)
-            weight, bias = previous
-            accuracy = ((held_x @ weight.T + bias).argmax(1) == held_y).double().mean().item()  # (n_held,)
-            search.append({"l2": candidate, "holdout_top1": accuracy})
-            if accuracy > best:
-                best, l2, start = accuracy, candidate, previous
+        else:
+            kept_x, held_x = standardised[kept].float(), standardised[held].float()
+            kept_y, held_y = labels[kept], labels[held]
+            best, previous = -1.0, None
+            for candidate in sorted(L2_GRID, reverse=True):  # on ties the stronger penalty wins
+                previous = fit_logistic(kept_x, kept_y, num_classes, candidate, start=previous)
+                weight, bias = previous
+                accuracy = ((held_x @ weight.T + bias).argmax(1) == held_y).double().mean().item()  # (n_held,)
+                search.append({"l2": candidate, "holdout_top1": accuracy})
+                if accuracy > best:
+                    best, l2, start = accuracy, candidate, previous
     weight, bias = fit_logistic(standardised, labels, num_classes, l2, start=start)
     return LinearProbe(weight, bias, mean, std, l2), search
 
