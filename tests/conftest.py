@@ -44,6 +44,22 @@ def _photo(size: tuple[int, int], seed: int) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def write_cut_image(path: Path, seed: int, size: tuple[int, int] = (48, 48)) -> Path:
+    """An image whose header reads, so a scan keeps it, but whose data stops half-way, so decoding it
+    fails; its format follows the name (.jpg, .png)."""
+    image_format = Image.registered_extensions()[path.suffix.lower()]
+    buffer = io.BytesIO()
+    Image.fromarray(_photo(size, seed)).save(buffer, format=image_format, quality=95)
+    path.write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    return path
+
+
+@pytest.fixture
+def cut_image():
+    """write_cut_image, for tests (which do not import conftest)."""
+    return write_cut_image
+
+
 def write_mixed_folder(root: Path) -> dict[str, list[str]]:
     """Write images of many formats and modes (some nested, some broken); return what is what."""
     root.mkdir(parents=True, exist_ok=True)
@@ -82,9 +98,7 @@ def write_mixed_folder(root: Path) -> dict[str, list[str]]:
 
     broken = ["empty.png", "truncated.jpg", "not_an_image.jpg"]
     (root / "empty.png").write_bytes(b"")
-    buffer = io.BytesIO()
-    Image.fromarray(_photo((256, 256), 15)).save(buffer, format="JPEG", quality=95)  # header survives the cut
-    (root / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    write_cut_image(root / "truncated.jpg", 15, (256, 256))
     (root / "not_an_image.jpg").write_text("this is text, not a JPEG")
 
     ignored = [".hidden.png", "notes.txt"]
@@ -110,9 +124,7 @@ def gappy_folder(tmp_path) -> Path:
     root.mkdir()
     for i in range(10):
         Image.fromarray(_photo((40, 36), 100 + i)).save(root / f"{i:02d}.png")
-    buffer = io.BytesIO()
-    Image.fromarray(_photo((256, 256), 99)).save(buffer, format="JPEG", quality=95)
-    (root / "01b.jpg").write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    write_cut_image(root / "01b.jpg", 99, (256, 256))
     return root
 
 

@@ -337,17 +337,13 @@ def test_plain_progress_prints_the_total_once(capsys):
     assert printed == ["10/100", "50/100", "100/100"]
 
 
-def test_a_folder_where_no_image_decodes_writes_nothing(tiny_encoder, tmp_path):
+def test_a_folder_where_no_image_decodes_writes_nothing(tiny_encoder, tmp_path, cut_image):
     """PNGs cut in half pass the scan (their headers read) and fail to decode: one line, exit 1, and no
     empty index left behind or remembered."""
-    from PIL import Image
-
     cut = tmp_path / "cut"
     cut.mkdir()
     for index in range(2):
-        path = cut / f"{index}.png"
-        Image.fromarray(np.random.default_rng(index).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
-        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+        cut_image(cut / f"{index}.png", index)
     out = tmp_path / "out.npy"
     result = run_embed(tiny_encoder, cut, out)
     assert result.exit_code == 1, result.output

@@ -251,13 +251,7 @@ def test_time_budget_schedule_never_goes_back_up(small_digits_folder, tmp_path):
     assert len(rates) >= 2 and all(a >= b for a, b in zip(rates, rates[1:])), rates
 
 
-def cut_png(path: Path, seed: int) -> None:
-    """A PNG cut in half: the scan reads its header and keeps it; decoding it fails."""
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(path)
-    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
-
-
-def test_a_batch_of_unreadable_images_is_skipped_once(tmp_path):
+def test_a_batch_of_unreadable_images_is_skipped_once(tmp_path, cut_image):
     """2 good images and 4 that fail to decode, batches of 2: a batch without a readable image is
     skipped, the others train once each, and the run ends (it looped for ever when the last batch
     of an epoch was the skipped one)."""
@@ -267,7 +261,7 @@ def test_a_batch_of_unreadable_images_is_skipped_once(tmp_path):
         Image.fromarray(np.random.default_rng(index).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
             data / f"a{index}.png")  # positions 0 and 1
     for index in range(4):
-        cut_png(data / f"b{index}.png", 10 + index)
+        cut_image(data / f"b{index}.png", 10 + index)
     seed = next(s for s in range(1000) if min(epoch_order(6, s, 0)[4:]) >= 2)  # epoch 1 ends on two cut files
     trained = sum(min(order[i:i + 2]) < 2 for epoch in range(2) for order in [epoch_order(6, seed, epoch)]
                   for i in (0, 2, 4))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -318,13 +317,11 @@ def test_an_index_of_one_row_and_exclude_self(tiny_encoder, photos, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_no_readable_query_is_a_one_line_error(indexes, tmp_path, dtype):
+def test_no_readable_query_is_a_one_line_error(indexes, tmp_path, dtype, cut_image):
     """A folder whose only image opens but does not decode (a JPEG cut in half)."""
     queries = tmp_path / "queries"
     queries.mkdir()
-    encoded = io.BytesIO()
-    _photo(5, size=128).save(encoded, format="JPEG", quality=95)
-    (queries / "cut.jpg").write_bytes(encoded.getvalue()[:len(encoded.getvalue()) // 2])
+    cut_image(queries / "cut.jpg", 5, (128, 128))
     result = runner.invoke(app, ["similar", str(queries), "--index", str(indexes[dtype])])
     assert result.exit_code == 1, result.output
     assert "cut.jpg: unreadable" in " ".join(result.output.split()) and "Traceback" not in result.output
