@@ -34,7 +34,8 @@ from simclr_cli import __version__
 from simclr_cli.config import PRECISIONS
 from simclr_cli.data import Skipped, require_images, scan_images
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
-from simclr_cli.export import EncoderInfo, load_encoder, read_json, read_metadata, resolve_model_path, write_json
+from simclr_cli.export import (EncoderInfo, check_output_path, load_encoder, read_json, read_metadata,
+                               resolve_model_path, write_json)
 from simclr_cli.features import iter_features, preprocessing
 from simclr_cli.index import DTYPES, Manifest, manifest_path, remember_index, sha256_file, write_manifest
 from simclr_cli.runtime import StopFlag, default_workers, rank, resolve_device, resolve_precision
@@ -80,8 +81,7 @@ class EmbedConfig:
             raise ConfigError(f"OUT {self.out}: the index must end in .npy (its manifest goes beside it as .json)")
         if Path(self.out).is_dir():
             raise ConfigError(f"OUT {self.out} is a folder; pass a file name for the index, e.g. photos.npy")
-        if any(parent.exists() and not parent.is_dir() for parent in Path(self.out).parents):
-            raise ConfigError(f"OUT {self.out}: a folder on its path is a file; pass another path")
+        check_output_path(self.out, "OUT")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite both given; use one of them")
         return self

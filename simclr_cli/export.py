@@ -45,6 +45,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def check_output_path(path: str | Path, what: str) -> None:
+    """Refuse, before any work, an output file whose path goes through a file (atomic_path would fail at the end)."""
+    if any(parent.exists() and not parent.is_dir() for parent in Path(path).parents):
+        raise ConfigError(f"{what} {path}: cannot write it, a folder on its path is a file; pass another path")
+
+
 def check_run_dir(run_dir: Path, resume: bool, command: str) -> None:
     """A new run needs an empty (or new) --out; a resumed one needs the checkpoint a run left there."""
     checkpoint = run_dir / CHECKPOINT_FILE

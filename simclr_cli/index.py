@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
-from simclr_cli.export import read_json, write_json
+from simclr_cli.export import check_output_path, read_json, write_json
 
 INDEX_FORMAT = "simclr-index"
 DTYPES = ("float32", "float16")
@@ -375,3 +375,4 @@ def check_grid_path(out: str | Path) -> None:
     if Path(out).suffix.lower() not in GRID_FORMATS:
         raise ConfigError(f"--grid {out}: {Path(out).suffix or 'no extension'} is not an image type simclr "
                           f"writes; end the name in .png or .jpg")
+    check_output_path(out, "--grid")

@@ -347,3 +347,4 @@ def test_a_grid_that_cannot_be_written_is_a_one_line_error(indexes, photos, tmp_
     result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(indexes["float32"]),
                                  "--grid", str(tmp_path / "file" / "grid.png")])
     assert result.exit_code == 1 and "cannot write it" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output  # before the search, not after it
