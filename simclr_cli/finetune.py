@@ -147,6 +147,11 @@ class FinetuneRun:
         self.skipped: dict[str, Skipped] = {s.path: s for s in self.data.skipped}
         train = self.data.train
         self.batch_size = min(config.batch_size, len(train))
+        if self.batch_size < config.batch_size:
+            report("warning", text=f"only {len(train)} training images: using batch size {self.batch_size} "
+                                   f"instead of {config.batch_size}")
+            # the learning-rate rule and config.json follow the batch that trains, not the one asked for
+            self.config = config = replace(config, batch_size=self.batch_size)
         self.steps_per_epoch = max(1, len(train) // self.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         # channels_last, as pretrain and compute_features use: faster convolutions, and the same kernels as the

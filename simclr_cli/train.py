@@ -95,6 +95,8 @@ class PretrainRun:
         if self.batch_size < config.batch_size:
             report("warning", text=f"only {len(self.paths)} images: using batch size {self.batch_size} "
                                    f"instead of {config.batch_size}")
+            # the learning-rate rule and config.json follow the batch that trains, not the one asked for
+            self.config = config = replace(config, batch_size=self.batch_size)
         if self.batch_size < world_size():
             raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {world_size()} processes: each "
                               f"needs an image per step; use --batch-size {world_size()} or more, or fewer --devices")

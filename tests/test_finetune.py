@@ -175,3 +175,18 @@ def test_batches_without_two_readable_images_are_skipped_and_the_run_ends(tiny_e
         pytest.fail("2 epochs of 2 steps were still running after 300 s")
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "run" / "finetune.json").read_text())["epochs"] == 2
+
+
+def test_a_training_set_smaller_than_the_batch_fine_tunes_at_the_learning_rate_of_its_real_batch(
+        tiny_encoder, small_digits_folder, tmp_path):
+    """A 10% label fraction of 200 digits is a few dozen images, under the default batch of 256: the batch is
+    all of them, and the lr rule (0.05 x batch / 256) and config.json follow that batch."""
+    out = tmp_path / "few"
+    result = runner.invoke(app, ["finetune", str(tiny_encoder), str(small_digits_folder), "--label-fraction", "0.1",
+                                 "--epochs", "1", "--out", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    train = len(json.loads((out / "split.json").read_text())["train"])
+    assert 2 <= train < 256
+    assert f"using batch size {train} instead of 256" in result.output
+    assert f"batch {train}, lr {0.05 * train / 256:g}" in result.output
+    assert json.loads((out / "config.json").read_text())["batch_size"] == train

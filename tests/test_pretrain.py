@@ -1,6 +1,7 @@
 """End to end through the CLI: pretrain, skip broken files, export, resume, time budgets, user errors."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -275,3 +276,24 @@ def test_a_batch_of_unreadable_images_is_skipped_once(tmp_path, cut_image):
     assert done.returncode == 0, done.stderr
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len([s for s in steps if "step" in s]) == trained < 6
+
+
+def test_a_folder_smaller_than_the_batch_trains_at_the_learning_rate_of_its_real_batch(tmp_path):
+    """6 images and --batch-size 64: the batch is 6, and so are the lr rule (0.075 x sqrt(batch)) and config.json."""
+    data = tmp_path / "six"
+    data.mkdir()
+    for index in range(6):
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            data / f"{index}.png")
+    peak = 0.075 * math.sqrt(6)
+    runs = {}
+    for name, lr in (("default", []), ("explicit", ["--lr", str(peak)])):
+        runs[name] = runner.invoke(app, ["pretrain", str(data), "--out", str(tmp_path / name), "--epochs", "2",
+                                         "--batch-size", "64", *lr, *FAST])
+        assert runs[name].exit_code == 0, runs[name].output
+    assert "using batch size 6 instead of 64" in runs["default"].output
+    assert f"batch 6, lr {peak:g}" in runs["default"].output
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["batch_size"] == 6
+    rates = {name: [json.loads(line)["lr"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in runs}
+    assert len(rates["default"]) == 2 and rates["default"] == pytest.approx(rates["explicit"]), rates
