@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from simclr_cli.config import LinearEvalConfig
 from simclr_cli.data import Skipped
 from simclr_cli.errors import ConfigError, DataError
-from simclr_cli.export import (EncoderInfo, atomic_path, load_encoder, read_metadata, resolve_model_path,
-                               save_tensors, write_json)
+from simclr_cli.export import (EncoderInfo, atomic_path, check_output_path, load_encoder, read_metadata,
+                               resolve_model_path, save_tensors, write_json)
 from simclr_cli.features import compute_features
 from simclr_cli.labels import LabelledData, load_labelled, stratified_split
 from simclr_cli.runtime import Precision, resolve_device, resolve_precision, seed_everything
@@ -284,6 +284,7 @@ def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult
     out_dir = Path(config.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; pass a folder for the results")
+    check_output_path(out_dir, "--out")
     device = resolve_device(config.runtime.device)
     precision = resolve_precision(config.runtime.precision, device)
     model_path = resolve_model_path(config.model)

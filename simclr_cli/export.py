@@ -59,6 +59,7 @@ def check_run_dir(run_dir: Path, resume: bool, command: str) -> None:
                           f"`simclr {command}` started")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; pass a folder (new or empty) for the run")
+    check_output_path(run_dir, "--out")
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         hint = f"resume it with --resume {run_dir}" if checkpoint.is_file() else "choose an empty folder"
         raise ConfigError(f"--out {run_dir} already holds files; {hint}, or pass another --out")

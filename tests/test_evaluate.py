@@ -156,6 +156,7 @@ def test_a_second_evaluation_reuses_the_cached_features(evaluated, tiny_encoder,
     (["{two}", "{two}"], "holds no encoder.safetensors"),
     (["{encoder}", "{two}", "--batch-size", "lots"], "--batch-size"),
     (["{encoder}", "{two}", "--out", "{csv}"], "is a file; pass a folder"),
+    (["{encoder}", "{two}", "--out", "{csv}/results"], "a folder on its path is a file"),
 ])
 def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, tmp_path, args, message):
     folders = {"one_class": {"a": 2}, "empty_class": {"a": 2, "b": 0}, "two": {"a": 2, "b": 2}}

@@ -138,6 +138,7 @@ def test_from_head_layer_fine_tunes_through_the_first_head_layer(tiny_encoder, s
     (["{encoder}", "{digits}", "--epochs", "0"], "--epochs 0 must be at least 1"),
     (["{encoder}", "{digits}", "--out", "{encoder}"], "already holds files"),
     (["{encoder}", "{digits}", "--out", "{encoder}/encoder.safetensors"], "is a file; pass a folder"),
+    (["{encoder}", "{digits}", "--out", "{encoder}/encoder.safetensors/run"], "a folder on its path is a file"),
     (["{encoder}", "{missing}"], "no such folder"),
     (["--resume", "{digits}"], "no config.json there"),
     (["{encoder}"], "give MODEL and TRAIN"),

@@ -214,6 +214,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path):
     (["pretrain", "{empty}", "--device", "cuda:7"], "--device cuda:7"),
     (["pretrain", "{broken}", "--out", "{broken}"], "already holds files"),
     (["pretrain", "{broken}", "--out", "{file}"], "is a file; pass a folder"),
+    (["pretrain", "{two}", "--out", "{file}/run", *FAST], "a folder on its path is a file"),
     (["pretrain", "{one}"], "only one image; SimCLR contrasts"),
     (["pretrain", "--resume", "{empty}"], "no config.json"),
     (["pretrain"], "give the folder of images"),
@@ -225,8 +226,11 @@ def test_user_errors_exit_1_with_one_clear_line(tmp_path, args, message):
     (tmp_path / "broken" / "a.jpg").write_text("not a jpeg")
     (tmp_path / "one").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "one" / "a.png")
+    (tmp_path / "two").mkdir()
+    for index in range(2):
+        Image.new("RGB", (8, 8), (index * 50, 0, 0)).save(tmp_path / "two" / f"{index}.png")
     (tmp_path / "file").write_text("not a folder")
-    paths = {name: str(tmp_path / name) for name in ("missing", "empty", "broken", "one", "file")}
+    paths = {name: str(tmp_path / name) for name in ("missing", "empty", "broken", "one", "two", "file")}
     result = runner.invoke(app, [a.format(**paths) for a in args])
     assert result.exit_code == 1, result.output
     assert message in result.output
