@@ -214,6 +214,10 @@ class PretrainConfig:
         _check(self.augment_on in AUGMENT_ON,
                f"--augment-on {self.augment_on!r} is not one of {', '.join(AUGMENT_ON)}")
         _check(self.cache or self.cache_dir is None, "--cache-dir needs --cache; add --cache or leave --cache-dir out")
+        _check(self.cache_dir is None or not any(p.exists() and not p.is_dir()
+                                                 for p in (Path(self.cache_dir), *Path(self.cache_dir).parents)),
+               f"--cache-dir {self.cache_dir}: it, or a folder on its path, is a file; pass a folder for the "
+               f"decoded cache")
         _check(self.monitor is None or Path(self.monitor).is_dir(),
                f"--monitor {self.monitor}: no such folder; pass a small folder of labelled images, one "
                f"subfolder per class")

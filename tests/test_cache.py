@@ -170,8 +170,13 @@ def test_a_cached_run_on_the_device_path_resumes_to_the_plain_runs_curve(small_d
 @pytest.mark.parametrize("args, message", [
     (["--cache-dir", "somewhere"], "--cache-dir needs --cache"),
     (["--augment-on", "gpu"], "--augment-on 'gpu' is not one of auto, device, cpu, per-image"),
+    (["--cache", "--cache-dir", "{file}"], "or a folder on its path, is a file"),
+    (["--cache", "--cache-dir", "{file}/cache"], "or a folder on its path, is a file"),
 ])
 def test_bad_cache_and_augment_flags_are_one_line_errors(small_digits_folder, tmp_path, args, message):
+    (tmp_path / "file").write_text("not a folder")
+    args = [arg.format(file=tmp_path / "file") for arg in args]
     result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(tmp_path / "run"), *args])
     assert result.exit_code == 1, result.output
     assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists(), "refused before any work"
