@@ -385,7 +385,11 @@ def resume_finetune(run_dir: str | Path, report: Report = silent, device: str | 
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"--resume {run_dir}: no config.json there; pass the folder of a run that "
                           f"`simclr finetune` started")
-    config = FinetuneConfig.from_json(read_json(run_dir / "config.json", "run configuration"))
+    try:
+        config = FinetuneConfig.from_json(read_json(run_dir / "config.json", "run configuration"))
+    except (TypeError, KeyError, ValueError, AttributeError):  # another command's run, or an edited file
+        raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr finetune` run; "
+                          f"pass the folder of a run that `simclr finetune` started") from None
     runtime = replace(config.runtime, device=device or config.runtime.device,
                       workers=workers if workers is not None else config.runtime.workers)
     config = replace(config, out_dir=str(run_dir), runtime=runtime)

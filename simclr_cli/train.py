@@ -446,7 +446,11 @@ def resume_pretrain(run_dir: str | Path, report: Report = silent, data_dir: str 
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"--resume {run_dir}: no config.json there; pass the folder of a run that "
                           f"`simclr pretrain` started")
-    config = PretrainConfig.from_json(read_json(run_dir / "config.json", "run configuration"))
+    try:
+        config = PretrainConfig.from_json(read_json(run_dir / "config.json", "run configuration"))
+    except (TypeError, KeyError, ValueError, AttributeError):  # another command's run, or an edited file
+        raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr pretrain` run; "
+                          f"pass the folder of a run that `simclr pretrain` started") from None
     runtime = replace(config.runtime, device=device or config.runtime.device,
                       workers=workers if workers is not None else config.runtime.workers)
     config = replace(config, out_dir=str(run_dir), data_dir=data_dir or config.data_dir, runtime=runtime)

@@ -141,6 +141,7 @@ def test_from_head_layer_fine_tunes_through_the_first_head_layer(tiny_encoder, s
     (["{encoder}", "{digits}", "--out", "{encoder}/encoder.safetensors/run"], "a folder on its path is a file"),
     (["{encoder}", "{missing}"], "no such folder"),
     (["--resume", "{digits}"], "no config.json there"),
+    (["--resume", "{encoder}"], "not the settings of a `simclr finetune` run"),
     (["{encoder}"], "give MODEL and TRAIN"),
 ])
 def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, small_digits_folder, tmp_path, args, message):

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from simclr_cli import train
 from simclr_cli.cli import app
-from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
+from simclr_cli.config import AugmentConfig, FinetuneConfig, LabelledDataConfig, PretrainConfig, RuntimeConfig
 from simclr_cli.data import epoch_order
 from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.models import SimCLR
@@ -217,6 +217,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path):
     (["pretrain", "{two}", "--out", "{file}/run", *FAST], "a folder on its path is a file"),
     (["pretrain", "{one}"], "only one image; SimCLR contrasts"),
     (["pretrain", "--resume", "{empty}"], "no config.json"),
+    (["pretrain", "--resume", "{finetuned}"], "not the settings of a `simclr pretrain` run"),
     (["pretrain"], "give the folder of images"),
     (["pretrain", "{empty}", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
 ])
@@ -230,7 +231,11 @@ def test_user_errors_exit_1_with_one_clear_line(tmp_path, args, message):
     for index in range(2):
         Image.new("RGB", (8, 8), (index * 50, 0, 0)).save(tmp_path / "two" / f"{index}.png")
     (tmp_path / "file").write_text("not a folder")
-    paths = {name: str(tmp_path / name) for name in ("missing", "empty", "broken", "one", "two", "file")}
+    (tmp_path / "finetuned").mkdir()  # a run folder of `simclr finetune`
+    finetune_config = FinetuneConfig(model="encoder.safetensors", data=LabelledDataConfig(str(tmp_path / "two")),
+                                     out_dir=str(tmp_path / "finetuned"))
+    (tmp_path / "finetuned" / "config.json").write_text(json.dumps(finetune_config.to_json()))
+    paths = {name: str(tmp_path / name) for name in ("missing", "empty", "broken", "one", "two", "file", "finetuned")}
     result = runner.invoke(app, [a.format(**paths) for a in args])
     assert result.exit_code == 1, result.output
     assert message in result.output
