@@ -121,13 +121,15 @@ class PretrainRun:
         self.optimizer = build_optimizer(config.optimizer, self.model, config.resolved_lr,
                                          config.resolved_weight_decay)
         self.scaler = self.precision.grad_scaler()
-        self.cache = self._prepare_cache(scan.root) if config.cache else None
-        self.augment_on = resolve_augment_on(config.augment_on, self.device)
-        self.dataset, self.collate, self.batch_augment = self._pipeline()
+        # The --monitor folder is read before the decoded cache goes into the run folder: a refused folder
+        # leaves --out as it was, free for the corrected command.
         self.monitor = (KnnMonitor(config.monitor, self.device, self.precision, config.runtime.seed, self.workers)
                         if config.monitor and is_main() else None)
         if self.monitor is not None:
             report("message", text=self.monitor.describe())
+        self.cache = self._prepare_cache(scan.root) if config.cache else None
+        self.augment_on = resolve_augment_on(config.augment_on, self.device)
+        self.dataset, self.collate, self.batch_augment = self._pipeline()
         self.curves = CurvesWriter(self.run_dir, report)
         if resume:
             self._restore()

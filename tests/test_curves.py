@@ -119,3 +119,18 @@ def test_monitor_folder_without_classes_fails_before_training(tmp_path, small_di
     assert "no class subfolders" in result.output
     assert f"--monitor {flat}" in result.output and "--labels" not in result.output  # the flag the user gave
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_refused_monitor_folder_leaves_out_free_for_the_corrected_command(tmp_path, small_digits_folder):
+    """With --cache, the decoded cache went into --out before the --monitor folder was read: once refused,
+    the same --out was refused too ("already holds files")."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (32, 32)).save(flat / "a.png")
+    out = tmp_path / "run"
+    command = ["pretrain", str(small_digits_folder), "--out", str(out), "--cache", "--epochs", "1", *FAST]
+    refused = runner.invoke(app, [*command, "--monitor", str(flat)])
+    assert refused.exit_code == 1 and "no class subfolders" in refused.output, refused.output
+    corrected = runner.invoke(app, command)
+    assert corrected.exit_code == 0, corrected.output
+    assert (out / "encoder.safetensors").is_file()
