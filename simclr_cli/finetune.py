@@ -135,7 +135,12 @@ class FinetuneRun:
     def __init__(self, config: FinetuneConfig, report: Report = silent, resume: bool = False):
         self.config, self.report = config, report
         self.run_dir = Path(config.out_dir)
-        check_run_dir(self.run_dir, resume, "finetune")
+        if resume and not (self.run_dir / CHECKPOINT_FILE).is_file():
+            # Stopped in its first epoch (a crash, a lost machine) before any checkpoint: start it again as saved.
+            report("message", text=f"{self.run_dir} stopped before its first checkpoint: starting it again")
+            resume = False
+        else:
+            check_run_dir(self.run_dir, resume, "finetune")
         self.device = resolve_device(config.runtime.device)
         self.precision = resolve_precision(config.runtime.precision, self.device)
         self.workers = config.runtime.workers if config.runtime.workers is not None else default_workers()

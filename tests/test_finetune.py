@@ -120,6 +120,29 @@ def test_interrupted_finetune_resumes_to_the_same_model(tiny_encoder, small_digi
     assert resume_finetune(tmp_path / "stopped").results["top1"] == straight.results["top1"]
 
 
+def test_a_finetune_that_crashed_before_its_first_checkpoint_resumes_from_the_start(tiny_encoder, small_digits_folder,
+                                                                                    tmp_path):
+    """A crash in the first epoch leaves config.json and split.json but no checkpoint: --resume starts the run
+    again with its saved settings (it said the folder was no run of `simclr finetune`)."""
+    finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "straight", epochs=1))
+
+    def crash_at_step_2(kind, **fields):  # the process dies in the first epoch: no checkpoint is written
+        if kind == "step" and fields["step"] == 2:
+            raise MemoryError("out of memory")
+
+    with pytest.raises(MemoryError):
+        finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "crashed", epochs=1), crash_at_step_2)
+    assert not (tmp_path / "crashed" / "checkpoint.safetensors").exists()
+
+    cli = runner.invoke(app, ["finetune", "--resume", str(tmp_path / "crashed")])
+    assert cli.exit_code == 0, cli.output
+    untimed = [{k: v for k, v in r.items() if k != "time"} for r in records(tmp_path / "straight")]
+    assert untimed == [{k: v for k, v in r.items() if k != "time"} for r in records(tmp_path / "crashed")]
+    a = load_file(str(tmp_path / "straight" / "finetuned.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "finetuned.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_from_head_layer_fine_tunes_through_the_first_head_layer(tiny_encoder, small_digits_folder, tmp_path):
     result = finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "v2", epochs=1, from_head_layer=1))
     tensors = load_file(str(result.model_path))

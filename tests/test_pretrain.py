@@ -150,6 +150,29 @@ def test_interrupted_run_resumes_to_the_same_loss_curve_and_weights(small_digits
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_that_crashed_before_its_first_checkpoint_resumes_from_the_start(small_digits_folder, tmp_path):
+    """A crash or a lost machine in the first epoch leaves config.json and no checkpoint: --resume starts the
+    run again with its saved settings (it said the folder was no run of `simclr pretrain`, and the same
+    --out was refused as holding files)."""
+    straight = tmp_path / "straight"
+    pretrain(_config(small_digits_folder, straight, epochs=1))
+
+    def crash_at_step_2(kind, **fields):  # the process dies in the first epoch: no checkpoint is written
+        if kind == "step" and fields["step"] == 2:
+            raise MemoryError("out of memory")
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(MemoryError):
+        pretrain(_config(small_digits_folder, crashed, epochs=1), crash_at_step_2)
+    assert (crashed / "config.json").is_file() and not (crashed / "checkpoint.safetensors").exists()
+
+    cli = runner.invoke(app, ["pretrain", "--resume", str(crashed)])
+    assert cli.exit_code == 0, cli.output
+    assert losses(crashed) == losses(straight)
+    a, b = load_file(str(straight / "encoder.safetensors")), load_file(str(crashed / "encoder.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resuming_a_finished_run_exports_again(small_digits_folder, tmp_path):
     out = tmp_path / "done"
     pretrain(_config(small_digits_folder, out, epochs=1))
