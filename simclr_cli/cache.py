@@ -2,10 +2,10 @@
 
 Decoding a photo of a few megapixels costs far more than everything SimCLR does to it afterwards.
 The first epoch decodes each image (Pillow draft mode where it can), brings it to the working
-resolution (shorter side 1.15x the training size; images more elongated than 4:3 keep their central
-4:3 region, the widest crop RandomResizedCrop takes) and stores it in a fixed-size slot of one
-memory-mapped file; later epochs read the slot instead of the file. Loader workers write their own
-slots, so filling the cache costs no extra pass.
+resolution (shorter side 1.15x the training size, longer side at most 4/3 of that: images more
+elongated than 4:3 are brought down further, whole, since a random resized crop may sit anywhere on
+them) and stores it in a fixed-size slot of one memory-mapped file; later epochs read the slot
+instead of the file. Loader workers write their own slots, so filling the cache costs no extra pass.
 
 Files, beside each other in the run folder or in --cache-dir (`decoded-<side>px-<folder hash>`):
   .u8     the pixels: one slot of side x ceil(4/3 side) x 3 bytes per image, in scan order
@@ -39,6 +39,7 @@ WORKING_SCALE = 1.15
 MAX_ASPECT = 4 / 3
 EMPTY, STORED, UNREADABLE = 0, 1, 2
 FORMAT = "simclr-decoded-cache"
+VERSION = 2  # 1 kept only the central 4:3 of wider images
 
 
 def working_side(image_size: int) -> int:
@@ -52,22 +53,21 @@ def slot_shape(side: int) -> tuple[int, int]:
 
 
 def to_working_resolution(image: Image.Image, side: int) -> np.ndarray:
-    """The central (at most 4:3) region with its shorter side brought down to `side`: (H, W, 3) uint8.
+    """The whole image brought down to fit a slot, shorter side at most `side`: (H, W, 3) uint8.
 
+    Images more elongated than 4:3 come down further, to the slot's longer side: random resized crops
+    are at most 4:3 but may lie anywhere on the image (on a 16:9 photo, about half of them reach
+    outside its central 4:3), so the views keep the paper's distribution at a slightly lower
+    resolution (a 3:2 photo's shorter side is 0.89 `side`, still above the training size).
     Smaller images are not enlarged (the crop's resize does that once, later).
     """
     width, height = image.size
-    crop_w, crop_h = min(width, math.floor(height * MAX_ASPECT)), min(height, math.floor(width * MAX_ASPECT))
-    left, top = (width - crop_w) // 2, (height - crop_h) // 2
-    scale = min(1.0, side / min(crop_w, crop_h))
-    _, long = slot_shape(side)
-    size = (min(long, max(1, round(crop_w * scale))), min(long, max(1, round(crop_h * scale))))
-    box = (left, top, left + crop_w, top + crop_h)
-    if size == (crop_w, crop_h):
-        image = image.crop(box) if box != (0, 0, width, height) else image
-    else:
-        image = image.resize(size, Image.Resampling.BICUBIC, box=box)
-    return np.asarray(image)
+    short, long = slot_shape(side)
+    scale = min(1.0, short / min(width, height), long / max(width, height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if size == (width, height):
+        return np.asarray(image)
+    return np.asarray(image.resize(size, Image.Resampling.BICUBIC))
 
 
 def load_working(path: str | Path, side: int) -> np.ndarray:
@@ -124,7 +124,7 @@ class DecodedCache:
             del slots
             summary = (f"decoded cache {cache.base}.u8: {stored} of {len(paths)} images stored"
                        + (f", {len(changed)} changed since and decoded again" if changed else ""))
-        write_json(f"{cache.base}.json", {"format": FORMAT, "version": 1, "side": side, "slot": list(cache.slot),
+        write_json(f"{cache.base}.json", {"format": FORMAT, "version": VERSION, "side": side, "slot": list(cache.slot),
                                           "paths": paths, "stats": stats})
         return cache, summary
 
@@ -133,7 +133,7 @@ class DecodedCache:
             manifest = json.loads(Path(f"{self.base}.json").read_text())
         except (OSError, ValueError):
             return None
-        if manifest.get("format") != FORMAT or manifest.get("side") != self.side:
+        if (manifest.get("format"), manifest.get("version"), manifest.get("side")) != (FORMAT, VERSION, self.side):
             return None
         return manifest
 

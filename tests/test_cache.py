@@ -40,12 +40,13 @@ def write_folder(root: Path, sizes: list[tuple[int, int]]) -> list[Path]:
 
 
 @pytest.mark.parametrize("size, expected", [
-    ((400, 300), (37, 49)),  # 4:3 landscape: shorter side 37, all of it kept
+    ((400, 300), (37, 49)),  # 4:3 landscape: shorter side 37
     ((300, 400), (49, 37)),  # portrait
-    ((800, 200), (37, 49)),  # a panorama keeps its central 4:3
-    ((30, 20), (20, 26)),  # smaller than the working side: not enlarged, central 4:3 kept
+    ((600, 400), (33, 50)),  # 3:2: the longer side fills the slot, the shorter one is 0.89 x 37
+    ((800, 200), (12, 50)),  # a panorama, whole, at the slot's length
+    ((30, 20), (20, 30)),  # smaller than the slot: not enlarged, all of it kept
 ])
-def test_working_resolution_keeps_the_central_4_3_at_1_15x(size, expected):
+def test_working_resolution_keeps_the_whole_image_at_1_15x_or_the_slot_length(size, expected):
     side = working_side(32)
     assert side == 37 and slot_shape(side) == (37, 50)
     array = to_working_resolution(gradient(*size), side)
@@ -54,13 +55,22 @@ def test_working_resolution_keeps_the_central_4_3_at_1_15x(size, expected):
     assert min(array.shape[:2]) <= short and max(array.shape[:2]) <= long
 
 
-def test_working_resolution_is_a_bicubic_resize_of_the_central_region():
+def test_working_resolution_is_a_bicubic_resize_of_the_whole_image():
     image = gradient(800, 200)
-    array = to_working_resolution(image, 37)
-    expected = np.asarray(image.crop((267, 0, 533, 200)).resize((49, 37), Image.Resampling.BICUBIC))
-    difference = np.abs(array.astype(int) - expected.astype(int))
-    assert difference[:, 2:-2].max() <= 2, "the same away from the left and right edges (the box resize samples " \
-                                           "pixels just outside the crop)"
+    expected = np.asarray(image.resize((50, 12), Image.Resampling.BICUBIC))
+    assert np.array_equal(to_working_resolution(image, 37), expected)
+
+
+def test_random_resized_crops_of_a_wide_photo_reach_its_edges_in_the_working_image():
+    """A 16:9 photo with a red left and a blue right edge: the crops may lie anywhere on the image
+    (RandomResizedCrop's boxes leave its central 4:3 in about 46% of draws), so both edges must survive
+    the working resolution (they were cut off with the central 4:3)."""
+    array = np.full((900, 1600, 3), 128, np.uint8)
+    array[:, :150] = (255, 0, 0)
+    array[:, -150:] = (0, 0, 255)
+    working = to_working_resolution(Image.fromarray(array), working_side(224))
+    assert slot_shape(working_side(224)) == (258, 344) and working.shape[:2] == (round(900 * 344 / 1600), 344)
+    assert (working[:, 0] == (255, 0, 0)).all() and (working[:, -1] == (0, 0, 255)).all()
 
 
 def test_slots_are_filled_once_and_read_back_without_decoding(tmp_path, monkeypatch):
@@ -180,3 +190,16 @@ def test_bad_cache_and_augment_flags_are_one_line_errors(small_digits_folder, tm
     assert result.exit_code == 1, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists(), "refused before any work"
+
+
+def test_a_cache_of_the_earlier_layout_is_made_again(tmp_path):
+    """Version 1 caches hold only the central 4:3 of wide images: reusing them would change the views."""
+    paths = write_folder(tmp_path / "images", [(160, 90), (90, 120)])
+    cache, summary = DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
+    WorkingImages(37, cache)(0, str(paths[0]))  # fill a slot
+    _, summary = DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
+    assert "1 of 2 images stored" in summary
+    manifest = json.loads(Path(f"{cache.base}.json").read_text())
+    Path(f"{cache.base}.json").write_text(json.dumps({**manifest, "version": 1}))
+    _, summary = DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
+    assert "created" in summary, summary
