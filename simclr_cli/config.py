@@ -356,21 +356,25 @@ class FinetuneConfig:
 
 # Values by `simclr pretrain` parameter name; every flag the user gives overrides its preset value. Both
 # start every residual block as its shortcut, as google-research/simclr's ResNet does (init_zero=True),
-# and end the projection head with BatchNorm, as its `projection_head` does.
+# and end the projection head with BatchNorm, as its `projection_head` does. `lr_per_256` is not a
+# parameter: the papers' learning rates are per 256 images (google-research/simclr multiplies its
+# --learning_rate by batch/256), so a preset's lr is lr_per_256 x batch / 256 for the batch in effect,
+# unless --lr is given.
 PRESETS: dict[str, dict[str, Any]] = {
     # SimCLR (arXiv 2002.05709) section 2.3, "Default setting", the ImageNet recipe: ResNet-50, batch 4096,
-    # LARS at 0.3 x batch/256 (lr None, scaling linear: 4.8 at 4096, rescaled if --batch-size changes), weight
-    # decay 1e-6, temperature 0.1, 100 epochs with 10 of linear warmup, 224 px, Appendix A's views.
+    # LARS at 0.3 x batch/256 (4.8 at 4096; lr None with the linear rule, which is 0.3 per 256), weight decay
+    # 1e-6, temperature 0.1, 100 epochs with 10 of linear warmup, 224 px, Appendix A's views.
     "imagenet": {"arch": "resnet50", "stem": "imagenet", "image_size": 224, "batch_size": 4096, "optimizer": "lars",
-                 "lr": None, "lr_scaling": "linear", "weight_decay": 1e-6, "temperature": 0.1, "epochs": 100,
-                 "warmup_epochs": 10.0, "proj_layers": 2, "proj_out_bn": True, "zero_init_residual": True,
-                 "crop_min_scale": 0.08, "jitter": 1.0, "blur": True},
+                 "lr_per_256": None, "lr_scaling": "linear", "weight_decay": 1e-6, "temperature": 0.1,
+                 "epochs": 100, "warmup_epochs": 10.0, "proj_layers": 2, "proj_out_bn": True,
+                 "zero_init_residual": True, "crop_min_scale": 0.08, "jitter": 1.0, "blur": True},
     # SimCLR Appendix B.9, CIFAR-10: ResNet-50 with a 3x3 stride-1 first convolution and no max-pool,
-    # 32 px, colour jitter 0.5 and no blur, batch 1024, LARS at lr 1.0 (the middle of the 0.5/1.0/1.5
-    # the appendix sweeps), temperature 0.5, weight decay 1e-6; 1000 epochs and lr 1.0, temperature 0.5
-    # as in google-research/simclr's published CIFAR-10 command.
+    # 32 px, colour jitter 0.5 and no blur, batch 1024, LARS at 1.0 x batch/256 = 4.0 (1.0 is the middle
+    # of the 0.5/1.0/1.5 the appendix sweeps), temperature 0.5, weight decay 1e-6 ("the rest of the settings
+    # are the same as our ImageNet training"); 1000 epochs, lr 1.0 per 256 and temperature 0.5 as in
+    # google-research/simclr's published CIFAR-10 command (batch 512: 2.0).
     "cifar": {"arch": "resnet50", "stem": "cifar", "image_size": 32, "batch_size": 1024, "optimizer": "lars",
-              "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-6, "temperature": 0.5, "epochs": 1000,
+              "lr_per_256": 1.0, "lr_scaling": "linear", "weight_decay": 1e-6, "temperature": 0.5, "epochs": 1000,
               "warmup_epochs": 10.0, "proj_layers": 2, "proj_out_bn": True, "zero_init_residual": True,
               "crop_min_scale": 0.08, "jitter": 0.5, "blur": False},
 }
@@ -380,6 +384,10 @@ def apply_preset(config: PretrainConfig, name: str, given: set[str] | frozenset[
     """`config` with preset `name`'s values, except those whose flags are in `given` (parameter names)."""
     _check(name in PRESETS, f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
     values = {key: value for key, value in PRESETS[name].items() if key not in given}
+    lr_per_256 = values.pop("lr_per_256")
+    if "lr" not in given:
+        batch_size = config.batch_size if "batch_size" in given else values["batch_size"]
+        values["lr"] = None if lr_per_256 is None else lr_per_256 * batch_size / 256
     augment_fields = {f.name for f in dataclasses.fields(AugmentConfig)}
     augment = {key: values.pop(key) for key in list(values) if key in augment_fields}
     return replace(config, **values, augment=replace(config.augment, **augment))

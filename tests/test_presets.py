@@ -35,8 +35,13 @@ def test_imagenet_preset_is_the_papers_default_setting():
 def test_cifar_preset_is_appendix_b9():
     config = apply_preset(PretrainConfig(data_dir="x", out_dir="y"), "cifar").validate()
     assert (config.arch, config.resolved_stem("cpu"), config.augment.image_size) == ("resnet50", "cifar", 32)
-    assert (config.batch_size, config.optimizer, config.resolved_lr, config.temperature) == (1024, "lars", 1.0, 0.5)
+    # The appendix's lr 1.0 is per 256 images, as google-research/simclr's --learning_rate: x batch/256
+    assert (config.batch_size, config.optimizer, config.resolved_lr, config.temperature) == (1024, "lars", 4.0, 0.5)
     assert config.augment.jitter_strength == 0.5 and not config.augment.use_blur
+    google = apply_preset(PretrainConfig(data_dir="x", out_dir="y", batch_size=512), "cifar", {"batch_size"})
+    assert google.resolved_lr == 2.0, "its published CIFAR-10 command: batch 512, --learning_rate 1.0, linear"
+    given = apply_preset(PretrainConfig(data_dir="x", out_dir="y", lr=0.5), "cifar", {"lr"})
+    assert given.resolved_lr == 0.5, "--lr wins"
 
 
 def test_given_flags_override_the_preset_and_nothing_else_changes():
