@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,12 @@ class PretrainConfig:
             return self.weight_decay
         return 0.05 if self.optimizer == "adamw" else 1e-6
 
+    def with_absolute_paths(self) -> "PretrainConfig":
+        """The folders as absolute paths, for config.json: a run resumes from any working directory."""
+        return replace(self, data_dir=os.path.abspath(self.data_dir),
+                       monitor=self.monitor and os.path.abspath(self.monitor),
+                       cache_dir=self.cache_dir and os.path.abspath(self.cache_dir))
+
     def validate(self) -> "PretrainConfig":
         _check(self.epochs >= 1, f"--epochs {self.epochs} must be at least 1")
         _check(self.batch_size is None or self.batch_size >= 2,
@@ -324,6 +331,15 @@ class FinetuneConfig:
         if self.crop_min_scale is not None:
             return self.crop_min_scale
         return 0.5 if image_size <= SMALL_IMAGE_MAX else 0.08
+
+    def with_absolute_paths(self) -> "FinetuneConfig":
+        """The model and data paths as absolute ones, for config.json and split.json: a run resumes from any
+        working directory."""
+        data = self.data
+        data = replace(data, train_dir=os.path.abspath(data.train_dir),
+                       labels_csv=data.labels_csv and os.path.abspath(data.labels_csv),
+                       val_dir=data.val_dir and os.path.abspath(data.val_dir))
+        return replace(self, model=os.path.abspath(self.model), data=data)
 
     def validate(self) -> "FinetuneConfig":
         _check(0 < self.label_fraction <= 1,

@@ -133,7 +133,8 @@ class FinetuneRun:
     """One fine-tuning run in one folder: built fresh, or from its checkpoint when resuming."""
 
     def __init__(self, config: FinetuneConfig, report: Report = silent, resume: bool = False):
-        self.config, self.report = config, report
+        self.config, self.report = config.with_absolute_paths(), report
+        config = self.config
         self.run_dir = Path(config.out_dir)
         if resume and not (self.run_dir / CHECKPOINT_FILE).is_file():
             # Stopped in its first epoch (a crash, a lost machine) before any checkpoint: start it again as saved.

@@ -71,7 +71,7 @@ class PretrainRun:
         self.run_dir = Path(config.out_dir)
         self.device = resolve_device(config.runtime.device)
         # Decided once and saved in config.json, so a resumed run keeps its architecture, batch and views.
-        self.config = config = replace(config, stem=config.resolved_stem(self.device.type),
+        self.config = config = replace(config.with_absolute_paths(), stem=config.resolved_stem(self.device.type),
                                        batch_size=config.resolved_batch_size(self.device.type),
                                        augment=config.resolved_augment(self.device.type))
         self.precision = resolve_precision(config.runtime.precision, self.device)

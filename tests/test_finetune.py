@@ -215,3 +215,22 @@ def test_a_training_set_smaller_than_the_batch_fine_tunes_at_the_learning_rate_o
     assert f"using batch size {train} instead of 256" in result.output
     assert f"batch {train}, lr {0.05 * train / 256:g}" in result.output
     assert json.loads((out / "config.json").read_text())["batch_size"] == train
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_working_directory(tiny_encoder, small_digits_folder,
+                                                                                   tmp_path, monkeypatch):
+    """config.json keeps MODEL and TRAIN as absolute paths, and split.json its images: `--resume` from another
+    directory found neither when they were given relative."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    result = runner.invoke(app, ["finetune", os.path.relpath(tiny_encoder, start),
+                                 os.path.relpath(small_digits_folder, start), "--out", "run", "--epochs", "1",
+                                 "--batch-size", "32", *FAST])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((start / "run" / "config.json").read_text())
+    assert (saved["model"], saved["data"]["train_dir"]) == (str(tiny_encoder), str(small_digits_folder))
+    assert all(os.path.isabs(path) for path, _ in json.loads((start / "run" / "split.json").read_text())["val"])
+    monkeypatch.chdir(elsewhere)
+    resumed = runner.invoke(app, ["finetune", "--resume", str(start / "run"), "--workers", "0"])
+    assert resumed.exit_code == 0, resumed.output

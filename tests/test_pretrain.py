@@ -329,3 +329,23 @@ def test_a_folder_smaller_than_the_batch_trains_at_the_learning_rate_of_its_real
     rates = {name: [json.loads(line)["lr"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
              for name in runs}
     assert len(rates["default"]) == 2 and rates["default"] == pytest.approx(rates["explicit"]), rates
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_working_directory(small_digits_folder, tmp_path,
+                                                                                   monkeypatch):
+    """config.json keeps the data, --monitor and --cache-dir folders as absolute paths: `--resume` from another
+    directory found none of them when they were given relative (the monitor was "no such folder")."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    data = os.path.relpath(small_digits_folder, start)
+    result = runner.invoke(app, ["pretrain", data, "--out", "run", "--epochs", "1", "--batch-size", "64",
+                                 "--monitor", data, "--cache", "--cache-dir", "cache", *FAST])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((start / "run" / "config.json").read_text())
+    assert saved["data_dir"] == saved["monitor"] == str(small_digits_folder)
+    assert saved["cache_dir"] == str(start / "cache")
+    monkeypatch.chdir(elsewhere)
+    resumed = runner.invoke(app, ["pretrain", "--resume", str(start / "run"), "--workers", "0"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "of 200 images stored" in resumed.output and not (elsewhere / "cache").exists(), "the same cache"
