@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 from simclr_cli import __version__
 from simclr_cli.config import (ARCHITECTURES, OPTIMIZERS, PRECISIONS, PRESETS, STEMS, AugmentConfig, PretrainConfig,
                                RuntimeConfig, apply_preset, default_run_dir, parse_duration)
-from simclr_cli.errors import SimclrError
+from simclr_cli.errors import ConfigError, SimclrError
 from simclr_cli.progress import Reporter, console, err_console, labelled
 
 
@@ -166,7 +166,8 @@ def pretrain(
     preset: Annotated[Optional[str], typer.Option(
         help=f"The papers' settings by name ({', '.join(PRESETS)}): imagenet is ResNet-50, batch 4096, LARS "
              f"4.8, temperature 0.1, 100 epochs, 224 px; cifar is ResNet-50 with the 3x3 stem, 32 px, batch "
-             f"1024, LARS 1.0, temperature 0.5. Flags you give override it.", show_default=False)] = None,
+             f"1024, LARS 4.0 (1.0 per 256 images), temperature 0.5. Flags you give override it.",
+        show_default=False)] = None,
     monitor: Annotated[Optional[Path], typer.Option(
         help="A small folder of labelled images (one subfolder per class): kNN top-1 on it after every epoch, "
              "in metrics.jsonl and curves.png.", show_default=False)] = None,
@@ -181,6 +182,7 @@ def pretrain(
 
     config, resumed = None, None
     if resume is not None:
+        _refuse_changes_on_resume(ctx, resume, {"data_dir", "device", "workers", "devices", "quiet"})
         resumed = {"run_dir": resume, "data_dir": str(data_dir) if data_dir else None,
                    "device": None if device == "auto" else device, "workers": workers}
     else:
@@ -231,6 +233,17 @@ def _flags_given(ctx: typer.Context) -> set[str]:
     sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
     return {name for name, source in sources.items() if source is not None
             and source.name not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def _refuse_changes_on_resume(ctx: typer.Context, resume: Path, allowed: set[str]) -> None:
+    """A resumed run keeps the settings it saved: a flag that would change one is refused, not silently ignored."""
+    ignored = _flags_given(ctx) - allowed - {"resume"}
+    if ignored:
+        names = [param.opts[0] if param.param_type_name == "option" else param.metavar or param.name.upper()
+                 for param in ctx.command.params if param.name in ignored]
+        raise ConfigError(f"{', '.join(names)} with --resume: the run keeps the settings it started with "
+                          f"({resume / 'config.json'}); leave {'it' if len(names) == 1 else 'them'} out, or start "
+                          f"a new run with another --out")
 
 
 def _pretrain_process(config: PretrainConfig | None, resume: dict[str, Any] | None, quiet: bool) -> Any:
@@ -337,6 +350,7 @@ class _FinetuneReporter(Reporter):
 @app.command()
 @_fail_cleanly
 def finetune(
+    ctx: typer.Context,
     model: Annotated[Optional[Path], typer.Argument(
         metavar="MODEL", help="encoder.safetensors, or a run folder that holds one (optional with --resume).",
         show_default=False)] = None,
@@ -379,6 +393,7 @@ def finetune(
 
     with _FinetuneReporter(quiet=quiet or as_json) as reporter:
         if resume is not None:
+            _refuse_changes_on_resume(ctx, resume, {"device", "workers", "quiet", "as_json"})
             result = resume_finetune(resume, reporter, device=None if device == "auto" else device, workers=workers)
         else:
             if model is None or train is None:

@@ -165,6 +165,8 @@ def test_from_head_layer_fine_tunes_through_the_first_head_layer(tiny_encoder, s
     (["{encoder}", "{missing}"], "no such folder"),
     (["--resume", "{digits}"], "no config.json there"),
     (["--resume", "{encoder}"], "not the settings of a `simclr finetune` run"),
+    (["{encoder}", "--resume", "{encoder}", "--label-fraction", "0.1"],
+     "MODEL, --label-fraction with --resume: the run keeps the settings it started with"),
     (["{encoder}"], "give MODEL and TRAIN"),
 ])
 def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, small_digits_folder, tmp_path, args, message):

@@ -241,6 +241,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path):
     (["pretrain", "{one}"], "only one image; SimCLR contrasts"),
     (["pretrain", "--resume", "{empty}"], "no config.json"),
     (["pretrain", "--resume", "{finetuned}"], "not the settings of a `simclr pretrain` run"),
+    (["pretrain", "--resume", "{empty}", "--epochs", "200", "--lr", "0.1"],
+     "--epochs, --lr with --resume: the run keeps the settings it started with"),
     (["pretrain"], "give the folder of images"),
     (["pretrain", "{empty}", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
 ])
