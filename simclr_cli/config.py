@@ -401,7 +401,9 @@ def apply_preset(config: PretrainConfig, name: str, given: set[str] | frozenset[
     _check(name in PRESETS, f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
     values = {key: value for key, value in PRESETS[name].items() if key not in given}
     lr_per_256 = values.pop("lr_per_256")
-    if "lr" not in given:
+    if "optimizer" in given:  # the preset's rate and weight decay are LARS's: another optimiser keeps its own
+        values.pop("weight_decay", None)
+    elif "lr" not in given:
         batch_size = config.batch_size if "batch_size" in given else values["batch_size"]
         values["lr"] = None if lr_per_256 is None else lr_per_256 * batch_size / 256
     augment_fields = {f.name for f in dataclasses.fields(AugmentConfig)}

@@ -54,6 +54,15 @@ def test_given_flags_override_the_preset_and_nothing_else_changes():
     assert set(PRESETS["imagenet"]) == set(PRESETS["cifar"]), "both presets set the same things"
 
 
+def test_another_optimizer_keeps_its_own_lr_and_weight_decay_not_the_presets_lars_ones():
+    base = PretrainConfig(data_dir="x", out_dir="y", optimizer="adamw")
+    for name in PRESETS:
+        config = apply_preset(base, name, {"optimizer"})
+        assert config.optimizer == "adamw" and config.lr is None and config.weight_decay is None
+        assert config.resolved_weight_decay == 0.05 and config.resolved_lr == pytest.approx(
+            1e-3 * config.batch_size / 256), "AdamW's defaults, by the preset's linear rule"
+
+
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"--preset 'resnet' is unknown; choose one of imagenet, cifar"):
         apply_preset(PretrainConfig(data_dir="x", out_dir="y"), "resnet")
