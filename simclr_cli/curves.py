@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from simclr_cli.export import read_json_lines
+
 CURVES_FILE = "curves.png"
 CURVES_SIZE = (1200, 360)  # pixels (width, height) of curves.png: three panels side by side
 _DPI = 100
@@ -69,11 +71,7 @@ class KnnMonitor:
 def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(step records, which hold a loss; epoch records, which hold knn_top1) of a metrics.jsonl."""
     steps, epochs = [], []
-    path = Path(path)
-    for line in (path.read_text().splitlines() if path.is_file() else []):
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record in read_json_lines(path):
         if "loss" in record:
             steps.append(record)
         elif "knn_top1" in record:

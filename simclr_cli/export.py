@@ -84,6 +84,17 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise ModelFileError(f"{path}: not valid JSON ({error}); the {what} is damaged") from None
 
 
+def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log such as metrics.jsonl, none if it is missing; a line that does not
+    parse (the last one, cut short by a crash or a full disk) is left out."""
+    path = Path(path)
+    records = []
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file atomically (tensors made contiguous and unshared)."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}

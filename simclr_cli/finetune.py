@@ -23,8 +23,8 @@ from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_confusion, knn_report, report_data,
                                  split_features)
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, EncoderInfo, check_run_dir, load_checkpoint,
-                               load_encoder, load_optimizer, read_json, read_metadata, resolve_model_path,
-                               save_checkpoint, save_tensors, write_json, write_text)
+                               load_encoder, load_optimizer, read_json, read_json_lines, read_metadata,
+                               resolve_model_path, save_checkpoint, save_tensors, write_json, write_text)
 from simclr_cli.features import compute_features, eval_dataset, preprocessing
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, load_labelled
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
@@ -214,8 +214,8 @@ class FinetuneRun:
         self.state = FinetuneState(**checkpoint.progress["state"])
         self.skipped.update({s["path"]: Skipped(**s) for s in checkpoint.progress.get("skipped", [])})
         log = self.run_dir / "metrics.jsonl"
-        lines = log.read_text().splitlines() if log.exists() else []
-        write_text(log, "".join(line + "\n" for line in lines if json.loads(line)["epoch"] <= self.state.epoch))
+        write_text(log, "".join(json.dumps(record) + "\n" for record in read_json_lines(log)
+                                if record["epoch"] <= self.state.epoch))
         self.report("message", text=f"resuming {self.run_dir} at epoch {self.state.epoch + 1}, step {self.state.step}")
 
     # -- the loop ---------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from simclr_cli.data import (ImageDataset, Skipped, collate, epoch_order, make_l
                              scan_images, to_device_ahead)
 from simclr_cli.errors import ConfigError, DataError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, ENCODER_FILE, HEAD_FILE, EncoderInfo, check_run_dir,
-                               load_checkpoint, load_optimizer, read_json, save_checkpoint, save_encoder,
-                               save_tensors, write_json, write_text)
+                               load_checkpoint, load_optimizer, read_json, read_json_lines, save_checkpoint,
+                               save_encoder, save_tensors, write_json, write_text)
 from simclr_cli.gradcache import cached_backward, chunk_count
 from simclr_cli.loss import global_nt_xent
 from simclr_cli.models import SimCLR
@@ -206,9 +206,8 @@ class PretrainRun:
         if not is_main():
             return
         path = self.run_dir / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        write_text(path, "".join(line + "\n" for line in kept))
+        kept = [record for record in read_json_lines(path) if record.get("step", 0) <= step]
+        write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     # -- schedule ---------------------------------------------------------------------------
 

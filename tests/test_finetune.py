@@ -117,7 +117,10 @@ def test_interrupted_finetune_resumes_to_the_same_model(tiny_encoder, small_digi
     a = load_file(str(tmp_path / "straight" / "finetuned.safetensors"))
     b = load_file(str(tmp_path / "stopped" / "finetuned.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    log = (tmp_path / "stopped" / "metrics.jsonl").read_text()
+    (tmp_path / "stopped" / "metrics.jsonl").write_text(log + '{"epoch": 3, "lo')  # a crash in the middle of a write
     assert resume_finetune(tmp_path / "stopped").results["top1"] == straight.results["top1"]
+    assert (tmp_path / "stopped" / "metrics.jsonl").read_text() == log, "the cut line is dropped"
 
 
 def test_a_finetune_that_crashed_before_its_first_checkpoint_resumes_from_the_start(tiny_encoder, small_digits_folder,

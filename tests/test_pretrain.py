@@ -173,12 +173,15 @@ def test_a_run_that_crashed_before_its_first_checkpoint_resumes_from_the_start(s
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resuming_a_finished_run_exports_again(small_digits_folder, tmp_path):
+def test_resuming_a_finished_run_exports_again_past_a_log_line_cut_short(small_digits_folder, tmp_path):
     out = tmp_path / "done"
     pretrain(_config(small_digits_folder, out, epochs=1))
     (out / "encoder.safetensors").unlink()
+    log = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(log + '{"step": 7, "epoch": 1, "lo')  # a crash in the middle of a write
     result = resume_pretrain(out)
     assert result.encoder_path.is_file() and result.state.finished
+    assert (out / "metrics.jsonl").read_text() == log, "the cut line is dropped (it was a JSONDecodeError)"
 
 
 def test_time_budget_ends_the_run_in_time_and_annealed(small_digits_folder, tmp_path):
