@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +117,9 @@ def read_label_csv(csv_path: str | Path, root: str | Path) -> tuple[list[str], L
                 if len(row) != 2 or not row[0].strip() or not row[1].strip():
                     raise DataError(f"--labels {csv_path}, line {number}: expected two fields, path,label; "
                                     f"got {','.join(row)!r}")
-                path, label = root / row[0].strip(), row[1].strip()
+                # one key per file however the row spells it (relative, absolute, with ./ or ..), or a file
+                # listed twice would be in the data twice, perhaps in both the training and validation sets
+                path, label = Path(os.path.normpath(os.path.abspath(root / row[0].strip()))), row[1].strip()
                 if rows.get(path, label) != label:
                     raise DataError(f"--labels {csv_path}, line {number}: {row[0].strip()} is labelled both "
                                     f"{rows[path]!r} and {label!r}; keep one row per file")

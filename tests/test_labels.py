@@ -68,6 +68,19 @@ def test_label_csv_over_any_folder(tmp_path):
     assert [Path(s.path).name for s in skipped] == ["5.png"]
 
 
+def test_a_file_listed_twice_under_two_spellings_is_one_image(tmp_path):
+    root = make_classes(tmp_path / "pile", {"x": 0})
+    for index in range(4):
+        Image.new("RGB", (8, 8), (index * 30, 0, 0)).save(root / f"{index}.png")
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"0.png,a\n{root / '0.png'},a\n./x/../0.png,a\n1.png,a\n2.png,b\n3.png,b\n")
+    classes, data, _ = read_label_csv(csv, root)
+    assert sorted(p.name for p in data.paths) == ["0.png", "1.png", "2.png", "3.png"], data.paths
+    csv.write_text(f"0.png,a\n{root / '0.png'},b\n1.png,a\n2.png,b\n")
+    with pytest.raises(DataError, match="labelled both 'a' and 'b'"):
+        read_label_csv(csv, root)
+
+
 @pytest.mark.parametrize("rows,message", [
     ("0.png,a\nmissing.png,b\n", r"1 file\(s\) it names do not exist, e.g. .*missing.png"),
     ("0.png,a\n0.png,b\n", "labelled both 'a' and 'b'"),
