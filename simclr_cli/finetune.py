@@ -211,6 +211,8 @@ class FinetuneRun:
         self.model.load_state_dict(checkpoint.module_state("model"))
         load_optimizer(self.optimizer, checkpoint.tensors, checkpoint.optimizer)
         set_rng_state(checkpoint.rng_tensors(), checkpoint.rng)
+        if self.scaler is not None and checkpoint.progress.get("scaler"):  # fp16: the loss scale it had reached
+            self.scaler.load_state_dict(checkpoint.progress["scaler"])
         self.state = FinetuneState(**checkpoint.progress["state"])
         self.skipped.update({s["path"]: Skipped(**s) for s in checkpoint.progress.get("skipped", [])})
         log = self.run_dir / "metrics.jsonl"
@@ -312,7 +314,8 @@ class FinetuneRun:
     # -- outputs ----------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        progress = {"state": asdict(self.state), "skipped": [s.to_json() for s in self.skipped.values()]}
+        progress = {"state": asdict(self.state), "skipped": [s.to_json() for s in self.skipped.values()],
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None}
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, {"model": self.model}, self.optimizer, rng_state(), progress)
 
     def export(self) -> Path:

@@ -193,6 +193,8 @@ class PretrainRun:
         load_optimizer(self.optimizer, checkpoint.tensors, checkpoint.optimizer)
         set_rng_state(checkpoint.rng_tensors(), checkpoint.rng)
         saved = checkpoint.progress
+        if self.scaler is not None and saved.get("scaler"):  # fp16: the loss scale it had reached
+            self.scaler.load_state_dict(saved["scaler"])
         self.state = LoopState(**saved["state"])
         if saved.get("num_images") != len(self.paths):
             self.report("warning", text=f"the folder now holds {len(self.paths)} images, not "
@@ -357,7 +359,8 @@ class PretrainRun:
         if not is_main():
             return
         progress = {"state": asdict(self.state), "num_images": len(self.paths),
-                    "skipped": [s.to_json() for s in self.skipped.values()]}
+                    "skipped": [s.to_json() for s in self.skipped.values()],
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None}
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, {"backbone": self.model.backbone, "head": self.model.head},
                         self.optimizer, rng_state(), progress)
         write_json(self.run_dir / "skipped.json", [s.to_json() for s in self.skipped.values()])

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from simclr_cli.cli import app
 from simclr_cli.config import FinetuneConfig, LabelledDataConfig, RuntimeConfig
-from simclr_cli.export import load_encoder, read_metadata
+from simclr_cli.export import load_checkpoint, load_encoder, read_metadata
 from simclr_cli.features import compute_features
 from simclr_cli.finetune import finetune, resume_finetune
-from simclr_cli.runtime import resolve_precision
+from simclr_cli.runtime import Precision, resolve_precision
 
 runner = CliRunner()
 FAST = ["--device", "cpu", "--workers", "0"]
@@ -98,7 +98,11 @@ def _config(data, model, out, **changes):
     return FinetuneConfig(**{**settings, **changes})
 
 
-def test_interrupted_finetune_resumes_to_the_same_model(tiny_encoder, small_digits_folder, tmp_path):
+def test_interrupted_finetune_resumes_to_the_same_model(tiny_encoder, small_digits_folder, tmp_path, monkeypatch):
+    # fp16 (CUDA) scales the loss: a CPU GradScaler that doubles every step stands in, to check that a resumed run
+    # goes on from the scale it had reached
+    monkeypatch.setattr(Precision, "grad_scaler",
+                        lambda self: torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1))
     straight = finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "straight"))
 
     def interrupt_at_step_12(kind, **fields):  # a Ctrl-C in the second epoch (10 steps each)
@@ -117,6 +121,9 @@ def test_interrupted_finetune_resumes_to_the_same_model(tiny_encoder, small_digi
     a = load_file(str(tmp_path / "straight" / "finetuned.safetensors"))
     b = load_file(str(tmp_path / "stopped" / "finetuned.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    scales = [load_checkpoint(tmp_path / run / "checkpoint.safetensors").progress["scaler"]["scale"]
+              for run in ("straight", "stopped")]
+    assert scales == [2.0 ** 20, 2.0 ** 20], "20 steps, each doubling the scale"
     log = (tmp_path / "stopped" / "metrics.jsonl").read_text()
     (tmp_path / "stopped" / "metrics.jsonl").write_text(log + '{"epoch": 3, "lo')  # a crash in the middle of a write
     assert resume_finetune(tmp_path / "stopped").results["top1"] == straight.results["top1"]

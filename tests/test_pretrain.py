@@ -23,6 +23,7 @@ from simclr_cli.config import AugmentConfig, FinetuneConfig, LabelledDataConfig,
 from simclr_cli.data import epoch_order
 from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.models import SimCLR
+from simclr_cli.runtime import Precision
 from simclr_cli.train import pretrain, resume_pretrain
 
 runner = CliRunner()
@@ -148,6 +149,27 @@ def test_interrupted_run_resumes_to_the_same_loss_curve_and_weights(small_digits
     assert losses(stopped) == losses(straight), "same seed, same CPU: the resumed curve is the uninterrupted one"
     a, b = load_file(str(straight / "encoder.safetensors")), load_file(str(stopped / "encoder.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_run_keeps_the_loss_scale_its_gradient_scaler_had_reached(small_digits_folder, tmp_path,
+                                                                              monkeypatch):
+    """fp16 runs (CUDA) scale the loss; the scale grows while gradients stay finite. A CPU GradScaler stands in
+    here, doubling every step: resumed at step 4, the run must go on from 2^14, not start again at 2^10."""
+    monkeypatch.setattr(Precision, "grad_scaler",
+                        lambda self: torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1))
+    straight = tmp_path / "straight"
+    pretrain(_config(small_digits_folder, straight, epochs=1))
+
+    def interrupt_at_step_4(kind, **fields):
+        if kind == "step" and fields["step"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = tmp_path / "stopped"
+    assert pretrain(_config(small_digits_folder, stopped, epochs=1), interrupt_at_step_4).interrupted
+    assert load_checkpoint(stopped / "checkpoint.safetensors").progress["scaler"]["scale"] == 2.0 ** 14
+    resume_pretrain(stopped)
+    scales = [load_checkpoint(run / "checkpoint.safetensors").progress["scaler"]["scale"] for run in (straight, stopped)]
+    assert scales == [2.0 ** 16, 2.0 ** 16], "6 steps, each doubling the scale"
 
 
 def test_a_run_that_crashed_before_its_first_checkpoint_resumes_from_the_start(small_digits_folder, tmp_path):
