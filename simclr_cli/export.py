@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -147,13 +148,36 @@ class EncoderInfo:
                        image_size=int(meta["image_size"]), mean=tuple(json.loads(meta["mean"])),
                        std=tuple(json.loads(meta["std"])), version=meta.get("simclr_version", "?"),
                        config=json.loads(meta.get("config", "{}")), width=float(meta.get("width", 1.0)))
-        except (KeyError, ValueError) as error:
+        except (KeyError, ValueError, TypeError) as error:
             raise ModelFileError(f"{path}: simclr encoder metadata is incomplete ({error}); re-export it "
                                  f"with `simclr pretrain`") from None
         if info.arch not in BACKBONES:
             raise ModelFileError(f"{path}: architecture {info.arch!r} is unknown to simclr {__version__}; "
                                  f"upgrade simclr")
+        problem = info._damage()
+        if problem:
+            raise ModelFileError(f"{path}: simclr encoder metadata is damaged ({problem}); re-export it with "
+                                 f"`simclr pretrain`")
         return info
+
+    def _damage(self) -> str | None:
+        """What makes these values impossible for a file simclr wrote (the bounds of its flags), or None."""
+        def numbers(values: tuple) -> bool:
+            return len(values) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+        if self.stem not in ("imagenet", "cifar"):
+            return f"stem {self.stem!r}"
+        if not 8 <= self.image_size <= 4096:  # --image-size's bounds
+            return f"image_size {self.image_size}"
+        if not 0.125 <= self.width <= 4:  # --width's bounds (NaN fails too)
+            return f"width {self.width}"
+        if self.feature_dim < 1:
+            return f"feature_dim {self.feature_dim}"
+        if not (numbers(self.mean) and numbers(self.std) and min(self.std) > 0):
+            return f"mean {list(self.mean)}, std {list(self.std)}: three numbers each, std above 0"
+        if not isinstance(self.config, dict):
+            return "config is not a JSON object"
+        return None
 
 
 def save_encoder(path: str | Path, backbone: nn.Module, info: EncoderInfo,
@@ -189,6 +213,9 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     except RuntimeError as error:
         raise ModelFileError(f"{path}: weights do not match a {info.arch} ({str(error).splitlines()[0]}); "
                              f"the file is damaged") from None
+    if backbone.feature_dim != info.feature_dim:
+        raise ModelFileError(f"{path}: its metadata gives {info.feature_dim}-d features, its {info.arch} gives "
+                             f"{backbone.feature_dim}; the file is damaged")
     return backbone.to(device).eval(), info
 
 

@@ -77,6 +77,26 @@ def test_foreign_and_broken_files_are_clear_errors(tmp_path):
         load_encoder(incomplete)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("mean", "5", "incomplete"),  # was a TypeError traceback
+    ("std", "[1, 2]", "damaged .*three numbers each"),
+    ("mean", '["a", "b", "c"]', "damaged .*three numbers each"),
+    ("std", "[0.2, 0, 0.2]", "damaged .*std above 0"),
+    ("stem", "foo", "damaged .*stem 'foo'"),  # was a ValueError traceback
+    ("width", "nan", "damaged .*width nan"),  # was a ValueError traceback
+    ("image_size", "0", "damaged .*image_size 0"),
+    ("feature_dim", "-1", "damaged .*feature_dim -1"),
+    ("feature_dim", "2048", "metadata gives 2048-d features, its resnet18 gives 512"),
+    ("config", "[]", "damaged .*config is not a JSON object"),
+])
+def test_damaged_encoder_metadata_is_a_clear_error(tmp_path, key, value, message):
+    path = tmp_path / "encoder.safetensors"
+    metadata = {**info_for().to_metadata(), key: value}
+    save_file(build_backbone("resnet18", "imagenet").state_dict(), str(path), metadata=metadata)
+    with pytest.raises(ModelFileError, match=message):
+        load_encoder(path)
+
+
 def test_checkpoint_round_trip_restores_model_optimizer_and_rng(tmp_path):
     torch.manual_seed(0)
     model = SimCLR("resnet18", "imagenet")
