@@ -193,7 +193,9 @@ def classification_report(scores: torch.Tensor, labels: torch.Tensor, classes: l
     """top1, top5 (top-k with k = min(5, classes)), per-class accuracy and the confusion matrix."""
     num_classes = len(classes)
     predicted = scores.argmax(1)  # (N,)
-    top5 = scores.topk(min(5, num_classes), dim=1).indices  # (N, k)
+    # A stable sort breaks ties toward the lower class index, as argmax does, so the top-1 prediction is
+    # always among the top k (topk breaks ties its own way: a top-1 hit could be a top-5 miss).
+    top5 = scores.sort(dim=1, descending=True, stable=True).indices[:, :min(5, num_classes)]  # (N, k)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)  # rows: true class
     per_class = {}

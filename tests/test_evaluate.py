@@ -62,8 +62,31 @@ def test_classification_report_counts_top1_top5_and_classes():
     assert report["per_class"] == {"a": {"accuracy": 1.0, "count": 1}, "b": {"accuracy": 1.0, "count": 1},
                                    "c": {"accuracy": 0.5, "count": 2}}
     assert report["confusion"] == [[1, 0, 0], [0, 1, 0], [1, 0, 1]]
-    many = classification_report(torch.eye(6)[[1, 2, 3, 4, 5, 0]], torch.arange(6), list("abcdef"))
-    assert many["top1"] == 0 and many["top5"] == 5 / 6
+    scores = torch.eye(6)[[1, 2, 3, 4, 5, 0]]  # the true class ties with four others below the prediction
+    many = classification_report(scores, torch.arange(6), list("abcdef"))
+    assert many["top1"] == 0 and many["top5"] == topk_reference(scores, torch.arange(6), 5)
+
+
+def topk_reference(scores, labels, k):
+    """Top-k accuracy written out row by row: the k highest scores, ties going to the lower class index
+    (as argmax breaks them, so top-1 is the prediction and every top-1 hit is a top-k hit)."""
+    hits = 0
+    for row, label in zip(scores.tolist(), labels.tolist()):
+        ranked = sorted(range(len(row)), key=lambda c: (-row[c], c))
+        hits += label in ranked[:k]
+    return hits / len(labels)
+
+
+@pytest.mark.parametrize("num_classes", [3, 8, 12])
+def test_top1_and_top5_with_tied_scores_match_the_reference(num_classes):
+    generator = torch.Generator().manual_seed(num_classes)
+    scores = torch.randint(0, 2, (60, num_classes), generator=generator).double()  # many ties
+    scores[:10] = 0  # rows where every class ties (a zero-initialised head, a collapsed encoder)
+    labels = torch.randint(0, num_classes, (60,), generator=generator)
+    labels[:10] = 0  # argmax's choice on a full tie: a top-1 hit, so a top-5 hit as well
+    report = classification_report(scores, labels, [str(c) for c in range(num_classes)])
+    assert report["top1"] == topk_reference(scores, labels, 1)
+    assert report["top5"] == topk_reference(scores, labels, min(5, num_classes))
 
 
 def test_confusion_image_shades_the_diagonal(tmp_path):
