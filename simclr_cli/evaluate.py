@@ -44,6 +44,11 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# Bumped whenever the features of the same files and model change (2: large JPEGs decoded at the resize side,
+# not the crop size, f89beab), so caches written before are not reused.
+FEATURES_VERSION = 2
+
+
 def feature_cache_key(model_sha256: str, paths: Sequence[Path], info: EncoderInfo, precision: Precision) -> str:
     """A digest of the model, the files (path, size, modification time) and the preprocessing."""
     files = []
@@ -51,7 +56,7 @@ def feature_cache_key(model_sha256: str, paths: Sequence[Path], info: EncoderInf
         stat = os.stat(path)
         files.append([str(path), stat.st_size, stat.st_mtime_ns])
     preprocessing = [info.image_size, list(info.mean), list(info.std), precision.name]
-    text = json.dumps([model_sha256, files, preprocessing])
+    text = json.dumps([model_sha256, files, preprocessing, FEATURES_VERSION])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

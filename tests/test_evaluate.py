@@ -204,3 +204,22 @@ def test_one_training_image_per_class_leaves_nothing_to_search_the_l2_on():
     probe, search = train_linear_probe(torch.randn(2, 8, generator=torch.Generator().manual_seed(0)),
                                        torch.tensor([0, 1]), 2)
     assert probe.l2 == UNSEARCHED_L2 and search == []
+
+
+def test_the_feature_cache_key_changes_with_the_features_version(tmp_path, monkeypatch):
+    """Features cached by an earlier version (other preprocessing code, same files and model) are not reused."""
+    from simclr_cli import evaluate
+    from simclr_cli.export import EncoderInfo
+    from simclr_cli.runtime import resolve_precision
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    info = EncoderInfo(arch="resnet18", stem="imagenet", feature_dim=512, image_size=32, mean=(0.5,) * 3,
+                       std=(0.25,) * 3, version="test", config={})
+    fp32 = resolve_precision("fp32", torch.device("cpu"))
+
+    def key() -> str:
+        return evaluate.feature_cache_key("ab" * 32, [tmp_path / "a.png"], info, fp32)
+
+    now = key()
+    monkeypatch.setattr(evaluate, "FEATURES_VERSION", evaluate.FEATURES_VERSION - 1)
+    assert key() != now
