@@ -19,7 +19,7 @@ from simclr_cli.config import LinearEvalConfig
 from simclr_cli.data import Skipped
 from simclr_cli.errors import ConfigError, DataError
 from simclr_cli.export import (EncoderInfo, atomic_path, check_output_path, load_encoder, read_metadata,
-                               resolve_model_path, save_tensors, write_json)
+                               resolve_model_path, save_tensors, sha256_file, write_json)
 from simclr_cli.features import compute_features
 from simclr_cli.labels import LabelledData, load_labelled, stratified_split
 from simclr_cli.runtime import Precision, resolve_device, resolve_precision, seed_everything
@@ -35,14 +35,6 @@ KNN_TEMPERATURE = 0.07
 
 
 # -- features, computed once per (model, files, preprocessing) ------------------------------------
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 # Bumped whenever the features of the same files and model change (2: large JPEGs decoded at the resize side,
 # not the crop size, f89beab), so caches written before are not reused.
@@ -301,7 +293,7 @@ def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult
     report_data(data, report)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    model_sha256 = file_sha256(model_path)
+    model_sha256 = sha256_file(model_path)
     paths = data.train.paths + data.val.paths
     cache = out_dir / f"features-{feature_cache_key(model_sha256, paths, info, precision)}.safetensors"
     features, kept, skipped = cached_features(backbone, info, paths, device, precision, cache, config.batch_size,

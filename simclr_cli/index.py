@@ -8,7 +8,6 @@ chunks, so an index never has to fit in RAM.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
-from simclr_cli.export import check_output_path, read_json, write_json
+from simclr_cli.export import check_output_path, read_json, sha256_file, write_json
 
 INDEX_FORMAT = "simclr-index"
 DTYPES = ("float32", "float16")
@@ -37,13 +36,6 @@ def manifest_path(index_path: str | Path) -> Path:
     """The manifest beside an index: out.npy -> out.json."""
     return Path(index_path).with_suffix(".json")
 
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
