@@ -37,7 +37,6 @@ def manifest_path(index_path: str | Path) -> Path:
     return Path(index_path).with_suffix(".json")
 
 
-
 @dataclass
 class Manifest:
     """What an index holds: `paths[i]` is the image of row i."""
