@@ -53,18 +53,17 @@ def check_output_path(path: str | Path, what: str) -> None:
         raise ConfigError(f"{what} {path}: cannot write it, a folder on its path is a file; pass another path")
 
 
-def check_run_dir(run_dir: Path, resume: bool, command: str) -> None:
-    """A new run needs an empty (or new) --out; a resumed one needs the checkpoint a run left there."""
+def check_run_dir(run_dir: Path, resume: bool) -> bool:
+    """A new run needs an empty (or new) --out. Return whether to restore the checkpoint: a resumed run (its
+    config.json read already) that stopped before writing its first one has none, and starts again."""
     checkpoint = run_dir / CHECKPOINT_FILE
-    if resume and not checkpoint.is_file():
-        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT_FILE} there; pass the folder of a run that "
-                          f"`simclr {command}` started")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; pass a folder (new or empty) for the run")
     check_output_path(run_dir, "--out")
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         hint = f"resume it with --resume {run_dir}" if checkpoint.is_file() else "choose an empty folder"
         raise ConfigError(f"--out {run_dir} already holds files; {hint}, or pass another --out")
+    return resume and checkpoint.is_file()
 
 
 def write_json(path: str | Path, data: Any) -> None:

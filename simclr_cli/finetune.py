@@ -133,15 +133,13 @@ class FinetuneRun:
     """One fine-tuning run in one folder: built fresh, or from its checkpoint when resuming."""
 
     def __init__(self, config: FinetuneConfig, report: Report = silent, resume: bool = False):
-        self.config, self.report = config.with_absolute_paths(), report
-        config = self.config
+        self.config = config = config.with_absolute_paths()
+        self.report = report
         self.run_dir = Path(config.out_dir)
-        if resume and not (self.run_dir / CHECKPOINT_FILE).is_file():
-            # Stopped in its first epoch (a crash, a lost machine) before any checkpoint: start it again as saved.
+        restore = check_run_dir(self.run_dir, resume)
+        if resume and not restore:  # stopped in its first epoch (a crash, a lost machine): start it again as saved
             report("message", text=f"{self.run_dir} stopped before its first checkpoint: starting it again")
-            resume = False
-        else:
-            check_run_dir(self.run_dir, resume, "finetune")
+        resume = restore
         self.device = resolve_device(config.runtime.device)
         self.precision = resolve_precision(config.runtime.precision, self.device)
         self.workers = config.runtime.workers if config.runtime.workers is not None else default_workers()

@@ -119,7 +119,7 @@ def read_label_csv(csv_path: str | Path, root: str | Path) -> tuple[list[str], L
                                     f"got {','.join(row)!r}")
                 # one key per file however the row spells it (relative, absolute, with ./ or ..), or a file
                 # listed twice would be in the data twice, perhaps in both the training and validation sets
-                path, label = Path(os.path.normpath(os.path.abspath(root / row[0].strip()))), row[1].strip()
+                path, label = Path(os.path.abspath(root / row[0].strip())), row[1].strip()  # abspath normalises
                 if rows.get(path, label) != label:
                     raise DataError(f"--labels {csv_path}, line {number}: {row[0].strip()} is labelled both "
                                     f"{rows[path]!r} and {label!r}; keep one row per file")

@@ -80,12 +80,10 @@ class PretrainRun:
         self.state = LoopState()
         self._step_seconds = 0.0  # duration of the latest step, to tell whether another one fits
         self._time_progress = 0.0  # fraction of the time budget spent, as far as the schedule goes
-        if resume and not (self.run_dir / CHECKPOINT_FILE).is_file():
-            # Stopped in its first epoch (a crash, a lost machine) before any checkpoint: start it again as saved.
+        restore = check_run_dir(self.run_dir, resume)
+        if resume and not restore:  # stopped in its first epoch (a crash, a lost machine): start it again as saved
             report("message", text=f"{self.run_dir} stopped before its first checkpoint: starting it again")
-            resume = False
-        else:
-            check_run_dir(self.run_dir, resume, "pretrain")
+        resume = restore
         distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
         seed_everything(config.runtime.seed)
 
