@@ -125,9 +125,9 @@ def main() -> None:
                 rows, _ = open_index(path)
                 read_floor(rows)  # warm the page cache
                 floor = best_of(args.repeats, lambda: read_floor(rows))
-                ours = best_of(args.repeats, lambda: top_k(rows, torch.from_numpy(query)[None], args.k))
+                ours = best_of(args.repeats, lambda: top_k(rows, query[None], args.k))
                 plain = best_of(args.repeats, lambda: numpy_search(rows, query, args.k))
-                _, found = top_k(rows, torch.from_numpy(query)[None], args.k)
+                _, found = top_k(rows, query[None], args.k)
                 assert found[0].tolist() == numpy_search(rows, query, args.k).tolist(), "results differ from numpy"
                 print(f"{count:>9,} {dtype:>8} {rows.nbytes / 2**20:>6.0f} {floor * 1e3:>9.1f} {ours * 1e3:>10.1f} "
                       f"{plain * 1e3:>9.1f} {ours / floor:>12.2f}x {plain / ours:>12.2f}x")

@@ -452,7 +452,7 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
 
 
 def embed_queries(model_path: str | Path, paths: list[str], device: torch.device,
-                  precision: str = "auto") -> tuple[torch.Tensor, list[int], list[Skipped]]:
+                  precision: str = "auto") -> tuple[np.ndarray, list[int], list[Skipped]]:
     """Unit-length features of query images: (features (M, D), positions in `paths` (M,), skipped files).
 
     `precision` should be the index's, so that an image in the index finds its own row at score 1;
@@ -470,4 +470,4 @@ def embed_queries(model_path: str | Path, paths: list[str], device: torch.device
         positions.extend(batch.indices.tolist())
         skipped.extend(batch.skipped)
     stacked = torch.cat(features) if features else torch.empty(0, info.feature_dim)  # (M, D)
-    return stacked, positions, skipped
+    return stacked.float().cpu().numpy(), positions, skipped

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.export import check_output_path, read_json, sha256_file, write_json
@@ -131,91 +130,106 @@ def choose_index(explicit: str | Path | None) -> tuple[Path, str]:
 
 # -- search ---------------------------------------------------------------------------------
 
-def top_k(rows: np.ndarray, queries: torch.Tensor, k: int, normalized: bool = True,
+def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True,
           exclude: Sequence[int | None] | None = None,
-          chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-k of unit `queries` (Q, D) against `rows` (N, D): (scores (Q, k), row indices (Q, k)).
 
     Rows are read in chunks, scored in float32 and merged into a running top-k, so memory stays at
     one chunk whatever N (plus 2 bytes a row for one or two queries against float16 rows). One query
     against float32 rows splits the rows among threads. `exclude[j]` is a row that query j must not
-    return (itself): it scores -inf, so when k reaches N it comes last, at -inf.
+    return (itself): it scores -inf, so when k reaches N it comes last, at -inf. Hits of equal score
+    are listed by row. Float32 rows need numpy only; float16 rows are scored with PyTorch, imported for them.
     """
     count, num_queries = rows.shape[0], queries.shape[0]
     k = min(k, count)
     if num_queries == 0 or k == 0:
-        return torch.empty((num_queries, k)), torch.empty((num_queries, k), dtype=torch.long)
+        return np.empty((num_queries, k), dtype=np.float32), np.empty((num_queries, k), dtype=np.int64)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     if rows.dtype == np.float16 and normalized and num_queries <= 2:
         # torch's float16 matrix-vector product reads the rows as they are, without a float32 copy:
         # 2.3x faster than converting first. It does not batch queries, so it serves one or two.
         found = [_top_k_float16(rows, query, k, exclude[j] if exclude else None, chunk_rows or FLOAT16_CHUNK_ROWS)
-                 for j, query in enumerate(queries.float())]
-        return torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])
+                 for j, query in enumerate(queries)]
+        return np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
     chunk_rows = chunk_rows or CHUNK_ROWS
-    queries_t = queries.float().T.contiguous()  # (D, Q)
-    queries_np = queries_t.numpy()
+    queries_t = np.ascontiguousarray(queries.T)  # (D, Q)
     single_float32 = rows.dtype == np.float32 and num_queries == 1
 
     if single_float32:
-        def score(chunk: np.ndarray) -> torch.Tensor:  # (C, D) -> (C, 1) float32
+        def score(chunk: np.ndarray) -> np.ndarray:  # (C, D) -> (C, 1) float32
             # numpy's own einsum loop, not BLAS: it runs in one thread, so several can share the rows.
-            return torch.from_numpy(np.einsum("ij,j->i", chunk, queries_np[:, 0]))[:, None]
+            return np.einsum("ij,j->i", chunk, queries_t[:, 0])[:, None]
     elif rows.dtype == np.float32:
-        def score(chunk: np.ndarray) -> torch.Tensor:  # (C, D) -> (C, Q) float32
-            # numpy's BLAS reads float32 rows about 2x faster than torch's here, and batches the queries.
-            return torch.from_numpy(chunk @ queries_np)
+        def score(chunk: np.ndarray) -> np.ndarray:  # (C, D) -> (C, Q) float32
+            return chunk @ queries_t
     else:
-        # float16: torch converts (vectorised; numpy's conversion is 7x slower) into a reused buffer
-        # that stays in cache, and scores it. Mixing numpy's BLAS threads with torch's in one loop
-        # makes both spin against each other, so this branch stays all torch.
-        buffer = torch.empty((min(chunk_rows, count), rows.shape[1]), dtype=torch.float32)
+        score = _float16_scorer(queries_t, min(chunk_rows, count))
 
-        def score(chunk: np.ndarray) -> torch.Tensor:  # (C, D) -> (C, Q) float32
-            return buffer[:len(chunk)].copy_(torch.from_numpy(chunk)) @ queries_t
-
-    def scan(span: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def scan(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         return _scan(rows, span, score, num_queries, k, normalized, exclude, chunk_rows)
 
     if single_float32:
         # One query, a share of the rows to each thread: 1.1-1.5x the time to read the rows once
         # on 2 cores, where BLAS's own threads take 1.8-2.4x.
-        threads = max(1, min(torch.get_num_threads(), -(-count // chunk_rows)))
+        threads = max(1, min(_cpu_count(), -(-count // chunk_rows)))
         bounds = [count * part // threads // chunk_rows * chunk_rows for part in range(threads)] + [count]
         with ThreadPoolExecutor(threads) as pool:
             best_scores, best_rows = _merge(list(pool.map(scan, zip(bounds[:-1], bounds[1:]))), k)
     else:
         best_scores, best_rows = scan((0, count))
-    return best_scores.T, best_rows.T
+    order = np.lexsort((best_rows, -best_scores), axis=0)  # (k, Q): by score, then by row
+    return np.take_along_axis(best_scores, order, 0).T, np.take_along_axis(best_rows, order, 0).T  # (Q, k)
 
 
-def _scan(rows: np.ndarray, span: tuple[int, int], score: Callable[[np.ndarray], torch.Tensor], num_queries: int,
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _float16_scorer(queries_t: np.ndarray, buffer_rows: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Scores of float16 chunks (C, D) against float32 queries (D, Q): torch converts each chunk (vectorised;
+    numpy's conversion is 10x slower) into a reused buffer that stays in cache, and multiplies. Mixing numpy's
+    BLAS threads with torch's in one loop makes both spin against each other, so this stays all torch."""
+    import torch
+
+    buffer = torch.empty((buffer_rows, queries_t.shape[0]), dtype=torch.float32)
+    queries = torch.from_numpy(queries_t)
+
+    def score(chunk: np.ndarray) -> np.ndarray:  # (C, D) -> (C, Q) float32
+        return (buffer[:len(chunk)].copy_(torch.from_numpy(chunk)) @ queries).numpy()
+    return score
+
+
+def _scan(rows: np.ndarray, span: tuple[int, int], score: Callable[[np.ndarray], np.ndarray], num_queries: int,
           k: int, normalized: bool, exclude: Sequence[int | None] | None,
-          chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of rows[begin:end], a chunk at a time: (scores (k', Q), row indices (k', Q)), k' <= k."""
+          chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of rows[begin:end], a chunk at a time: (scores (k', Q), row indices (k', Q)), k' <= k, unsorted."""
     begin, end = span
-    best = torch.empty((0, num_queries)), torch.empty((0, num_queries), dtype=torch.long)
+    best = np.empty((0, num_queries), dtype=np.float32), np.empty((0, num_queries), dtype=np.int64)
     for start in range(begin, end, chunk_rows):
         chunk = np.asarray(rows[start:min(start + chunk_rows, end)])  # (C, D), read from the memory map
         scores = score(chunk)  # (C, Q)
         if not normalized:
-            scores /= torch.from_numpy(np.linalg.norm(chunk, axis=1, keepdims=True)).clamp_min(1e-12)  # (C, 1)
+            scores /= np.maximum(np.linalg.norm(chunk, axis=1, keepdims=True), 1e-12)  # (C, 1)
         for j, row in enumerate(exclude or ()):
             if row is not None and start <= row < start + len(chunk):
-                scores[row - start, j] = -float("inf")
-        values, positions = scores.topk(min(k, scores.shape[0]), dim=0)  # (k', Q)
-        best = _merge([best, (values, positions + start)], k)
+                scores[row - start, j] = -np.inf
+        positions = np.broadcast_to(np.arange(start, start + len(chunk))[:, None], scores.shape)  # (C, Q)
+        best = _merge([best, (scores, positions)], k)
     return best
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best k of several (scores (k', Q), row indices (k', Q)) pairs."""
-    scores, rows = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
-    best, order = scores.topk(min(k, len(scores)), dim=0)  # (k, Q)
-    return best, rows.gather(0, order)
+def _merge(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of several (scores (k', Q), row indices (k', Q)) pairs, in no particular order."""
+    scores, rows = np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts])
+    if len(scores) <= k:
+        return scores, rows
+    keep = np.argpartition(-scores, k - 1, axis=0)[:k]  # (k, Q)
+    return np.take_along_axis(scores, keep, 0), np.take_along_axis(rows, keep, 0)
 
 
-def _top_k_float16(rows: np.ndarray, query: torch.Tensor, k: int, exclude: int | None,
-                   chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_k_float16(rows: np.ndarray, query: np.ndarray, k: int, exclude: int | None,
+                   chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of one unit query (D,) against unit float16 rows: (scores (k,), row indices (k,)).
 
     Float16 scores find the candidates: every row within twice FLOAT16_SCORE_ERROR of the k-th best
@@ -223,7 +237,9 @@ def _top_k_float16(rows: np.ndarray, query: torch.Tensor, k: int, exclude: int |
     float16 scores of all rows are kept until the end (2 MB for a million rows): one pass of
     matrix-vector products, then one top-k, costs less than a running top-k chunk by chunk.
     """
-    query_half = query.half()
+    import torch
+
+    query_half = torch.from_numpy(query).half()
     approx = torch.empty(rows.shape[0], dtype=torch.float16)  # (N,): 2 bytes a row, 1/D of the index
     for start in range(0, rows.shape[0], chunk_rows):
         block = torch.from_numpy(np.asarray(rows[start:start + chunk_rows]))  # (C, D) float16
@@ -237,14 +253,14 @@ def _top_k_float16(rows: np.ndarray, query: torch.Tensor, k: int, exclude: int |
     values, best = approx.topk(min(k + CANDIDATE_SLACK, len(approx)))  # (m,), sorted
     threshold = values[k - 1] - 2 * FLOAT16_SCORE_ERROR
     if len(values) == len(approx) or values[-1] < threshold:
-        rows_found = best[values >= threshold]  # (c,)
+        rows_found = best[values >= threshold].numpy()  # (c,)
     else:
-        rows_found = (approx >= threshold).nonzero().flatten()  # (c,)
-    exact = torch.from_numpy(np.asarray(rows[rows_found.numpy()], dtype=np.float32)) @ query  # (c,)
+        rows_found = (approx >= threshold).nonzero().flatten().numpy()  # (c,)
+    exact = np.asarray(rows[rows_found], dtype=np.float32) @ query  # (c,)
     if exclude is not None:  # a candidate only when k reaches N and the threshold is -inf
-        exact[rows_found == exclude] = -float("inf")
-    scores, order = exact.topk(k)
-    return scores, rows_found[order]
+        exact[rows_found == exclude] = -np.inf
+    order = np.lexsort((rows_found, -exact))[:k]  # by score, then by row
+    return exact[order], rows_found[order]
 
 
 @dataclass

@@ -91,24 +91,24 @@ def test_top_k_matches_brute_force(count, dim, k, chunk_rows, normalized, num_qu
     queries = generator.standard_normal((num_queries, dim)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     exclude = ([None, 0, count - 1] if count > 1 else [None, None, None])[-num_queries:]
-    scores, found = top_k(rows, torch.from_numpy(queries), k, normalized, exclude, chunk_rows=chunk_rows)
+    scores, found = top_k(rows, queries, k, normalized, exclude, chunk_rows=chunk_rows)
     assert found.tolist() == brute_force(rows, queries, scores.shape[1], exclude)
     assert scores.shape[1] == min(k, count)
     expected = queries @ rows.T / np.linalg.norm(rows, axis=1)  # (Q, N)
     for j, row in enumerate(exclude):
         if row is not None:
             expected[j, row] = -np.inf  # last, when k reaches N
-    np.testing.assert_allclose(scores.numpy(), np.take_along_axis(expected, found.numpy(), 1), atol=1e-5)
+    np.testing.assert_allclose(scores, np.take_along_axis(expected, found, 1), atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_a_query_excluding_itself_leaves_the_others_alone(dtype):
     """k beyond the index: the query that excludes its row gets it last at -inf, the other every row."""
     rows = np.eye(3, dtype=dtype)
-    scores, found = top_k(rows, torch.eye(3)[:2], 10, exclude=[0, None])
+    scores, found = top_k(rows, np.eye(3, dtype=np.float32)[:2], 10, exclude=[0, None])
     assert scores.shape == (2, 3)
     assert found[0, 2] == 0 and scores[0, 2] == -np.inf and sorted(found[0, :2].tolist()) == [1, 2]
-    assert found[1, 0] == 1 and sorted(found[1].tolist()) == [0, 1, 2] and torch.isfinite(scores[1]).all()
+    assert found[1, 0] == 1 and sorted(found[1].tolist()) == [0, 1, 2] and np.isfinite(scores[1]).all()
 
 
 @pytest.mark.parametrize("exclude", [None, 3])
@@ -123,27 +123,27 @@ def test_float16_rows_are_ranked_exactly_despite_near_ties(exclude, crowd):
     rows = np.concatenate([generator.standard_normal((5000, 64)).astype(np.float32), near])
     rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
     generator.shuffle(rows)
-    scores, found = top_k(rows, torch.from_numpy(query)[None], 12, exclude=[exclude], chunk_rows=1000)
+    scores, found = top_k(rows, query[None], 12, exclude=[exclude], chunk_rows=1000)
     exact = rows.astype(np.float64) @ query.astype(np.float64)  # (N,): the rows as stored, unit or not
     if exclude is not None:
         exact[exclude] = -np.inf
     assert found[0].tolist() == list(np.argsort(-exact, kind="stable")[:12])
-    np.testing.assert_allclose(scores[0].numpy(), exact[found[0].numpy()], rtol=1e-6)
+    np.testing.assert_allclose(scores[0], exact[found[0]], rtol=1e-6)
 
 
 def test_float16_index_gives_the_same_top_k(indexes):
     rows32, manifest = open_index(indexes["float32"])
     rows16, _ = open_index(indexes["float16"])
-    queries = torch.from_numpy(np.array(rows32))  # every image as a query
+    queries = np.array(rows32)  # every image as a query
     k, resolution = 5, 2e-3  # float16 rows carry about three decimal digits
     scores32, found32 = top_k(rows32, queries, k + 1)
     _, found16 = top_k(rows16, queries, k)
     exact = queries @ queries.T  # (N, N) float32 cosine scores
-    np.testing.assert_allclose(exact.gather(1, found16), scores32[:, :k], atol=resolution)
+    np.testing.assert_allclose(np.take_along_axis(exact, found16, 1), scores32[:, :k], atol=resolution)
     # Rank by rank the same rows, except where two scores are closer than float16 can tell apart.
     gaps = scores32[:, :-1] - scores32[:, 1:]  # (N, k): rank r minus rank r + 1
-    clear = (gaps > resolution) & torch.cat([torch.ones(len(gaps), 1, dtype=torch.bool), gaps[:, :-1] > resolution], 1)
-    assert torch.equal(found16[clear], found32[:, :k][clear]) and clear.sum() > len(clear)
+    clear = (gaps > resolution) & np.concatenate([np.ones((len(gaps), 1), dtype=bool), gaps[:, :-1] > resolution], 1)
+    assert np.array_equal(found16[clear], found32[:, :k][clear]) and clear.sum() > len(clear)
     originals = [manifest.paths.index(path) for path in manifest.paths if Path(path).name in ORIGINALS]
     assert found16[originals, :3].tolist() == found32[originals, :3].tolist()  # itself, then its two copies
 
