@@ -65,7 +65,8 @@ def main() -> None:
 
     from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD
     from simclr_cli.embed import EmbedConfig, embed_folder
-    from simclr_cli.export import EncoderInfo, save_encoder
+    from simclr_cli.export import save_encoder
+    from simclr_cli.files import EncoderInfo
     from simclr_cli.models import build_backbone
     from simclr_cli.runtime import default_workers
 

@@ -76,7 +76,8 @@ def make_encoder(folder: Path, arch: str, image_size: int) -> tuple[Path, Path, 
     from PIL import Image
 
     from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD
-    from simclr_cli.export import EncoderInfo, save_encoder
+    from simclr_cli.export import save_encoder
+    from simclr_cli.files import EncoderInfo
     from simclr_cli.models import build_backbone
 
     backbone = build_backbone(arch, "imagenet")

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from simclr_cli.export import EncoderInfo
+    from simclr_cli.files import EncoderInfo
 
 import numpy as np
 

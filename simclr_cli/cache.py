@@ -33,7 +33,7 @@ from PIL import Image
 
 from simclr_cli.data import UnreadableImage, load_rgb
 from simclr_cli.errors import DataError
-from simclr_cli.export import atomic_path, write_json
+from simclr_cli.files import atomic_path, write_json
 
 WORKING_SCALE = 1.15
 MAX_ASPECT = 4 / 3

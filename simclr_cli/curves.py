@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from simclr_cli.export import read_json_lines
+from simclr_cli.files import read_json_lines
 
 CURVES_FILE = "curves.png"
 CURVES_SIZE = (1200, 360)  # pixels (width, height) of curves.png: three panels side by side
@@ -87,7 +87,7 @@ def draw_curves(metrics: str | Path, out: str | Path) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from simclr_cli.export import atomic_path
+    from simclr_cli.files import atomic_path
 
     steps, epochs = read_metrics(metrics)
     figure = Figure(figsize=(CURVES_SIZE[0] / _DPI, CURVES_SIZE[1] / _DPI), dpi=_DPI, layout="constrained")

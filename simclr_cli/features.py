@@ -11,7 +11,7 @@ from torch import nn
 
 from simclr_cli.augment import EvalTransform
 from simclr_cli.data import ImageDataset, Skipped, make_loader
-from simclr_cli.export import EncoderInfo
+from simclr_cli.files import EncoderInfo
 from simclr_cli.runtime import Precision, default_workers
 
 

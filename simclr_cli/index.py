@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
-from simclr_cli.export import check_output_path, read_json, sha256_file, write_json
+from simclr_cli.files import check_output_path, read_json, sha256_file, write_json
 
 INDEX_FORMAT = "simclr-index"
 DTYPES = ("float32", "float16")
@@ -348,7 +348,7 @@ def contact_sheet(blocks: Sequence[tuple[str, Sequence[tuple[str, float]]]], out
     from PIL import Image, ImageDraw, ImageFont, ImageOps
 
     from simclr_cli.data import UnreadableImage, load_rgb
-    from simclr_cli.export import atomic_path
+    from simclr_cli.files import atomic_path
 
     label_height, gap = 18, 4
     columns = 1 + max((len(hits) for _, hits in blocks), default=0)

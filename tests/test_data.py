@@ -12,7 +12,7 @@ from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 from simclr_cli.data import (NEUTRAL_BACKGROUND, ImageDataset, Skipped, UnreadableImage, collate, epoch_order,
                              load_rgb, require_images, scan_images, to_rgb)
 from simclr_cli.errors import DataError
-from simclr_cli.export import EncoderInfo
+from simclr_cli.files import EncoderInfo
 from simclr_cli.features import compute_features
 from simclr_cli.runtime import resolve_precision
 

@@ -209,7 +209,7 @@ def test_one_training_image_per_class_leaves_nothing_to_search_the_l2_on():
 def test_the_feature_cache_key_changes_with_the_features_version(tmp_path, monkeypatch):
     """Features cached by an earlier version (other preprocessing code, same files and model) are not reused."""
     from simclr_cli import evaluate
-    from simclr_cli.export import EncoderInfo
+    from simclr_cli.files import EncoderInfo
     from simclr_cli.runtime import resolve_precision
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")

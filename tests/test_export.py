@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 from simclr_cli import export
 from simclr_cli.errors import ModelFileError
-from simclr_cli.export import (EncoderInfo, atomic_path, load_checkpoint, load_encoder, save_checkpoint,
-                               save_encoder)
+from simclr_cli.export import load_checkpoint, load_encoder, save_checkpoint, save_encoder
+from simclr_cli.files import EncoderInfo, atomic_path
 from simclr_cli.models import SimCLR, build_backbone
 from simclr_cli.optim import build_optimizer
 from simclr_cli.runtime import rng_state, set_rng_state
