@@ -31,9 +31,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from simclr_cli.data import UnreadableImage, load_rgb
 from simclr_cli.errors import DataError
 from simclr_cli.files import atomic_path, write_json
+from simclr_cli.images import UnreadableImage, load_rgb
 
 WORKING_SCALE = 1.15
 MAX_ASPECT = 4 / 3

@@ -16,12 +16,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from simclr_cli.config import LinearEvalConfig
-from simclr_cli.data import Skipped
 from simclr_cli.errors import ConfigError, DataError
 from simclr_cli.export import load_encoder, save_tensors
+from simclr_cli.features import compute_features
 from simclr_cli.files import (EncoderInfo, atomic_path, check_output_path, read_metadata, resolve_model_path,
                               sha256_file, write_json)
-from simclr_cli.features import compute_features
+from simclr_cli.images import Skipped
 from simclr_cli.labels import LabelledData, load_labelled, stratified_split
 from simclr_cli.runtime import Precision, resolve_device, resolve_precision, seed_everything
 from simclr_cli.train import Report, silent

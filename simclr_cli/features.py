@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from simclr_cli.augment import EvalTransform
-from simclr_cli.data import ImageDataset, Skipped, make_loader
+from simclr_cli.data import ImageDataset, make_loader
 from simclr_cli.files import EncoderInfo
+from simclr_cli.images import Skipped
 from simclr_cli.runtime import Precision, default_workers
 
 

@@ -18,15 +18,16 @@ from torchvision import transforms as T
 
 from simclr_cli import __version__
 from simclr_cli.config import FinetuneConfig, replace
-from simclr_cli.data import ImageDataset, Skipped, epoch_order, make_loader, note_skipped
+from simclr_cli.data import ImageDataset, epoch_order, make_loader
 from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_confusion, knn_report, report_data,
                                  split_features)
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_encoder,
                                load_optimizer, save_checkpoint, save_tensors)
+from simclr_cli.features import compute_features, eval_dataset, preprocessing
 from simclr_cli.files import (EncoderInfo, read_json, read_json_lines, read_metadata, resolve_model_path, write_json,
                               write_text)
-from simclr_cli.features import compute_features, eval_dataset, preprocessing
+from simclr_cli.images import Skipped, note_skipped
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, load_labelled
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
 from simclr_cli.runtime import (StopFlag, default_workers, resolve_device, resolve_precision, rng_state,

@@ -285,7 +285,7 @@ class SearchResult:
 
 def query_paths(queries: Sequence[str | Path]) -> tuple[list[str], list[Any]]:
     """Image files named on the command line, and the images under any folder among them."""
-    from simclr_cli.data import UnreadableImage, load_rgb, require_images, scan_images
+    from simclr_cli.images import UnreadableImage, load_rgb, require_images, scan_images
 
     paths, skipped = [], []
     for query in map(Path, queries):
@@ -347,8 +347,8 @@ def contact_sheet(blocks: Sequence[tuple[str, Sequence[tuple[str, float]]]], out
     """Write a grid image: one line per query, the query first, then its hits with their scores."""
     from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-    from simclr_cli.data import UnreadableImage, load_rgb
     from simclr_cli.files import atomic_path
+    from simclr_cli.images import UnreadableImage, load_rgb
 
     label_height, gap = 18, 4
     columns = 1 + max((len(hits) for _, hits in blocks), default=0)

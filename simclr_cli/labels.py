@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from simclr_cli.data import Skipped, is_image_name, probe, scan_images
 from simclr_cli.errors import ConfigError, DataError
+from simclr_cli.images import Skipped, is_image_name, probe, scan_images
 
 DEFAULT_VAL_SPLIT = 0.2
 

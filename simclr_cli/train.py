@@ -17,13 +17,13 @@ from simclr_cli.batch_augment import AugmentInLoader, BatchAugment, ViewSampler,
 from simclr_cli.cache import DecodedCache, WorkingImages, working_side
 from simclr_cli.config import PretrainConfig, replace
 from simclr_cli.curves import CurvesWriter, KnnMonitor
-from simclr_cli.data import (ImageDataset, Skipped, collate, epoch_order, make_loader, note_skipped, require_images,
-                             scan_images, to_device_ahead)
+from simclr_cli.data import ImageDataset, collate, epoch_order, make_loader, to_device_ahead
 from simclr_cli.errors import ConfigError, DataError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_optimizer,
                                save_checkpoint, save_encoder, save_tensors)
 from simclr_cli.files import ENCODER_FILE, EncoderInfo, read_json, read_json_lines, write_json, write_text
 from simclr_cli.gradcache import cached_backward, chunk_count
+from simclr_cli.images import Skipped, note_skipped, require_images, scan_images
 from simclr_cli.loss import global_nt_xent
 from simclr_cli.models import SimCLR
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine

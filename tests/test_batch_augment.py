@@ -156,7 +156,7 @@ def test_output_statistics_match_the_per_image_pipeline_on_a_fixed_image():
 
 
 def test_views_depend_only_on_seed_epoch_and_index_not_on_batches_or_workers(small_digits_folder):
-    from simclr_cli.data import scan_images
+    from simclr_cli.images import scan_images
 
     paths = scan_images(small_digits_folder).paths[:24]
     config = AugmentConfig(image_size=32)

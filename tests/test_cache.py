@@ -14,8 +14,8 @@ from simclr_cli import cache as cache_module
 from simclr_cli.cache import DecodedCache, WorkingImages, slot_shape, to_working_resolution, working_side
 from simclr_cli.cli import app
 from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
-from simclr_cli.data import UnreadableImage
 from simclr_cli.errors import DataError
+from simclr_cli.images import UnreadableImage
 from simclr_cli.train import pretrain
 
 runner = CliRunner()

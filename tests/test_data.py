@@ -7,13 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr_cli import data
+from simclr_cli import data, images
 from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
-from simclr_cli.data import (NEUTRAL_BACKGROUND, ImageDataset, Skipped, UnreadableImage, collate, epoch_order,
-                             load_rgb, require_images, scan_images, to_rgb)
+from simclr_cli.data import ImageDataset, collate, epoch_order
 from simclr_cli.errors import DataError
-from simclr_cli.files import EncoderInfo
 from simclr_cli.features import compute_features
+from simclr_cli.files import EncoderInfo
+from simclr_cli.images import (NEUTRAL_BACKGROUND, Skipped, UnreadableImage, load_rgb, require_images, scan_images,
+                               to_rgb)
 from simclr_cli.runtime import resolve_precision
 
 
@@ -127,8 +128,8 @@ def test_features_never_scale_a_draft_decoded_jpeg_back_up(tmp_path, monkeypatch
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     path = tmp_path / "bomb.png"
     Image.new("L", (200, 200)).save(path)
-    monkeypatch.setattr(data, "MAX_PIXELS", 100 * 100)
-    assert "decompression bomb" in data.probe(path)
+    monkeypatch.setattr(images, "MAX_PIXELS", 100 * 100)
+    assert "decompression bomb" in images.probe(path)
     with pytest.raises(UnreadableImage, match="decompression bomb"):
         load_rgb(path)
 

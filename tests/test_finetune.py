@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from simclr_cli.cli import app
 from simclr_cli.config import FinetuneConfig, LabelledDataConfig, RuntimeConfig
 from simclr_cli.export import load_checkpoint, load_encoder
-from simclr_cli.files import read_metadata
 from simclr_cli.features import compute_features
+from simclr_cli.files import read_metadata
 from simclr_cli.finetune import finetune, resume_finetune
 from simclr_cli.runtime import Precision, resolve_precision
 

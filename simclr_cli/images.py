@@ -1,0 +1,182 @@
+"""Image files, without PyTorch: finding them under a folder, and decoding any Pillow image to RGB."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from simclr_cli.errors import DataError
+
+# Every extension Pillow can open, in lower case; matching ignores the file's case.
+IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+# Pillow's own default limit (about 89 megapixels): anything larger is refused, not decoded.
+MAX_PIXELS = 89_478_485
+# Transparent pixels are composited on the ImageNet mean colour, which normalises to zero.
+NEUTRAL_BACKGROUND = (124, 116, 104)
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+
+
+class UnreadableImage(Exception):
+    """Raised for one file that cannot be decoded; the caller skips and reports it."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
+
+
+@dataclass
+class Scan:
+    """The images found under a folder, in sorted order, and the files passed over."""
+
+    root: Path
+    paths: list[Path] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk(root: Path) -> Iterable[tuple[Path, str]]:
+    """Yield (directory, file name) under root, following links, skipping loops and hidden entries."""
+    seen: set[tuple[int, int]] = set()
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        info = os.stat(directory)
+        key = (info.st_dev, info.st_ino)
+        if key in seen:  # a symbolic link back up the tree
+            subdirs[:] = []
+            continue
+        seen.add(key)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in files:
+            yield Path(directory), name
+
+
+def probe(path: Path) -> str | None:
+    """Return why a file cannot be an image (reading its header only), or None if it looks fine."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        return "dangling link or missing file"
+    except Image.DecompressionBombError:
+        return "decompression bomb: refused"
+    except Exception as error:  # Pillow raises many types for bad headers
+        return f"unreadable: {type(error).__name__}: {error}".splitlines()[0][:200]
+    if width * height > MAX_PIXELS:
+        return f"decompression bomb: {width}x{height} pixels is over the {MAX_PIXELS:,} limit: refused"
+    return None
+
+
+def scan_images(root: str | Path, check: bool = True, threads: int = 8) -> Scan:
+    """Return every image under root at any depth, sorted by relative path, and the files skipped.
+
+    Subfolders are not classes here. Hidden files and non-image extensions are ignored; with
+    `check`, each file's header is read so that empty or foreign files are skipped up front.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: no such folder; pass a folder of images")
+    if not root.is_dir():
+        raise DataError(f"{root}: is a file, not a folder; pass the folder that holds the images")
+    candidates = sorted(
+        (directory / name for directory, name in _walk(root) if is_image_name(name)),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    scan = Scan(root=root)
+    problems: Iterable[str | None]
+    if check:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            problems = list(pool.map(probe, candidates))
+    else:
+        problems = [None if p.exists() else "dangling link or missing file" for p in candidates]
+    for path, problem in zip(candidates, problems):
+        if problem is None:
+            scan.paths.append(path)
+        else:
+            scan.skipped.append(Skipped(str(path), problem))
+    return scan
+
+
+def require_images(scan: Scan) -> Scan:
+    """Raise a one-line DataError when a scan found nothing usable."""
+    if not scan.paths:
+        found = f"{len(scan.skipped)} unreadable file(s), no readable image" if scan.skipped else "no image files"
+        raise DataError(f"{scan.root}: {found}; put JPEG, PNG, WebP, BMP, GIF or TIFF images in it (any depth)")
+    return scan
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Return an 8-bit RGB image for any Pillow mode, compositing transparency on a neutral colour."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grey
+        values = np.asarray(img, dtype=np.float32)
+        if mode.startswith("I;16") or (values.size and values.max() > 255):
+            values = values / 257.0
+        elif mode == "F" and values.size and values.max() <= 1.0:
+            values = values * 255.0
+        grey = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+        return grey.convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, NEUTRAL_BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if mode == "1":
+        img = img.convert("L")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
+    """Decode one file to RGB with EXIF orientation applied; raises UnreadableImage.
+
+    A JPEG much larger than `min_side` is decoded in draft mode, at the smallest power-of-two
+    reduction whose both sides are still at least `min_side` pixels.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise UnreadableImage(f"decompression bomb: {img.width}x{img.height} pixels: refused")
+                if min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
+                    img.draft("RGB", (min_side, min_side))
+                img.seek(0)  # first frame of animations
+                img = ImageOps.exif_transpose(img)
+                img.load()
+                return to_rgb(img)
+    except UnreadableImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(f"decompression bomb: refused ({error})") from None
+    except Exception as error:  # truncated data, bad headers, I/O errors
+        message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        raise UnreadableImage(f"unreadable: {message}") from None
+
+
+def note_skipped(known: dict[str, Skipped], skipped: list[Skipped], report: Callable[..., None]) -> None:
+    """Add newly skipped files to `known` (path -> Skipped) and warn once about each."""
+    for item in skipped:
+        if item.path not in known:
+            known[item.path] = item
+            report("warning", text=f"skipped {item.path}: {item.reason}")
