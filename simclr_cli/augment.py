@@ -1,7 +1,8 @@
 """The SimCLR view pipeline (SimCLR Appendix A) and the evaluation transform.
 
-torchvision is imported only by the training pipeline: the evaluation transform is Pillow and
-numpy, so embedding and search start about 2 s sooner on a small CPU (see models.py).
+torchvision is imported only by the training pipeline, and PyTorch only by what returns tensors: the
+evaluation transform is Pillow and numpy, so `simclr similar` can run without importing either (2-6 s
+on a small CPU; see numpy_encoder.py).
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from simclr_cli.config import AugmentConfig
 
 if TYPE_CHECKING:
+    import torch
     from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,6 +60,8 @@ class TwoViews:
         self.transform = transform
 
     def __call__(self, image) -> torch.Tensor:
+        import torch
+
         return torch.stack([self.transform(image), self.transform(image)])
 
 
@@ -75,14 +78,20 @@ class EvalTransform:
     def __init__(self, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.size = image_size
         self.resize = image_size if image_size <= 64 else round(image_size / 0.875)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
     def __repr__(self) -> str:  # recorded in index manifests
         return (f"EvalTransform(resize shorter side to {self.resize} (bicubic), centre crop {self.size}, "
                 f"normalize mean={self.mean.flatten().tolist()} std={self.std.flatten().tolist()})")
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(self.pixels(image))  # (3, S, S)
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """The transformed image as a float32 array (3, S, S)."""
         width, height = image.size
         short, long = min(width, height), max(width, height)
         resized_long = int(self.resize * long / short)  # torchvision's rounding
@@ -100,5 +109,8 @@ class EvalTransform:
             image = image.resize(size, Image.Resampling.BICUBIC) if size != image.size else image
             image = image.crop(crop)
         image = image if image.mode == "RGB" else image.convert("RGB")
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (S, S, 3)
-        return pixels.permute(2, 0, 1).float().div(255).sub_(self.mean).div_(self.std)  # (3, S, S)
+        pixels = np.array(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)  # (3, S, S)
+        pixels /= 255
+        pixels -= self.mean
+        pixels /= self.std
+        return pixels
