@@ -41,7 +41,7 @@ def plain_loop(model_path: Path, folder: Path, out: Path, batch_size: int, worke
     import torchvision
 
     from simclr_cli.export import load_encoder
-    from simclr_cli.features import preprocessing
+    from simclr_cli.augment import preprocessing
 
     backbone, info = load_encoder(model_path)
     dataset = torchvision.datasets.ImageFolder(str(folder), transform=preprocessing(info))

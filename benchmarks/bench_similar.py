@@ -9,7 +9,9 @@ and prints the ratios. With --end-to-end it also times the whole command, `simcl
 BIG.npy` in a fresh process (start-up, model load and hash check, manifest, query embedding, search,
 output) on the largest index, with an untrained --arch encoder (resnet18 by default; resnet50 is
 pretrain's default, with --dim 2048) at --image-size: one first run, reported apart, then best and
-worst of --repeats.
+worst of --repeats. The index records the --precision its rows were computed at, as `simclr embed`
+would on this CPU unless told: at fp32 the command embeds the query in numpy and never imports PyTorch
+(numpy_encoder.py), at bf16 it embeds it with PyTorch (--precision fp32 and bf16 time both).
 
     .venv/bin/python benchmarks/bench_similar.py                       # 100k rows, float16 and float32
     .venv/bin/python benchmarks/bench_similar.py --rows 100000 1000000 --end-to-end
@@ -44,8 +46,9 @@ def best_of(repeats: int, function) -> float:
     return min(times)
 
 
-def write_index(path: Path, rows: int, dim: int, dtype: str, model: Path, seed: int = 0) -> None:
-    """Random unit rows, written in chunks (bounded memory), and a manifest naming `model`."""
+def write_index(path: Path, rows: int, dim: int, dtype: str, model: Path, precision: str, seed: int = 0) -> None:
+    """Random unit rows, written in chunks (bounded memory), and a manifest naming `model` and the `precision`
+    the rows were computed at (`simclr similar` embeds its queries at that one)."""
     generator = np.random.default_rng(seed)
     array = npy_format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, dim))
     for start in range(0, rows, 65536):
@@ -55,7 +58,7 @@ def write_index(path: Path, rows: int, dim: int, dtype: str, model: Path, seed: 
     del array
     manifest = {"format": INDEX_FORMAT, "paths": [f"/photos/{i:07d}.jpg" for i in range(rows)], "model": str(model),
                 "model_sha256": sha256_file(model), "preprocessing": {}, "dim": dim, "dtype": dtype,
-                "normalized": True}
+                "normalized": True, "precision": precision}
     manifest_path(path).write_text(json.dumps(manifest))
 
 
@@ -98,6 +101,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--end-to-end", action="store_true", help="also time `simclr similar` on the largest index")
     parser.add_argument("--image-size", type=int, default=224, help="encoder input size for --end-to-end")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="the precision the index records, which --end-to-end embeds the query at: fp32 in "
+                             "numpy, bf16 with PyTorch (auto: what `simclr embed` on this CPU would record)")
     parser.add_argument("--arch", default="resnet18", help="encoder for --end-to-end; its features must be --dim "
                                                            "wide (512 for resnet18 and 34, 2048 for resnet50 and up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
@@ -106,6 +112,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    precision = args.precision
+    if precision == "auto":
+        from simclr_cli.runtime import resolve_precision
+
+        precision = resolve_precision("auto", torch.device("cpu")).name
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch "
           f"{torch.__version__} with {torch.get_num_threads()} threads; one query, k={args.k}, best of "
           f"{args.repeats}, page cache warm")
@@ -122,7 +133,7 @@ def main() -> None:
         for count in args.rows:
             for dtype in args.dtypes:
                 path = folder / f"index_{count}_{dtype}.npy"
-                write_index(path, count, args.dim, dtype, model)
+                write_index(path, count, args.dim, dtype, model, precision)
                 rows, _ = open_index(path)
                 read_floor(rows)  # warm the page cache
                 floor = best_of(args.repeats, lambda: read_floor(rows))
@@ -153,7 +164,8 @@ def main() -> None:
             walls = [wall() for _ in range(args.repeats)]
             startup = best_of(args.repeats, lambda: subprocess.run([str(simclr), "--version"], check=True,
                                                                    capture_output=True, env=env))
-            print(f"end to end: `simclr similar` on {largest.name} ({args.image_size} px {args.arch}), {args.repeats} "
+            print(f"end to end: `simclr similar` on {largest.name} ({args.image_size} px {args.arch}, queries at "
+                  f"{precision}), {args.repeats} "
                   f"runs: best {min(walls):.2f} s, worst {max(walls):.2f} s (target < 3 s); the first run before "
                   f"them {first:.2f} s; `simclr --version` alone {startup:.2f} s")
 

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import torch
     from torchvision import transforms as T
 
+    from simclr_cli.files import EncoderInfo
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -114,3 +116,8 @@ class EvalTransform:
         pixels -= self.mean
         pixels /= self.std
         return pixels
+
+
+def preprocessing(info: EncoderInfo) -> EvalTransform:
+    """The evaluation transform an encoder was trained for (resize, centre crop, normalise)."""
+    return EvalTransform(info.image_size, info.mean, info.std)

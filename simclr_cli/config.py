@@ -11,9 +11,13 @@ from typing import Any
 
 from simclr_cli.errors import ConfigError
 
-# The backbone names; models.BACKBONES maps each to its constructor. Kept here so that
+# The backbones: residual block and blocks per stage (He et al. 2015, arXiv 1512.03385, Table 1).
+# models.BACKBONES builds each in PyTorch, numpy_encoder.py runs it in numpy. Kept here so that
 # `simclr --help` and validation need no torch import (about 2 s on a small CPU).
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
+           "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3)),
+           "resnet152": ("bottleneck", (3, 8, 36, 3))}
+ARCHITECTURES = tuple(RESNETS)
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("sqrt", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -28,6 +32,11 @@ SMALL_CPU_CROP_MIN_SCALE = 0.6
 SMALL_CPU_JITTER = 1.0
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def parse_duration(text: str, flag: str = "--max-time") -> float:

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from numpy.lib import format as npy_format
 
 from simclr_cli import __version__
+from simclr_cli.augment import preprocessing
 from simclr_cli.config import PRECISIONS
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.export import load_encoder
-from simclr_cli.features import iter_features, preprocessing
+from simclr_cli.features import iter_features
 from simclr_cli.files import EncoderInfo, check_output_path, read_json, read_metadata, resolve_model_path, write_json
 from simclr_cli.images import Skipped, require_images, scan_images
 from simclr_cli.index import DTYPES, Manifest, manifest_path, remember_index, sha256_file, write_manifest

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from simclr_cli.augment import EvalTransform
+from simclr_cli.augment import preprocessing
 from simclr_cli.data import ImageDataset, make_loader
 from simclr_cli.files import EncoderInfo
 from simclr_cli.images import Skipped
@@ -23,11 +23,6 @@ class FeatureBatch:
     indices: torch.Tensor  # (n,) int64
     features: torch.Tensor  # (n, D) float32
     skipped: list[Skipped]
-
-
-def preprocessing(info: EncoderInfo):
-    """The evaluation transform an encoder was trained for (resize, centre crop, normalise)."""
-    return EvalTransform(info.image_size, info.mean, info.std)
 
 
 def eval_dataset(info: EncoderInfo, paths: Sequence[str | Path], labels: Sequence[int] | None = None) -> ImageDataset:

@@ -17,6 +17,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from simclr_cli import __version__
+from simclr_cli.augment import preprocessing
 from simclr_cli.config import FinetuneConfig, replace
 from simclr_cli.data import ImageDataset, epoch_order, make_loader
 from simclr_cli.errors import ConfigError, ModelFileError
@@ -24,7 +25,7 @@ from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_con
                                  split_features)
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_encoder,
                                load_optimizer, save_checkpoint, save_tensors)
-from simclr_cli.features import compute_features, eval_dataset, preprocessing
+from simclr_cli.features import compute_features, eval_dataset
 from simclr_cli.files import (EncoderInfo, read_json, read_json_lines, read_metadata, resolve_model_path, write_json,
                               write_text)
 from simclr_cli.images import Skipped, note_skipped

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from simclr_cli.config import cpu_cores
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.files import check_output_path, read_json, sha256_file, write_json
 
@@ -172,7 +173,7 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
     if single_float32:
         # One query, a share of the rows to each thread: 1.1-1.5x the time to read the rows once
         # on 2 cores, where BLAS's own threads take 1.8-2.4x.
-        threads = max(1, min(_cpu_count(), -(-count // chunk_rows)))
+        threads = max(1, min(cpu_cores(), -(-count // chunk_rows)))
         bounds = [count * part // threads // chunk_rows * chunk_rows for part in range(threads)] + [count]
         with ThreadPoolExecutor(threads) as pool:
             best_scores, best_rows = _merge(list(pool.map(scan, zip(bounds[:-1], bounds[1:]))), k)
@@ -180,10 +181,6 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
         best_scores, best_rows = scan((0, count))
     order = np.lexsort((best_rows, -best_scores), axis=0)  # (k, Q): by score, then by row
     return np.take_along_axis(best_scores, order, 0).T, np.take_along_axis(best_rows, order, 0).T  # (Q, k)
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _float16_scorer(queries_t: np.ndarray, buffer_rows: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -307,9 +304,6 @@ def query_paths(queries: Sequence[str | Path]) -> tuple[list[str], list[Any]]:
 def search(queries: Sequence[str | Path], index: str | Path | None = None, k: int = 10,
            exclude_self: bool = False, device: str = "cpu") -> SearchResult:
     """Embed the query images with the index's own model and return their exact cosine top-k."""
-    from simclr_cli.embed import embed_queries
-    from simclr_cli.runtime import resolve_device
-
     if k < 1:
         raise ConfigError(f"-k {k} must be at least 1")
     index_path, source = choose_index(index)
@@ -321,8 +315,18 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
         raise ModelFileError(f"{manifest.model} changed since {index_path} was built (SHA-256 differs), so its "
                              f"embeddings would not match; restore the file, or run `simclr embed` again")
     paths, skipped = query_paths(queries)
-    features, positions, unreadable = embed_queries(manifest.model, paths, resolve_device(device),
-                                                    manifest.precision or "auto")  # (M, D)
+    if device == "cpu" and manifest.precision == "fp32":
+        # Rows computed in fp32 (where the CPU has no bf16, the default): numpy gives the same features
+        # without importing PyTorch, which takes longer than everything else here.
+        from simclr_cli.numpy_encoder import embed_queries as embed_on_cpu
+
+        features, positions, unreadable = embed_on_cpu(manifest.model, paths)  # (M, D)
+    else:
+        from simclr_cli.embed import embed_queries
+        from simclr_cli.runtime import resolve_device
+
+        features, positions, unreadable = embed_queries(manifest.model, paths, resolve_device(device),
+                                                        manifest.precision or "auto")  # (M, D)
     kept = [paths[i] for i in positions]
     if not kept:  # every query failed to decode (query_paths only opened them)
         first = unreadable[0]

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from simclr_cli.config import ARCHITECTURES
+from simclr_cli.config import RESNETS
 
 
 # -- ResNet (He et al. 2015, arXiv 1512.03385), written out so that loading an encoder needs no
@@ -131,13 +131,12 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)  # (B, feature_dim)
 
 
-_DEPTHS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4, 6, 3)),
-           "resnet50": (Bottleneck, (3, 4, 6, 3)), "resnet101": (Bottleneck, (3, 4, 23, 3)),
-           "resnet152": (Bottleneck, (3, 8, 36, 3))}
+_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
-# One registry, keyed by the names in config.ARCHITECTURES, feeds the CLI choices, validation and
-# the per-backbone tests.
-BACKBONES: dict[str, Callable[[], ResNet]] = {name: partial(ResNet, *_DEPTHS[name]) for name in ARCHITECTURES}
+# One registry, keyed by the names in config.RESNETS, feeds the CLI choices, validation and the
+# per-backbone tests.
+BACKBONES: dict[str, Callable[[], ResNet]] = {name: partial(ResNet, _BLOCKS[block], depths)
+                                             for name, (block, depths) in RESNETS.items()}
 
 
 def build_backbone(arch: str, stem: str = "imagenet", initialise: bool = True, width: float = 1.0,

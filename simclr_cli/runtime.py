@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from simclr_cli.config import cpu_cores
 from simclr_cli.errors import ConfigError
 
 
@@ -93,8 +94,8 @@ def cpu_has_bf16() -> bool:
 
 def default_workers() -> int:
     """Loader processes: one core is left for the training process, at most 8 in all."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # training processes on this machine share them
+    # Training processes on this machine share the cores.
+    cores = cpu_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(8, cores - 1))
 
 

@@ -52,13 +52,13 @@ def photos(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def indexes(tiny_encoder, photos, tmp_path_factory) -> dict[str, Path]:
-    """The photos embedded twice, as float32 and as float16."""
+    """The photos embedded twice, as float32 and as float16, at fp32 (auto is bf16 on CPUs with bf16)."""
     out = tmp_path_factory.mktemp("indexes")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_STATE_HOME", str(out / "state"))
         for dtype in ("float32", "float16"):
             embed_folder(EmbedConfig(model=str(tiny_encoder), images=str(photos), out=str(out / f"{dtype}.npy"),
-                                     dtype=dtype, device="cpu", workers=0))
+                                     dtype=dtype, device="cpu", precision="fp32", workers=0))
     return {dtype: out / f"{dtype}.npy" for dtype in ("float32", "float16")}
 
 
@@ -261,7 +261,7 @@ class Teardown:
         print("teardown ran", file=sys.stderr, flush=True)
 
 keep = Teardown()
-atexit.register(lambda: sys.stderr.write("atexit ran\\n"))
+atexit.register(lambda: sys.stderr.write(f"atexit ran, torch imported: {'torch' in sys.modules}\\n"))
 sys.argv = ["simclr", *sys.argv[1:]]
 main()
 """
@@ -278,12 +278,26 @@ def test_similar_exits_without_the_interpreter_teardown(indexes, photos):
     assert found.returncode == 0, found.stderr
     assert Path(json.loads(found.stdout)["results"][0]["hits"][0]["path"]) == (photos / ORIGINALS[0]).absolute()
     assert "atexit ran" in found.stderr and "teardown ran" not in found.stderr
+    assert "torch imported: False" in found.stderr  # an fp32 index: numpy_encoder embeds the query
     failed = run("similar", photos / "missing.png", "--index", indexes["float32"])
     assert failed.returncode == 1 and "missing.png: no such file or folder" in failed.stderr
     assert "atexit ran" in failed.stderr and "teardown ran" not in failed.stderr
     version = run("--version")
     assert version.returncode == 0 and "simclr" in version.stdout
     assert "atexit ran" in version.stderr and "teardown ran" in version.stderr
+
+
+def test_queries_embedded_by_numpy_or_by_torch_find_the_same_hits(indexes, photos):
+    """--device cpu on an fp32 index embeds the queries with numpy_encoder, --device auto with PyTorch: the
+    same hits in the same order, the same scores to float32 rounding, for a folder of more than one batch."""
+    by_numpy = similar_json(photos, "--index", indexes["float32"], "-k", "6")["results"]
+    by_torch = similar_json(photos, "--index", indexes["float32"], "-k", "6", "--device", "auto")["results"]
+    assert len(by_numpy) == len(by_torch) > 16
+    for numpy_result, torch_result in zip(by_numpy, by_torch):
+        assert numpy_result["query"] == torch_result["query"]
+        assert [hit["path"] for hit in numpy_result["hits"]] == [hit["path"] for hit in torch_result["hits"]]
+        np.testing.assert_allclose([hit["score"] for hit in numpy_result["hits"]],
+                                   [hit["score"] for hit in torch_result["hits"]], atol=1e-5)
 
 
 def test_a_query_excluding_itself_is_found_whatever_the_spelling_of_its_path(tiny_encoder, photos, tmp_path):

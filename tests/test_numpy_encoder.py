@@ -1,0 +1,114 @@
+"""numpy_encoder: the numpy forward pass gives the PyTorch encoder's features, and refuses damaged files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from simclr_cli.config import ARCHITECTURES
+from simclr_cli.embed import embed_queries
+from simclr_cli.errors import ModelFileError
+from simclr_cli.export import load_encoder, save_encoder
+from simclr_cli.files import EncoderInfo
+from simclr_cli.images import scan_images
+from simclr_cli.models import build_backbone
+from simclr_cli.numpy_encoder import embed_queries as embed_on_cpu
+from simclr_cli.numpy_encoder import load_numpy_encoder
+
+
+def trained_looking(arch: str, stem: str, width: float, seed: int = 0) -> torch.nn.Module:
+    """A backbone whose BatchNorms have non-trivial running statistics, scales and shifts, as after training
+    (fresh ones are the identity in eval mode, which would hide a wrong fold)."""
+    torch.manual_seed(seed)
+    backbone = build_backbone(arch, stem, width=width)
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return backbone.eval()
+
+
+def write_encoder(path, arch: str = "resnet18", stem: str = "imagenet", width: float = 1.0, size: int = 64):
+    backbone = trained_looking(arch, stem, width)
+    info = EncoderInfo(arch, stem, backbone.feature_dim, size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                       "test", {}, width)
+    save_encoder(path, backbone, info, extra={"head.layers.0.weight": torch.ones(4, backbone.feature_dim)})
+    return backbone
+
+
+@pytest.mark.parametrize("arch, stem, width, size", [
+    *[(arch, "imagenet", 0.5, 64) for arch in ARCHITECTURES],
+    *[(arch, "cifar", 0.25, 32) for arch in ARCHITECTURES],
+    ("resnet50", "imagenet", 1.0, 96),  # full width, an odd feature-map size (3x3 at the end)
+    ("resnet18", "cifar", 2.0, 33),  # SimCLRv2's 2x, an odd image size
+])
+def test_numpy_forward_equals_the_torch_backbone(tmp_path, arch, stem, width, size):
+    path = tmp_path / "encoder.safetensors"
+    backbone = write_encoder(path, arch, stem, width, size)
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = backbone(images).numpy()  # (3, D)
+    encoder, info = load_numpy_encoder(path)
+    features = encoder(images.numpy())
+    assert features.shape == expected.shape == (3, info.feature_dim)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(features, expected, rtol=0, atol=2e-5 * scale)
+
+
+def test_queries_get_the_torch_paths_features_skips_and_positions(tmp_path, mixed_folder):
+    """numpy_encoder.embed_queries and embed.embed_queries at fp32 on the CPU: same files kept, in the same
+    order, same unit features; more queries than one batch, and unreadable files among them."""
+    path = tmp_path / "encoder.safetensors"
+    write_encoder(path, size=48)
+    paths = [str(p) for p in scan_images(mixed_folder[0], check=False).paths] * 2  # every mode; some unreadable
+    assert len(paths) > 16
+    features, positions, skipped = embed_on_cpu(path, paths)
+    expected, expected_positions, expected_skipped = embed_queries(path, paths, torch.device("cpu"), "fp32")
+    assert positions == expected_positions and skipped and skipped == expected_skipped
+    np.testing.assert_allclose(features, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1, atol=1e-6)
+
+
+def damage(path, change) -> None:
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    change(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t, m: t.pop("layer3.1.bn2.running_var"), "weights do not match a resnet18"),
+    (lambda t, m: t.update({"layer5.0.conv1.weight": torch.ones(1)}), "unexpected key 'layer5"),
+    (lambda t, m: t.update({"layer2.0.conv2.weight": torch.ones(128, 64, 3, 3)}), "layer2.0.conv2.weight"),
+    (lambda t, m: t.update({"conv1.weight": torch.ones(64, 3, 3, 3)}), "not the imagenet stem"),
+    (lambda t, m: t.pop("layer2.0.downsample.0.weight"), "weights do not match"),
+    (lambda t, m: m.update({"feature_dim": "2048"}), "metadata gives 2048-d features, its resnet18 gives 512"),
+])
+def test_damaged_weights_are_one_line_errors_as_with_torch(tmp_path, change, message):
+    path = tmp_path / "encoder.safetensors"
+    write_encoder(path)
+    damage(path, change)
+    with pytest.raises(ModelFileError, match=message):
+        load_numpy_encoder(path)
+    with pytest.raises(ModelFileError):  # the PyTorch loader refuses the same files
+        load_encoder(path)
+
+
+def test_the_module_imports_no_torch(tmp_path):
+    path = tmp_path / "encoder.safetensors"
+    write_encoder(path, size=32)
+    script = ("import sys\nfrom simclr_cli.numpy_encoder import load_numpy_encoder\nimport numpy as np\n"
+              f"encoder, _ = load_numpy_encoder({str(path)!r})\nencoder(np.zeros((1, 3, 32, 32), np.float32))\n"
+              "print(sorted(name for name in sys.modules if name.split('.')[0] in ('torch', 'torchvision')))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
