@@ -26,7 +26,8 @@ from simclr_cli.files import EncoderInfo, read_metadata, resolve_model_path
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb
 
 BATCH_NORM_EPS = 1e-5  # nn.BatchNorm2d's default, which models.py keeps
-BATCH_SIZE = 16  # images per forward pass: a 224 px ResNet-50's largest patch matrix is then 115 MB
+BATCH_SIZE = 16  # images per forward pass
+PATCH_BYTES = 64 << 20  # the most a patch matrix (im2col) holds: large images are convolved in bands of rows
 
 
 @dataclass(frozen=True)
@@ -66,15 +67,22 @@ class Conv:
         batch, height, width, channels = x.shape
         out_h, out_w = (height - k) // s + 1, (width - k) // s + 1
         if k == 1:
-            patches = x[:, ::s, ::s]  # (B, H', W', C_in)
-        else:
-            patches = np.empty((batch, out_h, out_w, k, k, channels), dtype=np.float32)  # (B, H', W', k, k, C_in)
+            out = x[:, ::s, ::s].reshape(-1, channels) @ self.weight  # (B * H' * W', C_out)
+            out += self.bias
+            return out.reshape(batch, out_h, out_w, -1)
+        out = np.empty((batch, out_h, out_w, self.out_channels), dtype=np.float32)
+        band = max(1, PATCH_BYTES // (batch * out_w * k * k * channels * 4))  # output rows per patch matrix
+        for top in range(0, out_h, band):
+            rows = min(band, out_h - top)
+            patches = np.empty((batch, rows, out_w, k, k, channels), dtype=np.float32)  # (B, rows, W', k, k, C_in)
             for i in range(k):
                 for j in range(k):
-                    patches[:, :, :, i, j] = x[:, i:i + s * out_h:s, j:j + s * out_w:s]
-        out = patches.reshape(-1, k * k * channels) @ self.weight  # (B * H' * W', C_out)
-        out += self.bias
-        return out.reshape(batch, out_h, out_w, -1)
+                    start = top * s + i
+                    patches[:, :, :, i, j] = x[:, start:start + s * rows:s, j:j + s * out_w:s]
+            products = patches.reshape(-1, k * k * channels) @ self.weight  # (B * rows * W', C_out)
+            products += self.bias
+            out[:, top:top + rows] = products.reshape(batch, rows, out_w, -1)
+        return out
 
 
 def relu(x: np.ndarray) -> np.ndarray:

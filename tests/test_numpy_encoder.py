@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from simclr_cli import numpy_encoder
 from simclr_cli.config import ARCHITECTURES
 from simclr_cli.embed import embed_queries
 from simclr_cli.errors import ModelFileError
@@ -61,6 +62,18 @@ def test_numpy_forward_equals_the_torch_backbone(tmp_path, arch, stem, width, si
     assert features.shape == expected.shape == (3, info.feature_dim)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(features, expected, rtol=0, atol=2e-5 * scale)
+
+
+def test_large_images_are_convolved_in_bands_of_rows(tmp_path, monkeypatch):
+    """Patch matrices are capped (PATCH_BYTES) by convolving bands of output rows: one row per band here."""
+    path = tmp_path / "encoder.safetensors"
+    backbone = write_encoder(path, "resnet18", "imagenet", 0.5, 45)
+    images = torch.randn(2, 3, 45, 45, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = backbone(images).numpy()  # (2, D)
+    monkeypatch.setattr(numpy_encoder, "PATCH_BYTES", 1)
+    encoder, _ = load_numpy_encoder(path)
+    np.testing.assert_allclose(encoder(images.numpy()), expected, rtol=0, atol=2e-5 * np.abs(expected).max())
 
 
 def test_queries_get_the_torch_paths_features_skips_and_positions(tmp_path, mixed_folder):

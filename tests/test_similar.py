@@ -80,7 +80,8 @@ def brute_force(rows: np.ndarray, queries: np.ndarray, k: int, exclude: list[int
     return [list(np.argsort(-line, kind="stable")[:k]) for line in scores]
 
 
-@pytest.mark.parametrize("count, dim, k, chunk_rows", [(1, 4, 1, 1), (50, 8, 5, 7), (300, 16, 10, 64), (40, 8, 60, 9)])
+@pytest.mark.parametrize("count, dim, k, chunk_rows", [(1, 4, 1, 1), (50, 8, 5, 7), (300, 16, 10, 64), (40, 8, 60, 9),
+                                                     (200, 1100, 7, 64)])  # long rows: BLAS for one query too
 @pytest.mark.parametrize("normalized", [True, False])
 @pytest.mark.parametrize("num_queries", [3, 1])  # one query: the rows are shared among threads
 def test_top_k_matches_brute_force(count, dim, k, chunk_rows, normalized, num_queries):
