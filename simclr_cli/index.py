@@ -225,7 +225,14 @@ def _merge(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarr
     if len(scores) <= k:
         return scores, rows
     keep = np.argpartition(-scores, k - 1, axis=0)[:k]  # (k, Q)
-    return np.take_along_axis(scores, keep, 0), np.take_along_axis(rows, keep, 0)
+    best, best_rows = np.take_along_axis(scores, keep, 0), np.take_along_axis(rows, keep, 0)
+    # argpartition keeps any of the rows tied at the k-th score: where one it left out ties with it, the
+    # lowest rows of the tie are kept instead (by a full sort of that query's scores: rare).
+    kth = best.min(axis=0)  # (Q,)
+    for j in np.flatnonzero((scores == kth).sum(axis=0) > (best == kth).sum(axis=0)):
+        order = np.lexsort((rows[:, j], -scores[:, j]))[:k]
+        best[:, j], best_rows[:, j] = scores[order, j], rows[order, j]
+    return best, best_rows
 
 
 def _top_k_float16(rows: np.ndarray, query: np.ndarray, k: int, exclude: int | None,

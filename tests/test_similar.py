@@ -103,6 +103,29 @@ def test_top_k_matches_brute_force(count, dim, k, chunk_rows, normalized, num_qu
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("num_queries", [1, 3])
+@pytest.mark.parametrize("cores", [1, 2, 5])
+def test_ties_at_the_kth_score_keep_the_lowest_rows(monkeypatch, dtype, num_queries, cores):
+    """Rows with a few distinct values give exact ties across the k-th score: the top k are the lowest rows
+    among them, whatever the chunks and however many threads share the rows."""
+    from simclr_cli import index as index_module
+
+    monkeypatch.setattr(index_module, "cpu_cores", lambda: cores)
+    generator = np.random.default_rng(3)
+    rows = generator.integers(1, 3, (300, 4)).astype(dtype)  # 16 distinct rows, none zero
+    queries = generator.integers(1, 3, (num_queries, 4)).astype(np.float32)
+    for normalized in (True, False):
+        scores = queries.astype(np.float64) @ rows.T.astype(np.float64)  # (Q, N), exact: small integers
+        if not normalized:
+            scores /= np.linalg.norm(rows.astype(np.float64), axis=1)
+        for chunk_rows in (7, 64, 4096):
+            for k in (1, 5, 29):
+                _, found = top_k(rows, queries, k, normalized, chunk_rows=chunk_rows)
+                expected = [list(np.argsort(-line, kind="stable")[:k]) for line in scores]
+                assert found.tolist() == expected, (normalized, chunk_rows, k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_a_query_excluding_itself_leaves_the_others_alone(dtype):
     """k beyond the index: the query that excludes its row gets it last at -inf, the other every row."""
     rows = np.eye(3, dtype=dtype)
