@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from simclr_cli.config import RESNETS
+from simclr_cli.config import RESNETS, channels
 
 
 # -- ResNet (He et al. 2015, arXiv 1512.03385), written out so that loading an encoder needs no
@@ -68,11 +68,6 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
-
-
-def channels(base: int, width: float) -> int:
-    """A stage's channel count at a width multiplier (SimCLRv2's 2x and 3x, or 0.5x for small CPUs)."""
-    return max(1, round(base * width))
 
 
 class ResNet(nn.Module):

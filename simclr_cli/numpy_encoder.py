@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from simclr_cli.augment import preprocessing
-from simclr_cli.config import RESNETS, cpu_cores
+from simclr_cli.config import RESNETS, channels, cpu_cores
 from simclr_cli.errors import ModelFileError
 from simclr_cli.files import EncoderInfo, read_metadata, resolve_model_path
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb
@@ -40,12 +40,13 @@ class Conv:
     stride: int
 
     @classmethod
-    def fold(cls, tensors: dict[str, np.ndarray], conv: str, norm: str, in_channels: int, stride: int = 1) -> "Conv":
+    def fold(cls, tensors: dict[str, np.ndarray], conv: str, norm: str, in_channels: int, out_channels: int,
+             kernel: int, stride: int = 1) -> "Conv":
         """Conv `conv` then BatchNorm `norm` from a state dict: BN(W * x) = (scale W) * x + shift."""
         weight = tensors.pop(f"{conv}.weight").astype(np.float64)  # (C_out, C_in, k, k)
-        out_channels, channels, kernel, kernel_w = weight.shape
-        if channels != in_channels or kernel != kernel_w:
-            raise ValueError(f"{conv}.weight has shape {weight.shape}, after {in_channels} channels")
+        expected = (out_channels, in_channels, kernel, kernel)
+        if weight.shape != expected:  # models.py's shape, as load_state_dict checks it
+            raise ValueError(f"{conv}.weight has shape {weight.shape}, not {expected}")
         gamma, beta, mean, var = (tensors.pop(f"{norm}.{name}").astype(np.float64)
                                   for name in ("weight", "bias", "running_mean", "running_var"))
         tensors.pop(f"{norm}.num_batches_tracked", None)
@@ -122,36 +123,43 @@ class NumpyEncoder:
         """Fold the weights of a state dict (torchvision key names); ValueError if they are not `info`'s ResNet."""
         tensors = {key: value for key, value in tensors.items() if not key.startswith(("head.", "classifier."))}
         block_kind, depths = RESNETS[info.arch]
+        planes = [channels(base, info.width) for base in (64, 128, 256, 512)]  # as models.ResNet
         stem_kernel, stem_stride = (7, 2) if info.stem == "imagenet" else (3, 1)
-        self.stem = Conv.fold(tensors, "conv1", "bn1", 3, stem_stride)
-        if self.stem.kernel != stem_kernel:
-            raise ValueError(f"conv1 is {self.stem.kernel}x{self.stem.kernel}, not the {info.stem} stem's")
+        stem_shape = getattr(tensors.get("conv1.weight"), "shape", ())
+        if len(stem_shape) == 4 and stem_shape[2] != stem_kernel:
+            raise ValueError(f"conv1 is {stem_shape[2]}x{stem_shape[3]}, not the {info.stem} stem's")
+        self.stem = Conv.fold(tensors, "conv1", "bn1", 3, planes[0], stem_kernel, stem_stride)
         self.max_pool = info.stem == "imagenet"
         self.blocks: list[Block] = []
-        channels = self.stem.out_channels
-        for stage, count in enumerate(depths, 1):
+        inplanes = planes[0]
+        for stage, (count, width) in enumerate(zip(depths, planes), 1):
             for index in range(count):
                 stride = 2 if stage > 1 and index == 0 else 1
-                block = self._fold_block(tensors, f"layer{stage}.{index}", block_kind, channels, stride)
+                block = self._fold_block(tensors, f"layer{stage}.{index}", block_kind, inplanes, width, stride)
                 self.blocks.append(block)
-                channels = block.convs[-1].out_channels
+                inplanes = block.convs[-1].out_channels
         if tensors:
             raise ValueError(f"unexpected key {sorted(tensors)[0]!r}")
-        self.feature_dim = channels
+        self.feature_dim = inplanes
 
     @staticmethod
-    def _fold_block(tensors: dict[str, np.ndarray], prefix: str, kind: str, channels: int, stride: int) -> Block:
-        # The 3x3 convolution strides: the first of a BasicBlock, the middle one of a Bottleneck.
-        strides = (stride, 1) if kind == "basic" else (1, stride, 1)
+    def _fold_block(tensors: dict[str, np.ndarray], prefix: str, kind: str, inplanes: int, planes: int,
+                    stride: int) -> Block:
+        # (out channels, kernel, stride) of each convolution: the 3x3 one strides, the first of a BasicBlock,
+        # the middle one of a Bottleneck (which expands its output 4x).
+        if kind == "basic":
+            specs = [(planes, 3, stride), (planes, 3, 1)]
+        else:
+            specs = [(planes, 1, 1), (planes, 3, stride), (planes * 4, 1, 1)]
         convs: list[Conv] = []
-        for number, conv_stride in enumerate(strides, 1):
-            previous = convs[-1].out_channels if convs else channels
-            convs.append(Conv.fold(tensors, f"{prefix}.conv{number}", f"{prefix}.bn{number}", previous, conv_stride))
+        for number, (out_channels, kernel, conv_stride) in enumerate(specs, 1):
+            previous = convs[-1].out_channels if convs else inplanes
+            convs.append(Conv.fold(tensors, f"{prefix}.conv{number}", f"{prefix}.bn{number}", previous, out_channels,
+                                   kernel, conv_stride))
         shortcut = None
-        if f"{prefix}.downsample.0.weight" in tensors:
-            shortcut = Conv.fold(tensors, f"{prefix}.downsample.0", f"{prefix}.downsample.1", channels, stride)
-        elif stride != 1 or channels != convs[-1].out_channels:
-            raise ValueError(f"{prefix} changes shape but has no downsample")
+        if stride != 1 or inplanes != specs[-1][0]:  # models.ResNet._make_layer's downsample, and only there
+            shortcut = Conv.fold(tensors, f"{prefix}.downsample.0", f"{prefix}.downsample.1", inplanes, specs[-1][0],
+                                 1, stride)
         return Block(tuple(convs), shortcut)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

@@ -105,6 +105,16 @@ def damage(path, change) -> None:
     (lambda t, m: t.update({"conv1.weight": torch.ones(64, 3, 3, 3)}), "not the imagenet stem"),
     (lambda t, m: t.pop("layer2.0.downsample.0.weight"), "weights do not match"),
     (lambda t, m: m.update({"feature_dim": "2048"}), "metadata gives 2048-d features, its resnet18 gives 512"),
+    # Weights consistent among themselves but not the ResNet that the metadata names: PyTorch refuses them too.
+    (lambda t, m: m.update({"width": "2.0"}), "conv1.weight has shape"),
+    (lambda t, m: t.update({"layer1.0.conv2.weight": torch.ones(64, 64, 1, 1)}), "layer1.0.conv2.weight"),
+    (lambda t, m: t.update({"layer2.0.downsample.0.weight": torch.ones(128, 64, 3, 3)}), "layer2.0.downsample.0"),
+    (lambda t, m: t.update({"layer2.0.downsample.0.weight": torch.ones(96, 64, 1, 1),
+                            **{f"layer2.0.downsample.1.{name}": torch.ones(96) for name in
+                               ("weight", "bias", "running_mean", "running_var")}}), "layer2.0.downsample.0"),
+    (lambda t, m: t.update({"layer1.1.downsample.0.weight": torch.ones(64, 64, 1, 1),
+                            **{f"layer1.1.downsample.1.{name}": torch.ones(64) for name in
+                               ("weight", "bias", "running_mean", "running_var")}}), "unexpected key 'layer1.1"),
 ])
 def test_damaged_weights_are_one_line_errors_as_with_torch(tmp_path, change, message):
     path = tmp_path / "encoder.safetensors"
