@@ -210,7 +210,9 @@ def _scan(rows: np.ndarray, span: tuple[int, int], score: Callable[[np.ndarray],
         chunk = np.asarray(rows[start:min(start + chunk_rows, end)])  # (C, D), read from the memory map
         scores = score(chunk)  # (C, Q)
         if not normalized:
-            scores /= np.maximum(np.linalg.norm(chunk, axis=1, keepdims=True), 1e-12)  # (C, 1)
+            # In float32: float16 squares summed in float16 overflow past 65504 (a norm of 256), giving 0 scores.
+            scores /= np.maximum(np.linalg.norm(chunk.astype(np.float32, copy=False), axis=1, keepdims=True),
+                                 1e-12)  # (C, 1)
         for j, row in enumerate(exclude or ()):
             if row is not None and start <= row < start + len(chunk):
                 scores[row - start, j] = -np.inf

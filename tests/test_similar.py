@@ -102,6 +102,18 @@ def test_top_k_matches_brute_force(count, dim, k, chunk_rows, normalized, num_qu
     np.testing.assert_allclose(scores, np.take_along_axis(expected, found, 1), atol=1e-5)
 
 
+def test_unnormalized_float16_rows_of_large_norm_are_ranked_by_cosine():
+    """--no-normalize float16 rows whose squares sum past float16's 65504: their norms are taken in float32."""
+    generator = np.random.default_rng(4)
+    rows = (np.abs(generator.standard_normal((100, 512))) * 12).astype(np.float16)  # norms about 270
+    queries = generator.standard_normal((3, 512)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    scores, found = top_k(rows, queries, 5, normalized=False)
+    assert found.tolist() == brute_force(rows, queries, 5, [None] * 3)
+    expected = queries @ rows.T.astype(np.float32) / np.linalg.norm(rows.astype(np.float32), axis=1)  # (Q, N)
+    np.testing.assert_allclose(scores, np.take_along_axis(expected, found, 1), atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("num_queries", [1, 3])
 @pytest.mark.parametrize("cores", [1, 2, 5])
