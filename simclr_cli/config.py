@@ -18,12 +18,6 @@ RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 
            "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3)),
            "resnet152": ("bottleneck", (3, 8, 36, 3))}
 ARCHITECTURES = tuple(RESNETS)
-
-
-def channels(base: int, width: float) -> int:
-    """A stage's channel count at a width multiplier (SimCLRv2's 2x and 3x, or 0.5x for small CPUs)."""
-    return max(1, round(base * width))
-
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("sqrt", "linear")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -38,6 +32,11 @@ SMALL_CPU_CROP_MIN_SCALE = 0.6
 SMALL_CPU_JITTER = 1.0
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+
+
+def channels(base: int, width: float) -> int:
+    """A stage's channel count at a width multiplier (SimCLRv2's 2x and 3x, or 0.5x for small CPUs)."""
+    return max(1, round(base * width))
 
 
 def cpu_cores() -> int:
