@@ -22,6 +22,7 @@ from simclr_cli.files import check_output_path, read_json, sha256_file, write_js
 
 INDEX_FORMAT = "simclr-index"
 DTYPES = ("float32", "float16")
+MANIFEST_PRECISIONS = ("", "fp32", "bf16", "fp16")  # "": written before the precision was recorded
 INDEX_ENV = "SIMCLR_INDEX"
 CHUNK_ROWS = 4096  # rows scored at a time: 8 MiB of float32 at 512 dims, small enough to stay in cache
 FLOAT16_CHUNK_ROWS = 16384  # for the float16 matrix-vector product: 16 MiB at 512 dims, 1.25x faster than 4096
@@ -69,10 +70,26 @@ class Manifest:
             manifest = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
         except TypeError as error:
             raise ModelFileError(f"{path}: index manifest is incomplete ({error}); run `simclr embed` again") from None
-        if manifest.dtype not in DTYPES or not isinstance(manifest.paths, list):
-            raise ModelFileError(f"{path}: index manifest is damaged (dtype {manifest.dtype!r}); run `simclr embed` "
-                                 f"again")
+        problem = manifest._damage()
+        if problem:
+            raise ModelFileError(f"{path}: index manifest is damaged ({problem}); run `simclr embed` again")
         return manifest
+
+    def _damage(self) -> str | None:
+        """What no manifest `simclr embed` writes would hold, or None."""
+        if self.dtype not in DTYPES:
+            return f"dtype {self.dtype!r}"
+        if self.precision not in MANIFEST_PRECISIONS:
+            return f"precision {self.precision!r}"
+        if not isinstance(self.paths, list):
+            return "paths is not a list"
+        if not (isinstance(self.model, str) and isinstance(self.model_sha256, str)):
+            return "model and model_sha256 must be strings"
+        if not isinstance(self.dim, int):
+            return f"dim {self.dim!r}"
+        if not isinstance(self.normalized, bool):
+            return f"normalized {self.normalized!r}"
+        return None
 
 
 def write_manifest(index_path: str | Path, manifest: Manifest) -> None:

@@ -286,6 +286,24 @@ def test_user_errors_exit_1_with_a_message(indexes, photos, tmp_path):
         assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("precision", "xx", "precision 'xx'"),
+    ("dtype", "int8", "dtype 'int8'"),
+    ("paths", "photo.png", "paths is not a list"),
+    ("model", 3, "model and model_sha256 must be strings"),
+    ("normalized", "yes", "normalized 'yes'"),
+    ("dim", "512", "dim '512'"),
+])
+def test_a_damaged_manifest_is_a_one_line_error(indexes, photos, tmp_path, field, value, message):
+    index = tmp_path / "index.npy"
+    shutil.copy(indexes["float32"], index)
+    manifest = json.loads(indexes["float32"].with_suffix(".json").read_text())
+    index.with_suffix(".json").write_text(json.dumps({**manifest, field: value}))
+    result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(index)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"index manifest is damaged ({message})" in " ".join(result.output.split())
+
+
 # Run as the `simclr` script runs: an atexit handler that prints without flushing, and an object whose
 # __del__ only runs in the interpreter's teardown.
 QUICK_EXIT_SCRIPT = """
