@@ -155,7 +155,7 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
 
     Rows are read in chunks, scored in float32 and merged into a running top-k, so memory stays at
     one chunk whatever N (plus 2 bytes a row for one or two queries against float16 rows). One query
-    against float32 rows splits the rows among threads. `exclude[j]` is a row that query j must not
+    against float32 rows of up to 1,024 values splits the rows among threads. `exclude[j]` is a row that query j must not
     return (itself): it scores -inf, so when k reaches N it comes last, at -inf. Hits of equal score
     are listed by row. Float32 rows need numpy only; float16 rows are scored with PyTorch, imported for them.
     """
