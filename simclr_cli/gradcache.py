@@ -39,7 +39,7 @@ def chunk_count(sizes: list[int], chunk_size: int) -> int:
 
 
 @contextlib.contextmanager
-def _batchnorm_buffers_kept(model: nn.Module) -> Iterator[None]:
+def batchnorm_buffers_kept(model: nn.Module) -> Iterator[None]:
     """Undo the running-statistics updates made inside the block."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [{name: buf.clone() for name, buf in m.named_buffers(recurse=False) if buf is not None} for m in norms]
@@ -81,7 +81,7 @@ def cached_backward(model: nn.Module, embed: Callable[[nn.Module, torch.Tensor],
     pieces = inputs.tensor_split(chunks)
     device = inputs.device
     states, embedded = [], []
-    with torch.no_grad(), _batchnorm_buffers_kept(inner):
+    with torch.no_grad(), batchnorm_buffers_kept(inner):
         for piece in pieces:
             states.append(_RandomState(device))
             embedded.append(embed(inner, piece))

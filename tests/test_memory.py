@@ -1,0 +1,95 @@
+"""memory.py: activation bytes measured from autograd, and the gradient-caching chunk a CPU run needs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from simclr_cli import memory
+from simclr_cli.cli import app
+from simclr_cli.memory import MEMORY_SHARE, STATE_COPIES, TRANSIENT, activation_bytes, fitting_chunk
+from simclr_cli.models import SimCLR
+from simclr_cli.runtime import resolve_precision
+
+FP32 = resolve_precision("fp32", torch.device("cpu"))
+runner = CliRunner()
+
+
+def test_activation_bytes_counts_what_backward_keeps_and_not_the_weights():
+    """A linear layer keeps its input for the backward pass (3 x 8 x 8 float32 a view), and its 4 MB of
+    weights, which are not activations."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 1000))
+    assert activation_bytes(model, 8, FP32) == 3 * 8 * 8 * 4
+
+
+def test_activation_bytes_grow_with_the_pixels_and_leave_batchnorm_statistics_alone():
+    model = SimCLR("resnet18", "imagenet")
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    small, large = activation_bytes(model, 64, FP32), activation_bytes(model, 128, FP32)
+    assert 3.5 < large / small < 4.1  # four times the pixels; the head's share does not grow
+    assert activation_bytes(model, 64, FP32, views=4) == pytest.approx(small, rel=0.03)  # per view
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+
+
+def test_fitting_chunk_is_the_most_images_that_fit_beside_the_state():
+    per_view, state = 1000, 500
+    per_image = 2 * per_view * TRANSIENT
+    fits = (100 * per_image + STATE_COPIES * state) / MEMORY_SHARE
+    assert fitting_chunk(per_view, state, 100, available=fits + 10) is None
+    assert fitting_chunk(per_view, state, 101, available=fits + 10) == 100
+    assert fitting_chunk(per_view, state, 256, available=fits / 4) < 25
+    assert fitting_chunk(per_view, state, 256, available=1) == 1  # the smallest chunk, whatever is free
+
+
+@pytest.fixture
+def images(tmp_path, small_digits_folder):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted(small_digits_folder.rglob("*.png"))[:16]:
+        shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
+    return folder
+
+
+def _squeezed_memory(monkeypatch, images: int) -> None:
+    """Make the free memory what a resnet18's state and `images` images of 32 px activations need."""
+    model = SimCLR("resnet18", "imagenet", zero_init_residual=True, proj_out_bn=True)
+    per_view = activation_bytes(model, 32, FP32)
+    state = sum(p.numel() * p.element_size() for p in model.parameters())
+    available = (STATE_COPIES * state + images * 2 * per_view * TRANSIENT) / MEMORY_SHARE + 1
+    monkeypatch.setattr(memory, "available_memory", lambda: int(available))
+
+
+def test_a_batch_too_large_for_memory_trains_in_chunks_and_says_so(tmp_path, images, monkeypatch):
+    _squeezed_memory(monkeypatch, images=5)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(images), "--out", str(out), "--epochs", "1", "--batch-size", "16",
+                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "a batch of 16 images needs about" in text and "gradient caching, 5 images' activations" in text
+    assert json.loads((out / "config.json").read_text())["chunk_size"] == 5  # a resume keeps it
+    assert (out / "encoder.safetensors").is_file()
+
+
+def test_a_batch_that_fits_or_a_chunk_size_given_is_left_alone(tmp_path, images, monkeypatch):
+    _squeezed_memory(monkeypatch, images=5)
+    out = tmp_path / "given"
+    result = runner.invoke(app, ["pretrain", str(images), "--out", str(out), "--epochs", "1", "--batch-size", "16",
+                                 "--chunk-size", "8", "--arch", "resnet18", "--image-size", "32", "--device", "cpu",
+                                 "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "needs about" not in result.output
+    assert json.loads((out / "config.json").read_text())["chunk_size"] == 8
+    _squeezed_memory(monkeypatch, images=16)
+    out = tmp_path / "fits"
+    result = runner.invoke(app, ["pretrain", str(images), "--out", str(out), "--epochs", "1", "--batch-size", "16",
+                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "needs about" not in result.output
+    assert json.loads((out / "config.json").read_text())["chunk_size"] is None
