@@ -30,6 +30,7 @@ from simclr_cli.files import (EncoderInfo, read_json, read_json_lines, read_meta
                               write_text)
 from simclr_cli.images import Skipped, note_skipped
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, load_labelled
+from simclr_cli.memory import batch_shortfall
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
 from simclr_cli.runtime import (StopFlag, default_workers, resolve_device, resolve_precision, rng_state,
                                 seed_everything, set_rng_state)
@@ -153,18 +154,28 @@ class FinetuneRun:
         self.data = self._read_split() if resume else self._load_data()
         self.skipped: dict[str, Skipped] = {s.path: s for s in self.data.skipped}
         train = self.data.train
-        self.batch_size = min(config.batch_size, len(train))
-        if self.batch_size < config.batch_size:
-            report("warning", text=f"only {len(train)} training images: using batch size {self.batch_size} "
-                                   f"instead of {config.batch_size}")
-            # the learning-rate rule and config.json follow the batch that trains, not the one asked for
-            self.config = config = replace(config, batch_size=self.batch_size)
-        self.steps_per_epoch = max(1, len(train) // self.batch_size)
-        self.total_steps = config.epochs * self.steps_per_epoch
         # channels_last, as pretrain and compute_features use: faster convolutions, and the same kernels as the
         # exported encoder runs
         self.model = Classifier(backbone, len(self.data.classes), head).to(self.device,
                                                                           memory_format=torch.channels_last)
+        self.batch_size = min(config.batch_size, len(train))
+        if self.batch_size < config.batch_size:
+            report("warning", text=f"only {len(train)} training images: using batch size {self.batch_size} "
+                                   f"instead of {config.batch_size}")
+        if self.device.type == "cpu" and not resume:  # a resumed run keeps the batch its steps were counted in
+            # A batch whose activations do not fit in free memory would get the process killed mid-step.
+            shortfall = batch_shortfall(self.model, self.info.image_size, self.precision, self.batch_size,
+                                        views_per_image=1)
+            if shortfall is not None:
+                fitting = max(2, shortfall.images)  # BatchNorm needs two
+                report("warning", text=f"{shortfall.describe(self.batch_size)}: using batch size {fitting} "
+                                       f"(the learning rate follows it); --batch-size sets it")
+                self.batch_size = fitting
+        if self.batch_size != config.batch_size:
+            # the learning-rate rule and config.json follow the batch that trains, not the one asked for
+            self.config = config = replace(config, batch_size=self.batch_size)
+        self.steps_per_epoch = max(1, len(train) // self.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer("sgd", self.model, config.resolved_lr, config.weight_decay)
         self.scaler = self.precision.grad_scaler()
         crops = finetune_augmentation(self.info, config.resolved_crop_min_scale(self.info.image_size))

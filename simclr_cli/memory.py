@@ -1,14 +1,15 @@
-"""Whether a pretraining batch fits in the CPU's free memory, and the gradient-caching chunk that does.
+"""Whether a training batch fits in the CPU's free memory, and how many images do.
 
 Training keeps every view's activations until the backward pass: a resnet50 at 224 px keeps about
-90 MB a view in fp32, so the default batch of 256 images (512 views) needs about 47 GB, more than
-most machines without a GPU have; the kernel would kill the process mid-step. Gradient caching
-(gradcache.py, --chunk-size) keeps the loss over the whole batch with only a chunk's activations alive.
+86 MB a view in fp32, so pretraining's default batch of 256 images (512 views) needs about 52 GB,
+more than most machines without a GPU have, and the kernel would kill the process mid-step.
+Pretraining then uses gradient caching (gradcache.py, --chunk-size), which keeps the loss over the
+whole batch with only a chunk's activations alive; fine-tuning trains on a smaller batch.
 """
-
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,9 +36,15 @@ def activation_bytes(model: nn.Module, image_size: int, precision: Precision, vi
         return tensor
 
     blank = torch.zeros(views, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
-    with batchnorm_buffers_kept(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with precision.autocast():
-            model(blank)
+    modes = {module: module.training for module in model.modules()}
+    model.train()  # as it trains (BatchNorm keeps more in training mode)
+    try:
+        with batchnorm_buffers_kept(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            with precision.autocast():
+                model(blank)
+    finally:
+        for module, training in modes.items():
+            module.training = training
     return math.ceil(sum(saved.values()) / views)
 
 
@@ -52,28 +59,40 @@ def available_memory() -> int | None:
     return None
 
 
-def fitting_chunk(per_view: int, state_bytes: int, batch_size: int, available: int) -> int | None:
-    """None if a batch of `batch_size` images (two views each) fits in MEMORY_SHARE of `available`
-    bytes; otherwise the most images whose activations fit beside the model's state (at least 1)."""
+def fitting_chunk(per_view: int, state_bytes: int, batch_size: int, available: float,
+                  views_per_image: int = 2) -> int | None:
+    """None if a batch of `batch_size` images fits in MEMORY_SHARE of `available` bytes; otherwise the most
+    images whose activations fit beside the model's state (at least 1)."""
     budget = MEMORY_SHARE * available - STATE_COPIES * state_bytes
-    per_image = 2 * per_view * TRANSIENT
+    per_image = views_per_image * per_view * TRANSIENT
     if batch_size * per_image <= budget:
         return None
     return max(1, int(budget // per_image))
 
 
-def cpu_chunk_size(model: nn.Module, image_size: int, precision: Precision, batch_size: int) -> tuple[int, str] | None:
-    """The --chunk-size a CPU run needs, and a line that says why, or None when the batch fits (or the free
-    memory is unknown)."""
+@dataclass(frozen=True)
+class Shortfall:
+    """A batch too large for the free memory: the most images that fit, and the numbers behind it."""
+
+    images: int
+    needed: float  # bytes the whole batch would take
+    available: float  # bytes free
+
+    def describe(self, batch_size: int) -> str:
+        return (f"a batch of {batch_size} images needs about {self.needed / 2**30:.1f} GiB here and "
+                f"{self.available / 2**30:.1f} GiB is free")
+
+
+def batch_shortfall(model: nn.Module, image_size: int, precision: Precision, batch_size: int,
+                    views_per_image: int = 2) -> Shortfall | None:
+    """How a training batch overflows this CPU's free memory, or None if it fits (or the free memory is unknown)."""
     available = available_memory()
     if available is None:
         return None
     per_view = activation_bytes(model, image_size, precision)
     state = sum(p.numel() * p.element_size() for p in model.parameters())
-    chunk = fitting_chunk(per_view, state, batch_size, available)
-    if chunk is None:
+    images = fitting_chunk(per_view, state, batch_size, available, views_per_image)
+    if images is None:
         return None
-    needed = 2 * batch_size * per_view * TRANSIENT + STATE_COPIES * state
-    return chunk, (f"a batch of {batch_size} images needs about {needed / 2**30:.1f} GiB here and "
-                   f"{available / 2**30:.1f} GiB is free: gradient caching, {chunk} images' activations at a time "
-                   f"(the loss is still over the whole batch; BatchNorm statistics per chunk); --chunk-size sets it")
+    needed = views_per_image * batch_size * per_view * TRANSIENT + STATE_COPIES * state
+    return Shortfall(images, needed, available)

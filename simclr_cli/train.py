@@ -25,7 +25,7 @@ from simclr_cli.files import ENCODER_FILE, EncoderInfo, read_json, read_json_lin
 from simclr_cli.gradcache import cached_backward, chunk_count
 from simclr_cli.images import Skipped, note_skipped, require_images, scan_images
 from simclr_cli.loss import global_nt_xent
-from simclr_cli.memory import cpu_chunk_size
+from simclr_cli.memory import batch_shortfall
 from simclr_cli.models import SimCLR
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
 from simclr_cli.runtime import (StopFlag, default_workers, is_main, resolve_device, resolve_precision, rng_state,
@@ -127,10 +127,12 @@ class PretrainRun:
         self.scaler = self.precision.grad_scaler()
         if config.chunk_size is None and self.device.type == "cpu" and world_size() == 1:
             # A batch whose activations do not fit in free memory would get the process killed mid-step.
-            planned = cpu_chunk_size(self.model, config.augment.image_size, self.precision, self.batch_size)
-            if planned is not None:
-                self.config = config = replace(config, chunk_size=planned[0])  # config.json records it
-                report("warning", text=planned[1])
+            shortfall = batch_shortfall(self.model, config.augment.image_size, self.precision, self.batch_size)
+            if shortfall is not None:
+                self.config = config = replace(config, chunk_size=shortfall.images)  # config.json records it
+                report("warning", text=f"{shortfall.describe(self.batch_size)}: gradient caching, "
+                                       f"{shortfall.images} images' activations at a time (the loss is still over "
+                                       f"the whole batch; BatchNorm statistics per chunk); --chunk-size sets it")
         # The --monitor folder is read before the decoded cache goes into the run folder: a refused folder
         # leaves --out as it was, free for the corrected command.
         self.monitor = (KnnMonitor(config.monitor, self.device, self.precision, config.runtime.seed, self.workers)

@@ -37,6 +37,17 @@ def test_activation_bytes_grow_with_the_pixels_and_leave_batchnorm_statistics_al
         assert torch.equal(buffer, before[name]), name
 
 
+def test_activation_bytes_measure_training_mode_and_restore_each_modules_mode():
+    """Fine-tuning's classifier holds an encoder loaded in eval mode: BatchNorm keeps more in training mode,
+    so that is measured; afterwards every module is back in its own mode."""
+    model = SimCLR("resnet18", "imagenet")
+    model.backbone.eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    mixed = activation_bytes(model, 32, FP32)
+    assert {name: module.training for name, module in model.named_modules()} == modes
+    assert mixed == activation_bytes(model.train(), 32, FP32)
+
+
 def test_fitting_chunk_is_the_most_images_that_fit_beside_the_state():
     per_view, state = 1000, 500
     per_image = 2 * per_view * TRANSIENT
@@ -93,3 +104,16 @@ def test_a_batch_that_fits_or_a_chunk_size_given_is_left_alone(tmp_path, images,
     assert result.exit_code == 0, result.output
     assert "needs about" not in result.output
     assert json.loads((out / "config.json").read_text())["chunk_size"] is None
+
+
+def test_finetune_on_a_batch_too_large_for_memory_trains_on_a_smaller_one(tmp_path, tiny_encoder,
+                                                                         small_digits_folder, monkeypatch):
+    monkeypatch.setattr(memory, "available_memory", lambda: 1)  # nothing free: the smallest batch, two images
+    out = tmp_path / "finetune"
+    result = runner.invoke(app, ["finetune", str(tiny_encoder), str(small_digits_folder), "--label-fraction", "0.05",
+                                 "--epochs", "1", "--out", str(out), "--device", "cpu", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "a batch of" in text and "needs about" in text and "using batch size 2 (the learning rate follows it)" in text
+    config = json.loads((out / "config.json").read_text())
+    assert config["batch_size"] == 2
