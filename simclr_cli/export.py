@@ -60,11 +60,8 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     try:
         backbone.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
-        raise ModelFileError(f"{path}: weights do not match a {info.arch} ({str(error).splitlines()[0]}); "
-                             f"the file is damaged") from None
-    if backbone.feature_dim != info.feature_dim:
-        raise ModelFileError(f"{path}: its metadata gives {info.feature_dim}-d features, its {info.arch} gives "
-                             f"{backbone.feature_dim}; the file is damaged")
+        raise info.weights_error(path, error) from None
+    info.check_feature_dim(path, backbone.feature_dim)
     return backbone.to(device).eval(), info
 
 

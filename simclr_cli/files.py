@@ -145,6 +145,17 @@ class EncoderInfo:
                                  f"`simclr pretrain`")
         return info
 
+    def weights_error(self, path: Path, error: Exception) -> ModelFileError:
+        """The error for weights that the ResNet this metadata names cannot take (load_encoder and numpy_encoder)."""
+        return ModelFileError(f"{path}: weights do not match a {self.arch} ({str(error).splitlines()[0]}); "
+                              f"the file is damaged")
+
+    def check_feature_dim(self, path: Path, feature_dim: int) -> None:
+        """Refuse weights whose features are not as wide as the metadata says."""
+        if feature_dim != self.feature_dim:
+            raise ModelFileError(f"{path}: its metadata gives {self.feature_dim}-d features, its {self.arch} gives "
+                                 f"{feature_dim}; the file is damaged")
+
     def _damage(self) -> str | None:
         """What makes these values impossible for a file simclr wrote (the bounds of its flags), or None."""
         def numbers(values: tuple) -> bool:

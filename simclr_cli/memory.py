@@ -6,6 +6,7 @@ more than most machines without a GPU have, and the kernel would kill the proces
 Pretraining then uses gradient caching (gradcache.py, --chunk-size), which keeps the loss over the
 whole batch with only a chunk's activations alive; fine-tuning trains on a smaller batch.
 """
+
 from __future__ import annotations
 
 import math

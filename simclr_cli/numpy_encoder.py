@@ -21,7 +21,6 @@ from safetensors.numpy import load_file
 
 from simclr_cli.augment import preprocessing
 from simclr_cli.config import RESNETS, channels, cpu_cores
-from simclr_cli.errors import ModelFileError
 from simclr_cli.files import EncoderInfo, read_metadata, resolve_model_path
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb
 
@@ -179,11 +178,8 @@ def load_numpy_encoder(path: str | Path) -> tuple[NumpyEncoder, EncoderInfo]:
     try:
         encoder = NumpyEncoder(load_file(str(path)), info)
     except (KeyError, ValueError, TypeError, SafetensorError) as error:
-        raise ModelFileError(f"{path}: weights do not match a {info.arch} ({str(error).splitlines()[0]}); "
-                             f"the file is damaged") from None
-    if encoder.feature_dim != info.feature_dim:
-        raise ModelFileError(f"{path}: its metadata gives {info.feature_dim}-d features, its {info.arch} gives "
-                             f"{encoder.feature_dim}; the file is damaged")
+        raise info.weights_error(path, error) from None
+    info.check_feature_dim(path, encoder.feature_dim)
     return encoder, info
 
 
