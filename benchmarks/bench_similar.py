@@ -3,7 +3,9 @@
 For each size and dtype it writes a random unit-row index (rows x dim) and times, page cache warm, best
 of --repeats, one query:
   floor      reading every byte of the index once (an int64 sum over it, in chunks)
-  simclr     index.top_k: chunked exact cosine top-k over the memory-mapped rows
+  simclr     index.top_k: chunked exact cosine top-k over the memory-mapped rows; for float16 rows
+             twice, with the numpy kernel (what `simclr similar` runs for an index computed at fp32)
+             and with PyTorch's (used when PyTorch is imported anyway)
   numpy      the plain way: `scores = rows @ query`, then argpartition and a sort of the top k
 and prints the ratios. With --end-to-end it also times the whole command, `simclr similar QUERY --index
 BIG.npy` in a fresh process (start-up, model load and hash check, manifest, query embedding, search,
@@ -120,7 +122,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch "
           f"{torch.__version__} with {torch.get_num_threads()} threads; one query, k={args.k}, best of "
           f"{args.repeats}, page cache warm")
-    print(f"{'rows':>9} {'dtype':>8} {'MiB':>6} {'floor ms':>9} {'simclr ms':>10} {'numpy ms':>9} "
+    print(f"{'rows':>9} {'dtype':>8} {'kernel':>7} {'MiB':>6} {'floor ms':>9} {'simclr ms':>10} {'numpy ms':>9} "
           f"{'simclr/floor':>13} {'numpy/simclr':>13}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
@@ -137,12 +139,16 @@ def main() -> None:
                 rows, _ = open_index(path)
                 read_floor(rows)  # warm the page cache
                 floor = best_of(args.repeats, lambda: read_floor(rows))
-                ours = best_of(args.repeats, lambda: top_k(rows, query[None], args.k))
                 plain = best_of(args.repeats, lambda: numpy_search(rows, query, args.k))
-                _, found = top_k(rows, query[None], args.k)
-                assert found[0].tolist() == numpy_search(rows, query, args.k).tolist(), "results differ from numpy"
-                print(f"{count:>9,} {dtype:>8} {rows.nbytes / 2**20:>6.0f} {floor * 1e3:>9.1f} {ours * 1e3:>10.1f} "
-                      f"{plain * 1e3:>9.1f} {ours / floor:>12.2f}x {plain / ours:>12.2f}x")
+                expected = numpy_search(rows, query, args.k).tolist()
+                # `simclr similar` scores float16 rows with numpy unless PyTorch is imported anyway.
+                for use_torch in (False, True) if dtype == "float16" else (False,):
+                    ours = best_of(args.repeats, lambda: top_k(rows, query[None], args.k, use_torch=use_torch))
+                    _, found = top_k(rows, query[None], args.k, use_torch=use_torch)
+                    assert found[0].tolist() == expected, "results differ from numpy"
+                    print(f"{count:>9,} {dtype:>8} {'torch' if use_torch else 'numpy':>7} {rows.nbytes / 2**20:>6.0f} "
+                          f"{floor * 1e3:>9.1f} {ours * 1e3:>10.1f} {plain * 1e3:>9.1f} {ours / floor:>12.2f}x "
+                          f"{plain / ours:>12.2f}x")
                 del rows
                 if largest is not None and largest != path:
                     largest.unlink()

@@ -114,10 +114,10 @@ def test_unnormalized_float16_rows_of_large_norm_are_ranked_by_cosine():
     np.testing.assert_allclose(scores, np.take_along_axis(expected, found, 1), atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype, use_torch", [(np.float32, False), (np.float16, False), (np.float16, True)])
 @pytest.mark.parametrize("num_queries", [1, 3])
 @pytest.mark.parametrize("cores", [1, 2, 5])
-def test_ties_at_the_kth_score_keep_the_lowest_rows(monkeypatch, dtype, num_queries, cores):
+def test_ties_at_the_kth_score_keep_the_lowest_rows(monkeypatch, dtype, use_torch, num_queries, cores):
     """Rows with a few distinct values give exact ties across the k-th score: the top k are the lowest rows
     among them, whatever the chunks and however many threads share the rows."""
     from simclr_cli import index as index_module
@@ -132,16 +132,16 @@ def test_ties_at_the_kth_score_keep_the_lowest_rows(monkeypatch, dtype, num_quer
             scores /= np.linalg.norm(rows.astype(np.float64), axis=1)
         for chunk_rows in (7, 64, 4096):
             for k in (1, 5, 29):
-                _, found = top_k(rows, queries, k, normalized, chunk_rows=chunk_rows)
+                _, found = top_k(rows, queries, k, normalized, chunk_rows=chunk_rows, use_torch=use_torch)
                 expected = [list(np.argsort(-line, kind="stable")[:k]) for line in scores]
                 assert found.tolist() == expected, (normalized, chunk_rows, k)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_a_query_excluding_itself_leaves_the_others_alone(dtype):
+@pytest.mark.parametrize("dtype, use_torch", [(np.float32, False), (np.float16, False), (np.float16, True)])
+def test_a_query_excluding_itself_leaves_the_others_alone(dtype, use_torch):
     """k beyond the index: the query that excludes its row gets it last at -inf, the other every row."""
     rows = np.eye(3, dtype=dtype)
-    scores, found = top_k(rows, np.eye(3, dtype=np.float32)[:2], 10, exclude=[0, None])
+    scores, found = top_k(rows, np.eye(3, dtype=np.float32)[:2], 10, exclude=[0, None], use_torch=use_torch)
     assert scores.shape == (2, 3)
     assert found[0, 2] == 0 and scores[0, 2] == -np.inf and sorted(found[0, :2].tolist()) == [1, 2]
     assert found[1, 0] == 1 and sorted(found[1].tolist()) == [0, 1, 2] and np.isfinite(scores[1]).all()
@@ -149,9 +149,11 @@ def test_a_query_excluding_itself_leaves_the_others_alone(dtype):
 
 @pytest.mark.parametrize("exclude", [None, 3])
 @pytest.mark.parametrize("crowd", [40, 150])  # near-ties within one top-k of candidates, and too many for it
-def test_float16_rows_are_ranked_exactly_despite_near_ties(exclude, crowd):
-    """One query against float16 rows takes float16 scores only to find candidates: the ranking must be
-    the float32 one, even among rows whose scores differ by less than float16 can resolve."""
+@pytest.mark.parametrize("use_torch", [True, False])
+def test_float16_rows_are_ranked_exactly_despite_near_ties(exclude, crowd, use_torch):
+    """With PyTorch, one query against float16 rows takes float16 scores only to find candidates; numpy
+    scores in float32. Either way the ranking must be the float32 one, even among rows whose scores differ
+    by less than float16 can resolve."""
     generator = np.random.default_rng(0)
     query = generator.standard_normal(64).astype(np.float32)
     query /= np.linalg.norm(query)
@@ -159,12 +161,52 @@ def test_float16_rows_are_ranked_exactly_despite_near_ties(exclude, crowd):
     rows = np.concatenate([generator.standard_normal((5000, 64)).astype(np.float32), near])
     rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
     generator.shuffle(rows)
-    scores, found = top_k(rows, query[None], 12, exclude=[exclude], chunk_rows=1000)
+    scores, found = top_k(rows, query[None], 12, exclude=[exclude], chunk_rows=1000, use_torch=use_torch)
     exact = rows.astype(np.float64) @ query.astype(np.float64)  # (N,): the rows as stored, unit or not
     if exclude is not None:
         exact[exclude] = -np.inf
     assert found[0].tolist() == list(np.argsort(-exact, kind="stable")[:12])
     np.testing.assert_allclose(scores[0], exact[found[0]], rtol=1e-6)
+
+
+def test_float16_rows_are_converted_exactly_whatever_their_value():
+    """numpy's float16 kernel converts rows with integer operations: every finite float16 value, zeros,
+    subnormals and 65504 included, must score exactly as the row converted by numpy would."""
+    values = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    values = values[np.isfinite(values)]  # 63,488 values of either sign
+    for query in (1.0, -1.0, 0.5):
+        scores, found = top_k(values[:, None], np.array([[query]], dtype=np.float32), len(values), use_torch=False)
+        assert np.array_equal(scores[0], (values.astype(np.float32) * np.float32(query))[found[0]])
+    rows = values[:(len(values) // 64) * 64].reshape(-1, 64)[::-1].copy()  # (992, 64): signs and sizes mixed
+    queries = np.random.default_rng(7).standard_normal((3, 64)).astype(np.float32)
+    expected = rows.astype(np.float64) @ queries.T.astype(np.float64) / np.linalg.norm(rows.astype(np.float64), axis=1,
+                                                                                        keepdims=True)  # (N, Q)
+    for num_queries in (1, 3):
+        scores, found = top_k(rows, queries[:num_queries], 20, normalized=False, use_torch=False)
+        assert found.tolist() == [list(np.argsort(-line, kind="stable")[:20]) for line in expected.T[:num_queries]]
+        np.testing.assert_allclose(scores, np.take_along_axis(expected.T[:num_queries], found, 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_queries", [1, 2, 9])  # split among threads, and more than SPLIT_QUERIES: BLAS
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("chunk_rows", [None, 37])
+def test_float16_rows_score_as_float32_without_torch(num_queries, normalized, chunk_rows):
+    """numpy's float16 kernel gives the scores of the rows converted to float32, so the exact ranking."""
+    generator = np.random.default_rng(num_queries)
+    rows = np.maximum(generator.standard_normal((3000, 96)), 0)  # ReLU features: many exact zeros
+    if normalized:
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    rows = rows.astype(np.float16)
+    queries = generator.standard_normal((num_queries, 96)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exclude = [5] + [None] * (num_queries - 1)
+    scores, found = top_k(rows, queries, 15, normalized, exclude, chunk_rows=chunk_rows, use_torch=False)
+    expected = queries.astype(np.float64) @ rows.T.astype(np.float64)  # (Q, N): unit rows are taken as unit
+    if not normalized:
+        expected /= np.linalg.norm(rows.astype(np.float64), axis=1)
+    expected[0, 5] = -np.inf
+    assert found.tolist() == [list(np.argsort(-line, kind="stable")[:15]) for line in expected]
+    np.testing.assert_allclose(scores, np.take_along_axis(expected, found, 1), rtol=1e-6)
 
 
 def test_float16_index_gives_the_same_top_k(indexes):
@@ -328,11 +370,13 @@ def test_similar_exits_without_the_interpreter_teardown(indexes, photos):
         return subprocess.run([sys.executable, "-c", QUICK_EXIT_SCRIPT, *map(str, args)], capture_output=True,
                               text=True, timeout=300)
 
-    found = run("similar", photos / ORIGINALS[0], "--index", indexes["float32"], "-k", "2", "--json")
-    assert found.returncode == 0, found.stderr
-    assert Path(json.loads(found.stdout)["results"][0]["hits"][0]["path"]) == (photos / ORIGINALS[0]).absolute()
-    assert "atexit ran" in found.stderr and "teardown ran" not in found.stderr
-    assert "torch imported: False" in found.stderr  # an fp32 index: numpy_encoder embeds the query
+    for dtype in ("float32", "float16"):
+        found = run("similar", photos / ORIGINALS[0], "--index", indexes[dtype], "-k", "2", "--json")
+        assert found.returncode == 0, found.stderr
+        assert Path(json.loads(found.stdout)["results"][0]["hits"][0]["path"]) == (photos / ORIGINALS[0]).absolute()
+        assert "atexit ran" in found.stderr and "teardown ran" not in found.stderr
+        # An fp32 index: numpy_encoder embeds the query, and numpy searches float32 or float16 rows.
+        assert "torch imported: False" in found.stderr, dtype
     failed = run("similar", photos / "missing.png", "--index", indexes["float32"])
     assert failed.returncode == 1 and "missing.png: no such file or folder" in failed.stderr
     assert "atexit ran" in failed.stderr and "teardown ran" not in failed.stderr
