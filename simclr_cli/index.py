@@ -248,6 +248,7 @@ def _scan(rows: np.ndarray, span: tuple[int, int], score: Callable[[np.ndarray],
     """Top-k of rows[begin:end], a chunk at a time: (scores (k', Q), row indices (k', Q)), k' <= k, unsorted."""
     begin, end = span
     best = np.empty((0, num_queries), dtype=np.float32), np.empty((0, num_queries), dtype=np.int64)
+    bar = None  # (Q,): each query's k-th best score so far, once k rows are held
     for start in range(begin, end, chunk_rows):
         chunk = np.asarray(rows[start:min(start + chunk_rows, end)])  # (C, D), read from the memory map
         scores = score(chunk)  # (C, Q)
@@ -258,8 +259,17 @@ def _scan(rows: np.ndarray, span: tuple[int, int], score: Callable[[np.ndarray],
         for j, row in enumerate(exclude or ()):
             if row is not None and start <= row < start + len(chunk):
                 scores[row - start, j] = -np.inf
-        positions = np.broadcast_to(np.arange(start, start + len(chunk))[:, None], scores.shape)  # (C, Q)
-        best = _merge([best, (scores, positions)], k)
+        positions = np.arange(start, start + len(chunk))  # (C,)
+        if bar is not None:
+            # Only a row scoring at least some query's k-th best so far can enter: after the first chunks,
+            # few do, and one comparison skips the merge (its sort and copies held the GIL from the other threads).
+            enter = np.flatnonzero((scores >= bar).any(axis=1))  # (c,)
+            if len(enter) == 0:
+                continue
+            scores, positions = scores[enter], positions[enter]
+        best = _merge([best, (scores, np.broadcast_to(positions[:, None], scores.shape))], k)  # (k', Q) each
+        if len(best[0]) == k:
+            bar = best[0].min(axis=0)
     return best
 
 
