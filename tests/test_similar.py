@@ -209,6 +209,21 @@ def test_float16_rows_score_as_float32_without_torch(num_queries, normalized, ch
     np.testing.assert_allclose(scores, np.take_along_axis(expected, found, 1), rtol=1e-6)
 
 
+def test_float16_rows_use_torch_only_where_it_is_imported(monkeypatch):
+    """By default PyTorch scores float16 rows only if something imported it already: its import costs
+    more than the search it would speed up."""
+    from simclr_cli import index as index_module
+
+    calls = []
+    monkeypatch.setattr(index_module, "_top_k_float16", lambda *args: calls.append(args) or ([0.0], [0]))
+    rows = np.eye(4, dtype=np.float16)
+    top_k(rows, np.eye(4, dtype=np.float32)[:1], 2)
+    assert len(calls) == 1  # this test module imports torch
+    monkeypatch.delitem(sys.modules, "torch")
+    _, found = top_k(rows, np.eye(4, dtype=np.float32)[:1], 2)
+    assert len(calls) == 1 and found[0].tolist() == [0, 1]
+
+
 def test_float16_index_gives_the_same_top_k(indexes):
     rows32, manifest = open_index(indexes["float32"])
     rows16, _ = open_index(indexes["float16"])
