@@ -185,17 +185,17 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
     if rows.dtype == np.float16:
         chunk_rows = chunk_rows or max(1, DECODE_BYTES // (4 * rows.shape[1]))
         split_rows = num_queries < SPLIT_QUERIES
-        make_scorer = partial(_float16_scorer, queries_t, min(chunk_rows, count), split_rows)
+        make_scorer = partial(_float16_scorer, queries_t, min(chunk_rows, count), split_rows, normalized)
     else:
         chunk_rows = chunk_rows or CHUNK_ROWS
         # One query against rows of up to 1,024 values: the rows split among threads. Longer rows (2,048-d:
         # resnet50 and up) go faster through BLAS, which threads itself: on 1M x 2048 rows, 2-core AVX2 EPYC,
         # 0.26-0.41 s against the split einsum's 0.41-0.48 s (at 512-d 0.12 s against 0.10-0.12 s).
         split_rows = num_queries == 1 and rows.shape[1] <= 1024
-        make_scorer = partial(_float32_scorer, queries_t, split_rows)
+        make_scorer = partial(_float32_scorer, queries_t, split_rows, normalized)
 
     def scan(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        return _scan(rows, span, make_scorer(), num_queries, k, normalized, exclude, chunk_rows)
+        return _scan(rows, span, make_scorer(), num_queries, k, exclude, chunk_rows)
 
     if split_rows:
         # One query, a share of the rows to each thread: 1.1-1.5x the time to read float32 rows once on
@@ -210,25 +210,32 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
     return np.take_along_axis(best_scores, order, 0).T, np.take_along_axis(best_rows, order, 0).T  # (Q, k)
 
 
-def _float32_scorer(queries_t: np.ndarray, one_thread: bool) -> Callable[[np.ndarray], np.ndarray]:
-    """Scores of float32 chunks (C, D) against queries (D, Q): (C, Q) float32."""
-    if one_thread:  # one query: numpy's own einsum loop, not BLAS, runs in one thread, so several share the rows
-        return lambda chunk: np.einsum("ij,j->i", chunk, queries_t[:, 0])[:, None]
-    return lambda chunk: chunk @ queries_t
+def _float32_scorer(queries_t: np.ndarray, one_thread: bool, normalized: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """Cosine scores of float32 chunks (C, D) against unit queries (D, Q): (C, Q) float32."""
+    def score(chunk: np.ndarray) -> np.ndarray:
+        if one_thread:  # one query: numpy's own einsum loop, not BLAS, runs in one thread, so several share the rows
+            scores = np.einsum("ij,j->i", chunk, queries_t[:, 0])[:, None]
+        else:
+            scores = chunk @ queries_t
+        return scores if normalized else _divide_by_norms(scores, chunk)
+    return score
 
 
-def _float16_scorer(queries_t: np.ndarray, buffer_rows: int, one_thread: bool) -> Callable[[np.ndarray], np.ndarray]:
-    """Scores of float16 chunks (C, D) against float32 queries (D, Q), exactly those of the chunk in float32.
+def _float16_scorer(queries_t: np.ndarray, buffer_rows: int, one_thread: bool,
+                    normalized: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """Cosine scores of float16 chunks (C, D) against unit queries (D, Q), computed on the chunk in float32.
 
     numpy's float16-to-float32 conversion is scalar (16 ms for 16 MiB here), so the chunk is converted
     with three integer passes, 8x faster, into a buffer that stays in cache: a float16's bits shifted left
     by 13, its sign put back at bit 31, are the float32 of its value times 2^-112 (subnormals and zero
-    included), and the queries are scaled by 2^112 to match, so the products are the float32 ones.
+    included). Unit rows are scored against the queries scaled by 2^112 to match, so the products are
+    the float32 ones; other rows are scaled back first (one more pass), as their squares would underflow.
     (Infinities and NaNs, which no unit row holds, come out finite.)
     """
     buffer = np.empty((buffer_rows, queries_t.shape[0]), dtype=np.int32)
-    scaled_queries = queries_t * np.float32(2.0 ** 112)  # exact: a power of two, far from overflow for unit queries
-    query_rows = np.ascontiguousarray(scaled_queries.T)[None]  # (1, Q, D)
+    # Exact: multiplying by a power of two, far from overflow for unit queries.
+    queries_t = queries_t * np.float32(2.0 ** 112) if normalized else queries_t
+    query_rows = np.ascontiguousarray(queries_t.T)[None]  # (1, Q, D)
 
     def score(chunk: np.ndarray) -> np.ndarray:  # (C, D) -> (C, Q) float32
         bits = buffer[:len(chunk)]
@@ -236,26 +243,31 @@ def _float16_scorer(queries_t: np.ndarray, buffer_rows: int, one_thread: bool) -
         np.left_shift(bits, 13, out=bits)  # exponent and mantissa at float32's places, sign at bits 28-31
         np.bitwise_and(bits, FLOAT16_BITS_MASK, out=bits)  # clear bits 28-30: a float32 exponent of 0-30
         values = bits.view(np.float32)  # (C, D)
+        if not normalized:
+            values *= np.float32(2.0 ** 112)
         if one_thread:  # numpy's own dot products, row by row: BLAS's threads would fight the other scans
-            return np.vecdot(values[:, None, :], query_rows)  # (C, Q)
-        return values @ scaled_queries
+            scores = np.vecdot(values[:, None, :], query_rows)  # (C, Q)
+        else:
+            scores = values @ queries_t
+        return scores if normalized else _divide_by_norms(scores, values)
     return score
 
 
+def _divide_by_norms(scores: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+    """Scores (C, Q) of rows (C, D) of any length divided by the rows' norms: cosines."""
+    scores /= np.maximum(np.sqrt(np.vecdot(chunk, chunk)), 1e-12)[:, None]
+    return scores
+
+
 def _scan(rows: np.ndarray, span: tuple[int, int], score: Callable[[np.ndarray], np.ndarray], num_queries: int,
-          k: int, normalized: bool, exclude: Sequence[int | None] | None,
-          chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
+          k: int, exclude: Sequence[int | None] | None, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of rows[begin:end], a chunk at a time: (scores (k', Q), row indices (k', Q)), k' <= k, unsorted."""
     begin, end = span
     best = np.empty((0, num_queries), dtype=np.float32), np.empty((0, num_queries), dtype=np.int64)
     bar = None  # (Q,): each query's k-th best score so far, once k rows are held
     for start in range(begin, end, chunk_rows):
         chunk = np.asarray(rows[start:min(start + chunk_rows, end)])  # (C, D), read from the memory map
-        scores = score(chunk)  # (C, Q)
-        if not normalized:
-            # In float32: float16 squares summed in float16 overflow past 65504 (a norm of 256), giving 0 scores.
-            scores /= np.maximum(np.linalg.norm(chunk.astype(np.float32, copy=False), axis=1, keepdims=True),
-                                 1e-12)  # (C, 1)
+        scores = score(chunk)  # (C, Q) cosines
         for j, row in enumerate(exclude or ()):
             if row is not None and start <= row < start + len(chunk):
                 scores[row - start, j] = -np.inf
