@@ -183,7 +183,7 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
         return np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
     queries_t = np.ascontiguousarray(queries.T)  # (D, Q)
     if rows.dtype == np.float16:
-        chunk_rows = chunk_rows or max(1, DECODE_BYTES // (4 * rows.shape[1]))
+        chunk_rows = chunk_rows or max(1, DECODE_BYTES // (4 * max(1, rows.shape[1])))
         split_rows = num_queries < SPLIT_QUERIES
         make_scorer = partial(_float16_scorer, queries_t, min(chunk_rows, count), split_rows, normalized)
     else:

@@ -199,6 +199,8 @@ def test_float16_rows_score_as_float32_without_torch(num_queries, normalized, ch
     rows = rows.astype(np.float16)
     queries = generator.standard_normal((num_queries, 96)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    empty_scores, _ = top_k(rows[:, :0], queries[:, :0], 3, use_torch=False)  # rows of no values score 0
+    assert empty_scores.tolist() == [[0.0] * 3] * num_queries
     exclude = [5] + [None] * (num_queries - 1)
     scores, found = top_k(rows, queries, 15, normalized, exclude, chunk_rows=chunk_rows, use_torch=False)
     expected = queries.astype(np.float64) @ rows.T.astype(np.float64)  # (Q, N): unit rows are taken as unit
