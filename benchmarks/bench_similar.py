@@ -23,7 +23,6 @@ would on this CPU unless told: at fp32 the command embeds the query in numpy and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npy_format
 
-from simclr_cli.index import INDEX_FORMAT, manifest_path, open_index, sha256_file, top_k
+from simclr_cli.index import Manifest, manifest_path, open_index, sha256_file, top_k, write_manifest
 
 
 def best_of(repeats: int, function) -> float:
@@ -58,10 +57,10 @@ def write_index(path: Path, rows: int, dim: int, dtype: str, model: Path, precis
         array[start:start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     array.flush()
     del array
-    manifest = {"format": INDEX_FORMAT, "paths": [f"/photos/{i:07d}.jpg" for i in range(rows)], "model": str(model),
-                "model_sha256": sha256_file(model), "preprocessing": {}, "dim": dim, "dtype": dtype,
-                "normalized": True, "precision": precision}
-    manifest_path(path).write_text(json.dumps(manifest))
+    # Paths as long as a photo library's (the manifest of 1M rows: 68 MB), written as `simclr embed` writes them.
+    paths = [f"/home/someone/Pictures/holidays/2019-summer/IMG_{i:08d}.jpg" for i in range(rows)]
+    write_manifest(path, Manifest(paths=paths, model=str(model), model_sha256=sha256_file(model), preprocessing={},
+                                  dim=dim, dtype=dtype, normalized=True, precision=precision))
 
 
 def read_floor(rows: np.ndarray, chunk: int = 65536) -> None:
