@@ -61,9 +61,15 @@ def write_text(path: str | Path, text: str) -> None:
 
 def read_json(path: str | Path, what: str = "file") -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        return read_json_bytes(Path(path).read_bytes(), path, what)
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such {what}") from None
+
+
+def read_json_bytes(text: bytes, path: str | Path, what: str) -> Any:
+    """Parse JSON read from `path` (all of it, or a part); damage is a ModelFileError naming the file."""
+    try:
+        return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelFileError(f"{path}: not valid JSON ({error}); the {what} is damaged") from None
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ from typer.testing import CliRunner
 from simclr_cli.cli import app
 from simclr_cli.embed import EmbedConfig, embed_folder
 from simclr_cli.export import load_encoder, save_encoder
-from simclr_cli.index import open_index, top_k
+import simclr_cli.index as index_module
+from simclr_cli.index import (Manifest, ManifestPaths, manifest_path, open_index, read_manifest, top_k,
+                              write_manifest)
 
 runner = CliRunner()
 ORIGINALS = ["photo03.png", "photo07.png", "photo11.png"]
@@ -353,14 +356,80 @@ def test_user_errors_exit_1_with_a_message(indexes, photos, tmp_path):
     ("normalized", "yes", "normalized 'yes'"),
     ("dim", "512", "dim '512'"),
 ])
-def test_a_damaged_manifest_is_a_one_line_error(indexes, photos, tmp_path, field, value, message):
+@pytest.mark.parametrize("indent", [2, None])  # as `simclr embed` writes it (its paths read lazily), or not
+def test_a_damaged_manifest_is_a_one_line_error(indexes, photos, tmp_path, field, value, message, indent):
     index = tmp_path / "index.npy"
     shutil.copy(indexes["float32"], index)
     manifest = json.loads(indexes["float32"].with_suffix(".json").read_text())
-    index.with_suffix(".json").write_text(json.dumps({**manifest, field: value}))
+    index.with_suffix(".json").write_text(json.dumps({**manifest, field: value}, indent=indent) + "\n")
     result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(index)])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert f"index manifest is damaged ({message})" in " ".join(result.output.split())
+
+
+# Paths a file system allows, each awkward in JSON: quotes, commas, backslashes, brackets, non-ASCII, an
+# undecodable byte (a surrogate escape), a newline, and text that looks like the manifest's own layout.
+AWKWARD_PATHS = ['/p/a "quoted", name.png', "/p/back\\slash,", "/p/[x]/ünï cødé.png", "/p/bad\udcff.png",
+                 "/p/new\nline.png", '/p/x\n  "paths": [\n.png', "/p/,", "/p/plain.png"]
+
+
+def _manifest(paths: list[str], skipped: list[dict[str, str]] | None = None) -> Manifest:
+    return Manifest(paths=paths, model="/m/encoder.safetensors", model_sha256="0" * 64, preprocessing={"resize": 36},
+                    dim=8, dtype="float32", normalized=True, precision="fp32", skipped=skipped or [])
+
+
+def test_manifest_paths_are_read_by_line_as_json_reads_them(tmp_path, monkeypatch):
+    """write_manifest's layout is read lazily: each row's path, found by its line, is the one json.loads
+    gives, wherever the lines fall across the blocks they are counted in."""
+    monkeypatch.setattr(index_module, "LINE_BLOCK", 64)  # blocks of a few lines, lines across blocks
+    paths = [f"{AWKWARD_PATHS[i % len(AWKWARD_PATHS)]}{i}" for i in range(200)]
+    written = _manifest(paths, skipped=[{"path": '/p/x\n  "paths": [\n', "reason": "unreadable"}])
+    write_manifest(tmp_path / "index.npy", written)
+    manifest = read_manifest(manifest_path(tmp_path / "index.npy"))
+    assert isinstance(manifest.paths, ManifestPaths), "write_manifest's layout is read without parsing the paths"
+    expected = json.loads(manifest_path(tmp_path / "index.npy").read_bytes())
+    assert len(manifest.paths) == expected["rows"] == 200
+    assert [manifest.paths[row] for row in np.random.default_rng(0).permutation(200)] == [
+        expected["paths"][row] for row in np.random.default_rng(0).permutation(200)]
+    assert manifest.paths[-1] == paths[-1] and manifest.paths[3:6] == paths[3:6]
+    with pytest.raises(IndexError):
+        manifest.paths[200]
+    assert {**asdict(manifest), "paths": None} == {**asdict(written), "paths": None}
+    assert list(manifest.paths) == paths and manifest.paths.index(paths[77]) == 77
+
+
+def test_a_manifest_in_another_layout_is_parsed_whole(tmp_path):
+    paths = AWKWARD_PATHS
+    manifest_file = manifest_path(tmp_path / "index.npy")
+    layouts = {
+        "compact": json.dumps(_manifest(paths).to_json()),
+        "rows left out": json.dumps({k: v for k, v in _manifest(paths).to_json().items() if k != "rows"}, indent=2),
+        "paths not last": json.dumps({"paths": paths, **_manifest(paths).to_json()}, indent=2),
+        "no newline at the end": json.dumps(_manifest(paths).to_json(), indent=2),
+    }
+    for layout, text in layouts.items():
+        manifest_file.write_text(text + ("" if layout == "no newline at the end" else "\n"))
+        manifest = read_manifest(manifest_file)
+        assert isinstance(manifest.paths, list) and manifest.paths == paths, layout
+
+
+def test_a_path_line_that_is_not_a_path_is_a_one_line_error(indexes, photos, tmp_path):
+    """A hand-edited manifest whose rows still count right but one line holds no path: the search finds
+    the row among its hits and says the manifest is damaged, instead of failing in JSON."""
+    index = tmp_path / "index.npy"
+    shutil.copy(indexes["float32"], index)
+    manifest_file = index.with_suffix(".json")
+    text = indexes["float32"].with_suffix(".json").read_text()
+    manifest_file.write_text(text.replace(f'"{photos / ORIGINALS[0]}",', "42,"))
+    assert manifest_file.read_text() != text
+    result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(index)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "index manifest is damaged (the path of row" in " ".join(result.output.split())
+    # A manifest whose rows no longer count right is parsed whole, and disagrees with the array.
+    manifest_file.write_text(text.replace(f'\n    "{photos / ORIGINALS[0]}",', ""))
+    assert len(manifest_file.read_text().splitlines()) == len(text.splitlines()) - 1
+    result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(index)])
+    assert result.exit_code == 1 and "do not belong together" in " ".join(result.output.split()), result.output
 
 
 # Run as the `simclr` script runs: an atexit handler that prints without flushing, and an object whose
