@@ -19,7 +19,7 @@ from simclr_cli.cli import app
 from simclr_cli.embed import EmbedConfig, embed_folder
 from simclr_cli.export import load_encoder, save_encoder
 import simclr_cli.index as index_module
-from simclr_cli.index import (Manifest, ManifestPaths, manifest_path, open_index, read_manifest, top_k,
+from simclr_cli.index import (Manifest, ManifestPaths, find_rows, manifest_path, open_index, read_manifest, top_k,
                               write_manifest)
 
 runner = CliRunner()
@@ -378,10 +378,11 @@ def _manifest(paths: list[str], skipped: list[dict[str, str]] | None = None) -> 
                     dim=8, dtype="float32", normalized=True, precision="fp32", skipped=skipped or [])
 
 
-def test_manifest_paths_are_read_by_line_as_json_reads_them(tmp_path, monkeypatch):
+@pytest.mark.parametrize("block", [2, 7, 64, 1 << 20])  # lines across blocks, blocks that start lines
+def test_manifest_paths_are_read_by_line_as_json_reads_them(tmp_path, monkeypatch, block):
     """write_manifest's layout is read lazily: each row's path, found by its line, is the one json.loads
     gives, wherever the lines fall across the blocks they are counted in."""
-    monkeypatch.setattr(index_module, "LINE_BLOCK", 64)  # blocks of a few lines, lines across blocks
+    monkeypatch.setattr(index_module, "LINE_BLOCK", block)
     paths = [f"{AWKWARD_PATHS[i % len(AWKWARD_PATHS)]}{i}" for i in range(200)]
     written = _manifest(paths, skipped=[{"path": '/p/x\n  "paths": [\n', "reason": "unreadable"}])
     write_manifest(tmp_path / "index.npy", written)
@@ -396,6 +397,21 @@ def test_manifest_paths_are_read_by_line_as_json_reads_them(tmp_path, monkeypatc
         manifest.paths[200]
     assert {**asdict(manifest), "paths": None} == {**asdict(written), "paths": None}
     assert list(manifest.paths) == paths and manifest.paths.index(paths[77]) == 77
+
+
+@pytest.mark.parametrize("block", [2, 7, 64, 1 << 20])  # lines across blocks, blocks that start lines
+def test_manifest_paths_find_each_row_by_its_text(tmp_path, monkeypatch, block):
+    """--exclude-self looks a few queries up in the manifest's text: each path is found at its row, and a
+    path that begins another (or is not there) is not mistaken for it."""
+    monkeypatch.setattr(index_module, "LINE_BLOCK", block)
+    paths = [f"{AWKWARD_PATHS[i % len(AWKWARD_PATHS)]}{i}" for i in range(200)]
+    write_manifest(tmp_path / "index.npy", _manifest(paths))
+    manifest = read_manifest(manifest_path(tmp_path / "index.npy"))
+    assert [manifest.paths.find(path) for path in paths] == list(range(200))
+    assert manifest.paths.find(paths[10][:-1]) is None  # "...1" begins "...10"
+    assert manifest.paths.find("/p/elsewhere.png") is None
+    wanted = [paths[150], "/p/elsewhere.png", paths[0]]
+    assert find_rows(manifest.paths, wanted) == find_rows(paths, wanted) == [150, None, 0]
 
 
 def test_a_manifest_in_another_layout_is_parsed_whole(tmp_path):
@@ -484,7 +500,8 @@ def test_queries_embedded_by_numpy_or_by_torch_find_the_same_hits(indexes, photo
                                    [hit["score"] for hit in torch_result["hits"]], atol=1e-5)
 
 
-def test_a_query_excluding_itself_is_found_whatever_the_spelling_of_its_path(tiny_encoder, photos, tmp_path):
+@pytest.mark.parametrize("indent", [2, None])  # the manifest searched as text, or parsed
+def test_a_query_excluding_itself_is_found_whatever_the_spelling_of_its_path(tiny_encoder, photos, tmp_path, indent):
     """IMAGES given as "photos/copies/.." still names the query's row, and so does an index written before
     paths were normalised, which stored them with the "..": --exclude-self leaves the query out."""
     index = tmp_path / "dotdot.npy"
@@ -496,7 +513,7 @@ def test_a_query_excluding_itself_is_found_whatever_the_spelling_of_its_path(tin
     first = similar_json(query, "--index", index, "-k", "1", "--exclude-self")["results"][0]["hits"][0]
     assert Path(first["path"]).name != ORIGINALS[0] and first["score"] < 0.999
     manifest["paths"] = [path.replace(str(photos), str(photos / "copies" / "..")) for path in manifest["paths"]]
-    index.with_suffix(".json").write_text(json.dumps(manifest))
+    index.with_suffix(".json").write_text(json.dumps(manifest, indent=indent) + "\n")
     again = similar_json(query, "--index", index, "-k", "1", "--exclude-self")["results"][0]["hits"][0]
     assert (again["row"], again["score"]) == (first["row"], first["score"])
 
