@@ -143,6 +143,7 @@ class PretrainConfig:
     optimizer: str = "lars"
     lr: float | None = None  # None: by lr_scaling from the batch size (resolved_lr)
     lr_scaling: str = "sqrt"
+    lr_per_256: float | None = None  # the linear rule's rate per 256 images, set by a --preset (None: 0.3)
     weight_decay: float | None = None  # None: 1e-6 (LARS, SGD, the paper) or 0.05 (AdamW)
     warmup_epochs: float = 10.0
     max_time: float | None = None  # seconds
@@ -196,7 +197,9 @@ class PretrainConfig:
         scale = ratio ** 0.5 if self.lr_scaling == "sqrt" else ratio
         if self.optimizer == "adamw":
             return 1e-3 * scale
-        return (1.2 if self.lr_scaling == "sqrt" else 0.3) * scale  # 1.2 x sqrt(batch/256) = 0.075 x sqrt(batch)
+        if self.lr_scaling == "sqrt":
+            return 1.2 * scale  # 1.2 x sqrt(batch/256) = 0.075 x sqrt(batch)
+        return (0.3 if self.lr_per_256 is None else self.lr_per_256) * scale
 
     @property
     def resolved_weight_decay(self) -> float:
@@ -388,8 +391,8 @@ class FinetuneConfig:
 # start every residual block as its shortcut, as google-research/simclr's ResNet does (init_zero=True),
 # and end the projection head with BatchNorm, as its `projection_head` does. `lr_per_256` is not a
 # parameter: the papers' learning rates are per 256 images (google-research/simclr multiplies its
-# --learning_rate by batch/256), so a preset's lr is lr_per_256 x batch / 256 for the batch in effect,
-# unless --lr is given.
+# --learning_rate by batch/256), so a preset's lr is lr_per_256 x batch / 256 for the batch that trains (a
+# folder smaller than the batch trains in a smaller one), unless --lr is given or --lr-scaling sqrt.
 PRESETS: dict[str, dict[str, Any]] = {
     # SimCLR (arXiv 2002.05709) section 2.3, "Default setting", the ImageNet recipe: ResNet-50, batch 4096,
     # LARS at 0.3 x batch/256 (4.8 at 4096; lr None with the linear rule, which is 0.3 per 256), weight decay
@@ -417,9 +420,8 @@ def apply_preset(config: PretrainConfig, name: str, given: set[str] | frozenset[
     lr_per_256 = values.pop("lr_per_256")
     if "optimizer" in given:  # the preset's rate and weight decay are LARS's: another optimiser keeps its own
         values.pop("weight_decay", None)
-    elif "lr" not in given:
-        batch_size = config.batch_size if "batch_size" in given else values["batch_size"]
-        values["lr"] = None if lr_per_256 is None else lr_per_256 * batch_size / 256
+    elif "lr" not in given and values.get("lr_scaling", config.lr_scaling) == "linear":
+        values["lr_per_256"] = lr_per_256  # resolved_lr: x batch / 256, once the batch that trains is known
     augment_fields = {f.name for f in dataclasses.fields(AugmentConfig)}
     augment = {key: values.pop(key) for key in list(values) if key in augment_fields}
     return replace(config, **values, augment=replace(config.augment, **augment))

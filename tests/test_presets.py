@@ -1,5 +1,8 @@
 """`simclr pretrain --preset imagenet|cifar`: the papers' settings by name, every given flag overriding them."""
 
+import dataclasses
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -42,6 +45,19 @@ def test_cifar_preset_is_appendix_b9():
     assert google.resolved_lr == 2.0, "its published CIFAR-10 command: batch 512, --learning_rate 1.0, linear"
     given = apply_preset(PretrainConfig(data_dir="x", out_dir="y", lr=0.5), "cifar", {"lr"})
     assert given.resolved_lr == 0.5, "--lr wins"
+
+
+def test_a_presets_rate_follows_the_batch_that_trains():
+    """A folder of 200 images trains --preset cifar in batches of 200 (PretrainRun lowers the batch): at
+    1.0 x 200/256, not at the 4.0 of the preset's 1,024. config.json keeps the rule for --resume."""
+    config = apply_preset(PretrainConfig(data_dir="x", out_dir="y"), "cifar")
+    small = dataclasses.replace(config, batch_size=200)
+    assert small.resolved_lr == pytest.approx(200 / 256)
+    assert PretrainConfig.from_json(json.loads(json.dumps(small.to_json()))).resolved_lr == pytest.approx(200 / 256)
+    sqrt = apply_preset(PretrainConfig(data_dir="x", out_dir="y", lr_scaling="sqrt"), "cifar", {"lr_scaling"})
+    assert sqrt.resolved_lr == pytest.approx(1.2 * 2), "--lr-scaling sqrt: the sqrt rule, 1.2 x sqrt(1024/256)"
+    linear = apply_preset(PretrainConfig(data_dir="x", out_dir="y", lr_scaling="linear"), "cifar", {"lr_scaling"})
+    assert linear.resolved_lr == pytest.approx(4.0), "--lr-scaling linear: the preset's rate per 256"
 
 
 def test_given_flags_override_the_preset_and_nothing_else_changes():
