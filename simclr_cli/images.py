@@ -50,9 +50,13 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk(root: Path) -> Iterable[tuple[Path, str]]:
-    """Yield (directory, file name) under root, following links, skipping loops and hidden entries."""
+def _walk(root: Path, exclude: Path | None = None) -> Iterable[tuple[Path, str]]:
+    """Yield (directory, file name) under root, following links, skipping loops, hidden entries and the
+    folder `exclude` (however it is reached)."""
     seen: set[tuple[int, int]] = set()
+    if exclude is not None and exclude.is_dir():
+        info = os.stat(exclude)
+        seen.add((info.st_dev, info.st_ino))
     for directory, subdirs, files in os.walk(root, followlinks=True):
         info = os.stat(directory)
         key = (info.st_dev, info.st_ino)
@@ -83,11 +87,12 @@ def probe(path: Path) -> str | None:
     return None
 
 
-def scan_images(root: str | Path, check: bool = True, threads: int = 8) -> Scan:
+def scan_images(root: str | Path, check: bool = True, threads: int = 8, exclude: str | Path | None = None) -> Scan:
     """Return every image under root at any depth, sorted by relative path, and the files skipped.
 
-    Subfolders are not classes here. Hidden files and non-image extensions are ignored; with
-    `check`, each file's header is read so that empty or foreign files are skipped up front.
+    Subfolders are not classes here. Hidden files, non-image extensions and the folder `exclude` (a
+    run's own, inside its data) are ignored; with `check`, each file's header is read so that empty or
+    foreign files are skipped up front.
     """
     root = Path(root)
     if not root.exists():
@@ -95,7 +100,7 @@ def scan_images(root: str | Path, check: bool = True, threads: int = 8) -> Scan:
     if not root.is_dir():
         raise DataError(f"{root}: is a file, not a folder; pass the folder that holds the images")
     candidates = sorted(
-        (directory / name for directory, name in _walk(root) if is_image_name(name)),
+        (directory / name for directory, name in _walk(root, exclude and Path(exclude)) if is_image_name(name)),
         key=lambda p: p.relative_to(root).as_posix(),
     )
     scan = Scan(root=root)

@@ -88,7 +88,8 @@ class PretrainRun:
         distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
         seed_everything(config.runtime.seed)
 
-        scan = require_images(scan_images(config.data_dir))
+        # A run folder inside its data (`simclr pretrain .`) holds curves.png: not an image to train on.
+        scan = require_images(scan_images(config.data_dir, exclude=self.run_dir))
         if len(scan.paths) < 2:
             raise DataError(f"{config.data_dir}: only one image; SimCLR contrasts each image with the others in "
                             f"its batch, so it needs at least 2 (a few hundred to learn anything)")
@@ -408,6 +409,9 @@ class PretrainRun:
                 if metrics["steps"]:
                     final_loss = metrics["loss"]
                 epoch_done = state.step_in_epoch >= self.steps_per_epoch
+                if epoch_done and state.step == 0:  # every batch skipped: training on would export a random encoder
+                    raise DataError(f"{self.config.data_dir}: no image could be decoded in a whole epoch (see the "
+                                    f"warnings above); fix or replace the images, then run again with --resume")
                 if epoch_done:
                     state.epoch += 1
                     state.step_in_epoch = 0

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from simclr_cli.cli import app
 from simclr_cli.config import AugmentConfig, FinetuneConfig, LabelledDataConfig, PretrainConfig, RuntimeConfig
 from simclr_cli.data import epoch_order
 from simclr_cli.export import load_checkpoint, load_encoder
+from simclr_cli.images import scan_images
 from simclr_cli.models import SimCLR
 from simclr_cli.runtime import Precision
 from simclr_cli.train import pretrain, resume_pretrain
@@ -322,6 +324,53 @@ def test_time_budget_schedule_never_goes_back_up(small_digits_folder, tmp_path):
     rates = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "lr" in json.loads(line)]
     assert len(rates) >= 2 and all(a >= b for a, b in zip(rates, rates[1:])), rates
+
+
+def test_a_folder_where_nothing_decodes_is_a_one_line_error(tmp_path, cut_image):
+    """Headers that read, data that does not: every batch is skipped. The run stops at the end of the first
+    epoch instead of exporting a random encoder with exit code 0."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(4):
+        cut_image(data / f"{index}.png", index)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(data), "--out", str(out), "--epochs", "3", "--batch-size", "2",
+                                 *FAST])
+    assert result.exit_code == 1, result.output
+    assert "no image could be decoded in a whole epoch" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and not (out / "encoder.safetensors").exists()
+
+
+def test_a_run_folder_inside_its_data_is_not_scanned_as_data(small_digits_folder, tmp_path):
+    """`simclr pretrain .` from the photos puts runs/ among them. The run's curves.png is not an image to
+    train on: resuming finds the images it started with, and the same order."""
+    data = tmp_path / "data"
+    shutil.copytree(small_digits_folder, data)
+    out = data / "runs" / "first"
+    result = runner.invoke(app, ["pretrain", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "64",
+                                 *FAST])
+    assert result.exit_code == 0, result.output
+    assert (out / "curves.png").is_file()
+    result = runner.invoke(app, ["pretrain", "--resume", str(out), "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "now holds" not in result.output, result.output
+    assert len(scan_images(data, exclude=out).paths) == len(scan_images(small_digits_folder).paths)
+    assert len(scan_images(data).paths) == len(scan_images(small_digits_folder).paths) + 1  # curves.png
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where no folder can be made")
+@pytest.mark.parametrize("command", ["pretrain", "linear-eval", "finetune", "embed"])
+def test_an_output_that_cannot_be_made_is_a_one_line_error(command, small_digits_folder, tiny_encoder):
+    """An OSError no check foresaw (here: no folder can be made in /proc) is one line and exit 1."""
+    out = "/proc/simclr-cannot-be-made/out"
+    data = str(small_digits_folder)
+    args = {"pretrain": [data, "--out", out, *FAST], "linear-eval": [str(tiny_encoder), data, "--out", out, *CPU[4:]],
+            "finetune": [str(tiny_encoder), data, "--out", out, *CPU[4:]],
+            "embed": [str(tiny_encoder), data, out + ".npy", *CPU[4:]]}[command]
+    result = runner.invoke(app, [command, *args])
+    assert result.exit_code == 1, result.output
+    assert "/proc/simclr-cannot-be-made" in result.output and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error:"), result.output
 
 
 def test_a_batch_of_unreadable_images_is_skipped_once(tmp_path, cut_image):
