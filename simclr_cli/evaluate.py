@@ -302,6 +302,13 @@ def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult
     for item in skipped:
         report("warning", text=f"skipped {item.path}: {item.reason}")
     train_x, train_y, val_x, val_y = split_features(data, features, kept)
+    # The scan read headers only: a class whose training images all failed to decode would get a probe that
+    # never saw it (and a single training image left gives NaN standard deviations, so a NaN probe).
+    per_class = torch.bincount(train_y, minlength=len(data.classes))  # (C,)
+    if (per_class == 0).any():
+        name = data.classes[int(torch.nonzero(per_class == 0)[0])]
+        raise DataError(f"class {name!r} has no training image that could be decoded (see the warnings above); "
+                        f"add images to it or remove it")
 
     report("message", text="training the linear probe" + (" (choosing its L2 strength)" if config.l2 is None else ""))
     probe, search = train_linear_probe(train_x, train_y, len(data.classes), config.l2, config.runtime.seed)

@@ -200,6 +200,24 @@ def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, tmp_path, args, me
     assert len(result.output.strip().splitlines()) == 1, result.output
 
 
+def test_a_class_whose_training_images_all_fail_to_decode_is_a_one_line_error(tiny_encoder, tmp_path, cut_image):
+    """The scan reads headers only, so class 'b' is found; none of its training images decodes. The probe
+    would never see it (with one training image left in all, it came out NaN): refused, nothing written."""
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (100, 0, 0)).save(tmp_path / split / name / "0.png")
+    (tmp_path / "train" / "b" / "0.png").unlink()
+    for index in range(3):
+        cut_image(tmp_path / "train" / "b" / f"{index}.png", index)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["linear-eval", str(tiny_encoder), str(tmp_path / "train"), "--val",
+                                 str(tmp_path / "val"), "--out", str(out), *FAST])
+    assert result.exit_code == 1, result.output
+    assert "class 'b' has no training image that could be decoded" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and not (out / "linear.safetensors").exists()
+
+
 def test_one_training_image_per_class_leaves_nothing_to_search_the_l2_on():
     probe, search = train_linear_probe(torch.randn(2, 8, generator=torch.Generator().manual_seed(0)),
                                        torch.tensor([0, 1]), 2)
