@@ -48,7 +48,8 @@ app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, rich_m
 
 
 def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The one place where a SimclrError becomes a red line on stderr and exit code 1."""
+    """The one place where a SimclrError, or an OSError no check foresaw (a folder this user cannot write, a
+    full disk), becomes a red line on stderr and exit code 1."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -56,6 +57,11 @@ def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except SimclrError as error:
             err_console.print(labelled("error:", "red", str(error)))
+            raise typer.Exit(1) from None
+        except OSError as error:
+            where = f"{error.filename}: " if error.filename else ""
+            err_console.print(labelled("error:", "red", f"{where}{error.strerror or error}; fix that, or pass "
+                                                        f"another path, and run the command again"))
             raise typer.Exit(1) from None
 
     return wrapper
@@ -495,7 +501,10 @@ def _shown(path: str) -> str:
     import os
 
     relative = os.path.relpath(path)
-    return path if relative.startswith("..") else relative
+    shown = path if relative.startswith("..") else relative
+    # A name that is not UTF-8 holds surrogates (Python's escapes for its bytes), which a strict UTF-8
+    # stdout refuses: shown as \xe9 and the like.
+    return shown.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @app.command()
@@ -528,6 +537,8 @@ def similar(
     if grid is not None:
         check_grid_path(grid)
     result = search(query, index, top_k, exclude_self, device)
+    if grid is not None:  # refused before the results are printed, as above
+        check_grid_path(grid, len(result.queries), max(len(hits) for hits in result.hits))
     err_console.print(f"index {result.index} ({result.size:,} images), from {result.source}")
     for item in result.skipped:
         err_console.print(labelled("warning:", "yellow", f"skipped query {item.path}: {item.reason}"))

@@ -64,6 +64,8 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         return read_json_bytes(Path(path).read_bytes(), path, what)
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such {what}") from None
+    except OSError as error:  # a folder, or a file this user may not read
+        raise ModelFileError(f"{path}: cannot read the {what} ({error.strerror})") from None
 
 
 def read_json_bytes(text: bytes, path: str | Path, what: str) -> Any:

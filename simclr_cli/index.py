@@ -532,18 +532,26 @@ def find_rows(paths: Sequence[str], wanted: Sequence[str]) -> list[int | None]:
 
 # -- contact sheets -------------------------------------------------------------------------
 
+# The formats a contact sheet can be written in (Pillow reads many more than it writes), and the most pixels
+# a side some of them hold.
+GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF",
+                ".tif": "TIFF", ".tiff": "TIFF"}
+GRID_MAX_SIDE = {"JPEG": 65500, "WEBP": 16383, "GIF": 65535}
+SHEET_THUMB, SHEET_LABEL, SHEET_GAP = 128, 18, 4  # pixels: a thumbnail's side, its label's height, the gaps
+
+
 def contact_sheet(blocks: Sequence[tuple[str, Sequence[tuple[str, float]]]], out: str | Path,
-                  thumb: int = 128) -> None:
+                  thumb: int = SHEET_THUMB) -> None:
     """Write a grid image: one line per query, the query first, then its hits with their scores."""
     from PIL import Image, ImageDraw, ImageFont, ImageOps
 
     from simclr_cli.files import atomic_path
     from simclr_cli.images import UnreadableImage, load_rgb
 
-    label_height, gap = 18, 4
-    columns = 1 + max((len(hits) for _, hits in blocks), default=0)
-    cell_w, cell_h = thumb + gap, thumb + label_height + gap
-    sheet = Image.new("RGB", (columns * cell_w + gap, len(blocks) * cell_h + gap), "white")
+    gap = SHEET_GAP
+    cell_w, cell_h = thumb + gap, thumb + SHEET_LABEL + gap
+    sheet = Image.new("RGB", sheet_size(len(blocks), max((len(hits) for _, hits in blocks), default=0), thumb),
+                      "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
     for line, (query, hits) in enumerate(blocks):
@@ -559,17 +567,25 @@ def contact_sheet(blocks: Sequence[tuple[str, Sequence[tuple[str, float]]]], out
     try:
         with atomic_path(out) as tmp:
             sheet.save(tmp, format=GRID_FORMATS[Path(out).suffix.lower()])
-    except OSError as error:
-        raise ConfigError(f"--grid {out}: cannot write it ({error}); pass a path in a writable folder") from None
+    except (OSError, ValueError) as error:  # Pillow's encoders raise either
+        raise ConfigError(f"--grid {out}: cannot write it ({error}); pass a path in a writable folder, or write "
+                          f"a .png") from None
 
 
-# The formats a contact sheet can be written in (Pillow reads many more than it writes).
-GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF",
-                ".tif": "TIFF", ".tiff": "TIFF"}
+def sheet_size(lines: int, hits: int, thumb: int = SHEET_THUMB) -> tuple[int, int]:
+    """(width, height) in pixels of a contact sheet of `lines` queries, each with up to `hits` hits."""
+    return (1 + hits) * (thumb + SHEET_GAP) + SHEET_GAP, lines * (thumb + SHEET_LABEL + SHEET_GAP) + SHEET_GAP
 
 
-def check_grid_path(out: str | Path) -> None:
-    if Path(out).suffix.lower() not in GRID_FORMATS:
+def check_grid_path(out: str | Path, lines: int = 1, hits: int = 0) -> None:
+    """Refuse a --grid path simclr cannot write, or a sheet of `lines` x `hits` too large for its format."""
+    image_format = GRID_FORMATS.get(Path(out).suffix.lower())
+    if image_format is None:
         raise ConfigError(f"--grid {out}: {Path(out).suffix or 'no extension'} is not an image type simclr "
                           f"writes; end the name in .png or .jpg")
     check_output_path(out, "--grid")
+    width, height = sheet_size(lines, hits)
+    if max(width, height) > GRID_MAX_SIDE.get(image_format, width + height):
+        raise ConfigError(f"--grid {out}: the sheet would be {width:,} x {height:,} pixels, more than "
+                          f"{image_format} holds ({GRID_MAX_SIDE[image_format]:,} a side); write a .png, or ask "
+                          f"for fewer queries or hits")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from simclr_cli.cli import app
+from simclr_cli.cli import _shown, app
 from simclr_cli.embed import EmbedConfig, embed_folder
 from simclr_cli.export import load_encoder, save_encoder
 import simclr_cli.index as index_module
@@ -563,3 +563,36 @@ def test_a_grid_that_cannot_be_written_is_a_one_line_error(indexes, photos, tmp_
                                  "--grid", str(tmp_path / "file" / "grid.png")])
     assert result.exit_code == 1 and "cannot write it" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output  # before the search, not after it
+
+
+def test_a_grid_too_large_for_its_format_is_refused_before_the_results(indexes, photos, tmp_path, monkeypatch):
+    """WebP holds 16,383 pixels a side, so a folder of ~110 queries did not fit, and Pillow's ValueError
+    came out as a traceback. Checked once the number of queries and hits is known, before any output."""
+    monkeypatch.setitem(index_module.GRID_MAX_SIDE, "WEBP", 900)  # the 6 queries' lines take 904 pixels
+    grid = tmp_path / "grid.webp"
+    result = runner.invoke(app, ["similar", str(photos / "copies"), "--index", str(indexes["float32"]), "-k", "2",
+                                 "--grid", str(grid)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "more than WEBP holds (900 a side); write a .png" in " ".join(result.output.split())
+    assert "nearest to" not in result.output and not grid.exists()
+    result = runner.invoke(app, ["similar", str(photos / "copies"), "--index", str(indexes["float32"]), "-k", "2",
+                                 "--grid", str(tmp_path / "grid.png")])
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "grid.png").size == index_module.sheet_size(6, 2) == (400, 904)
+
+
+def test_a_manifest_that_cannot_be_read_is_a_one_line_error(indexes, photos, tmp_path):
+    index = tmp_path / "index.npy"
+    shutil.copy(indexes["float32"], index)
+    index.with_suffix(".json").mkdir()
+    result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(index)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "index.json: cannot read the index manifest" in " ".join(result.output.split())
+
+
+def test_paths_that_are_not_utf8_print_escaped():
+    """A file name whose bytes are not UTF-8 reaches Python with surrogates, which a strict UTF-8 stdout
+    refuses: the table shows the byte as \\xe9."""
+    shown = _shown("/photos/caf\udce9.png")
+    assert shown.encode("utf-8") == b"/photos/caf\\xe9.png"
+    assert _shown("/photos/caf\u00e9.png") == "/photos/caf\u00e9.png"
