@@ -29,7 +29,9 @@ def check_run_dir(run_dir: Path, resume: bool) -> bool:
         raise ConfigError(f"--out {run_dir} is a file; pass a folder (new or empty) for the run")
     check_output_path(run_dir, "--out")
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        hint = f"resume it with --resume {run_dir}" if checkpoint.is_file() else "choose an empty folder"
+        # A run stopped before its first checkpoint has its config.json, and --resume starts it again.
+        started = checkpoint.is_file() or (run_dir / "config.json").is_file()
+        hint = f"resume it with --resume {run_dir}" if started else "choose an empty folder"
         raise ConfigError(f"--out {run_dir} already holds files; {hint}, or pass another --out")
     return resume and checkpoint.is_file()
 

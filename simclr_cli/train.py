@@ -52,6 +52,10 @@ class LoopState:
     elapsed: float = 0.0  # seconds of training, summed over sessions
     images_seen: int = 0
     finished: bool = False
+    # --max-time: the latest step's seconds (one more is kept in reserve) and the fraction of the budget the
+    # schedule has reached (it never moves back), kept so that a resumed run goes on as it was.
+    step_seconds: float = 0.0
+    time_progress: float = 0.0
 
 
 @dataclass
@@ -79,8 +83,6 @@ class PretrainRun:
         self.workers = config.runtime.workers if config.runtime.workers is not None else default_workers()
         self._created = time.monotonic()
         self.state = LoopState()
-        self._step_seconds = 0.0  # duration of the latest step, to tell whether another one fits
-        self._time_progress = 0.0  # fraction of the time budget spent, as far as the schedule goes
         restore = check_run_dir(self.run_dir, resume)
         if resume and not restore:  # stopped in its first epoch (a crash, a lost machine): start it again as saved
             report("message", text=f"{self.run_dir} stopped before its first checkpoint: starting it again")
@@ -146,6 +148,9 @@ class PretrainRun:
         self.curves = CurvesWriter(self.run_dir, report)
         if resume:
             self._restore()
+            saved = read_json(self.run_dir / "config.json", "run configuration") if is_main() else {}
+            if is_main() and saved.get("data_dir") != config.data_dir:  # DATA_DIR given to --resume: data moved
+                write_json(self.run_dir / "config.json", {**saved, "data_dir": config.data_dir})
         elif is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", config.to_json())
@@ -230,12 +235,12 @@ class PretrainRun:
         by_steps = (self.state.step + 0.5) / self.total_steps
         by_time = (elapsed + self._reserve()) / self.config.max_time if self.config.max_time else 0.0
         # The reserve follows the latest step's duration; never let that move the schedule backwards.
-        self._time_progress = max(self._time_progress, by_time)
-        return min(1.0, max(by_steps, self._time_progress))
+        self.state.time_progress = max(self.state.time_progress, by_time)
+        return min(1.0, max(by_steps, self.state.time_progress))
 
     def _reserve(self) -> float:
         """Seconds to keep free at the end of a time budget: one more step and the export."""
-        return max(1.0, 2 * self._step_seconds)
+        return max(1.0, 2 * self.state.step_seconds)
 
     def _warmup_fraction(self) -> float:
         """--warmup-epochs of the run, capped at a tenth of it (short runs warm up for 10%)."""
@@ -288,7 +293,7 @@ class PretrainRun:
             self.report("step", **{"loss": None, **record}, total_steps=self.total_steps,
                         progress=self._progress(now), steps_per_epoch=self.steps_per_epoch,
                         step_in_epoch=state.step_in_epoch)
-            self._step_seconds, last = now - last, now
+            state.step_seconds, last = now - last, now
             if distributed.any_rank(stop.signal is not None) or state.step >= self.total_steps:
                 break
         self._flush(pending)

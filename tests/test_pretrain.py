@@ -1,5 +1,6 @@
 """End to end through the CLI: pretrain, skip broken files, export, resume, time budgets, user errors."""
 
+import dataclasses
 import json
 import math
 import os
@@ -189,6 +190,8 @@ def test_a_run_that_crashed_before_its_first_checkpoint_resumes_from_the_start(s
     with pytest.raises(MemoryError):
         pretrain(_config(small_digits_folder, crashed, epochs=1), crash_at_step_2)
     assert (crashed / "config.json").is_file() and not (crashed / "checkpoint.safetensors").exists()
+    again = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(crashed)])
+    assert again.exit_code == 1 and f"resume it with --resume {crashed}" in " ".join(again.output.split())
 
     cli = runner.invoke(app, ["pretrain", "--resume", str(crashed)])
     assert cli.exit_code == 0, cli.output
@@ -209,14 +212,14 @@ def test_resuming_a_finished_run_exports_again_past_a_log_line_cut_short(small_d
 
 
 class SteadyClock:
-    """train.py's `time`: each reading of the clock is 0.25 s after the one before, so every step takes
-    the same time, however loaded the machine running the test is."""
+    """train.py's `time`: each reading of the clock is `tick` seconds after the one before, so every step
+    takes the same time, however loaded the machine running the test is."""
 
-    def __init__(self) -> None:
-        self.now = 0.0
+    def __init__(self, tick: float = 0.25) -> None:
+        self.now, self.tick = 0.0, tick
 
     def monotonic(self) -> float:
-        self.now += 0.25
+        self.now += self.tick
         return self.now
 
 
@@ -234,6 +237,23 @@ def test_time_budget_ends_the_run_in_time_and_annealed(small_digits_folder, tmp_
     peak = max(r["lr"] for r in records)
     assert records[-1]["lr"] < 0.15 * peak, "the schedule is fitted to the budget: the run ends annealed"
     assert len(records) >= 10
+
+
+def test_a_resumed_time_budget_keeps_its_schedule_going_down(small_digits_folder, tmp_path, monkeypatch):
+    """Under --max-time the schedule never moves back, and keeps one more step's time in reserve; a run
+    resumed mid-budget forgot both, and its learning rate went up again."""
+    monkeypatch.setattr(train, "time", SteadyClock(tick=2.0))  # steps of 6 s: 12 s kept in reserve
+
+    def interrupt_at_step_6(kind, **fields):
+        if kind == "step" and fields["step"] == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "budget"
+    config = dataclasses.replace(_config(small_digits_folder, out, epochs=1000), max_time=100.0, warmup_epochs=0.0)
+    assert pretrain(config, interrupt_at_step_6).interrupted
+    resume_pretrain(out)
+    rates = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rates) > 8 and all(a >= b for a, b in zip(rates, rates[1:])), rates
 
 
 def test_non_finite_loss_stops_with_a_clear_message(small_digits_folder, tmp_path):
@@ -418,6 +438,22 @@ def test_a_folder_smaller_than_the_batch_trains_at_the_learning_rate_of_its_real
     rates = {name: [json.loads(line)["lr"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
              for name in runs}
     assert len(rates["default"]) == 2 and rates["default"] == pytest.approx(rates["explicit"]), rates
+
+
+def test_a_data_folder_given_on_resume_is_kept_for_the_next_one(small_digits_folder, tmp_path):
+    """`--resume RUN DATA_DIR` for data that moved: config.json now names the new folder, so the next
+    `--resume RUN` finds it (it looked in the old place)."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(small_digits_folder, old)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(old), "--out", str(run), "--epochs", "1", "--batch-size", "64",
+                                 *FAST])
+    assert result.exit_code == 0, result.output
+    old.rename(new)
+    for args in ([str(new)], []):
+        result = runner.invoke(app, ["pretrain", "--resume", str(run), *args, "--workers", "0"])
+        assert result.exit_code == 0, (args, result.output)
+    assert json.loads((run / "config.json").read_text())["data_dir"] == str(new)
 
 
 def test_a_run_started_with_relative_paths_resumes_from_another_working_directory(small_digits_folder, tmp_path,
