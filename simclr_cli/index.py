@@ -120,8 +120,10 @@ class ManifestPaths(Sequence[str]):
         return int(self._lines_before[block]) + int(np.count_nonzero(text == 10))
 
     def may_hold_dots(self) -> bool:
-        """Whether some path has "/." in it: an index written before paths were normalised may hold "/../"."""
-        return self._data.find(b"/.", self._begin, self._end) >= 0
+        """Whether the paths may hold "/./" or "/../": an index written before paths were normalised kept
+        them as IMAGES was spelt. All its paths begin with that folder, and scans skip hidden names, so
+        the first path tells (searching the text for "/." took 0.8 s at 10M rows)."""
+        return len(self) > 0 and "/." in self[0]
 
     def __deepcopy__(self, memo: dict) -> list[str]:  # dataclasses.asdict, as in Manifest.to_json
         return list(self)
