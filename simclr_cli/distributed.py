@@ -180,6 +180,16 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def from_rank0(value: float) -> float:
+    """Rank 0's `value` on every rank: a clock reading, from which every rank must compute the same
+    learning rate (DDP averages gradients, never weights: a step at another rate leaves the copies apart)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     """The mean of a (detached) tensor over ranks, e.g. global-loss shares into the global loss."""
     if not is_distributed():

@@ -148,7 +148,7 @@ class PretrainRun:
         self.curves = CurvesWriter(self.run_dir, report)
         if resume:
             self._restore()
-            saved = read_json(self.run_dir / "config.json", "run configuration") if is_main() else {}
+            saved = read_json(self.run_dir / "config.json", "run configuration")
             if is_main() and saved.get("data_dir") != config.data_dir:  # DATA_DIR given to --resume: data moved
                 write_json(self.run_dir / "config.json", {**saved, "data_dir": config.data_dir})
         elif is_main():
@@ -401,8 +401,8 @@ class PretrainRun:
         state, offset = self.state, self.state.elapsed
         session_start = self._created  # the budget counts the scan and set-up too
 
-        def clock() -> float:  # seconds of training over all sessions of this run
-            return offset + time.monotonic() - session_start
+        def clock() -> float:  # seconds of training over all sessions of this run, as rank 0 counts them
+            return distributed.from_rank0(offset + time.monotonic() - session_start)
 
         self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs,
                     steps_per_epoch=self.steps_per_epoch, max_time=self.config.max_time)

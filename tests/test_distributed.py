@@ -189,6 +189,44 @@ def test_a_run_resumes_on_another_number_of_processes(tiny_folder, tmp_path):
     load_encoder(run_dir, "cpu")
 
 
+class _Clock:
+    """`time` for train.py in one process: each reading `tick` seconds after the one before."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def monotonic(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def _weights_apart_after_a_time_budget(data: str, out: str) -> list[float]:
+    """Pretrain under --max-time with clocks that disagree between the processes; return how far each
+    process's weights are from rank 0's."""
+    from simclr_cli import train
+    from simclr_cli.runtime import rank
+
+    train.time = _Clock(0.25 if rank() == 0 else 0.3)  # type: ignore[assignment]
+    config = PretrainConfig(data_dir=data, out_dir=out, epochs=1000, batch_size=8, arch="resnet18", stem="imagenet",
+                            max_time=8.0, warmup_epochs=0.0, devices=2, augment=AugmentConfig(image_size=32),
+                            runtime=RuntimeConfig(device="cpu", workers=0, seed=0)).validate()
+    run = train.PretrainRun(config)
+    run.run()
+    weights = torch.cat([p.detach().flatten() for p in run.model.parameters()])
+    rank0 = weights.clone()
+    torch.distributed.broadcast(rank0, src=0)
+    return distributed.gather_objects([(weights - rank0).abs().max().item()])
+
+
+def test_a_time_budget_keeps_the_processes_weights_equal(tiny_folder, tmp_path, monkeypatch):
+    """The learning rate follows the time spent: each process read its own clock, stepped at its own
+    rate, and DDP (which averages gradients, not weights) left the copies of the model apart."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert distributed.launch(_weights_apart_after_a_time_budget, (str(tiny_folder), str(tmp_path / "run")),
+                              devices=2) == [0.0, 0.0]
+    assert len(_metrics(tmp_path / "run")) >= 4
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL, SyncBatchNorm)")
 def test_pretrain_on_two_gpus_with_sync_batchnorm(tiny_folder, tmp_path):
     run_dir = tmp_path / "run"
