@@ -1,6 +1,7 @@
 """End to end through the CLI: pretrain, skip broken files, export, resume, time budgets, user errors."""
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -212,14 +213,14 @@ def test_resuming_a_finished_run_exports_again_past_a_log_line_cut_short(small_d
 
 
 class SteadyClock:
-    """train.py's `time`: each reading of the clock is `tick` seconds after the one before, so every step
-    takes the same time, however loaded the machine running the test is."""
+    """train.py's `time`: each reading of the clock comes the next of `ticks` seconds (in a cycle) after
+    the one before, so steps take the same times however loaded the machine running the test is."""
 
-    def __init__(self, tick: float = 0.25) -> None:
-        self.now, self.tick = 0.0, tick
+    def __init__(self, *ticks: float) -> None:
+        self.now, self.ticks = 0.0, itertools.cycle(ticks or (0.25,))
 
     def monotonic(self) -> float:
-        self.now += self.tick
+        self.now += next(self.ticks)
         return self.now
 
 
@@ -242,7 +243,7 @@ def test_time_budget_ends_the_run_in_time_and_annealed(small_digits_folder, tmp_
 def test_a_resumed_time_budget_keeps_its_schedule_going_down(small_digits_folder, tmp_path, monkeypatch):
     """Under --max-time the schedule never moves back, and keeps one more step's time in reserve; a run
     resumed mid-budget forgot both, and its learning rate went up again."""
-    monkeypatch.setattr(train, "time", SteadyClock(tick=2.0))  # steps of 6 s: 12 s kept in reserve
+    monkeypatch.setattr(train, "time", SteadyClock(2.0))  # steps of 6 s: 12 s kept in reserve
 
     def interrupt_at_step_6(kind, **fields):
         if kind == "step" and fields["step"] == 6:
@@ -336,14 +337,16 @@ def test_version_and_help_list_every_command():
         assert command in result.output
 
 
-def test_time_budget_schedule_never_goes_back_up(small_digits_folder, tmp_path):
+def test_time_budget_schedule_never_goes_back_up(small_digits_folder, tmp_path, monkeypatch):
+    """Steps of uneven length (the reserve for one more step follows the latest): the rate only goes down."""
+    monkeypatch.setattr(train, "time", SteadyClock(0.1, 0.2, 1.5, 0.1, 0.1))
     out = tmp_path / "monotone"
     result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1000",
-                                 "--batch-size", "16", "--max-time", "8s", "--warmup-epochs", "0", *FAST])
+                                 "--batch-size", "16", "--max-time", "20s", "--warmup-epochs", "0", *FAST])
     assert result.exit_code == 0, result.output
     rates = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "lr" in json.loads(line)]
-    assert len(rates) >= 2 and all(a >= b for a, b in zip(rates, rates[1:])), rates
+    assert len(rates) >= 5 and all(a >= b for a, b in zip(rates, rates[1:])), rates
 
 
 def test_a_folder_where_nothing_decodes_is_a_one_line_error(tmp_path, cut_image):
