@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 from simclr_cli import __version__
 from simclr_cli.config import (ARCHITECTURES, OPTIMIZERS, PRECISIONS, PRESETS, STEMS, AugmentConfig, PretrainConfig,
                                RuntimeConfig, apply_preset, default_run_dir, parse_duration)
-from simclr_cli.errors import ConfigError, SimclrError
+from simclr_cli.errors import ConfigError, Interrupted, SimclrError
 from simclr_cli.progress import Reporter, console, err_console, labelled
 
 
@@ -55,6 +55,9 @@ def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except Interrupted as stop:  # --devices N: the processes saved their progress
+            err_console.print(str(stop))
+            raise typer.Exit(130) from None
         except SimclrError as error:
             err_console.print(labelled("error:", "red", str(error)))
             raise typer.Exit(1) from None
@@ -215,7 +218,9 @@ def pretrain(
         result = distributed.run_in_group(_pretrain_process, *job)
     elif devices > 1:
         distributed.check_devices(devices, device)
-        result = distributed.launch(_pretrain_process, job, devices)
+        run_dir = resumed["run_dir"] if resumed else config.out_dir
+        result = distributed.launch(_pretrain_process, job, devices,
+                                    resume=f"simclr pretrain --resume {shlex.quote(str(run_dir))}")
     elif devices < 1:
         raise typer.BadParameter(f"{devices} must be at least 1", param_hint="--devices")
     else:

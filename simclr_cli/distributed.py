@@ -49,8 +49,7 @@ def check_devices(devices: int, device_spec: str) -> None:
                           f"--devices {torch.cuda.device_count()} (or use torchrun for several machines)")
 
 
-def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int,
-           resume: str = "simclr pretrain --resume RUN_DIR") -> Any:
+def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, resume: str = "") -> Any:
     """Run entrypoint(*args) in `devices` processes on this machine; return rank 0's result.
 
     Uses torch's elastic launcher (standalone rendezvous on a free local port, no restarts).
@@ -61,27 +60,31 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int,
     Ctrl-C: this process ignores SIGINT while the workers run, so the terminal's Ctrl-C reaches the
     workers alone and they checkpoint and stop together (the launcher would otherwise send them a
     second signal, which stops a worker at once). SIGTERM sent to this process is passed on once,
-    and the error names `resume`, the command that continues.
+    and the Interrupted error (exit code 130) names `resume`, the command that continues.
     """
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     error_dir = Path(tempfile.mkdtemp(prefix="simclr-launch-"))
-    launcher_log = logging.getLogger("torch.distributed.elastic")
-    saved_level = launcher_log.level
+    # The launcher's own log (its modules' loggers set their levels themselves, so each one is muted).
+    launcher_logs = [logging.getLogger(name) for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]
+                     if name.startswith("torch.distributed.elastic")]
+    saved_levels = [log.level for log in launcher_logs]
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           monitor_interval=0.2, start_method="spawn", signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
     saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
                                                              signal.SIGQUIT)}
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    launcher_log.setLevel(logging.CRITICAL)
+    for log in launcher_logs:
+        log.setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(config, _in_group)(entrypoint, tuple(args), str(error_dir))
         return results[0]
     except SignalException as stop:
-        raise SimclrError(f"stopped by {stop.sigval.name}: the workers were asked to save their progress; "
-                          f"continue with `{resume}`") from None
+        hint = f"; continue with `{resume}`" if resume else ""
+        raise simclr_errors.Interrupted(f"stopped by {stop.sigval.name}: the workers were asked to save their "
+                                        f"progress{hint}") from None
     except Exception:
         reports = sorted(error_dir.glob("error-rank*.txt"))
         if reports:
@@ -90,7 +93,8 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int,
             raise (error_class if issubclass(error_class, SimclrError) else SimclrError)(message) from None
         raise
     finally:
-        launcher_log.setLevel(saved_level)
+        for log, level in zip(launcher_logs, saved_levels):
+            log.setLevel(level)
         for sig, handler in saved_handlers.items():
             signal.signal(sig, handler)
         shutil.rmtree(error_dir, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""User-facing errors: the CLI prints their message on one line and exits with code 1."""
+"""User-facing errors: the CLI prints their message on one line and exits with code 1 (130: Interrupted)."""
 
 
 class SimclrError(Exception):
@@ -15,3 +15,7 @@ class DataError(SimclrError):
 
 class ModelFileError(SimclrError):
     """A model, checkpoint or index file is missing, foreign or damaged."""
+
+
+class Interrupted(SimclrError):
+    """Stopped by a signal after saving progress; the message says how to continue."""

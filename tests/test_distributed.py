@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from simclr_cli import distributed
 from simclr_cli.cli import app
 from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
 from simclr_cli.errors import ConfigError
-from simclr_cli.export import load_encoder
+from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.gradcache import cached_backward, chunk_count
 from simclr_cli.loss import global_nt_xent, nt_xent
 from simclr_cli.models import SimCLR
@@ -187,6 +191,28 @@ def test_a_run_resumes_on_another_number_of_processes(tiny_folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert [m["step"] for m in _metrics(run_dir)] == [1, 2]
     load_encoder(run_dir, "cpu")
+
+
+def test_sigterm_on_two_processes_saves_a_checkpoint_and_exits_130(small_digits_folder, tmp_path):
+    """As with one process: exit code 130 and the command that continues, naming the run's own folder (it
+    exited 1 and printed `--resume RUN_DIR`)."""
+    out = tmp_path / "term run"
+    process = subprocess.Popen([sys.executable, "-m", "simclr_cli", "pretrain", str(small_digits_folder), "--out",
+                                str(out), "--devices", "2", "--device", "cpu", "--epochs", "100", "--batch-size", "16",
+                                "--image-size", "32", "--stem", "imagenet", "--arch", "resnet18", "--workers", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (out / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    while time.monotonic() < deadline and not (out / "metrics.jsonl").read_text().strip():
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 130, stderr
+    assert f"continue with `simclr pretrain --resume {shlex.quote(str(out))}`" in " ".join(stderr.split()), stderr
+    assert "Traceback" not in stderr and "death signal" not in stderr, stderr  # nor the launcher's own log
+    state = load_checkpoint(out / "checkpoint.safetensors").progress["state"]
+    assert state["step"] >= 1 and not state["finished"]
 
 
 class _Clock:
