@@ -15,7 +15,9 @@ A slot is used only while its file's size and mtime match the manifest; changed 
 decoded again, and a different list of files starts a new cache.
 
 Every image takes the same route (decode, working resolution, crop) whether or not its slot is
-filled yet, so a run with --cache sees the same views as without, and resumes bit for bit.
+filled yet, so a run with --cache sees the same views as without, and resumes bit for bit. (That holds
+for the batched views, `--augment-on cpu` and `device`; `per-image` without the cache decodes straight
+to the training size, so its views differ slightly from those with the cache.)
 """
 
 from __future__ import annotations

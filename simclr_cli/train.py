@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -95,6 +96,12 @@ class PretrainRun:
         if len(scan.paths) < 2:
             raise DataError(f"{config.data_dir}: only one image; SimCLR contrasts each image with the others in "
                             f"its batch, so it needs at least 2 (a few hundred to learn anything)")
+        # Every process scans for itself; ones that found other files would batch differently, and wait
+        # for each other's steps for ever.
+        listings = distributed.gather_objects([(len(scan.paths), _listing_digest(scan.paths))])
+        if len(set(listings)) > 1:
+            raise DataError(f"{config.data_dir}: the processes found different images (by rank: "
+                            f"{', '.join(str(count) for count, _ in listings)}); give every process the same files")
         self.paths = scan.paths
         self.skipped: dict[str, Skipped] = {s.path: s for s in scan.skipped}
         aug = config.augment
@@ -444,6 +451,10 @@ class PretrainRun:
             self.report("done", encoder=str(encoder), steps=state.step, images_seen=state.images_seen,
                         elapsed=state.elapsed, loss=final_loss)
         return PretrainResult(self.run_dir, encoder, state, final_loss, list(self.skipped.values()), interrupted)
+
+
+def _listing_digest(paths: Sequence[str | Path]) -> str:
+    return hashlib.blake2b("\n".join(map(str, paths)).encode(errors="surrogateescape"), digest_size=8).hexdigest()
 
 
 _PIPELINES = {

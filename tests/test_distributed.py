@@ -215,6 +215,35 @@ def test_sigterm_on_two_processes_saves_a_checkpoint_and_exits_130(small_digits_
     assert state["step"] >= 1 and not state["finished"]
 
 
+def _pretrain_with_a_file_missing_on_rank_one(data: str, out: str) -> None:
+    """Pretrain where process 1's scan misses a file (another machine's copy of the data, a file added
+    between the scans)."""
+    from simclr_cli import train
+    from simclr_cli.runtime import rank
+
+    if rank() == 1:
+        scan = train.scan_images
+
+        def missing_one(*args, **kwargs):
+            found = scan(*args, **kwargs)
+            found.paths = found.paths[1:]
+            return found
+        train.scan_images = missing_one  # type: ignore[assignment]
+    config = PretrainConfig(data_dir=data, out_dir=out, epochs=1, batch_size=8, arch="resnet18", stem="imagenet",
+                            devices=2, augment=AugmentConfig(image_size=32),
+                            runtime=RuntimeConfig(device="cpu", workers=0, seed=0)).validate()
+    train.PretrainRun(config).run()
+
+
+def test_processes_that_found_different_images_stop_with_one_line(tiny_folder, tmp_path):
+    """They batched differently and waited for each other's steps for ever."""
+    from simclr_cli.errors import DataError
+
+    with pytest.raises(DataError, match=r"the processes found different images \(by rank: 16, 15\)"):
+        distributed.launch(_pretrain_with_a_file_missing_on_rank_one, (str(tiny_folder), str(tmp_path / "run")),
+                           devices=2)
+
+
 class _Clock:
     """`time` for train.py in one process: each reading `tick` seconds after the one before."""
 
