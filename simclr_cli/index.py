@@ -542,18 +542,16 @@ GRID_MAX_SIDE = {"JPEG": 65500, "WEBP": 16383, "GIF": 65535}
 SHEET_THUMB, SHEET_LABEL, SHEET_GAP = 128, 18, 4  # pixels: a thumbnail's side, its label's height, the gaps
 
 
-def contact_sheet(blocks: Sequence[tuple[str, Sequence[tuple[str, float]]]], out: str | Path,
-                  thumb: int = SHEET_THUMB) -> None:
+def contact_sheet(blocks: Sequence[tuple[str, Sequence[tuple[str, float]]]], out: str | Path) -> None:
     """Write a grid image: one line per query, the query first, then its hits with their scores."""
     from PIL import Image, ImageDraw, ImageFont, ImageOps
 
     from simclr_cli.files import atomic_path
     from simclr_cli.images import UnreadableImage, load_rgb
 
-    gap = SHEET_GAP
+    thumb, gap = SHEET_THUMB, SHEET_GAP
     cell_w, cell_h = thumb + gap, thumb + SHEET_LABEL + gap
-    sheet = Image.new("RGB", sheet_size(len(blocks), max((len(hits) for _, hits in blocks), default=0), thumb),
-                      "white")
+    sheet = Image.new("RGB", sheet_size(len(blocks), max((len(hits) for _, hits in blocks), default=0)), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
     for line, (query, hits) in enumerate(blocks):
@@ -574,9 +572,10 @@ def contact_sheet(blocks: Sequence[tuple[str, Sequence[tuple[str, float]]]], out
                           f"a .png") from None
 
 
-def sheet_size(lines: int, hits: int, thumb: int = SHEET_THUMB) -> tuple[int, int]:
+def sheet_size(lines: int, hits: int) -> tuple[int, int]:
     """(width, height) in pixels of a contact sheet of `lines` queries, each with up to `hits` hits."""
-    return (1 + hits) * (thumb + SHEET_GAP) + SHEET_GAP, lines * (thumb + SHEET_LABEL + SHEET_GAP) + SHEET_GAP
+    return ((1 + hits) * (SHEET_THUMB + SHEET_GAP) + SHEET_GAP,
+            lines * (SHEET_THUMB + SHEET_LABEL + SHEET_GAP) + SHEET_GAP)
 
 
 def check_grid_path(out: str | Path, lines: int = 1, hits: int = 0) -> None:

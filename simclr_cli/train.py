@@ -98,10 +98,12 @@ class PretrainRun:
                             f"its batch, so it needs at least 2 (a few hundred to learn anything)")
         # Every process scans for itself; ones that found other files would batch differently, and wait
         # for each other's steps for ever.
-        listings = distributed.gather_objects([(len(scan.paths), _listing_digest(scan.paths))])
-        if len(set(listings)) > 1:
-            raise DataError(f"{config.data_dir}: the processes found different images (by rank: "
-                            f"{', '.join(str(count) for count, _ in listings)}); give every process the same files")
+        if world_size() > 1:
+            listings = distributed.gather_objects([(len(scan.paths), _listing_digest(scan.paths))])
+            if len(set(listings)) > 1:
+                raise DataError(f"{config.data_dir}: the processes found different images (by rank: "
+                                f"{', '.join(str(count) for count, _ in listings)}); give every process the same "
+                                f"files")
         self.paths = scan.paths
         self.skipped: dict[str, Skipped] = {s.path: s for s in scan.skipped}
         aug = config.augment
