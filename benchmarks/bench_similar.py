@@ -1,11 +1,11 @@
 """Search latency of `simclr similar` against plain numpy, and the memory-read floor, on random indexes.
 
 For each size and dtype it writes a random unit-row index (rows x dim) and times, page cache warm, best
-of --repeats, one query:
+of --repeats (the floor and the kernels in turns), one query:
   floor      reading every byte of the index once (an int64 sum over it, in chunks)
   simclr     index.top_k: chunked exact cosine top-k over the memory-mapped rows; for float16 rows
-             twice, with the numpy kernel (what `simclr similar` runs for an index computed at fp32)
-             and with PyTorch's (used when PyTorch is imported anyway)
+             with each kernel: native (half.c, what `simclr similar` runs where the machine builds it),
+             torch (PyTorch's, used without it where PyTorch is imported anyway) and numpy (the rest)
   numpy      the plain way: `scores = rows @ query`, then argpartition and a sort of the top k
 and prints the ratios. With --end-to-end it also times the whole command, `simclr similar QUERY --index
 BIG.npy` in a fresh process (start-up, model load and hash check, manifest, query embedding, search,
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 from numpy.lib import format as npy_format
 
 from simclr_cli.index import Manifest, manifest_path, open_index, sha256_file, top_k, write_manifest
+from simclr_cli.native import half_kernels
 
 
 def best_of(repeats: int, function) -> float:
@@ -45,6 +47,22 @@ def best_of(repeats: int, function) -> float:
         function()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def best_of_turns(repeats: int, functions: dict) -> dict:
+    """The best time of each function, run in turns: all of them once, `repeats` times over.
+
+    Each starts 50 ms after the one before: PyTorch's OpenMP threads spin for some milliseconds after each
+    parallel loop (the floor's sum, torch's kernel), and took the cores from the next function's threads.
+    """
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            time.sleep(0.05)
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(spent) for name, spent in times.items()}
 
 
 def write_index(path: Path, rows: int, dim: int, dtype: str, model: Path, precision: str, seed: int = 0) -> None:
@@ -137,15 +155,20 @@ def main() -> None:
                 write_index(path, count, args.dim, dtype, model, precision)
                 rows, _ = open_index(path)
                 read_floor(rows)  # warm the page cache
-                floor = best_of(args.repeats, lambda: read_floor(rows))
+                # `simclr similar` scores float16 rows with the native kernel where this machine builds it.
+                kernels = ["native"] * (half_kernels() is not None) + ["torch", "numpy"]
+                searches = {kernel: partial(top_k, rows, query[None], args.k, kernel=kernel)
+                            for kernel in (kernels if dtype == "float16" else ["numpy"])}
+                # The floor and the kernels take turns, so that a drift of the machine meets them all alike;
+                # the plain search comes after (a second of float16 products on one core slowed the next
+                # search at 100k rows by a third).
+                timed = best_of_turns(args.repeats, {"floor": lambda: read_floor(rows), **searches})
                 plain = best_of(args.repeats, lambda: numpy_search(rows, query, args.k))
                 expected = numpy_search(rows, query, args.k).tolist()
-                # `simclr similar` scores float16 rows with numpy unless PyTorch is imported anyway.
-                for use_torch in (False, True) if dtype == "float16" else (False,):
-                    ours = best_of(args.repeats, lambda: top_k(rows, query[None], args.k, use_torch=use_torch))
-                    _, found = top_k(rows, query[None], args.k, use_torch=use_torch)
-                    assert found[0].tolist() == expected, "results differ from numpy"
-                    print(f"{count:>9,} {dtype:>8} {'torch' if use_torch else 'numpy':>7} {rows.nbytes / 2**20:>6.0f} "
+                floor = timed.pop("floor")
+                for kernel, ours in timed.items():
+                    assert searches[kernel]()[1][0].tolist() == expected, f"{kernel}: results differ from numpy"
+                    print(f"{count:>9,} {dtype:>8} {kernel:>7} {rows.nbytes / 2**20:>6.0f} "
                           f"{floor * 1e3:>9.1f} {ours * 1e3:>10.1f} {plain * 1e3:>9.1f} {ours / floor:>12.2f}x "
                           f"{plain / ours:>12.2f}x")
                 rows = None  # unmapped before the file is deleted

@@ -8,6 +8,7 @@ chunks, so an index never has to fit in RAM.
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import operator
@@ -24,14 +25,17 @@ import numpy as np
 from simclr_cli.config import cpu_cores
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.files import check_output_path, read_json, read_json_bytes, sha256_file, write_json
+from simclr_cli.native import half_kernels
 
 INDEX_FORMAT = "simclr-index"
 DTYPES = ("float32", "float16")
 MANIFEST_PRECISIONS = ("", "fp32", "bf16", "fp16")  # "": written before the precision was recorded
 INDEX_ENV = "SIMCLR_INDEX"
 CHUNK_ROWS = 4096  # rows scored at a time: 8 MiB of float32 at 512 dims, small enough to stay in cache
-FLOAT16_CHUNK_ROWS = 16384  # for torch's float16 matrix-vector product: 16 MiB at 512 dims, 1.25x faster than 4096
+# For the native and torch float16 kernels of a few queries: 16 MiB at 512 dims, 1.25x faster than 4096 with torch
+FLOAT16_CHUNK_ROWS = 16384
 SPLIT_QUERIES = 8  # fewer float16 queries than this split the rows among threads; more go through BLAS
+FLOAT16_KERNELS = ("native", "torch", "numpy")
 DECODE_BYTES = 4 << 20  # the float32 buffer float16 rows are converted into: 2,048 rows at 512 dims
 FLOAT16_BITS_MASK = np.int32(-0x70000001)  # 0x8FFFFFFF: every bit but 28-30
 # How far a score computed in float16 (query rounded to float16, products summed in float32, the
@@ -264,7 +268,7 @@ def choose_index(explicit: str | Path | None) -> tuple[Path, str]:
 
 def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True,
           exclude: Sequence[int | None] | None = None, chunk_rows: int | None = None,
-          use_torch: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+          kernel: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-k of unit `queries` (Q, D) against `rows` (N, D): (scores (Q, k), row indices (Q, k)).
 
     Rows are read in chunks, scored in float32 and merged into a running top-k, so memory stays at
@@ -273,18 +277,22 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
     threads. `exclude[j]` is a row that query j must not return (itself): it scores -inf, so when k reaches N
     it comes last, at -inf. Hits of equal score are listed by row.
 
-    Float16 rows are scored by numpy (`_float16_scorer`) unless `use_torch`: PyTorch's float16
-    matrix-vector product, for one or two unit queries, is about 2x faster, but importing PyTorch takes longer
-    than searching a million rows. None: PyTorch when it is already imported.
+    Float16 rows are scored by `kernel` (FLOAT16_KERNELS): "native", half.c's F16C kernels (native.py), which
+    read each row once; "torch", PyTorch's float16 matrix-vector product for one or two unit queries, about
+    half as fast, and importing PyTorch takes longer than searching a million rows; "numpy", three integer
+    passes a chunk (`_float16_scorer`), slowest. None: the first of these that this machine has
+    (`float16_kernel`). Float32 rows are always scored by numpy.
     """
     count, num_queries = rows.shape[0], queries.shape[0]
     k = min(k, count)
     if num_queries == 0 or k == 0:
         return np.empty((num_queries, k), dtype=np.float32), np.empty((num_queries, k), dtype=np.int64)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if use_torch is None:
-        use_torch = "torch" in sys.modules
-    if rows.dtype == np.float16 and use_torch and normalized and num_queries <= 2:
+    if rows.dtype == np.float16:
+        kernel = kernel or float16_kernel()
+        if kernel not in FLOAT16_KERNELS or (kernel == "native" and half_kernels() is None):
+            raise ValueError(f"no float16 kernel {kernel!r} here; float16_kernel() picks one that is")
+    if rows.dtype == np.float16 and kernel == "torch" and normalized and num_queries <= 2:
         # torch's float16 matrix-vector product reads the rows as they are, without a float32 copy.
         # It does not batch queries, so it serves one or two.
         found = [_top_k_float16(rows, query, k, exclude[j] if exclude else None, chunk_rows or FLOAT16_CHUNK_ROWS)
@@ -292,9 +300,13 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
         return np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
     queries_t = np.ascontiguousarray(queries.T)  # (D, Q)
     if rows.dtype == np.float16:
-        chunk_rows = chunk_rows or max(1, DECODE_BYTES // (4 * max(1, rows.shape[1])))
         split_rows = num_queries < SPLIT_QUERIES
-        make_scorer = partial(_float16_scorer, queries_t, min(chunk_rows, count), split_rows, normalized)
+        if kernel == "native" and split_rows:
+            chunk_rows = chunk_rows or FLOAT16_CHUNK_ROWS
+        else:
+            chunk_rows = chunk_rows or max(1, DECODE_BYTES // (4 * max(1, rows.shape[1])))
+        make_scorer = partial(_native_float16_scorer if kernel == "native" else _float16_scorer, queries_t,
+                              min(chunk_rows, count), split_rows, normalized)
     else:
         chunk_rows = chunk_rows or CHUNK_ROWS
         # One query against rows of up to 1,024 values: the rows split among threads. Longer rows (2,048-d:
@@ -312,12 +324,18 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
         # 2 cores, where BLAS's own threads take 1.8-2.4x.
         threads = max(1, min(cpu_cores(), -(-count // chunk_rows)))
         bounds = [count * part // threads // chunk_rows * chunk_rows for part in range(threads)] + [count]
-        with ThreadPoolExecutor(threads) as pool:
-            best_scores, best_rows = _merge(list(pool.map(scan, zip(bounds[:-1], bounds[1:]))), k)
+        best_scores, best_rows = _merge(list(_pool(os.getpid()).map(scan, zip(bounds[:-1], bounds[1:]))), k)
     else:
         best_scores, best_rows = scan((0, count))
     order = np.lexsort((best_rows, -best_scores), axis=0)  # (k, Q): by score, then by row
     return np.take_along_axis(best_scores, order, 0).T, np.take_along_axis(best_rows, order, 0).T  # (Q, k)
+
+
+@functools.cache
+def _pool(pid: int) -> ThreadPoolExecutor:
+    """Threads kept for every search of process `pid` (a forked child starts its own): starting two afresh
+    made each search of 100k rows 2-4 ms slower, a third of its time."""
+    return ThreadPoolExecutor(cpu_cores(), thread_name_prefix="simclr-search")
 
 
 def _float32_scorer(queries_t: np.ndarray, one_thread: bool, normalized: bool) -> Callable[[np.ndarray], np.ndarray]:
@@ -361,6 +379,28 @@ def _float16_scorer(queries_t: np.ndarray, buffer_rows: int, one_thread: bool,
         if not normalized:
             values *= np.float32(2.0 ** 112)
         return score_float32(values)
+    return score
+
+
+def _native_float16_scorer(queries_t: np.ndarray, buffer_rows: int, one_thread: bool,
+                           normalized: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """Cosine scores of float16 chunks (C, D) against unit queries (D, Q) by half.c: (C, Q) float32.
+
+    A few queries (`one_thread`: the rows split among threads) are scored as each row is converted; more by
+    BLAS, which threads itself, from a float32 buffer the chunk is converted into.
+    """
+    kernels = half_kernels()
+    queries = np.ascontiguousarray(queries_t.T)  # (Q, D)
+    if not one_thread:
+        buffer = np.empty((buffer_rows, queries.shape[1]), dtype=np.float32)
+        score_float32 = _float32_scorer(queries_t, one_thread, normalized)
+        return lambda chunk: score_float32(kernels.to_float(chunk, buffer[:len(chunk)]))
+
+    def score(chunk: np.ndarray) -> np.ndarray:
+        scores, norms = kernels.dot(chunk, queries, norms=not normalized)  # (C, Q), (C,) or None
+        if norms is not None:
+            scores /= np.maximum(np.sqrt(norms), 1e-12)[:, None]
+        return scores
     return score
 
 
@@ -439,6 +479,14 @@ def _top_k_float16(rows: np.ndarray, query: np.ndarray, k: int, exclude: int | N
         exact[rows_found == exclude] = -np.inf
     order = np.lexsort((rows_found, -exact))[:k]  # by score, then by row
     return exact[order], rows_found[order]
+
+
+def float16_kernel() -> str:
+    """The fastest float16 kernel this machine has: "native" where half.c builds and runs, else "torch" where
+    PyTorch is already imported, else "numpy"."""
+    if half_kernels() is not None:
+        return "native"
+    return "torch" if "torch" in sys.modules else "numpy"
 
 
 @dataclass

@@ -19,10 +19,14 @@ from simclr_cli.cli import _shown, app
 from simclr_cli.embed import EmbedConfig, embed_folder
 from simclr_cli.export import load_encoder, save_encoder
 import simclr_cli.index as index_module
+from simclr_cli.native import half_kernels
 from simclr_cli.index import (Manifest, ManifestPaths, find_rows, manifest_path, open_index, read_manifest, top_k,
                               write_manifest)
 
 runner = CliRunner()
+# half.c's kernels, where this machine builds them (an x86-64 CPU with AVX2, FMA and F16C, and a C compiler).
+NATIVE_BUILT = pytest.mark.skipif(half_kernels() is None, reason="no native float16 kernels")
+NATIVE = pytest.param("native", marks=NATIVE_BUILT)
 ORIGINALS = ["photo03.png", "photo07.png", "photo11.png"]
 
 
@@ -117,10 +121,11 @@ def test_unnormalized_float16_rows_of_large_norm_are_ranked_by_cosine():
     np.testing.assert_allclose(scores, np.take_along_axis(expected, found, 1), atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype, use_torch", [(np.float32, False), (np.float16, False), (np.float16, True)])
+@pytest.mark.parametrize("dtype, kernel", [(np.float32, None), (np.float16, "numpy"), (np.float16, "torch"),
+                                           pytest.param(np.float16, "native", marks=NATIVE_BUILT)])
 @pytest.mark.parametrize("num_queries", [1, 3])
 @pytest.mark.parametrize("cores", [1, 2, 5])
-def test_ties_at_the_kth_score_keep_the_lowest_rows(monkeypatch, dtype, use_torch, num_queries, cores):
+def test_ties_at_the_kth_score_keep_the_lowest_rows(monkeypatch, dtype, kernel, num_queries, cores):
     """Rows with a few distinct values give exact ties across the k-th score: the top k are the lowest rows
     among them, whatever the chunks and however many threads share the rows."""
     from simclr_cli import index as index_module
@@ -135,16 +140,17 @@ def test_ties_at_the_kth_score_keep_the_lowest_rows(monkeypatch, dtype, use_torc
             scores /= np.linalg.norm(rows.astype(np.float64), axis=1)
         for chunk_rows in (7, 64, 4096):
             for k in (1, 5, 29):
-                _, found = top_k(rows, queries, k, normalized, chunk_rows=chunk_rows, use_torch=use_torch)
+                _, found = top_k(rows, queries, k, normalized, chunk_rows=chunk_rows, kernel=kernel)
                 expected = [list(np.argsort(-line, kind="stable")[:k]) for line in scores]
                 assert found.tolist() == expected, (normalized, chunk_rows, k)
 
 
-@pytest.mark.parametrize("dtype, use_torch", [(np.float32, False), (np.float16, False), (np.float16, True)])
-def test_a_query_excluding_itself_leaves_the_others_alone(dtype, use_torch):
+@pytest.mark.parametrize("dtype, kernel", [(np.float32, None), (np.float16, "numpy"), (np.float16, "torch"),
+                                           pytest.param(np.float16, "native", marks=NATIVE_BUILT)])
+def test_a_query_excluding_itself_leaves_the_others_alone(dtype, kernel):
     """k beyond the index: the query that excludes its row gets it last at -inf, the other every row."""
     rows = np.eye(3, dtype=dtype)
-    scores, found = top_k(rows, np.eye(3, dtype=np.float32)[:2], 10, exclude=[0, None], use_torch=use_torch)
+    scores, found = top_k(rows, np.eye(3, dtype=np.float32)[:2], 10, exclude=[0, None], kernel=kernel)
     assert scores.shape == (2, 3)
     assert found[0, 2] == 0 and scores[0, 2] == -np.inf and sorted(found[0, :2].tolist()) == [1, 2]
     assert found[1, 0] == 1 and sorted(found[1].tolist()) == [0, 1, 2] and np.isfinite(scores[1]).all()
@@ -152,11 +158,11 @@ def test_a_query_excluding_itself_leaves_the_others_alone(dtype, use_torch):
 
 @pytest.mark.parametrize("exclude", [None, 3])
 @pytest.mark.parametrize("crowd", [40, 150])  # near-ties within one top-k of candidates, and too many for it
-@pytest.mark.parametrize("use_torch", [True, False])
-def test_float16_rows_are_ranked_exactly_despite_near_ties(exclude, crowd, use_torch):
-    """With PyTorch, one query against float16 rows takes float16 scores only to find candidates; numpy
-    scores in float32. Either way the ranking must be the float32 one, even among rows whose scores differ
-    by less than float16 can resolve."""
+@pytest.mark.parametrize("kernel", ["torch", "numpy", NATIVE])
+def test_float16_rows_are_ranked_exactly_despite_near_ties(exclude, crowd, kernel):
+    """With PyTorch, one query against float16 rows takes float16 scores only to find candidates; numpy and
+    the native kernel score in float32. Either way the ranking must be the float32 one, even among rows
+    whose scores differ by less than float16 can resolve."""
     generator = np.random.default_rng(0)
     query = generator.standard_normal(64).astype(np.float32)
     query /= np.linalg.norm(query)
@@ -164,7 +170,7 @@ def test_float16_rows_are_ranked_exactly_despite_near_ties(exclude, crowd, use_t
     rows = np.concatenate([generator.standard_normal((5000, 64)).astype(np.float32), near])
     rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
     generator.shuffle(rows)
-    scores, found = top_k(rows, query[None], 12, exclude=[exclude], chunk_rows=1000, use_torch=use_torch)
+    scores, found = top_k(rows, query[None], 12, exclude=[exclude], chunk_rows=1000, kernel=kernel)
     exact = rows.astype(np.float64) @ query.astype(np.float64)  # (N,): the rows as stored, unit or not
     if exclude is not None:
         exact[exclude] = -np.inf
@@ -172,20 +178,22 @@ def test_float16_rows_are_ranked_exactly_despite_near_ties(exclude, crowd, use_t
     np.testing.assert_allclose(scores[0], exact[found[0]], rtol=1e-6)
 
 
-def test_float16_rows_are_converted_exactly_whatever_their_value():
-    """numpy's float16 kernel converts rows with integer operations: every finite float16 value, zeros,
-    subnormals and 65504 included, must score exactly as the row converted by numpy would."""
+@pytest.mark.parametrize("kernel", ["numpy", NATIVE])
+def test_float16_rows_are_converted_exactly_whatever_their_value(kernel):
+    """numpy's float16 kernel converts rows with integer operations, the native one with F16C: every finite
+    float16 value, zeros, subnormals and 65504 included, must score exactly as the row converted by numpy
+    would."""
     values = np.arange(2**16, dtype=np.uint16).view(np.float16)
     values = values[np.isfinite(values)]  # 63,488 values of either sign
     for query in (1.0, -1.0, 0.5):
-        scores, found = top_k(values[:, None], np.array([[query]], dtype=np.float32), len(values), use_torch=False)
+        scores, found = top_k(values[:, None], np.array([[query]], dtype=np.float32), len(values), kernel=kernel)
         assert np.array_equal(scores[0], (values.astype(np.float32) * np.float32(query))[found[0]])
     rows = values[:(len(values) // 64) * 64].reshape(-1, 64)[::-1].copy()  # (992, 64): signs and sizes mixed
     queries = np.random.default_rng(7).standard_normal((3, 64)).astype(np.float32)
     expected = rows.astype(np.float64) @ queries.T.astype(np.float64) / np.linalg.norm(rows.astype(np.float64), axis=1,
                                                                                         keepdims=True)  # (N, Q)
     for num_queries in (1, 3):
-        scores, found = top_k(rows, queries[:num_queries], 20, normalized=False, use_torch=False)
+        scores, found = top_k(rows, queries[:num_queries], 20, normalized=False, kernel=kernel)
         assert found.tolist() == [list(np.argsort(-line, kind="stable")[:20]) for line in expected.T[:num_queries]]
         np.testing.assert_allclose(scores, np.take_along_axis(expected.T[:num_queries], found, 1), rtol=1e-5)
 
@@ -193,8 +201,10 @@ def test_float16_rows_are_converted_exactly_whatever_their_value():
 @pytest.mark.parametrize("num_queries", [1, 2, 9])  # split among threads, and more than SPLIT_QUERIES: BLAS
 @pytest.mark.parametrize("normalized", [True, False])
 @pytest.mark.parametrize("chunk_rows", [None, 37])
-def test_float16_rows_score_as_float32_without_torch(num_queries, normalized, chunk_rows):
-    """numpy's float16 kernel gives the scores of the rows converted to float32, so the exact ranking."""
+@pytest.mark.parametrize("kernel", ["numpy", NATIVE])
+def test_float16_rows_score_as_float32_without_torch(num_queries, normalized, chunk_rows, kernel):
+    """numpy's and the native float16 kernels give the scores of the rows converted to float32, so the exact
+    ranking."""
     generator = np.random.default_rng(num_queries)
     rows = np.maximum(generator.standard_normal((3000, 96)), 0)  # ReLU features: many exact zeros
     if normalized:
@@ -202,10 +212,10 @@ def test_float16_rows_score_as_float32_without_torch(num_queries, normalized, ch
     rows = rows.astype(np.float16)
     queries = generator.standard_normal((num_queries, 96)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    empty_scores, _ = top_k(rows[:, :0], queries[:, :0], 3, use_torch=False)  # rows of no values score 0
+    empty_scores, _ = top_k(rows[:, :0], queries[:, :0], 3, kernel=kernel)  # rows of no values score 0
     assert empty_scores.tolist() == [[0.0] * 3] * num_queries
     exclude = [5] + [None] * (num_queries - 1)
-    scores, found = top_k(rows, queries, 15, normalized, exclude, chunk_rows=chunk_rows, use_torch=False)
+    scores, found = top_k(rows, queries, 15, normalized, exclude, chunk_rows=chunk_rows, kernel=kernel)
     expected = queries.astype(np.float64) @ rows.T.astype(np.float64)  # (Q, N): unit rows are taken as unit
     if not normalized:
         expected /= np.linalg.norm(rows.astype(np.float64), axis=1)
@@ -215,10 +225,11 @@ def test_float16_rows_score_as_float32_without_torch(num_queries, normalized, ch
 
 
 def test_float16_rows_use_torch_only_where_it_is_imported(monkeypatch):
-    """By default PyTorch scores float16 rows only if something imported it already: its import costs
-    more than the search it would speed up."""
+    """Without the native kernels, PyTorch scores float16 rows by default only if something imported it
+    already: its import costs more than the search it would speed up."""
     from simclr_cli import index as index_module
 
+    monkeypatch.setattr(index_module, "half_kernels", lambda: None)
     calls = []
     monkeypatch.setattr(index_module, "_top_k_float16", lambda *args: calls.append(args) or ([0.0], [0]))
     rows = np.eye(4, dtype=np.float16)
