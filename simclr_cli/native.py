@@ -1,14 +1,15 @@
 """The float16 search kernels of half.c, compiled with the system's C compiler on first use.
 
 numpy has no vectorised float16 arithmetic: its best float16 scoring (index.py) is three integer passes
-and a dot product per chunk, 2.5-3x the time to read the index once. half.c reads each row once, converting
+and a dot product per chunk, 3.5-5x the time to read the index once. half.c reads each row once, converting
 with F16C, like faiss's or PyTorch's kernels, without their size or import time. The shared library
 is built once per source, compiler and machine kind into $XDG_CACHE_HOME/simclr/native (~/.cache when
-unset), written atomically, and loaded with ctypes, whose calls release the GIL.
+unset), written atomically with its SHA-256 beside it, and loaded with ctypes, whose calls release the GIL.
 
-Search never depends on it: `half_kernels()` is None (and search uses numpy) on a CPU that is not x86-64
+Search does not need it: `half_kernels()` is None (and search uses numpy) on a CPU that is not x86-64
 with AVX2, FMA and F16C, without a C compiler, where the cache cannot be written, or with SIMCLR_NATIVE=0.
-A failed build is remembered beside the library, with the compiler's output, and not tried again.
+A failed build (or one stopped after BUILD_SECONDS) is remembered beside the library with the compiler's
+output, and not tried again for a day.
 """
 
 from __future__ import annotations
@@ -18,19 +19,25 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+
+from simclr_cli.files import sha256_file, write_text
 
 SOURCE = Path(__file__).with_name("half.c")
 NATIVE_ENV = "SIMCLR_NATIVE"
 X86_64 = ("x86_64", "amd64")
 FLAGS = ["-O3", "-shared", "-fPIC"]
-BUILD_SECONDS = 120
+BUILD_SECONDS = 60
+RETRY_SECONDS = 24 * 3600  # a failed build is tried again after this long
 
 
 class HalfKernels:
@@ -47,8 +54,9 @@ class HalfKernels:
 
     def dot(self, rows: np.ndarray, queries: np.ndarray, norms: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(scores (C, Q) float32 = rows (C, D) @ queries (Q, D).T, each row's squared length (C,) if `norms`)."""
-        rows, queries = _contiguous(rows, np.float16), _contiguous(queries, np.float32)
-        assert rows.shape[1] == queries.shape[1], (rows.shape, queries.shape)
+        rows, queries = _contiguous(rows, np.float16, "rows"), _contiguous(queries, np.float32, "queries")
+        if rows.shape[1] != queries.shape[1]:
+            raise ValueError(f"rows {rows.shape} and queries {queries.shape} differ in width")
         scores = np.empty((rows.shape[0], queries.shape[0]), dtype=np.float32)  # (C, Q)
         lengths = np.empty(rows.shape[0], dtype=np.float32) if norms else None  # (C,)
         self._dot(rows.ctypes.data, rows.shape[0], rows.shape[1], queries.ctypes.data, queries.shape[0],
@@ -57,23 +65,30 @@ class HalfKernels:
 
     def to_float(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """`out` (C, D) float32, C-contiguous, filled with the values of float16 `rows` (C, D)."""
-        rows = _contiguous(rows, np.float16)
-        assert out.dtype == np.float32 and out.flags.c_contiguous and out.shape == rows.shape, (out.shape, rows.shape)
+        rows = _contiguous(rows, np.float16, "rows")
+        if out.dtype != np.float32 or not out.flags.c_contiguous or out.shape != rows.shape:
+            raise ValueError(f"out: a C-contiguous float32 array of {rows.shape} is needed, not {out.dtype} {out.shape}")
         self._to_float(rows.ctypes.data, rows.size, out.ctypes.data)
         return out
 
 
-def _contiguous(array: np.ndarray, dtype: type) -> np.ndarray:
-    assert array.dtype == dtype and array.ndim == 2, (array.dtype, array.shape)
+def _contiguous(array: np.ndarray, dtype: type, name: str) -> np.ndarray:
+    if array.dtype != dtype or array.ndim != 2:
+        raise ValueError(f"{name}: a 2-d {np.dtype(dtype).name} array is needed, not {array.ndim}-d {array.dtype}")
     return np.ascontiguousarray(array)
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "simclr" / "native"
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(base) if os.path.isabs(base) else Path.home() / ".cache"  # a relative one is ignored, as XDG says
+    return base / "simclr" / "native"
 
 
-def compiler() -> str | None:
-    return shutil.which(os.environ.get("CC") or "cc")
+def compiler() -> list[str] | None:
+    """The C compiler's command ($CC, which may carry flags or a wrapper such as ccache, else cc), if found."""
+    command = shlex.split(os.environ.get("CC") or "") or ["cc"]
+    found = shutil.which(command[0])
+    return [found, *command[1:]] if found else None
 
 
 @functools.cache
@@ -87,35 +102,54 @@ def half_kernels() -> HalfKernels | None:
     try:
         loaded = ctypes.CDLL(str(library))
         return HalfKernels(loaded) if loaded.simclr_half_supported() else None
-    except (OSError, AttributeError):  # a damaged or foreign file in the cache
+    except (OSError, AttributeError):  # not a library of this machine's, or without the kernels
         return None
 
 
 def build(source: Path) -> Path | None:
-    """The shared library of `source`, compiled unless the cache has it; None if it cannot be built."""
-    cc = compiler()
-    if cc is None:
+    """The shared library of `source`: the cache's, if its SHA-256 is the one recorded beside it when it was
+    built (a truncated library would crash the process that loads it), else compiled now; None if it cannot
+    be built, or its build failed less than RETRY_SECONDS ago."""
+    command = compiler()
+    if command is None:
         return None
     try:
-        code = source.read_bytes()
-        key = hashlib.sha256(b"\0".join([code, cc.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
-                                         sys.platform.encode()])).hexdigest()[:16]
-        folder = cache_dir()
-        library, failed = folder / f"{source.stem}-{key}.so", folder / f"{source.stem}-{key}.failed"
-        if library.exists():
+        parts = [source.read_bytes(), *(part.encode() for part in [*command, *FLAGS, platform.machine(), sys.platform])]
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+        stem = cache_dir() / f"{source.stem}-{key}"
+        library, digest, failed = (stem.with_suffix(suffix) for suffix in (".so", ".sha256", ".failed"))
+        if library.exists() and digest.exists() and digest.read_text().strip() == sha256_file(library):
             return library
-        if failed.exists():
+        if failed.exists() and time.time() - failed.stat().st_mtime < RETRY_SECONDS:
             return None
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=stem.parent) as scratch:
             built = Path(scratch) / library.name
-            result = subprocess.run([cc, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True,
-                                    timeout=BUILD_SECONDS)
-            if result.returncode != 0:
-                (Path(scratch) / failed.name).write_text(f"{cc} {' '.join(FLAGS)}\n{result.stdout}{result.stderr}")
-                os.replace(Path(scratch) / failed.name, failed)
+            error = _compile(command, source, built)
+            if error is not None:
+                write_text(failed, error)
                 return None
             os.replace(built, library)  # atomic: another process loads the whole file or none
+        write_text(digest, sha256_file(library) + "\n")
+        failed.unlink(missing_ok=True)
         return library
-    except (OSError, subprocess.SubprocessError):  # an unwritable cache, a compiler that hangs
+    except (OSError, subprocess.SubprocessError):  # an unwritable cache, a compiler that cannot be run
         return None
+
+
+def _compile(command: list[str], source: Path, out: Path) -> str | None:
+    """None once `source` is compiled into `out`; else why not: the command and the compiler's output."""
+    arguments = [*command, *FLAGS, str(source), "-o", str(out)]
+    # A session of its own, so that a compiler that hangs is stopped with all it started.
+    process = subprocess.Popen(arguments, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=BUILD_SECONDS)
+    except subprocess.TimeoutExpired:
+        if hasattr(os, "killpg"):
+            os.killpg(process.pid, signal.SIGKILL)
+        else:  # Windows: no sessions
+            process.kill()
+        process.communicate()
+        return f"{shlex.join(arguments)}\nstopped after {BUILD_SECONDS} s\n"
+    return None if process.returncode == 0 else f"{shlex.join(arguments)}\n{output}"

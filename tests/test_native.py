@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,11 +46,11 @@ def test_dot_products_and_lengths_match_a_float64_reference(dim, num_queries):
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """An empty kernel cache, and a compiler whose every run is counted."""
+    """An empty kernel cache, and a compiler whose every run is counted: the list of their commands."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     runs = []
-    real_run = subprocess.run
-    monkeypatch.setattr(native.subprocess, "run", lambda *args, **kw: runs.append(args) or real_run(*args, **kw))
+    real_compile = native._compile
+    monkeypatch.setattr(native, "_compile", lambda command, *args: runs.append(command) or real_compile(command, *args))
     half_kernels.cache_clear()
     yield runs
     half_kernels.cache_clear()
@@ -59,20 +61,79 @@ def test_the_kernels_are_built_once_then_loaded_from_the_cache(cache):
     assert half_kernels() is not None and len(cache) == 1
     half_kernels.cache_clear()  # a new process
     assert half_kernels() is not None and len(cache) == 1
-    built = list(native.cache_dir().iterdir())
-    assert [path.suffix for path in built] == [".so"]  # nothing half-written left beside it
+    assert sorted(path.suffix for path in native.cache_dir().iterdir()) == [".sha256", ".so"]  # nothing half-written
+
+
+@needs_kernels
+@pytest.mark.parametrize("damage", ["truncated", "no digest", "another digest"])
+def test_a_damaged_library_is_built_again_not_loaded(cache, damage):
+    """A truncated library would crash the process that loads it (SIGBUS), so it is never loaded."""
+    library = build(native.SOURCE)
+    whole = library.read_bytes()
+    if damage == "truncated":  # as a crash between the write and the disk could leave it
+        library.write_bytes(whole[:4096])
+    elif damage == "no digest":
+        library.with_suffix(".sha256").unlink()
+    else:
+        library.with_suffix(".sha256").write_text("0" * 64 + "\n")
+    assert build(native.SOURCE) == library and len(cache) == 2
+    assert library.read_bytes() == whole
+    assert build(native.SOURCE) == library and len(cache) == 2
 
 
 @pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
-def test_a_failed_build_is_remembered_with_the_compiler_output_and_not_tried_again(cache, tmp_path):
+def test_a_failed_build_is_remembered_with_the_compiler_output_and_tried_again_a_day_later(cache, tmp_path):
     source = tmp_path / "broken.c"
     source.write_text("this is not C\n")
     assert build(source) is None and build(source) is None
     assert len(cache) == 1
     [failed] = native.cache_dir().iterdir()
     assert failed.suffix == ".failed" and "error" in failed.read_text()
+    day_ago = time.time() - native.RETRY_SECONDS - 1
+    os.utime(failed, (day_ago, day_ago))
+    assert build(source) is None and len(cache) == 2
     source.write_text("int simclr_answer(void) { return 42; }\n")  # a new source is a new build
-    assert build(source) is not None and len(cache) == 2
+    assert build(source) is not None and len(cache) == 3
+
+
+def test_a_compiler_that_hangs_is_stopped_with_what_it_started_and_remembered(cache, monkeypatch, tmp_path):
+    children = tmp_path / "children"
+    script = tmp_path / "hanging-cc"
+    script.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {children}\nwait\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    monkeypatch.setattr(native, "BUILD_SECONDS", 1)
+    started = time.monotonic()
+    assert build(native.SOURCE) is None and time.monotonic() - started < 30
+    [failed] = native.cache_dir().iterdir()
+    assert failed.suffix == ".failed" and "stopped after 1 s" in failed.read_text()
+    status = Path(f"/proc/{children.read_text().strip()}/status")
+    assert not status.exists() or "zombie" in status.read_text()  # the sleep was killed too
+    assert build(native.SOURCE) is None and len(cache) == 1
+
+
+@pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
+def test_cc_may_carry_flags_and_a_relative_cache_home_is_ignored(cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", f"{native.compiler()[0]} -Wall")
+    source = tmp_path / "answer.c"
+    source.write_text("int simclr_answer(void) { return 42; }\n")
+    assert build(source) is not None and cache[0][1:] == ["-Wall"]
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert native.cache_dir() == Path.home() / ".cache" / "simclr" / "native"
+
+
+@needs_kernels
+def test_arrays_of_the_wrong_shape_or_type_are_refused_before_the_c_code_sees_them():
+    rows = np.zeros((40, 512), dtype=np.float16)
+    with pytest.raises(ValueError, match="width"):
+        half_kernels().dot(rows, np.zeros((1, 16), dtype=np.float32))
+    with pytest.raises(ValueError, match="float32"):
+        half_kernels().dot(rows, np.zeros((1, 512), dtype=np.float64))
+    with pytest.raises(ValueError, match="out"):
+        half_kernels().to_float(rows, np.empty((40, 16), dtype=np.float32))
+    for kernel in ("native", "numpy"):
+        with pytest.raises(ValueError, match="one width"):
+            index_module.top_k(rows, np.zeros((9, 16), dtype=np.float32), 3, kernel=kernel)
 
 
 @pytest.mark.parametrize("setting", ["native off", "no compiler", "cache is a file", "not x86-64"])
