@@ -304,7 +304,8 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
     if rows.dtype == np.float16:
         split_rows = num_queries < SPLIT_QUERIES
         if kernel == "native" and split_rows:
-            chunk_rows = chunk_rows or FLOAT16_CHUNK_ROWS
+            # Smaller chunks for a small index, so that every thread has its share.
+            chunk_rows = chunk_rows or min(FLOAT16_CHUNK_ROWS, -(-count // cpu_cores()))
         else:
             chunk_rows = chunk_rows or max(1, DECODE_BYTES // (4 * max(1, rows.shape[1])))
         make_scorer = partial(_native_float16_scorer if kernel == "native" else _float16_scorer, queries_t,
@@ -325,7 +326,9 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
         # One query, a share of the rows to each thread: 1.1-1.5x the time to read float32 rows once on
         # 2 cores, where BLAS's own threads take 1.8-2.4x.
         threads = max(1, min(cpu_cores(), -(-count // chunk_rows)))
-        bounds = [count * part // threads // chunk_rows * chunk_rows for part in range(threads)] + [count]
+        # Each thread's share starts at the chunk boundary nearest its fair start.
+        bounds = [min(count, (count * part // threads + chunk_rows // 2) // chunk_rows * chunk_rows)
+                  for part in range(threads)] + [count]
         best_scores, best_rows = _merge(list(_pool(os.getpid()).map(scan, zip(bounds[:-1], bounds[1:]))), k)
     else:
         best_scores, best_rows = scan((0, count))
