@@ -142,7 +142,7 @@ def _compile(command: list[str], source: Path, out: Path) -> str | None:
     arguments = [*command, *FLAGS, str(source), "-o", str(out)]
     # A session of its own, so that a compiler that hangs is stopped with all it started.
     process = subprocess.Popen(arguments, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+                               errors="replace", start_new_session=True)  # a compiler may speak any encoding
     try:
         output, _ = process.communicate(timeout=BUILD_SECONDS)
     except subprocess.TimeoutExpired:
