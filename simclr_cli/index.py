@@ -326,10 +326,9 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
         # One query, a share of the rows to each thread: 1.1-1.5x the time to read float32 rows once on
         # 2 cores, where BLAS's own threads take 1.8-2.4x.
         threads = max(1, min(cpu_cores(), -(-count // chunk_rows)))
-        # Each thread's share starts at the chunk boundary nearest its fair start.
-        bounds = [min(count, (count * part // threads + chunk_rows // 2) // chunk_rows * chunk_rows)
-                  for part in range(threads)] + [count]
-        best_scores, best_rows = _merge(list(_pool(os.getpid()).map(scan, zip(bounds[:-1], bounds[1:]))), k)
+        bounds = [count * part // threads for part in range(threads + 1)]  # equal shares, chunks or not
+        spans = zip(bounds[:-1], bounds[1:])
+        best_scores, best_rows = _merge(list(_pool(os.getpid(), threads).map(scan, spans)), k)
     else:
         best_scores, best_rows = scan((0, count))
     order = np.lexsort((best_rows, -best_scores), axis=0)  # (k, Q): by score, then by row
@@ -337,10 +336,10 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
 
 
 @functools.cache
-def _pool(pid: int) -> ThreadPoolExecutor:
-    """Threads kept for every search of process `pid` (a forked child starts its own): starting two afresh
-    made each search of 100k rows 2-4 ms slower, a third of its time."""
-    return ThreadPoolExecutor(cpu_cores(), thread_name_prefix="simclr-search")
+def _pool(pid: int, threads: int) -> ThreadPoolExecutor:
+    """`threads` threads kept for the searches of process `pid` (a forked child starts its own): starting
+    two afresh made each search of 100k rows 2-4 ms slower, a third of its time."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="simclr-search")
 
 
 def _float32_scorer(queries_t: np.ndarray, one_thread: bool, normalized: bool) -> Callable[[np.ndarray], np.ndarray]:

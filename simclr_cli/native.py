@@ -6,8 +6,9 @@ with F16C, like faiss's or PyTorch's kernels, without their size or import time.
 is built once per source, compiler and machine kind into $XDG_CACHE_HOME/simclr/native (~/.cache when
 unset), written atomically with its SHA-256 beside it, and loaded with ctypes, whose calls release the GIL.
 
-Search does not need it: `half_kernels()` is None (and search uses numpy) on a CPU that is not x86-64
-with AVX2, FMA and F16C, without a C compiler, where the cache cannot be written, or with SIMCLR_NATIVE=0.
+Search does not need it: `half_kernels()` is None, and search uses another kernel (index.float16_kernel),
+on a CPU that is not x86-64 with AVX2, FMA and F16C, without a C compiler, where the cache cannot be
+written, or with SIMCLR_NATIVE=0.
 A failed build (or one stopped after BUILD_SECONDS) is remembered beside the library with the compiler's
 output, and not tried again for a day.
 """
@@ -93,7 +94,7 @@ def compiler() -> list[str] | None:
 
 @functools.cache
 def half_kernels() -> HalfKernels | None:
-    """The compiled kernels, built on first use; None where they cannot be had (search then uses numpy)."""
+    """The compiled kernels, built on first use; None where they cannot be had (search uses another kernel)."""
     if os.environ.get(NATIVE_ENV, "1") == "0" or platform.machine().lower() not in X86_64:
         return None
     library = build(SOURCE)
