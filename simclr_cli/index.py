@@ -304,8 +304,7 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
     if rows.dtype == np.float16:
         split_rows = num_queries < SPLIT_QUERIES
         if kernel == "native" and split_rows:
-            # Smaller chunks for a small index, so that every thread has its share.
-            chunk_rows = chunk_rows or min(FLOAT16_CHUNK_ROWS, -(-count // cpu_cores()))
+            chunk_rows = chunk_rows or FLOAT16_CHUNK_ROWS
         else:
             chunk_rows = chunk_rows or max(1, DECODE_BYTES // (4 * max(1, rows.shape[1])))
         make_scorer = partial(_native_float16_scorer if kernel == "native" else _float16_scorer, queries_t,
