@@ -87,6 +87,13 @@ def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def xdg_home(variable: str, default: str) -> Path:
+    """An XDG base directory: $variable if it is an absolute path, else ~/`default` (XDG ignores relative ones,
+    which would otherwise depend on the directory a command runs in)."""
+    base = os.environ.get(variable, "")
+    return Path(base) if os.path.isabs(base) else Path.home() / default
+
+
 def sha256_file(path: str | Path) -> str:
     """The SHA-256 of a file (a model's, in index manifests and feature cache keys), read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -24,7 +24,7 @@ import numpy as np
 
 from simclr_cli.config import cpu_cores
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
-from simclr_cli.files import check_output_path, read_json, read_json_bytes, sha256_file, write_json
+from simclr_cli.files import check_output_path, read_json, read_json_bytes, sha256_file, write_json, xdg_home
 from simclr_cli.native import half_kernels
 
 INDEX_FORMAT = "simclr-index"
@@ -238,8 +238,7 @@ def open_index(index_path: str | Path) -> tuple[np.ndarray, Manifest]:
 
 def state_dir() -> Path:
     """Where simclr remembers things between commands: $XDG_STATE_HOME/simclr or ~/.local/state/simclr."""
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "simclr"
+    return xdg_home("XDG_STATE_HOME", ".local/state") / "simclr"
 
 
 def remember_index(index_path: str | Path) -> None:

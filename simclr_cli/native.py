@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simclr_cli.files import sha256_file, write_text
+from simclr_cli.files import sha256_file, write_text, xdg_home
 
 SOURCE = Path(__file__).with_name("half.c")
 NATIVE_ENV = "SIMCLR_NATIVE"
@@ -80,9 +80,7 @@ def _contiguous(array: np.ndarray, dtype: type, name: str) -> np.ndarray:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(base) if os.path.isabs(base) else Path.home() / ".cache"  # a relative one is ignored, as XDG says
-    return base / "simclr" / "native"
+    return xdg_home("XDG_CACHE_HOME", ".cache") / "simclr" / "native"
 
 
 def compiler() -> list[str] | None:

@@ -20,8 +20,8 @@ from simclr_cli.embed import EmbedConfig, embed_folder
 from simclr_cli.export import load_encoder, save_encoder
 import simclr_cli.index as index_module
 from simclr_cli.native import half_kernels
-from simclr_cli.index import (Manifest, ManifestPaths, find_rows, manifest_path, open_index, read_manifest, top_k,
-                              write_manifest)
+from simclr_cli.index import (Manifest, ManifestPaths, choose_index, find_rows, manifest_path, open_index,
+                              read_manifest, remember_index, top_k, write_manifest)
 
 runner = CliRunner()
 # half.c's kernels, where this machine builds them (an x86-64 CPU with AVX2, FMA and F16C, and a C compiler).
@@ -311,6 +311,19 @@ def test_uses_the_last_index_unless_told_otherwise(tiny_encoder, photos, indexes
     result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "-k", "1"])
     assert result.exit_code == 0, result.output
     assert str(indexes["float16"]) in result.stderr and "$SIMCLR_INDEX" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["relative/state", ""])
+def test_the_last_index_lives_in_an_absolute_state_home(monkeypatch, tmp_path, value):
+    """A relative (or empty) $XDG_STATE_HOME is ignored, as XDG says: the last index must not depend on the
+    directory a command runs in."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_STATE_HOME", value)
+    monkeypatch.chdir(tmp_path)
+    remember_index(tmp_path / "out.npy")
+    assert (tmp_path / "home" / ".local" / "state" / "simclr" / "last_index.json").is_file()
+    monkeypatch.chdir(tmp_path / "home")
+    assert choose_index(None) == (tmp_path / "out.npy", "the last `simclr embed`")
 
 
 def test_a_changed_model_is_an_error(tiny_encoder, photos, tmp_path):
