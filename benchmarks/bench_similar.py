@@ -6,7 +6,7 @@ of --repeats (the floor and the kernels in turns), one query:
   simclr     index.top_k: chunked exact cosine top-k over the memory-mapped rows; for float16 rows
              with each kernel: native (half.c, what `simclr similar` runs where the machine builds it),
              torch (PyTorch's, used without it where PyTorch is imported anyway) and numpy (the rest)
-  numpy      the plain way: `scores = rows @ query`, then argpartition and a sort of the top k
+  plain      numpy the plain way: `scores = rows @ query`, then argpartition and a sort of the top k
 and prints the ratios. With --end-to-end it also times the whole command, `simclr similar QUERY --index
 BIG.npy` in a fresh process (start-up, model load and hash check, manifest, query embedding, search,
 output) on the largest index, with an untrained --arch encoder (resnet18 by default; resnet50 is
@@ -134,8 +134,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch "
           f"{torch.__version__} with {torch.get_num_threads()} threads; one query, k={args.k}, best of "
           f"{args.repeats}, page cache warm")
-    print(f"{'rows':>9} {'dtype':>8} {'kernel':>7} {'MiB':>6} {'floor ms':>9} {'simclr ms':>10} {'numpy ms':>9} "
-          f"{'simclr/floor':>13} {'numpy/simclr':>13}")
+    print(f"{'rows':>9} {'dtype':>8} {'kernel':>7} {'MiB':>6} {'floor ms':>9} {'simclr ms':>10} {'plain ms':>9} "
+          f"{'simclr/floor':>13} {'plain/simclr':>13}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
         model, query_image, width = make_encoder(folder, args.arch, args.image_size)
