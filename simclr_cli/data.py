@@ -106,10 +106,13 @@ def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
 
 
 def _quiet_worker(_: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process alone decides how to stop.
+    # Ctrl-C reaches the whole process group, and so does SIGTERM from Slurm's scancel or `kill -- -PGID`: the
+    # main process alone decides how to stop, and ends its workers itself. (A worker whose main process dies
+    # outright still exits: PyTorch's workers watch their parent.)
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, order: Sequence[int] | None, workers: int,

@@ -269,18 +269,25 @@ def test_non_finite_loss_stops_with_a_clear_message(small_digits_folder, tmp_pat
     assert not (out / "encoder.safetensors").exists()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path):
+@pytest.mark.parametrize("group", [False, True], ids=["process", "process-group"])
+def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path, group):
+    """SIGTERM to the main process, or to its whole process group (Slurm's scancel, `kill -- -PGID`), loader
+    workers included: they must leave the stopping to the main process, not die and take the run with them."""
     out = tmp_path / "term"
     process = subprocess.Popen([sys.executable, "-m", "simclr_cli", "pretrain", str(small_digits_folder),
-                                "--out", str(out), "--epochs", "100", "--batch-size", "16", *FAST],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--out", str(out), "--epochs", "100", "--batch-size", "16", *FAST,
+                                *(["--workers", "1"] if group else [])],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         metrics = out / "metrics.jsonl"
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "simclr pretrain --resume" in stderr and "Traceback" not in stderr
