@@ -290,7 +290,8 @@ def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult
     model_path = resolve_model_path(config.model)
     backbone, info = load_encoder(model_path, device)
     d = config.data
-    data = load_labelled(d.train_dir, d.labels_csv, d.val_dir, d.val_split, config.runtime.seed)
+    data = load_labelled(d.train_dir, d.labels_csv, d.val_dir, d.val_split, config.runtime.seed,
+                         out_dir=out_dir)
     report_data(data, report)
     out_dir.mkdir(parents=True, exist_ok=True)
 

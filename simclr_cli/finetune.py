@@ -199,7 +199,8 @@ class FinetuneRun:
     def _load_data(self) -> LabelledData:
         """The labelled images, the training set cut to --label-fraction; saved to split.json."""
         config, d = self.config, self.config.data
-        data = load_labelled(d.train_dir, d.labels_csv, d.val_dir, d.val_split, config.runtime.seed)
+        data = load_labelled(d.train_dir, d.labels_csv, d.val_dir, d.val_split, config.runtime.seed,
+                             out_dir=self.run_dir)
         if config.label_fraction < 1:
             total = len(data.train)
             data.train = data.train.subset(balanced_subset(data.train.labels, config.label_fraction,

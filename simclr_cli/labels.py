@@ -99,6 +99,16 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None,
     return names, LabelledSet(paths, labels), skipped, notes
 
 
+def _check_outside(out_dir: Path, root: Path, flag: str) -> None:
+    """Refuse an output folder inside a folder of class subfolders: the next run would read its files (a
+    confusion matrix, say) as the images of one more class."""
+    out, folder = Path(os.path.realpath(out_dir)), Path(os.path.realpath(root))  # links resolved, as scans follow them
+    if out.is_relative_to(folder):
+        top = (out.relative_to(folder).parts or (".",))[0]
+        raise ConfigError(f"--out {out_dir} is inside {flag} {root}, where the next run would read its files as "
+                          f"images of a class {top!r}; pass an --out outside {root}")
+
+
 def read_label_csv(csv_path: str | Path, root: str | Path) -> tuple[list[str], LabelledSet, list[Skipped]]:
     """Read `path,label` rows (paths relative to root, or absolute; an optional header row)."""
     csv_path, root = Path(csv_path), Path(root)
@@ -186,12 +196,18 @@ def balanced_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
 
 
 def load_labelled(train_dir: str | Path, labels_csv: str | Path | None = None, val_dir: str | Path | None = None,
-                  val_split: float | None = None, seed: int = 0, flag: str = "TRAIN") -> LabelledData:
+                  val_split: float | None = None, seed: int = 0, flag: str = "TRAIN",
+                  out_dir: str | Path | None = None) -> LabelledData:
     """Read the training images and their labels, and the validation set (--val DIR or a seeded,
-    stratified --val-split of the training images); errors name the folder as `flag`."""
+    stratified --val-split of the training images); errors name the folder as `flag`. `out_dir`, the run's
+    output folder, must not be inside a folder of class subfolders."""
     if val_dir is not None and val_split is not None:
         raise ConfigError("--val and --val-split both given; use --val DIR for a separate validation folder "
                           "or --val-split F to hold out part of TRAIN, not both")
+    if out_dir is not None:
+        for folder, folder_flag in ((None if labels_csv else train_dir, flag), (val_dir, "--val")):
+            if folder is not None:
+                _check_outside(Path(out_dir), Path(folder), folder_flag)
     notes: list[str] = []
     if labels_csv is not None:
         classes, train, skipped = read_label_csv(labels_csv, train_dir)

@@ -180,9 +180,13 @@ def test_a_second_evaluation_reuses_the_cached_features(evaluated, tiny_encoder,
     (["{encoder}", "{two}", "--batch-size", "lots"], "--batch-size"),
     (["{encoder}", "{two}", "--out", "{csv}"], "is a file; pass a folder"),
     (["{encoder}", "{two}", "--out", "{csv}/results"], "a folder on its path is a file"),
+    (["{encoder}", "{two}", "--out", "{two}/runs/eval"], "inside TRAIN {two}, where the next run would read its "
+                                                        "files as images of a class 'runs'"),
+    (["{encoder}", "{two}", "--val", "{val}", "--out", "{val}"], "inside --val {val}"),
+    (["{encoder}", "{two}", "--out", "{link}/eval"], "inside TRAIN {two}"),  # through a link to it
 ])
 def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, tmp_path, args, message):
-    folders = {"one_class": {"a": 2}, "empty_class": {"a": 2, "b": 0}, "two": {"a": 2, "b": 2}}
+    folders = {"one_class": {"a": 2}, "empty_class": {"a": 2, "b": 0}, "two": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}}
     for folder, counts in folders.items():
         for name, count in counts.items():
             (tmp_path / folder / name).mkdir(parents=True)
@@ -192,10 +196,11 @@ def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, tmp_path, args, me
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
     (tmp_path / "labels.csv").write_text("a.png,x\nb.png,y\n")
     paths = {name: str(tmp_path / name) for name in ("missing", "flat", *folders)}
-    paths.update(encoder=str(tiny_encoder), csv=str(tmp_path / "labels.csv"))
+    (tmp_path / "link").symlink_to(tmp_path / "two")
+    paths.update(encoder=str(tiny_encoder), csv=str(tmp_path / "labels.csv"), link=str(tmp_path / "link"))
     result = runner.invoke(app, ["linear-eval", *[a.format(**paths) for a in args], *FAST])
     assert result.exit_code == 1, result.output
-    assert message in result.output
+    assert message.format(**paths) in result.output
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
 

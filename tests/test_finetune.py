@@ -173,6 +173,7 @@ def test_from_head_layer_fine_tunes_through_the_first_head_layer(tiny_encoder, s
     (["{encoder}", "{digits}", "--out", "{encoder}"], "already holds files"),
     (["{encoder}", "{digits}", "--out", "{encoder}/encoder.safetensors"], "is a file; pass a folder"),
     (["{encoder}", "{digits}", "--out", "{encoder}/encoder.safetensors/run"], "a folder on its path is a file"),
+    (["{encoder}", "{digits}", "--out", "{digits}/runs/ft"], "inside TRAIN"),
     (["{encoder}", "{missing}"], "no such folder"),
     (["--resume", "{digits}"], "no config.json there"),
     (["--resume", "{encoder}"], "not the settings of a `simclr finetune` run"),
@@ -190,6 +191,7 @@ def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, small_digits_folde
     assert message in result.output
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (small_digits_folder / "runs").exists()
 
 
 def test_batches_without_two_readable_images_are_skipped_and_the_run_ends(tiny_encoder, tmp_path, cut_image):
