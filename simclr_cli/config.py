@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -59,6 +60,15 @@ def parse_duration(text: str, flag: str = "--max-time") -> float:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _check_finite(config: Any) -> None:
+    """Every number among a command's settings is finite: `--l2 inf` or `--lr inf` pass the range checks
+    below and train to NaN."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        _check(not isinstance(value, float) or math.isfinite(value),
+               f"--{item.name.replace('_', '-')} {value} must be a finite number")
 
 
 @dataclass(frozen=True)
@@ -214,6 +224,7 @@ class PretrainConfig:
                        cache_dir=self.cache_dir and os.path.abspath(self.cache_dir))
 
     def validate(self) -> "PretrainConfig":
+        _check_finite(self)
         _check(self.epochs >= 1, f"--epochs {self.epochs} must be at least 1")
         _check(self.batch_size is None or self.batch_size >= 2,
                f"--batch-size {self.batch_size} must be at least 2 (SimCLR needs negatives)")
@@ -312,6 +323,7 @@ class LinearEvalConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> "LinearEvalConfig":
+        _check_finite(self)
         _check(self.l2 is None or self.l2 >= 0, f"--l2 {self.l2} must be >= 0 (or leave it out to search)")
         _check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1")
         self.data.validate()
@@ -359,6 +371,7 @@ class FinetuneConfig:
         return replace(self, model=os.path.abspath(self.model), data=data)
 
     def validate(self) -> "FinetuneConfig":
+        _check_finite(self)
         _check(0 < self.label_fraction <= 1,
                f"--label-fraction {self.label_fraction} must be in (0, 1]; the papers use 0.01, 0.1 or 1.0")
         _check(self.from_head_layer in (0, 1),

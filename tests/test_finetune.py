@@ -170,6 +170,7 @@ def test_from_head_layer_fine_tunes_through_the_first_head_layer(tiny_encoder, s
     (["{encoder}", "{digits}", "--from-head-layer", "2"], "--from-head-layer 2 must be 0"),
     (["{bare}", "{digits}", "--from-head-layer", "1"], "no head.safetensors beside"),
     (["{encoder}", "{digits}", "--epochs", "0"], "--epochs 0 must be at least 1"),
+    (["{encoder}", "{digits}", "--lr", "inf"], "--lr inf must be a finite number"),
     (["{encoder}", "{digits}", "--out", "{encoder}"], "already holds files"),
     (["{encoder}", "{digits}", "--out", "{encoder}/encoder.safetensors"], "is a file; pass a folder"),
     (["{encoder}", "{digits}", "--out", "{encoder}/encoder.safetensors/run"], "a folder on its path is a file"),

@@ -301,6 +301,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path, gro
     (["pretrain", "{broken}"], "no readable image"),
     (["pretrain", "{empty}", "--arch", "vgg16"], "--arch 'vgg16' is unknown"),
     (["pretrain", "{empty}", "--max-time", "soon"], "--max-time 'soon' is not a duration"),
+    (["pretrain", "{empty}", "--weight-decay", "inf"], "--weight-decay inf must be a finite number"),
     (["pretrain", "{empty}", "--batch-size", "many"], "--batch-size"),
     (["pretrain", "{empty}", "--device", "cuda:7"], "--device cuda:7"),
     (["pretrain", "{broken}", "--out", "{broken}"], "already holds files"),
