@@ -267,8 +267,7 @@ class FinetuneRun:
                 self.optimizer.step()
             value = loss.item()
             if not math.isfinite(value):
-                raise TrainingDiverged(f"the loss became {value} at step {state.step + 1}; lower --lr and run "
-                                       f"again (or --resume {self.run_dir} from the last epoch's checkpoint)")
+                raise TrainingDiverged.at(value, state.step + 1, self.run_dir, "Lower --lr")
             now = clock()
             state.step += 1
             state.step_in_epoch += 1

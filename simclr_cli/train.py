@@ -42,6 +42,15 @@ def silent(kind: str, **fields: Any) -> None:
 class TrainingDiverged(SimclrError):
     """The loss became NaN or infinite."""
 
+    @classmethod
+    def at(cls, value: float, step: int, run_dir: Path, fix: str) -> "TrainingDiverged":
+        """The error, saying whether a checkpoint was kept. A resume would keep the settings that diverged,
+        so `fix` says what to change for a new run."""
+        checkpoint = run_dir / CHECKPOINT_FILE
+        kept = (f"the last good checkpoint is kept in {checkpoint}" if checkpoint.is_file()
+                else "no checkpoint had been written yet")
+        return cls(f"the loss became {value} at step {step}; {kept}. {fix} and run again with another --out")
+
 
 @dataclass
 class LoopState:
@@ -359,11 +368,7 @@ class PretrainRun:
         lines = []
         for (record, _), value in zip(pending, losses):
             if not math.isfinite(value):
-                checkpoint = self.run_dir / CHECKPOINT_FILE
-                kept = (f"the last good checkpoint is kept in {checkpoint} (--resume {self.run_dir} continues "
-                        f"from it)" if checkpoint.is_file() else "no checkpoint had been written yet")
-                raise TrainingDiverged(f"the loss became {value} at step {record['step']}; {kept}. Lower --lr "
-                                       f"or raise --temperature and run again with another --out")
+                raise TrainingDiverged.at(value, record["step"], self.run_dir, "Lower --lr or raise --temperature")
             record["loss"] = value
             lines.append(json.dumps(record) + "\n")
         if is_main():

@@ -195,6 +195,17 @@ def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, small_digits_folde
     assert not (small_digits_folder / "runs").exists()
 
 
+def test_a_diverging_run_says_to_lower_the_lr_not_to_resume(tiny_encoder, small_digits_folder, tmp_path):
+    """A resume keeps the settings that diverged, and before the first epoch ends there is no checkpoint."""
+    out = tmp_path / "diverged"
+    result = runner.invoke(app, ["finetune", str(tiny_encoder), str(small_digits_folder), "--out", str(out),
+                                 "--epochs", "2", "--batch-size", "16", "--lr", "1e30", *FAST])
+    assert result.exit_code == 1, result.output
+    assert "the loss became" in result.output and "no checkpoint had been written yet" in result.output
+    assert "Lower --lr and run again with another --out" in result.output and "--resume" not in result.output
+    assert "Traceback" not in result.output and not (out / "checkpoint.safetensors").exists()
+
+
 def test_batches_without_two_readable_images_are_skipped_and_the_run_ends(tiny_encoder, tmp_path, cut_image):
     """Every batch of 2 holds a file that fails to decode (a PNG cut in half): each is skipped, and the
     epochs still end (the run looped for ever on a skipped last batch)."""
