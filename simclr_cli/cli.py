@@ -423,8 +423,7 @@ def finetune(
     if as_json:
         typer.echo(json.dumps({**result.results, "out": str(result.run_dir)}, indent=2))
         return
-    _print_accuracy(result.results, f"fine-tuned model, best epoch {result.results['best_epoch']} of "
-                                    f"{result.results['epochs']}")
+    _print_accuracy(result.results, f"fine-tuned model after {result.results['epoch']} epochs")
     console.print(f"model saved to {result.model_path}; results in {result.run_dir} (finetune.json, "
                   f"metrics.jsonl, confusion_matrix.png)")
 

@@ -1,5 +1,5 @@
-"""Fine-tuning: the encoder and a new linear head trained end to end on labelled images, keeping the
-best validation epoch; resumable and interrupt-safe like pretraining."""
+"""Fine-tuning: the encoder and a new linear head trained end to end on labelled images for a fixed number
+of epochs, as in the papers, validated after each; resumable and interrupt-safe like pretraining."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import math
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +116,6 @@ class FinetuneState:
     step: int = 0
     step_in_epoch: int = 0
     elapsed: float = 0.0
-    best_top1: float = -1.0
-    best_epoch: int = 0
     loss_sum: float = 0.0  # the current epoch's running sums, kept across an interrupt
     correct: int = 0
     seen: int = 0
@@ -226,7 +224,8 @@ class FinetuneRun:
         set_rng_state(checkpoint.rng_tensors(), checkpoint.rng)
         if self.scaler is not None and checkpoint.progress.get("scaler"):  # fp16: the loss scale it had reached
             self.scaler.load_state_dict(checkpoint.progress["scaler"])
-        self.state = FinetuneState(**checkpoint.progress["state"])
+        known = {item.name for item in fields(FinetuneState)}  # earlier versions kept best_top1 and best_epoch too
+        self.state = FinetuneState(**{k: v for k, v in checkpoint.progress["state"].items() if k in known})
         self.skipped.update({s["path"]: Skipped(**s) for s in checkpoint.progress.get("skipped", [])})
         log = self.run_dir / "metrics.jsonl"
         write_text(log, "".join(json.dumps(record) + "\n" for record in read_json_lines(log)
@@ -302,7 +301,7 @@ class FinetuneRun:
         return torch.cat(logits), torch.cat(labels)  # (N, C), (N,)
 
     def end_epoch(self) -> None:
-        """Validate, log, keep the model if it is the best so far, and reset the running sums."""
+        """Validate, log, and reset the running sums."""
         state = self.state
         state.epoch += 1
         state.step_in_epoch = 0
@@ -314,14 +313,9 @@ class FinetuneRun:
                   "time": round(state.elapsed, 3)}
         with open(self.run_dir / "metrics.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
-        best = top1 > state.best_top1
-        if best:
-            state.best_top1, state.best_epoch = top1, state.epoch
-            self.export()
         state.loss_sum, state.correct, state.seen = 0.0, 0, 0
         self.report("message", text=f"epoch {state.epoch}/{self.config.epochs}: loss {record['loss']:.4f}, "
-                                    f"train top-1 {record['train_top1']:.1%}, val top-1 {top1:.1%}"
-                                    + (" (best so far, saved)" if best else ""))
+                                    f"train top-1 {record['train_top1']:.1%}, val top-1 {top1:.1%}")
 
     # -- outputs ----------------------------------------------------------------------------
 
@@ -340,7 +334,7 @@ class FinetuneRun:
             "preprocessing": json.dumps({"resize": resize, "center_crop": info.image_size,
                                          "interpolation": "bicubic", "mean": list(info.mean),
                                          "std": list(info.std)}),
-            "best_epoch": str(self.state.best_epoch), "val_top1": str(self.state.best_top1),
+            "epoch": str(self.state.epoch),
             "finetune_config": json.dumps(self.config.to_json()), "simclr_version": __version__,
         }
         path = self.run_dir / FINETUNED_FILE
@@ -348,8 +342,10 @@ class FinetuneRun:
         return path
 
     def final_report(self) -> dict[str, Any]:
-        """The best epoch's model on the validation set: linear-eval's report, kNN on its encoder."""
-        self.model.load_export(load_file(str(self.run_dir / FINETUNED_FILE)))
+        """Export the last epoch's model, then measure the file on the validation set: linear-eval's report,
+        kNN on its encoder. The last epoch, not the best: choosing the epoch by the accuracy it reports would
+        overstate it, and with --val TEST would choose the model on the test set."""
+        self.model.load_export(load_file(str(self.export())))
         logits, labels = self.predict(self.val_set)
         results = classification_report(logits, labels, self.data.classes)
         self.report("message", text="kNN on the fine-tuned encoder's features")
@@ -359,7 +355,7 @@ class FinetuneRun:
         note_skipped(self.skipped, skipped, self.report)
         results.update(knn_report(*split_features(self.data, features, kept), len(self.data.classes)))
         results.update({
-            "best_epoch": self.state.best_epoch, "epochs": self.config.epochs, "num_train": len(self.data.train),
+            "epoch": self.state.epoch, "epochs": self.config.epochs, "num_train": len(self.data.train),
             "num_val": len(labels), "label_fraction": self.config.label_fraction, "classes": self.data.classes,
             "model": str(self.run_dir / FINETUNED_FILE), "pretrained": str(self.model_path),
             "skipped": [s.to_json() for s in self.skipped.values()], "config": self.config.to_json(),
@@ -369,7 +365,7 @@ class FinetuneRun:
         return results
 
     def run(self) -> FinetuneResult:
-        """Train to the last epoch, validating and checkpointing after each; report on the best epoch."""
+        """Train to the last epoch, validating and checkpointing after each; export and report the last."""
         state, offset, session_start = self.state, self.state.elapsed, time.monotonic()
 
         def clock() -> float:  # seconds of training over all sessions of this run
