@@ -178,6 +178,8 @@ class Manifest:
             return f"precision {self.precision!r}"
         if not isinstance(self.paths, (list, ManifestPaths)):
             return "paths is not a list"
+        if isinstance(self.paths, list) and not all(isinstance(path, str) for path in self.paths):
+            return "a path that is not a string"  # ManifestPaths checks each path as it is read
         if not (isinstance(self.model, str) and isinstance(self.model_sha256, str)):
             return "model and model_sha256 must be strings"
         if not isinstance(self.dim, int):

@@ -391,6 +391,20 @@ def test_a_damaged_manifest_is_a_one_line_error(indexes, photos, tmp_path, field
     assert f"index manifest is damaged ({message})" in " ".join(result.output.split())
 
 
+@pytest.mark.parametrize("bad", [0, None])
+def test_a_manifest_with_a_path_that_is_not_a_string_is_a_one_line_error(indexes, photos, tmp_path, bad):
+    """Re-saved in another layout (parsed whole), with a number or a null for a path: a traceback in the table
+    or in --exclude-self's lookup, before."""
+    index = tmp_path / "index.npy"
+    shutil.copy(indexes["float32"], index)
+    manifest = json.loads(indexes["float32"].with_suffix(".json").read_text())
+    manifest["paths"][-1] = bad
+    index.with_suffix(".json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(index), "--exclude-self"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "index manifest is damaged (a path that is not a string)" in " ".join(result.output.split())
+
+
 # Paths a file system allows, each awkward in JSON: quotes, commas, backslashes, brackets, non-ASCII, an
 # undecodable byte (a surrogate escape), a newline, and text that looks like the manifest's own layout.
 AWKWARD_PATHS = ['/p/a "quoted", name.png', "/p/back\\slash,", "/p/[x]/ünï cødé.png", "/p/bad\udcff.png",
