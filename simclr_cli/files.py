@@ -44,9 +44,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def check_output_path(path: str | Path, what: str) -> None:
-    """Refuse, before any work, an output file whose path goes through a file (atomic_path would fail at the end)."""
-    if any(parent.exists() and not parent.is_dir() for parent in Path(path).parents):
+    """Refuse, before any work, an output (a file, or a folder to write in) that atomic_path would fail to write
+    at the end: its path goes through a file, or the folder it would be written in (the nearest that exists)
+    takes no new file: read-only, not this user's, or no real folder (/proc). A file is made there and removed."""
+    path = Path(path)
+    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
         raise ConfigError(f"{what} {path}: cannot write it, a folder on its path is a file; pass another path")
+    folder = next(folder for folder in ([path] if path.is_dir() else []) + [*path.absolute().parents]
+                  if folder.is_dir())
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".simclr-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(f"{what} {path}: cannot write it, {folder} takes no new file ({error.strerror or error}); "
+                          f"pass another path") from None
 
 
 def write_json(path: str | Path, data: Any) -> None:
