@@ -132,10 +132,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grey
-        values = np.asarray(img, dtype=np.float32)
-        if mode.startswith("I;16") or (values.size and values.max() > 255):
+        values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=np.inf, neginf=-np.inf)  # NaN: 0
+        finite = values[np.isfinite(values)]  # the range by the finite values; +-inf end up white or black
+        top = finite.max() if finite.size else 0.0
+        if mode.startswith("I;16") or top > 255:
             values = values / 257.0
-        elif mode == "F" and values.size and values.max() <= 1.0:
+        elif mode == "F" and top <= 1.0:
             values = values * 255.0
         grey = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
         return grey.convert("RGB")

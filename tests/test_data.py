@@ -1,5 +1,6 @@
 """Scanning folders, decoding every mode to RGB, skipping bad files."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,10 @@ def test_sixteen_bit_and_float_greys_are_scaled_to_eight_bits():
     assert (rgb[..., 0] == rgb[..., 2]).all()
     floats = Image.fromarray(np.array([[0.0, 1.0]], dtype=np.float32))
     assert np.asarray(to_rgb(floats))[..., 0].tolist() == [[0, 255]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NaN cast to uint8 warned ("invalid value encountered in cast")
+        floats = Image.fromarray(np.array([[0.0, np.nan, 1.0, np.inf, -np.inf]], dtype=np.float32))
+        assert np.asarray(to_rgb(floats))[..., 0].tolist() == [[0, 0, 255, 255, 0]]
 
 
 def test_cmyk_and_one_bit_become_rgb():
