@@ -36,7 +36,8 @@ from simclr_cli.config import PRECISIONS
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.export import load_encoder
 from simclr_cli.features import iter_features
-from simclr_cli.files import EncoderInfo, check_output_path, read_json, read_metadata, resolve_model_path, write_json
+from simclr_cli.files import (EncoderInfo, check_output_path, held, read_json, read_metadata, resolve_model_path,
+                              write_json)
 from simclr_cli.images import Skipped, require_images, scan_images
 from simclr_cli.index import DTYPES, Manifest, manifest_path, remember_index, sha256_file, write_manifest
 from simclr_cli.runtime import StopFlag, default_workers, rank, resolve_device, resolve_precision
@@ -199,6 +200,9 @@ def write_progress(work: Path, progress: Progress) -> None:
 def _start(config: EmbedConfig, model_path: Path, sha256: str, info: EncoderInfo, precision: str) -> dict[str, Any]:
     """Scan the folder and write plan.json, an empty rows.npy and the first progress record; return the plan."""
     out, work = Path(config.out), work_dir(Path(config.out))
+    if work.exists():
+        with held(work, "OUT"):  # not the work of an embed still running, which the lines below would delete
+            pass
     if work.exists() and not (work / "plan.json").is_file():
         shutil.rmtree(work)  # an embed that stopped before its plan was written: nothing to keep
     if work.exists() and not config.overwrite:
@@ -392,64 +396,66 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
     plan = (_load_plan(config, sha256, precision.name) if config.resume
             else _start(config, model_path, sha256, info, precision.name))
     work, paths = work_dir(out), plan["paths"]
-    progress = share_out(read_progress(work, len(paths)), config.devices)
-    write_progress(work, progress)
-    workers = default_workers() if config.workers is None else config.workers
-    where = (f"{device} ({precision.name}), {workers} loader worker(s)" if config.devices == 1
-             else f"{config.devices} {device.type} processes ({precision.name})")
-    report("message", text=f"embedding {len(paths) - progress.done:,} images from {config.images} with {info.arch} "
-                           f"on {where}" + (f"; resuming after {progress.done:,}" if progress.done else ""))
-    for item in progress.skipped + [Skipped(**s) for s in plan["skipped"]]:
-        report("warning", text=f"skipped {item.path}: {item.reason}")
-    report("embed_start", total=len(paths), done=progress.done)
+    with held(work, "OUT"):  # another embed of this OUT (a --resume, an --overwrite) is refused meanwhile
+        progress = share_out(read_progress(work, len(paths)), config.devices)
+        write_progress(work, progress)
+        workers = default_workers() if config.workers is None else config.workers
+        where = (f"{device} ({precision.name}), {workers} loader worker(s)" if config.devices == 1
+                 else f"{config.devices} {device.type} processes ({precision.name})")
+        report("message", text=f"embedding {len(paths) - progress.done:,} images from {config.images} with {info.arch} "
+                               f"on {where}" + (f"; resuming after {progress.done:,}" if progress.done else ""))
+        for item in progress.skipped + [Skipped(**s) for s in plan["skipped"]]:
+            report("warning", text=f"skipped {item.path}: {item.reason}")
+        report("embed_start", total=len(paths), done=progress.done)
 
-    start_time = time.monotonic()
-    if progress.done == len(paths):
-        pass  # every image done before it stopped: only the last step below is left
-    elif config.devices == 1:
-        _embed_process(config, work, report, stop_after_batches, encoder)
-    else:
-        finished = threading.Event()
-        warned = {s.path for s in progress.skipped}
-        watcher = threading.Thread(target=_watch, args=(work, len(paths), report, finished, warned), daemon=True)
-        watcher.start()
-        try:
-            distributed.launch(_embed_process, (config, work, silent, stop_after_batches), config.devices,
-                               resume=config.resume_command())
-        finally:
-            finished.set()
-            watcher.join()
-    end = read_progress(work, len(paths))
-    skipped = [Skipped(**s) for s in plan["skipped"]] + end.skipped
-    speed = (end.done - progress.done) / max(time.monotonic() - start_time, 1e-9)
-    result = EmbedResult(out, end.rows, len(paths), skipped, end.done < len(paths), speed)
-    if result.interrupted:
-        return result
-    if end.rows == 0:
+        start_time = time.monotonic()
+        if progress.done == len(paths):
+            pass  # every image done before it stopped: only the last step below is left
+        elif config.devices == 1:
+            _embed_process(config, work, report, stop_after_batches, encoder)
+        else:
+            finished = threading.Event()
+            warned = {s.path for s in progress.skipped}
+            watcher = threading.Thread(target=_watch, args=(work, len(paths), report, finished, warned), daemon=True)
+            watcher.start()
+            try:
+                distributed.launch(_embed_process, (config, work, silent, stop_after_batches), config.devices,
+                                   resume=config.resume_command())
+            finally:
+                finished.set()
+                watcher.join()
+        end = read_progress(work, len(paths))
+        skipped = [Skipped(**s) for s in plan["skipped"]] + end.skipped
+        speed = (end.done - progress.done) / max(time.monotonic() - start_time, 1e-9)
+        result = EmbedResult(out, end.rows, len(paths), skipped, end.done < len(paths), speed)
+        if result.interrupted:
+            return result
+        if end.rows == 0:
+            shutil.rmtree(work, ignore_errors=True)
+            raise DataError(f"IMAGES {config.images}: none of its {len(paths):,} images could be decoded (the first: "
+                            f"{skipped[0].path}: {skipped[0].reason}); nothing was written")
+
+        skipped_paths = {s.path for s in skipped}
+        embedded = [p for p in paths if p not in skipped_paths]
+        if (work / "rows.npy").is_file():
+            rows_file, written = _finished_rows(work, end.blocks)
+            manifest_path(out).unlink(missing_ok=True)  # never an old manifest beside new rows, even after a crash
+            os.replace(rows_file, out)
+        else:  # stopped after the rows went to OUT, before their manifest: they are there
+            written = _rows_in(out, (len(embedded), info.feature_dim), config.dtype)
+        assert len(embedded) == written, (len(embedded), written)
+        manifest = Manifest(paths=embedded, model=plan["model"], model_sha256=sha256,
+                            preprocessing={"image_size": info.image_size, "mean": list(info.mean),
+                                           "std": list(info.std),
+                                           "transform": repr(preprocessing(info)).replace("\n", " ")},
+                            dim=info.feature_dim, dtype=config.dtype, normalized=config.normalize,
+                            precision=precision.name, images=plan["images"], skipped=[s.to_json() for s in skipped],
+                            simclr_version=__version__)
+        write_manifest(out, manifest)
         shutil.rmtree(work, ignore_errors=True)
-        raise DataError(f"IMAGES {config.images}: none of its {len(paths):,} images could be decoded (the first: "
-                        f"{skipped[0].path}: {skipped[0].reason}); nothing was written")
-
-    skipped_paths = {s.path for s in skipped}
-    embedded = [p for p in paths if p not in skipped_paths]
-    if (work / "rows.npy").is_file():
-        rows_file, written = _finished_rows(work, end.blocks)
-        manifest_path(out).unlink(missing_ok=True)  # never an old manifest beside new rows, even after a crash
-        os.replace(rows_file, out)
-    else:  # stopped after the rows went to OUT, before their manifest: they are there
-        written = _rows_in(out, (len(embedded), info.feature_dim), config.dtype)
-    assert len(embedded) == written, (len(embedded), written)
-    manifest = Manifest(paths=embedded, model=plan["model"], model_sha256=sha256,
-                        preprocessing={"image_size": info.image_size, "mean": list(info.mean), "std": list(info.std),
-                                       "transform": repr(preprocessing(info)).replace("\n", " ")},
-                        dim=info.feature_dim, dtype=config.dtype, normalized=config.normalize,
-                        precision=precision.name, images=plan["images"], skipped=[s.to_json() for s in skipped],
-                        simclr_version=__version__)
-    write_manifest(out, manifest)
-    shutil.rmtree(work, ignore_errors=True)
-    remember_index(out)
-    report("embed_done", rows=written)
-    return result
+        remember_index(out)
+        report("embed_done", rows=written)
+        return result
 
 
 def embed_queries(model_path: str | Path, paths: list[str], device: torch.device,

@@ -5,6 +5,7 @@ torch (2-6 s on a small CPU)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -41,6 +42,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def held(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold `folder` (a run's, or an embed's work) while the block runs: another simclr process asking for it
+    meanwhile gets a one-line error instead of writing the same files. A lock the file system refuses (some
+    network ones lock no folders) is done without."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{what} {folder} is in use by another simclr process; let it finish, or stop it, "
+                              f"then run again") from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # the lock goes with it
 
 
 def check_output_path(path: str | Path, what: str) -> None:

@@ -26,8 +26,8 @@ from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_con
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_encoder,
                                load_optimizer, save_checkpoint, save_tensors)
 from simclr_cli.features import compute_features, eval_dataset
-from simclr_cli.files import (EncoderInfo, read_json, read_json_lines, read_metadata, resolve_model_path, write_json,
-                              write_text)
+from simclr_cli.files import (EncoderInfo, held, read_json, read_json_lines, read_metadata, resolve_model_path,
+                              write_json, write_text)
 from simclr_cli.images import Skipped, note_skipped
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, load_labelled
 from simclr_cli.memory import batch_shortfall
@@ -410,4 +410,5 @@ def resume_finetune(run_dir: str | Path, report: Report = silent, device: str | 
     runtime = replace(config.runtime, device=device or config.runtime.device,
                       workers=workers if workers is not None else config.runtime.workers)
     config = replace(config, out_dir=str(run_dir), runtime=runtime)
-    return FinetuneRun(config.validate(), report, resume=True).run()
+    with held(run_dir, "--resume"):
+        return FinetuneRun(config.validate(), report, resume=True).run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -22,7 +23,7 @@ from simclr_cli.data import ImageDataset, collate, epoch_order, make_loader, to_
 from simclr_cli.errors import ConfigError, DataError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_optimizer,
                                save_checkpoint, save_encoder, save_tensors)
-from simclr_cli.files import ENCODER_FILE, EncoderInfo, read_json, read_json_lines, write_json, write_text
+from simclr_cli.files import ENCODER_FILE, EncoderInfo, held, read_json, read_json_lines, write_json, write_text
 from simclr_cli.gradcache import cached_backward, chunk_count
 from simclr_cli.images import Skipped, note_skipped, require_images, scan_images
 from simclr_cli.loss import global_nt_xent
@@ -497,4 +498,5 @@ def resume_pretrain(run_dir: str | Path, report: Report = silent, data_dir: str 
     runtime = replace(config.runtime, device=device or config.runtime.device,
                       workers=workers if workers is not None else config.runtime.workers)
     config = replace(config, out_dir=str(run_dir), data_dir=data_dir or config.data_dir, runtime=runtime)
-    return PretrainRun(config.validate(), report, resume=True).run()
+    with held(run_dir, "--resume") if is_main() else contextlib.nullcontext():  # rank 0 holds it for the others
+        return PretrainRun(config.validate(), report, resume=True).run()

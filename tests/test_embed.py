@@ -18,6 +18,7 @@ from simclr_cli.cli import app
 from simclr_cli.embed import (Block, EmbedConfig, Progress, _finished_rows, _truncate_rows, embed_folder, read_progress,
                               share_out, work_dir)
 from simclr_cli.export import load_encoder
+from simclr_cli.files import held
 from simclr_cli.features import compute_features
 from simclr_cli.index import state_dir
 from simclr_cli.runtime import resolve_precision
@@ -93,6 +94,13 @@ def test_resume_gives_the_same_file(tiny_encoder, mixed_folder, tmp_path):
     assert first.interrupted and 0 < first.rows <= 8 and not resumed.exists()
     assert (result := run_embed(tiny_encoder, root, resumed)).exit_code == 1
     assert "--resume" in result.output
+    work = work_dir(resumed)
+    with held(work, "OUT"):  # as if the first were still running: a second embed neither joins nor deletes it
+        for flag in ("--resume", "--overwrite"):
+            result = run_embed(tiny_encoder, root, resumed, flag)
+            assert result.exit_code == 1 and f"OUT {work} is in use by another simclr process" in result.output
+            assert len(result.output.strip().splitlines()) == 1, result.output
+    assert read_progress(work, len(json.loads((work / "plan.json").read_text())["paths"])).done == 8
 
     events = []
     second = embed_folder(EmbedConfig(**{**config.__dict__, "resume": True}),

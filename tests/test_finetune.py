@@ -21,7 +21,7 @@ from simclr_cli.cli import app
 from simclr_cli.config import FinetuneConfig, LabelledDataConfig, RuntimeConfig
 from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.features import compute_features
-from simclr_cli.files import read_metadata
+from simclr_cli.files import held, read_metadata
 from simclr_cli.finetune import finetune, resume_finetune
 from simclr_cli.runtime import Precision, resolve_precision
 
@@ -268,3 +268,12 @@ def test_a_run_started_with_relative_paths_resumes_from_another_working_director
     monkeypatch.chdir(elsewhere)
     resumed = runner.invoke(app, ["finetune", "--resume", str(start / "run"), "--workers", "0"])
     assert resumed.exit_code == 0, resumed.output
+
+
+def test_a_run_in_use_is_refused_to_a_second_resume(finetuned, tmp_path):
+    run = shutil.copytree(finetuned[1], tmp_path / "run")
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    with held(run, "--resume"):
+        result = runner.invoke(app, ["finetune", "--resume", str(run), "--workers", "0"])
+    assert result.exit_code == 1 and f"--resume {run} is in use by another simclr process" in result.output
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before

@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,9 @@ from simclr_cli import train
 from simclr_cli.cli import app
 from simclr_cli.config import AugmentConfig, FinetuneConfig, LabelledDataConfig, PretrainConfig, RuntimeConfig
 from simclr_cli.data import epoch_order
+from simclr_cli.errors import ConfigError
 from simclr_cli.export import load_checkpoint, load_encoder
+from simclr_cli.files import held
 from simclr_cli.images import scan_images
 from simclr_cli.models import SimCLR
 from simclr_cli.runtime import Precision
@@ -485,3 +488,18 @@ def test_a_run_started_with_relative_paths_resumes_from_another_working_director
     resumed = runner.invoke(app, ["pretrain", "--resume", str(start / "run"), "--workers", "0"])
     assert resumed.exit_code == 0, resumed.output
     assert "of 200 images stored" in resumed.output and not (elsewhere / "cache").exists(), "the same cache"
+
+
+def test_a_run_in_use_is_refused_to_a_second_resume(tiny_encoder, tmp_path):
+    """Two resumes of one run would write the same checkpoint and logs: the second is refused, nothing touched."""
+    run = shutil.copytree(tiny_encoder, tmp_path / "run")
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    with held(run, "--resume"):
+        with pytest.raises(ConfigError, match=re.escape(f"--resume {run} is in use by another simclr process")):
+            resume_pretrain(run)
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    with held(run, "--resume"), pytest.raises(ConfigError, match="in use"):
+        with held(run, "--resume"):
+            pass
+    with held(run, "--resume"):  # let go at the end of the block
+        pass
