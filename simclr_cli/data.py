@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -105,14 +108,37 @@ def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(size, generator=generator).tolist()
 
 
-def _quiet_worker(_: int) -> None:
-    # Ctrl-C reaches the whole process group, and so does SIGTERM from Slurm's scancel or `kill -- -PGID`: the
-    # main process alone decides how to stop, and ends its workers itself. (A worker whose main process dies
-    # outright still exits: PyTorch's workers watch their parent.)
-    import signal
+# Ctrl-C reaches every process of the terminal's group, and SIGTERM from Slurm (scancel, the time limit), systemd or
+# `kill -- -PGID` every process of the job, the loader workers included: the main process alone decides how to stop,
+# and ends its workers itself. A worker ignores SIGINT, and a SIGTERM from anyone but its parent; its parent's (the
+# DataLoader stopping a slow worker, multiprocessing at exit) ends it, as PyTorch's own handler does. A SIGTERM is
+# blocked from before the worker starts (PyTorch's handler would end the worker) until a thread waits for it.
+SIGNALS_BY_SENDER = hasattr(signal, "sigwaitinfo")  # Linux; elsewhere PyTorch's handler stays
 
+
+def _quiet_worker(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if SIGNALS_BY_SENDER:
+        threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True,
+                         name="simclr-sigterm").start()
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
+
+
+class _Loader(torch.utils.data.DataLoader):
+    def __iter__(self):
+        if self.num_workers == 0 or not SIGNALS_BY_SENDER:
+            return super().__iter__()
+        # The workers start here, with this thread's signal mask: SIGTERM blocked. Here it is held till after.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, order: Sequence[int] | None, workers: int,
@@ -121,7 +147,7 @@ def make_loader(dataset: ImageDataset, batch_size: int, order: Sequence[int] | N
     """A DataLoader over `order` (dataset indices; None for the natural order) that skips bad files.
 
     `collate_fn` must build on `collate` (batch_augment.AugmentInLoader does)."""
-    return torch.utils.data.DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size,
         sampler=list(order) if order is not None else None,

@@ -1,5 +1,10 @@
 """Scanning folders, decoding every mode to RGB, skipping bad files."""
 
+import os
+import signal
+import subprocess
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -188,3 +193,50 @@ def test_epoch_order_is_a_seeded_permutation():
     assert order == epoch_order(50, seed=3, epoch=0)
     assert order != epoch_order(50, seed=3, epoch=1)
     assert order != epoch_order(50, seed=4, epoch=0)
+
+
+class _Slow(torch.utils.data.Dataset):
+    """Item i after `seconds[i]`; each item says whether its worker blocks SIGTERM and has the thread waiting for it."""
+
+    def __init__(self, seconds: list[float]):
+        self.seconds = seconds
+
+    def __len__(self) -> int:
+        return len(self.seconds)
+
+    def __getitem__(self, index: int):
+        time.sleep(self.seconds[index])
+        blocked = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        waiting = any(thread.name == "simclr-sigterm" for thread in threading.enumerate())
+        return index, blocked and waiting
+
+
+needs_sigwaitinfo = pytest.mark.skipif(not data.SIGNALS_BY_SENDER, reason="signals by sender: Linux")
+
+
+@needs_sigwaitinfo
+def test_a_loader_worker_outlives_a_sigterm_sent_to_every_process():
+    """SIGTERM to the whole process group or job (Slurm, systemd) reaches the workers too: they must leave the
+    stopping to the main process, and go on serving it until it stops them."""
+    loader = data.make_loader(_Slow([0.0] + [0.3] * 5), 1, None, workers=1, collate_fn=lambda items: items[0])
+    it = iter(loader)
+    assert next(it) == (0, True), "SIGTERM blocked in the worker, and a thread waiting for it"
+    subprocess.run(["kill", "-TERM", str(it._workers[0].pid)], check=True)  # not its parent
+    assert list(it) == [(i, True) for i in range(1, 6)]
+
+
+@needs_sigwaitinfo
+def test_a_stuck_loader_worker_is_still_ended_by_its_parent():
+    """The DataLoader stops a worker that does not finish within 5 s with SIGTERM, and so does multiprocessing
+    at exit: a worker that ignored every SIGTERM kept the process alive until its item was done."""
+    loader = data.make_loader(_Slow([0.0, 600.0]), 1, None, workers=1, collate_fn=lambda items: items[0])
+    it = iter(loader)
+    assert next(it)[0] == 0
+    worker = it._workers[0]
+    time.sleep(0.5)  # the worker is into its 600 s item
+    it._shutdown_workers()  # as when the loop is left early: a join of 5 s, then its SIGTERM
+    worker.join(timeout=10)
+    alive = worker.is_alive()
+    if alive:
+        os.kill(worker.pid, signal.SIGKILL)  # or the test process would wait for it at exit
+    assert not alive
