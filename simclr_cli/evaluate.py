@@ -284,7 +284,7 @@ def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult
     out_dir = Path(config.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; pass a folder for the results")
-    check_output_path(out_dir, "--out")
+    check_output_path(out_dir, "--out", folder=True)
     device = resolve_device(config.runtime.device)
     precision = resolve_precision(config.runtime.precision, device)
     model_path = resolve_model_path(config.model)

@@ -13,7 +13,8 @@ from torch import nn
 
 from simclr_cli import __version__
 from simclr_cli.errors import ConfigError, ModelFileError
-from simclr_cli.files import EncoderInfo, atomic_path, check_output_path, read_metadata, resolve_model_path
+from simclr_cli.files import (PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path, read_metadata,
+                              resolve_model_path)
 from simclr_cli.models import build_backbone
 
 CHECKPOINT_FORMAT = "simclr-checkpoint"
@@ -27,8 +28,9 @@ def check_run_dir(run_dir: Path, resume: bool) -> bool:
     checkpoint = run_dir / CHECKPOINT_FILE
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; pass a folder (new or empty) for the run")
-    check_output_path(run_dir, "--out")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    check_output_path(run_dir, "--out", folder=True)
+    # Another process's check_output_path may have its probe in the folder this instant (--devices: every rank checks).
+    if not resume and run_dir.exists() and any(not p.name.startswith(PROBE_PREFIX) for p in run_dir.iterdir()):
         # A run stopped before its first checkpoint has its config.json, and --resume starts it again.
         started = checkpoint.is_file() or (run_dir / "config.json").is_file()
         hint = f"resume it with --resume {run_dir}" if started else "choose an empty folder"

@@ -44,6 +44,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+PROBE_PREFIX = ".simclr-probe-"  # check_output_path's file, there for an instant
+
+
 @contextlib.contextmanager
 def held(folder: str | Path, what: str) -> Iterator[None]:
     """Hold `folder` (a run's, or an embed's work) while the block runs: another simclr process asking for it
@@ -67,21 +70,23 @@ def held(folder: str | Path, what: str) -> Iterator[None]:
         os.close(fd)  # the lock goes with it
 
 
-def check_output_path(path: str | Path, what: str) -> None:
-    """Refuse, before any work, an output (a file, or a folder to write in) that atomic_path would fail to write
-    at the end: its path goes through a file, or the folder it would be written in (the nearest that exists)
-    takes no new file: read-only, not this user's, or no real folder (/proc). A file is made there and removed."""
+def check_output_path(path: str | Path, what: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output file (or with `folder`, a folder to write in) that atomic_path would fail
+    to write at the end: a file that is a folder, a path through a file, or a folder to write in (the nearest that
+    exists) that takes no new file: read-only, not this user's, or no real folder (/proc). A file is made there
+    and removed."""
     path = Path(path)
+    if path.is_dir() and not folder:
+        raise ConfigError(f"{what} {path}: cannot write it, it is a folder; pass a file name")
     if any(parent.exists() and not parent.is_dir() for parent in path.parents):
         raise ConfigError(f"{what} {path}: cannot write it, a folder on its path is a file; pass another path")
-    folder = next(folder for folder in ([path] if path.is_dir() else []) + [*path.absolute().parents]
-                  if folder.is_dir())
+    where = next(where for where in ([path] if path.is_dir() else []) + [*path.absolute().parents] if where.is_dir())
     try:
-        fd, probe = tempfile.mkstemp(prefix=".simclr-probe-", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=where)
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        raise ConfigError(f"{what} {path}: cannot write it, {folder} takes no new file ({error.strerror or error}); "
+        raise ConfigError(f"{what} {path}: cannot write it, {where} takes no new file ({error.strerror or error}); "
                           f"pass another path") from None
 
 

@@ -8,9 +8,9 @@ import torchvision
 from safetensors.torch import save_file
 
 from simclr_cli import export
-from simclr_cli.errors import ModelFileError
+from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.export import load_checkpoint, load_encoder, save_checkpoint, save_encoder
-from simclr_cli.files import EncoderInfo, atomic_path
+from simclr_cli.files import PROBE_PREFIX, EncoderInfo, atomic_path
 from simclr_cli.models import SimCLR, build_backbone
 from simclr_cli.optim import build_optimizer
 from simclr_cli.runtime import rng_state, set_rng_state
@@ -147,3 +147,15 @@ def test_no_code_path_unpickles():
 
     source = "\n".join(p.read_text() for p in pathlib.Path(export.__file__).parent.glob("*.py"))
     assert not re.search(r"pickle\.loads?\(|torch\.load\(|allow_pickle=True", source)
+
+
+def test_an_empty_out_is_new_whatever_another_process_checks_in_it_meanwhile(tmp_path):
+    """Under --devices every process checks --out: one's probe file, there for an instant, is not a file of the
+    run's (one check in 40 refused an empty folder when two processes checked it at once)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / f"{PROBE_PREFIX}abc123").touch()
+    assert export.check_run_dir(run_dir, resume=False) is False
+    (run_dir / "config.json").touch()
+    with pytest.raises(ConfigError, match="already holds files"):
+        export.check_run_dir(run_dir, resume=False)

@@ -595,9 +595,10 @@ def test_paths_with_square_brackets_print_as_they_are(indexes, photos, tmp_path)
     assert result.exit_code == 1 and str(tmp_path / "nothing[/x].png") + ": no such file" in result.output
 
 
-@pytest.mark.parametrize("where", ["file/grid.png", "/proc/grid.png"])  # a folder on its path is a file; no real folder
-def test_a_grid_that_cannot_be_written_is_a_one_line_error(indexes, photos, tmp_path, where):
+@pytest.mark.parametrize("where", ["file/grid.png", "/proc/grid.png", "folder.png"])  # through a file; no real
+def test_a_grid_that_cannot_be_written_is_a_one_line_error(indexes, photos, tmp_path, where):  # folder; a folder
     (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "folder.png").mkdir()
     result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(indexes["float32"]),
                                  "--grid", str(tmp_path / where), "--json"])
     assert result.exit_code == 1 and "cannot write it" in result.output and "Traceback" not in result.output
