@@ -101,12 +101,16 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None,
 
 def _check_outside(out_dir: Path, root: Path, flag: str) -> None:
     """Refuse an output folder inside a folder of class subfolders: the next run would read its files (a
-    confusion matrix, say) as the images of one more class."""
+    confusion matrix, say) as the images of one more class. A hidden one (scans skip it) is left alone."""
     out, folder = Path(os.path.realpath(out_dir)), Path(os.path.realpath(root))  # links resolved, as scans follow them
-    if out.is_relative_to(folder):
-        top = (out.relative_to(folder).parts or (".",))[0]
+    if not out.is_relative_to(folder):
+        return
+    inside = out.relative_to(folder).parts
+    if not inside:
+        raise ConfigError(f"--out {out_dir} is {flag} {root} itself; pass an --out outside it")
+    if not any(part.startswith(".") for part in inside):
         raise ConfigError(f"--out {out_dir} is inside {flag} {root}, where the next run would read its files as "
-                          f"images of a class {top!r}; pass an --out outside {root}")
+                          f"images of a class {inside[0]!r}; pass an --out outside {root}")
 
 
 def read_label_csv(csv_path: str | Path, root: str | Path) -> tuple[list[str], LabelledSet, list[Skipped]]:

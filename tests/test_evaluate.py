@@ -183,8 +183,9 @@ def test_a_second_evaluation_reuses_the_cached_features(evaluated, tiny_encoder,
     (["{encoder}", "{two}", "--out", "{csv}/results"], "a folder on its path is a file"),
     (["{encoder}", "{two}", "--out", "{two}/runs/eval"], "inside TRAIN {two}, where the next run would read its "
                                                         "files as images of a class 'runs'"),
-    (["{encoder}", "{two}", "--val", "{val}", "--out", "{val}"], "inside --val {val}"),
+    (["{encoder}", "{two}", "--val", "{val}", "--out", "{val}/a/eval"], "inside --val {val}"),
     (["{encoder}", "{two}", "--out", "{link}/eval"], "inside TRAIN {two}"),  # through a link to it
+    (["{encoder}", "{two}", "--out", "{two}"], "is TRAIN {two} itself"),
 ])
 def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, tmp_path, args, message):
     folders = {"one_class": {"a": 2}, "empty_class": {"a": 2, "b": 0}, "two": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}}

@@ -134,3 +134,21 @@ def test_balanced_subsets_are_balanced_reproducible_and_nested():
     assert set(small) <= set(large), "one seed draws each class in one order: 1% lies inside 10%"
     assert balanced_subset(labels, 1.0, seed=5) == list(range(len(labels)))
     assert Counter(labels[i] for i in balanced_subset(labels, 0.001, seed=0)) == {0: 1, 1: 1, 2: 1, 3: 1}
+
+
+@pytest.mark.parametrize("out,refused", [
+    ("train/runs/eval", "inside TRAIN .*a class 'runs'"),
+    ("train/cat/eval", "inside TRAIN .*a class 'cat'"),  # its files would join cat's images
+    ("train", "is TRAIN .* itself"),
+    ("train/.eval", None),  # hidden: scans skip it
+    ("train/cat/.runs/eval", None),
+    ("train2/eval", None),  # a name that begins as TRAIN's does
+    ("elsewhere", None),
+])
+def test_an_out_inside_the_class_folders_is_refused(tmp_path, out, refused):
+    make_classes(tmp_path / "train", {"cat": 3, "dog": 3})
+    if refused is None:
+        assert load_labelled(tmp_path / "train", out_dir=tmp_path / out).classes == ["cat", "dog"]
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            load_labelled(tmp_path / "train", out_dir=tmp_path / out)
