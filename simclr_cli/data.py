@@ -124,8 +124,8 @@ def _quiet_worker(_: int) -> None:
 
 
 def _end_on_sigterm_from(parent: int) -> None:
-    while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+    while True:  # an orphan (its parent killed outright) obeys anyone's SIGTERM
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent or os.getppid() != parent:
             os._exit(0)
 
 

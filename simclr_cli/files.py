@@ -47,16 +47,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 PROBE_PREFIX = ".simclr-probe-"  # check_output_path's file, there for an instant
 
 
+_HELD: set[int] = set()  # the descriptors held() locks with
+
+
+def _let_go_in_child() -> None:
+    """A forked child (a loader worker) closes its copies of the held descriptors: the lock is the parent's."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)
+
+
 @contextlib.contextmanager
 def held(folder: str | Path, what: str) -> Iterator[None]:
     """Hold `folder` (a run's, or an embed's work) while the block runs: another simclr process asking for it
     meanwhile gets a one-line error instead of writing the same files. A lock the file system refuses (some
-    network ones lock no folders) is done without."""
+    network ones lock no folders) is done without. The lock ends with this process: forked children (loader
+    workers, which may outlive a killed parent by seconds) do not keep it."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
         yield
         return
+    _HELD.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -67,6 +82,7 @@ def held(folder: str | Path, what: str) -> Iterator[None]:
             pass
         yield
     finally:
+        _HELD.discard(fd)
         os.close(fd)  # the lock goes with it
 
 

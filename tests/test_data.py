@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -240,3 +241,44 @@ def test_a_stuck_loader_worker_is_still_ended_by_its_parent():
     if alive:
         os.kill(worker.pid, signal.SIGKILL)  # or the test process would wait for it at exit
     assert not alive
+
+
+ORPHAN_SCRIPT = """
+import time, torch
+from simclr_cli import data
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+    def __getitem__(self, index):
+        time.sleep(600 * index)
+        return index
+it = iter(data.make_loader(Slow(), 1, None, workers=1, collate_fn=lambda items: items[0]))
+assert next(it) == 0
+print(it._workers[0].pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] in ("Z", "X")  # exited
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+@needs_sigwaitinfo
+def test_a_loader_worker_whose_parent_was_killed_obeys_anyones_sigterm(tmp_path):
+    """Its parent gone (SIGKILL), a worker stuck in an item is an orphan nobody else may stop with SIGTERM."""
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    time.sleep(0.5)  # into its 600 s item
+    parent.kill()
+    parent.wait()
+    os.kill(worker, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while not _gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    gone = _gone(worker)
+    if not gone:
+        os.kill(worker, signal.SIGKILL)
+    assert gone

@@ -1,5 +1,7 @@
 """Encoder files load into torchvision; checkpoints round-trip; writes are atomic; nothing is unpickled."""
 
+import multiprocessing
+import time
 from dataclasses import replace
 
 import pytest
@@ -10,7 +12,7 @@ from safetensors.torch import save_file
 from simclr_cli import export
 from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.export import load_checkpoint, load_encoder, save_checkpoint, save_encoder
-from simclr_cli.files import PROBE_PREFIX, EncoderInfo, atomic_path
+from simclr_cli.files import PROBE_PREFIX, EncoderInfo, atomic_path, held
 from simclr_cli.models import SimCLR, build_backbone
 from simclr_cli.optim import build_optimizer
 from simclr_cli.runtime import rng_state, set_rng_state
@@ -159,3 +161,25 @@ def test_an_empty_out_is_new_whatever_another_process_checks_in_it_meanwhile(tmp
     (run_dir / "config.json").touch()
     with pytest.raises(ConfigError, match="already holds files"):
         export.check_run_dir(run_dir, resume=False)
+
+
+def test_a_held_folder_is_let_go_with_its_process_not_its_forked_children(tmp_path):
+    """A loader worker forked inside held() outlives a parent killed outright by seconds: it must not keep the
+    lock (the next --resume was refused meanwhile)."""
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+
+    def run() -> None:
+        started.set()  # after the fork's own clean-up, which is what this test is about
+        time.sleep(60)
+
+    with held(tmp_path, "--resume"):
+        child = context.Process(target=run)
+        child.start()
+        assert started.wait(30)
+    try:
+        with held(tmp_path, "--resume"):  # the child still has its copy of the descriptor, closed
+            pass
+    finally:
+        child.kill()
+        child.join()
