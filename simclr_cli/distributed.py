@@ -62,7 +62,7 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, re
     second signal, which stops a worker at once). SIGTERM sent to this process is passed on once,
     and the Interrupted error (exit code 130) names `resume`, the command that continues.
     """
-    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     error_dir = Path(tempfile.mkdtemp(prefix="simclr-launch-"))
@@ -70,7 +70,10 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, re
     launcher_logs = [logging.getLogger(name) for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]
                      if name.startswith("torch.distributed.elastic")]
     saved_levels = [log.level for log in launcher_logs]
+    # The launcher's per-run folder goes inside error_dir, removed at the end (by default a torchelastic_* folder
+    # was left in the temp folder by every run).
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=str(uuid.uuid4()),
+                          logs_specs=DefaultLogsSpecs(log_dir=str(error_dir / "launcher")),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           monitor_interval=0.2, start_method="spawn", signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
     saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP,

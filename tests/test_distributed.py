@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -147,17 +148,21 @@ def _fail_on_rank_one() -> None:
     distributed.barrier()  # rank 0 waits in a collective: the launcher must stop it
 
 
-def test_a_user_error_in_one_process_is_one_line_in_the_launcher():
+def test_a_user_error_in_one_process_is_one_line_in_the_launcher(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the launcher's own files go
     with pytest.raises(ConfigError, match="rank one says no"):
         distributed.launch(_fail_on_rank_one, (), devices=2)
+    assert not list(tmp_path.glob("torchelastic_*")), "the launcher's log folders are left behind"
 
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_pretrain_on_two_cpu_processes_exports_an_encoder(tiny_folder, tmp_path):
+def test_pretrain_on_two_cpu_processes_exports_an_encoder(tiny_folder, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
+    (tmp_path / "temp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))  # where the launcher's own files go
     result = runner.invoke(app, ["pretrain", str(tiny_folder), "--devices", "2", "--device", "cpu", "--out",
                                  str(run_dir), "--image-size", "32", "--stem", "imagenet", "--epochs", "1", "--arch",
                                  "resnet18", "--batch-size", "8", "--chunk-size", "3", "--workers", "0", "--quiet"])
@@ -170,6 +175,7 @@ def test_pretrain_on_two_cpu_processes_exports_an_encoder(tiny_folder, tmp_path)
     with safe_open(str(run_dir / "checkpoint.safetensors"), "pt") as checkpoint:
         assert not any("module." in key for key in checkpoint.keys())  # the unwrapped model
     assert json.loads((run_dir / "config.json").read_text())["devices"] == 2
+    assert not list((tmp_path / "temp").glob("torchelastic_*")), "the launcher's log folders are left behind"
 
 
 def test_a_run_resumes_on_another_number_of_processes(tiny_folder, tmp_path):
