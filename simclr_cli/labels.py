@@ -102,7 +102,7 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None,
 def _check_outside(out_dir: Path, root: Path, flag: str) -> None:
     """Refuse an output folder inside a folder of class subfolders: the next run would read its files (a
     confusion matrix, say) as the images of one more class. A hidden one (scans skip it) is left alone."""
-    out, folder = Path(os.path.realpath(out_dir)), Path(os.path.realpath(root))  # links resolved, as scans follow them
+    out, folder = out_dir.resolve(), root.resolve()  # links resolved, as scans follow them
     if not out.is_relative_to(folder):
         return
     inside = out.relative_to(folder).parts

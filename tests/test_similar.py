@@ -19,14 +19,16 @@ from simclr_cli.cli import _shown, app
 from simclr_cli.embed import EmbedConfig, embed_folder
 from simclr_cli.export import load_encoder, save_encoder
 import simclr_cli.index as index_module
-from simclr_cli.native import half_kernels
 from simclr_cli.index import (Manifest, ManifestPaths, choose_index, find_rows, manifest_path, open_index,
                               read_manifest, remember_index, top_k, write_manifest)
+from simclr_cli.native import half_kernels
 
 runner = CliRunner()
 # half.c's kernels, where this machine builds them (an x86-64 CPU with AVX2, FMA and F16C, and a C compiler).
 NATIVE_BUILT = pytest.mark.skipif(half_kernels() is None, reason="no native float16 kernels")
 NATIVE = pytest.param("native", marks=NATIVE_BUILT)
+EVERY_KERNEL = [(np.float32, None), (np.float16, "numpy"), (np.float16, "torch"),
+                pytest.param(np.float16, "native", marks=NATIVE_BUILT)]  # (dtype, kernel) for top_k
 ORIGINALS = ["photo03.png", "photo07.png", "photo11.png"]
 
 
@@ -121,8 +123,7 @@ def test_unnormalized_float16_rows_of_large_norm_are_ranked_by_cosine():
     np.testing.assert_allclose(scores, np.take_along_axis(expected, found, 1), atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype, kernel", [(np.float32, None), (np.float16, "numpy"), (np.float16, "torch"),
-                                           pytest.param(np.float16, "native", marks=NATIVE_BUILT)])
+@pytest.mark.parametrize("dtype, kernel", EVERY_KERNEL)
 @pytest.mark.parametrize("num_queries", [1, 3])
 @pytest.mark.parametrize("cores", [1, 2, 5])
 def test_ties_at_the_kth_score_keep_the_lowest_rows(monkeypatch, dtype, kernel, num_queries, cores):
@@ -145,8 +146,7 @@ def test_ties_at_the_kth_score_keep_the_lowest_rows(monkeypatch, dtype, kernel, 
                 assert found.tolist() == expected, (normalized, chunk_rows, k)
 
 
-@pytest.mark.parametrize("dtype, kernel", [(np.float32, None), (np.float16, "numpy"), (np.float16, "torch"),
-                                           pytest.param(np.float16, "native", marks=NATIVE_BUILT)])
+@pytest.mark.parametrize("dtype, kernel", EVERY_KERNEL)
 def test_a_query_excluding_itself_leaves_the_others_alone(dtype, kernel):
     """k beyond the index: the query that excludes its row gets it last at -inf, the other every row."""
     rows = np.eye(3, dtype=dtype)
