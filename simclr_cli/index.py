@@ -566,11 +566,26 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
         others = f" (and the other {len(paths) - 1} queries)" if len(paths) > 1 else ""
         raise DataError(f"QUERY {first.path}: {first.reason}{others}; pass readable image files or folders")
     exclude = find_rows(manifest.paths, kept) if exclude_self else None
-    scores, found = top_k(rows, features, k, manifest.normalized, exclude)  # (M, k), (M, k)
+    # A query the manifest does not spell as it is spelt here (reached through a symbolic link) may still
+    # be in the index: one more hit each is asked for, and any hit that is the query's file is left out.
+    unmatched = [j for j, row in enumerate(exclude or ()) if row is None]
+    scores, found = top_k(rows, features, k + bool(unmatched), manifest.normalized, exclude)  # (M, k'), (M, k')
     hits = [[Hit(rank + 1, score, manifest.paths[row], row)
              for rank, (score, row) in enumerate(zip(line_scores, line_rows)) if score > -float("inf")]
             for line_scores, line_rows in zip(scores.tolist(), found.tolist())]
+    for j in unmatched:
+        others = [hit for hit in hits[j] if not _same_file(hit.path, kept[j])]
+        hits[j] = [Hit(rank + 1, hit.score, hit.path, hit.row) for rank, hit in enumerate(others)]
+    hits = [line[:k] for line in hits]
     return SearchResult(index_path, source, len(rows), kept, hits, skipped + unreadable)
+
+
+def _same_file(path: str, other: str) -> bool:
+    """Whether two paths name one file (False where either cannot be looked up)."""
+    try:
+        return os.path.samefile(path, other)
+    except OSError:
+        return False
 
 
 def find_rows(paths: Sequence[str], wanted: Sequence[str]) -> list[int | None]:

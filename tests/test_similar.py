@@ -556,6 +556,25 @@ def test_a_query_excluding_itself_is_found_whatever_the_spelling_of_its_path(tin
     assert (again["row"], again["score"]) == (first["row"], first["score"])
 
 
+def test_a_query_excluding_itself_through_a_symbolic_link_is_left_out(tiny_encoder, photos, indexes, tmp_path):
+    """The query spelt through a link to the indexed folder, and an index built through such a link queried
+    by the real path: the query's own file is not a hit, and the next hits are those of the plain query."""
+    link = tmp_path / "linked"
+    link.symlink_to(photos, target_is_directory=True)
+    plain = similar_json(photos / ORIGINALS[0], "--index", indexes["float32"], "-k", "3", "--exclude-self")
+    expected = [Path(hit["path"]).name for hit in plain["results"][0]["hits"]]
+    assert ORIGINALS[0] not in expected and len(expected) == 3
+    linked_index = tmp_path / "linked.npy"
+    embed_folder(EmbedConfig(model=str(tiny_encoder), images=str(link), out=str(linked_index), device="cpu",
+                             precision="fp32", workers=0))
+    for query, index in [(link / ORIGINALS[0], indexes["float32"]), (photos / ORIGINALS[0], linked_index)]:
+        hits = similar_json(query, "--index", index, "-k", "3", "--exclude-self")["results"][0]["hits"]
+        assert [Path(hit["path"]).name for hit in hits] == expected, (query, index)
+        assert [hit["rank"] for hit in hits] == [1, 2, 3]
+        kept = similar_json(query, "--index", index, "-k", "3")["results"][0]["hits"]
+        assert Path(kept[0]["path"]).name == ORIGINALS[0] and len(kept) == 3
+
+
 def test_an_index_of_one_row_and_exclude_self(tiny_encoder, photos, tmp_path):
     """The query in the index gets no hit; a query not in it gets the one row."""
     one = tmp_path / "one"
