@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
@@ -133,10 +134,18 @@ def set_rng_state(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Non
 
 
 class StopFlag:
-    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop; a second one is immediate."""
+    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop; a second one is immediate.
+
+    A SIGTERM within REPEAT_SECONDS of the first is the same request: a kill of the whole process group
+    (Slurm's scancel, systemd, `kill -- -PGID`) reaches a `--devices` worker twice, from the sender and
+    passed on by its launcher.
+    """
+
+    REPEAT_SECONDS = 2.0
 
     def __init__(self):
         self.signal: int | None = None
+        self._first = 0.0  # time.monotonic() of the first signal
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopFlag":
@@ -149,8 +158,10 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None:
+            if signum == self.signal == signal.SIGTERM and time.monotonic() - self._first < self.REPEAT_SECONDS:
+                return
             raise KeyboardInterrupt
-        self.signal = signum
+        self.signal, self._first = signum, time.monotonic()
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

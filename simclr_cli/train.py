@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,6 +30,7 @@ from simclr_cli.loss import global_nt_xent
 from simclr_cli.memory import batch_shortfall
 from simclr_cli.models import SimCLR
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
+from simclr_cli.run_state import LoopState, PretrainResult
 from simclr_cli.runtime import (StopFlag, default_workers, is_main, resolve_device, resolve_precision, rng_state,
                                 seed_everything, set_rng_state, world_size)
 
@@ -51,32 +52,6 @@ class TrainingDiverged(SimclrError):
         kept = (f"the last good checkpoint is kept in {checkpoint}" if checkpoint.is_file()
                 else "no checkpoint had been written yet")
         return cls(f"the loss became {value} at step {step}; {kept}. {fix} and run again with another --out")
-
-
-@dataclass
-class LoopState:
-    """Where the loop is; saved in every checkpoint."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimiser steps completed
-    step_in_epoch: int = 0  # steps of the current epoch completed (non-zero after an interrupt)
-    elapsed: float = 0.0  # seconds of training, summed over sessions
-    images_seen: int = 0
-    finished: bool = False
-    # --max-time: the latest step's seconds (one more is kept in reserve) and the fraction of the budget the
-    # schedule has reached (it never moves back), kept so that a resumed run goes on as it was.
-    step_seconds: float = 0.0
-    time_progress: float = 0.0
-
-
-@dataclass
-class PretrainResult:
-    run_dir: Path
-    encoder_path: Path | None
-    state: LoopState
-    final_loss: float | None
-    skipped: list[Skipped] = field(default_factory=list)
-    interrupted: bool = False
 
 
 class PretrainRun:

@@ -199,26 +199,59 @@ def test_a_run_resumes_on_another_number_of_processes(tiny_folder, tmp_path):
     load_encoder(run_dir, "cpu")
 
 
-def test_sigterm_on_two_processes_saves_a_checkpoint_and_exits_130(small_digits_folder, tmp_path):
-    """As with one process: exit code 130 and the command that continues, naming the run's own folder (it
-    exited 1 and printed `--resume RUN_DIR`)."""
+def _start_two_process_run(folder: Path, out: Path, group: bool, **options: object) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "simclr_cli", "pretrain", str(folder), "--out", str(out),
+                             "--devices", "2", "--device", "cpu", "--epochs", "100", "--batch-size", "16",
+                             "--image-size", "32", "--stem", "imagenet", "--arch", "resnet18", "--workers", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group,
+                            **options)
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["launcher", "process-group"])
+def test_sigterm_on_two_processes_saves_a_checkpoint_and_exits_130(small_digits_folder, tmp_path, group):
+    """SIGTERM to the launcher alone, or to every process (Slurm's scancel, systemd, `kill -- -PGID`): the
+    processes save and hand their result back, as for Ctrl-C, and the command names the run's own folder.
+
+    The launcher used to leave SIGTERM to PyTorch's launcher, which passed it on and then waited 30 s for
+    processes that had saved but could not hand back their result, and killed them (also one mid-step: a
+    step on a CPU can outlast 30 s). Under a group kill each process gets SIGTERM twice, from the sender
+    and from the launcher, which must still be one request to save, not the second signal that stops at once.
+    """
     out = tmp_path / "term run"
-    process = subprocess.Popen([sys.executable, "-m", "simclr_cli", "pretrain", str(small_digits_folder), "--out",
-                                str(out), "--devices", "2", "--device", "cpu", "--epochs", "100", "--batch-size", "16",
-                                "--image-size", "32", "--stem", "imagenet", "--arch", "resnet18", "--workers", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = _start_two_process_run(small_digits_folder, out, group)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (out / "metrics.jsonl").is_file():
         time.sleep(0.2)
     while time.monotonic() < deadline and not (out / "metrics.jsonl").read_text().strip():
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=180)
     assert process.returncode == 130, stderr
-    assert f"continue with `simclr pretrain --resume {shlex.quote(str(out))}`" in " ".join(stderr.split()), stderr
-    assert "Traceback" not in stderr and "death signal" not in stderr, stderr  # nor the launcher's own log
     state = load_checkpoint(out / "checkpoint.safetensors").progress["state"]
     assert state["step"] >= 1 and not state["finished"]
+    # The result came back from the processes: the launcher's own shutdown would have said "stopped by SIGTERM".
+    assert (f"interrupted after step {state['step']}; checkpoint saved. Continue with: simclr pretrain --resume "
+            f"{shlex.quote(str(out))}") in " ".join(stderr.split()), stderr
+    assert "Traceback" not in stderr and "death signal" not in stderr, stderr  # nor the launcher's own log
+
+
+def test_sigterm_while_the_processes_start_is_one_line_and_130(tiny_folder, tmp_path):
+    """Before the processes can save anything: the launcher stops them at once, and says so on one line."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    process = _start_two_process_run(tiny_folder, tmp_path / "run", False, env={**os.environ, "TMPDIR": str(scratch)})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(scratch.glob("simclr-launch-*")):
+        time.sleep(0.05)
+    time.sleep(0.2)  # its handler is set just after the folder is made
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.startswith("stopped by SIGTERM") and len(stderr.strip().splitlines()) == 1, stderr
+    assert not list(scratch.iterdir())  # the launch's own folder went with it
 
 
 def _pretrain_with_a_file_missing_on_rank_one(data: str, out: str) -> None:

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from simclr_cli import train
+from simclr_cli import runtime, train
 from simclr_cli.cli import app
 from simclr_cli.config import AugmentConfig, FinetuneConfig, LabelledDataConfig, PretrainConfig, RuntimeConfig
 from simclr_cli.data import epoch_order
@@ -30,7 +30,7 @@ from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.files import held
 from simclr_cli.images import scan_images
 from simclr_cli.models import SimCLR
-from simclr_cli.runtime import Precision
+from simclr_cli.runtime import Precision, StopFlag
 from simclr_cli.train import pretrain, resume_pretrain
 
 runner = CliRunner()
@@ -270,6 +270,28 @@ def test_non_finite_loss_stops_with_a_clear_message(small_digits_folder, tmp_pat
     assert "no checkpoint had been written yet" in result.output
     assert "Traceback" not in result.output
     assert not (out / "encoder.safetensors").exists()
+
+
+def test_a_repeated_sigterm_is_one_request_and_a_later_one_stops_at_once(monkeypatch):
+    """A group's SIGTERM reaches a --devices process from the sender and again from its launcher: one request
+    to save. Later, or Ctrl-C twice however quickly, the second signal stops at once."""
+    clock = [100.0]
+    monkeypatch.setattr(runtime, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
+    before = signal.getsignal(signal.SIGTERM)
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler before the next line
+        assert stop.signal == signal.SIGTERM
+        clock[0] += StopFlag.REPEAT_SECONDS * 0.9
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal == signal.SIGTERM
+        clock[0] += StopFlag.REPEAT_SECONDS * 0.2
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 @pytest.mark.parametrize("group", [False, True], ids=["process", "process-group"])

@@ -1,0 +1,36 @@
+"""Where a pretraining run is, and what it gives back: kept apart from the training code so that a
+`--devices` launcher unpickles rank 0's result without importing it (torchvision alone took 4 s and more
+on a 2-core CPU, at the end of every run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from simclr_cli.images import Skipped
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps completed
+    step_in_epoch: int = 0  # steps of the current epoch completed (non-zero after an interrupt)
+    elapsed: float = 0.0  # seconds of training, summed over sessions
+    images_seen: int = 0
+    finished: bool = False
+    # --max-time: the latest step's seconds (one more is kept in reserve) and the fraction of the budget the
+    # schedule has reached (it never moves back), kept so that a resumed run goes on as it was.
+    step_seconds: float = 0.0
+    time_progress: float = 0.0
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    encoder_path: Path | None
+    state: LoopState
+    final_loss: float | None
+    skipped: list[Skipped] = field(default_factory=list)
+    interrupted: bool = False
