@@ -101,6 +101,7 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, re
     hint = f"; continue with `{resume}`" if resume else ""
     for log in launcher_logs:
         log.setLevel(logging.CRITICAL)
+    saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(error_dir)  # where a failing worker's error file goes
     try:
         results = elastic_launch(config, _in_group)(entrypoint, tuple(args), str(error_dir))
         return results[0]
@@ -118,6 +119,7 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, re
                                             f"could save; what they last saved is kept{hint}") from None
         raise
     finally:
+        tempfile.tempdir = saved_tempdir
         for log, level in zip(launcher_logs, saved_levels):
             log.setLevel(level)
         for sig, handler in saved_handlers.items():

@@ -153,6 +153,8 @@ def test_a_user_error_in_one_process_is_one_line_in_the_launcher(tmp_path, monke
     with pytest.raises(ConfigError, match="rank one says no"):
         distributed.launch(_fail_on_rank_one, (), devices=2)
     assert not list(tmp_path.glob("torchelastic_*")), "the launcher's log folders are left behind"
+    assert not list(tmp_path.glob("pytorch-errorfile-*")), "the failed process's error file is left behind"
+    assert tempfile.tempdir == str(tmp_path)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
