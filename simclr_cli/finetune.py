@@ -391,8 +391,10 @@ class FinetuneRun:
 
 
 def finetune(config: FinetuneConfig, report: Report = silent) -> FinetuneResult:
-    """Fine-tune a new run in config.out_dir."""
-    return FinetuneRun(config.validate(), report).run()
+    """Fine-tune a new run in config.out_dir, held against a `--resume` of it meanwhile."""
+    run = FinetuneRun(config.validate(), report)
+    with held(run.run_dir, "--out"):
+        return run.run()
 
 
 def resume_finetune(run_dir: str | Path, report: Report = silent, device: str | None = None,

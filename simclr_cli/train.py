@@ -454,8 +454,10 @@ def _two_view_images(views: torch.Tensor) -> torch.Tensor:
 
 
 def pretrain(config: PretrainConfig, report: Report = silent) -> PretrainResult:
-    """Pretrain a new run in config.out_dir."""
-    return PretrainRun(config.validate(), report).run()
+    """Pretrain a new run in config.out_dir, held against a `--resume` of it meanwhile."""
+    run = PretrainRun(config.validate(), report)
+    with held(run.run_dir, "--out") if is_main() else contextlib.nullcontext():  # rank 0 holds it for the others
+        return run.run()
 
 
 def resume_pretrain(run_dir: str | Path, report: Report = silent, data_dir: str | None = None,

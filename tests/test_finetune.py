@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from simclr_cli.cli import app
 from simclr_cli.config import FinetuneConfig, LabelledDataConfig, RuntimeConfig
+from simclr_cli.errors import ConfigError
 from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.features import compute_features
 from simclr_cli.files import held, read_metadata
@@ -268,6 +269,21 @@ def test_a_run_started_with_relative_paths_resumes_from_another_working_director
     monkeypatch.chdir(elsewhere)
     resumed = runner.invoke(app, ["finetune", "--resume", str(start / "run"), "--workers", "0"])
     assert resumed.exit_code == 0, resumed.output
+
+
+def test_a_new_run_is_held_against_a_resume_while_it_trains(tiny_encoder, small_digits_folder, tmp_path):
+    out, answers = tmp_path / "run", []
+
+    def report(kind, **fields):
+        if kind == "step" and not answers:
+            try:
+                resume_finetune(out)
+                answers.append("resumed")
+            except ConfigError as error:
+                answers.append(str(error))
+    finetune(_config(small_digits_folder, tiny_encoder, out, epochs=1), report)
+    assert answers == [f"--resume {out} is in use by another simclr process; let it finish, or stop it, then run "
+                       f"again"]
 
 
 def test_a_run_in_use_is_refused_to_a_second_resume(finetuned, tmp_path):

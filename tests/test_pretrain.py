@@ -512,6 +512,24 @@ def test_a_run_started_with_relative_paths_resumes_from_another_working_director
     assert "of 200 images stored" in resumed.output and not (elsewhere / "cache").exists(), "the same cache"
 
 
+def test_a_new_run_is_held_against_a_resume_while_it_trains(small_digits_folder, tmp_path):
+    """A `--resume` of a run still starting (no lock then) trained it twice over, into the same files."""
+    out, answers = tmp_path / "run", []
+
+    def report(kind, **fields):
+        if kind == "step" and not answers:
+            try:
+                resume_pretrain(out)
+                answers.append("resumed")
+            except ConfigError as error:
+                answers.append(str(error))
+    pretrain(_config(small_digits_folder, out, epochs=1), report)
+    assert answers == [f"--resume {out} is in use by another simclr process; let it finish, or stop it, then run "
+                       f"again"]
+    with held(out, "--resume"):  # let go at the end
+        pass
+
+
 def test_a_run_in_use_is_refused_to_a_second_resume(tiny_encoder, tmp_path):
     """Two resumes of one run would write the same checkpoint and logs: the second is refused, nothing touched."""
     run = shutil.copytree(tiny_encoder, tmp_path / "run")
