@@ -1,6 +1,8 @@
 """Encoder files load into torchvision; checkpoints round-trip; writes are atomic; nothing is unpickled."""
 
 import multiprocessing
+import os
+import stat
 import time
 from dataclasses import replace
 
@@ -141,6 +143,23 @@ def test_atomic_path_leaves_old_file_on_failure(tmp_path):
     with atomic_path(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_have_the_usual_permissions(tmp_path, umask):
+    """What open() would give under the user's umask: safetensors wrote encoders readable by their owner
+    alone (0600), which no one else on a shared machine could load."""
+    backbone = build_backbone("resnet18", "imagenet")
+    previous = os.umask(umask)
+    try:
+        save_encoder(tmp_path / "encoder.safetensors", backbone, info_for())
+        with atomic_path(tmp_path / "out.json") as tmp:
+            tmp.write_text("{}")
+        (tmp_path / "plain.txt").write_text("")
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["encoder.safetensors", "out.json", "plain.txt"], 0o666 & ~umask)
 
 
 def test_no_code_path_unpickles():
