@@ -90,8 +90,9 @@ class Reporter:
         loss_text = f"loss {self.loss:.4f}" if self.loss is not None else "loss …"
         stats = f"epoch {epoch}  {loss_text}  lr {lr:.3g}  {images_per_s:,.0f} img/s"
         if self.progress is not None and self.task is not None:
-            # With a time budget the run ends before its step count: show progress as a fraction of it.
-            total = max(total_steps, round(step / max(progress, 1e-9)))
+            # With a time budget the run ends before its step count: the steps it will take at this pace
+            # (progress is (step + 0.5) / total_steps when the steps are further along than the time).
+            total = min(total_steps, max(step, round((step + 0.5) / max(progress, 1e-9))))
             self.progress.update(self.task, completed=step, total=total, stats=stats)
         elif step % self.plain_every == 0:
             console.print(f"step {step}/{total_steps}  {stats}")

@@ -258,11 +258,15 @@ class PretrainRun:
         loss_sum = torch.zeros((), device=device)
         steps, images = 0, 0
         pending: list[tuple[dict[str, Any], torch.Tensor]] = []
-        last = clock()
-        epoch_start = last
+        epoch_start, last = clock(), None
         for batch in to_device_ahead(loader, device):
-            if distributed.any_rank(self._out_of_time(clock())):  # ranks stop together, or deadlock
+            arrived = clock()
+            if distributed.any_rank(self._out_of_time(arrived)):  # ranks stop together, or deadlock
                 break
+            # A step's time runs from the batch before's end, the wait for this one included, but the first
+            # step's from its batch's arrival: the loader's start (workers, first decodes) is no step's time,
+            # and counted in one it made the time budget's reserve for one more step seconds too long.
+            last = arrived if last is None else last
             note_skipped(self.skipped, batch.skipped, self.report)
             sizes = distributed.gather_sizes(len(batch))  # every rank's images in this global batch
             if min(sizes) == 0:  # a rank's images were all unreadable: every rank skips the step
@@ -418,6 +422,10 @@ class PretrainRun:
                                                     f"{self.config.monitor}")
                 state.finished = (state.epoch >= self.config.epochs or state.step >= self.total_steps
                                   or distributed.any_rank(self._out_of_time(clock())))
+                if state.finished and state.step == 0:  # the budget went on set-up: the encoder would be random
+                    raise ConfigError(f"--max-time {self.config.max_time:g}s was spent before the first step "
+                                      f"(set-up took {clock():.0f} s: the scan, the model, the loader); give a "
+                                      f"longer --max-time, with another --out or after deleting {self.run_dir}")
                 if distributed.any_rank(stop.signal is not None) and not state.finished:
                     interrupted = True
                 self.save_checkpoint()

@@ -243,6 +243,62 @@ def test_time_budget_ends_the_run_in_time_and_annealed(small_digits_folder, tmp_
     assert len(records) >= 10
 
 
+def test_a_budget_spent_before_the_first_step_is_an_error_not_a_random_encoder(small_digits_folder, tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.setattr(train, "time", SteadyClock(1.0))
+    out = tmp_path / "short"
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--batch-size", "32",
+                                 "--max-time", "2s", *FAST])
+    assert result.exit_code == 1, result.output
+    assert "error: --max-time 2s was spent before the first step" in result.output
+    assert "Traceback" not in result.output and not (out / "encoder.safetensors").exists()
+
+
+def test_the_loaders_start_is_not_counted_in_a_steps_time(small_digits_folder, tmp_path, monkeypatch):
+    """Each epoch's loader takes 30 s to start (workers, first decodes): its first step took 30 s more, and
+    that step's time, kept in reserve for one more step, pushed a time budget's schedule ahead at every epoch."""
+    clock = SteadyClock()
+    monkeypatch.setattr(train, "time", clock)
+    make_loader = train.make_loader
+
+    def slow_to_start(*args, **kwargs):
+        loader = make_loader(*args, **kwargs)
+
+        class Starting:
+            def __iter__(self):
+                clock.now += 30.0
+                return iter(loader)
+        return Starting()
+
+    monkeypatch.setattr(train, "make_loader", slow_to_start)
+    out = tmp_path / "budget"
+    config = dataclasses.replace(_config(small_digits_folder, out, epochs=3), max_time=1000.0, warmup_epochs=0.0)
+    pretrain(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * (200 // 32) and len({r["epoch"] for r in records}) == 3
+    speeds = [r["images_per_s"] for r in records]  # the fake clock's readings differ by one in a step or two
+    assert min(speeds) > 0.5 * max(speeds), speeds  # each epoch's first step too: 32 images in 30 s before
+    rates = [r["lr"] for r in records]
+    assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] < 0.1 * rates[0], rates
+
+
+def test_the_progress_bar_counts_the_steps_the_time_budget_leaves():
+    """At 30 s of a 40 s budget, step 6 of 900: the bar said 6/900, with an hour to go."""
+    from simclr_cli.progress import Reporter
+
+    reporter = Reporter()
+    reporter.live = True  # a terminal
+    reporter.on_start(total_steps=900, max_time=40.0)
+    try:
+        fields = dict(epoch=1, lr=0.1, images_per_s=10.0, total_steps=900)
+        reporter.on_step(step=1, progress=1.5 / 900, **fields)  # the steps further along than the time
+        assert reporter.progress.tasks[0].total == 900
+        reporter.on_step(step=6, progress=0.75, **fields)
+        assert reporter.progress.tasks[0].total == 9 and reporter.progress.tasks[0].completed == 6
+    finally:
+        reporter.close()
+
+
 def test_a_resumed_time_budget_keeps_its_schedule_going_down(small_digits_folder, tmp_path, monkeypatch):
     """Under --max-time the schedule never moves back, and keeps one more step's time in reserve; a run
     resumed mid-budget forgot both, and its learning rate went up again."""
