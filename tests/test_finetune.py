@@ -23,7 +23,7 @@ from simclr_cli.errors import ConfigError
 from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.features import compute_features
 from simclr_cli.files import held, read_metadata
-from simclr_cli.finetune import finetune, resume_finetune
+from simclr_cli.finetune import FINETUNED_FILE, finetune, resume_finetune
 from simclr_cli.runtime import Precision, resolve_precision
 
 runner = CliRunner()
@@ -269,6 +269,22 @@ def test_a_run_started_with_relative_paths_resumes_from_another_working_director
     monkeypatch.chdir(elsewhere)
     resumed = runner.invoke(app, ["finetune", "--resume", str(start / "run"), "--workers", "0"])
     assert resumed.exit_code == 0, resumed.output
+
+
+def test_a_class_whose_training_images_all_fail_to_decode_is_a_one_line_error(tiny_encoder, small_digits_folder,
+                                                                              tmp_path, cut_image):
+    """The scan reads headers only: a class of images cut in half was learnt by no one, and the run reported
+    100% top-1 over the classes left."""
+    data = tmp_path / "data"
+    shutil.copytree(small_digits_folder / "0", data / "0")
+    shutil.copytree(small_digits_folder / "1", data / "1")
+    for seed, path in enumerate(sorted((data / "1").iterdir())):
+        cut_image(path, seed)
+    result = runner.invoke(app, ["finetune", str(tiny_encoder), str(data), "--out", str(tmp_path / "run"),
+                                 "--val-split", "0.2", *SHORT])
+    assert result.exit_code == 1, result.output
+    assert "error: class '1' has no training image that could be decoded" in " ".join(result.output.split())
+    assert not (tmp_path / "run" / FINETUNED_FILE).exists()
 
 
 def test_a_new_run_is_held_against_a_resume_while_it_trains(tiny_encoder, small_digits_folder, tmp_path):
