@@ -398,8 +398,13 @@ class PretrainRun:
         def clock() -> float:  # seconds of training over all sessions of this run, as rank 0 counts them
             return distributed.from_rank0(offset + time.monotonic() - session_start)
 
-        self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs,
-                    steps_per_epoch=self.steps_per_epoch, max_time=self.config.max_time)
+        if state.step >= self.total_steps and not state.finished:  # resumed on a folder that lost images
+            self.report("warning", text=f"{self.config.data_dir} now gives {self.total_steps} steps in "
+                                        f"{self.config.epochs} epochs, and the run has taken {state.step}: it "
+                                        f"ends here")
+            state.finished = True
+        self.report("start", total_steps=self.total_steps, start_step=min(state.step, self.total_steps),
+                    epochs=self.config.epochs, steps_per_epoch=self.steps_per_epoch, max_time=self.config.max_time)
         final_loss: float | None = None
         interrupted = False
         with StopFlag() as stop:

@@ -299,6 +299,28 @@ def test_the_progress_bar_counts_the_steps_the_time_budget_leaves():
         reporter.close()
 
 
+def test_a_run_resumed_on_fewer_images_than_its_steps_need_ends_there(small_digits_folder, tmp_path, capsys):
+    """Stopped at step 6 of 12 (epoch 1 done), resumed on 64 of its 200 images (4 steps in 2 epochs): it said
+    "training for -2 steps", took one more at lr 0 and ended. It now exports at once, and says why."""
+    def interrupt_at_step_6(kind, **fields):
+        if kind == "step" and fields["step"] == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out, fewer = tmp_path / "run", tmp_path / "fewer"
+    fewer.mkdir()
+    for path in sorted(small_digits_folder.rglob("*.png"))[:64]:
+        shutil.copy(path, fewer / f"{path.parent.name}_{path.name}")
+    assert pretrain(_config(small_digits_folder, out), interrupt_at_step_6).interrupted
+    capsys.readouterr()
+    result = runner.invoke(app, ["pretrain", "--resume", str(out), str(fewer), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert f"{fewer} now gives 4 steps in 2 epochs, and the run has taken 6: it ends here" in output
+    assert "training for 0 steps" in output and "(6 steps," in output
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 6
+    assert (out / "encoder.safetensors").is_file()
+
+
 def test_a_resumed_time_budget_keeps_its_schedule_going_down(small_digits_folder, tmp_path, monkeypatch):
     """Under --max-time the schedule never moves back, and keeps one more step's time in reserve; a run
     resumed mid-budget forgot both, and its learning rate went up again."""
