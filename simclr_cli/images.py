@@ -14,8 +14,10 @@ from PIL import Image, ImageFile, ImageOps
 
 from simclr_cli.errors import DataError
 
-# Every extension Pillow can open, in lower case; matching ignores the file's case.
-IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+# Every extension of a format Pillow can open (its JPEG opener reads .mpo), in lower case; matching ignores the
+# file's case. PDF and Palm files, which Pillow writes but cannot read, are other files, not unreadable images.
+IMAGE_EXTENSIONS = frozenset(ext.lower() for ext, name in Image.registered_extensions().items()
+                             if name in Image.OPEN or name == "MPO")
 # Pillow's own default limit (about 89 megapixels): anything larger is refused, not decoded.
 MAX_PIXELS = 89_478_485
 # Transparent pixels are composited on the ImageNet mean colour, which normalises to zero.

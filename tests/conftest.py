@@ -101,9 +101,12 @@ def write_mixed_folder(root: Path) -> dict[str, list[str]]:
     write_cut_image(root / "truncated.jpg", 15, (256, 256))
     (root / "not_an_image.jpg").write_text("this is text, not a JPEG")
 
-    ignored = [".hidden.png", "notes.txt"]
+    save("stereo.mpo", rgb, format="MPO")  # a camera's multi-picture JPEG: Pillow's JPEG opener reads it
+    ignored = [".hidden.png", "notes.txt", "scan.pdf", "album.palm"]  # Pillow writes the last two, never reads them
     rgb.save(root / ".hidden.png")
     (root / "notes.txt").write_text("not an image")
+    rgb.save(root / "scan.pdf")
+    rgb.convert("P").save(root / "album.palm")
     os.symlink(root, root / "nested" / "loop")  # a link back up the tree
     os.symlink(root / "missing.png", root / "dangling.png")
     broken.append("dangling.png")
