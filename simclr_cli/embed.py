@@ -210,6 +210,9 @@ def _start(config: EmbedConfig, model_path: Path, sha256: str, info: EncoderInfo
                           f"to start again")
     if out.exists() and not config.overwrite:
         raise ConfigError(f"OUT {out} already exists; pass --overwrite to replace it, or another name")
+    if manifest_path(out).exists() and not config.overwrite:  # the end replaces it: not without the user's word
+        raise ConfigError(f"{manifest_path(out)} already exists, where OUT {out} puts its manifest; pass "
+                          f"--overwrite to replace it, or another OUT")
     scan = require_images(scan_images(config.images))
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -368,3 +368,18 @@ def test_a_work_folder_without_a_plan_is_started_again(tiny_encoder, mixed_folde
     (work_dir(out) / "rows.npy").write_bytes(b"")
     assert (result := run_embed(tiny_encoder, mixed_folder[0], out)).exit_code == 0, result.output
     assert out.is_file() and not work_dir(out).exists()
+
+
+def test_a_file_where_the_manifest_goes_is_kept_without_overwrite(tiny_encoder, mixed_folder, tmp_path):
+    """OUT.json is replaced at the end: a file already there (not an index's) is refused before any work,
+    and replaced only with --overwrite."""
+    out = tmp_path / "q.npy"
+    theirs = tmp_path / "q.json"
+    theirs.write_text('{"mine": true}\n')
+    result = run_embed(tiny_encoder, mixed_folder[0], out)
+    assert result.exit_code == 1, result.output
+    assert f"{theirs} already exists" in " ".join(result.output.split()), result.output
+    assert "pass --overwrite" in result.output and "Traceback" not in result.output
+    assert theirs.read_text() == '{"mine": true}\n' and not out.exists() and not work_dir(out).exists()
+    assert (result := run_embed(tiny_encoder, mixed_folder[0], out, "--overwrite")).exit_code == 0, result.output
+    assert json.loads(theirs.read_text())["rows"] == len(np.load(out))
