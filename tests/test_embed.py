@@ -383,3 +383,13 @@ def test_a_file_where_the_manifest_goes_is_kept_without_overwrite(tiny_encoder, 
     assert theirs.read_text() == '{"mine": true}\n' and not out.exists() and not work_dir(out).exists()
     assert (result := run_embed(tiny_encoder, mixed_folder[0], out, "--overwrite")).exit_code == 0, result.output
     assert json.loads(theirs.read_text())["rows"] == len(np.load(out))
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_folder_where_the_manifest_goes_is_refused_before_any_work(tiny_encoder, mixed_folder, tmp_path, overwrite):
+    out = tmp_path / "d.npy"
+    (tmp_path / "d.json").mkdir()
+    result = run_embed(tiny_encoder, mixed_folder[0], out, *overwrite)
+    assert result.exit_code == 1, result.output
+    assert "d.json is a folder, where OUT" in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output and not out.exists() and not work_dir(out).exists()
