@@ -347,7 +347,7 @@ def _rows_in(out: Path, shape: tuple[int, int], dtype: str) -> int:
     """The number of rows of a finished embed's OUT, checked against what its plan expects."""
     try:
         rows = np.load(out, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # EOFError: an empty file
         rows = None
     if rows is None or rows.shape != shape or rows.dtype != np.dtype(dtype):
         raise ModelFileError(f"{out}: not the rows of the interrupted embed in {work_dir(out)}; run again with "

@@ -227,7 +227,7 @@ def open_index(index_path: str | Path) -> tuple[np.ndarray, Manifest]:
     try:
         # Copy-on-write: the file is never written, and torch.from_numpy gets the writable array it wants.
         rows = np.load(index_path, mmap_mode="c", allow_pickle=False)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, EOFError) as error:  # EOFError: an empty file (uncaught, click reads it as Ctrl-D)
         raise ModelFileError(f"{index_path}: not a readable .npy file ({error}); run `simclr embed` again") from None
     expected = (len(manifest.paths), manifest.dim)
     if rows.shape != expected or rows.dtype != np.dtype(manifest.dtype):

@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.embed import (Block, EmbedConfig, Progress, _finished_rows, _truncate_rows, embed_folder, read_progress,
-                              share_out, work_dir)
+from simclr_cli.embed import (Block, EmbedConfig, Progress, _finished_rows, _rows_in, _truncate_rows, embed_folder,
+                              read_progress, share_out, work_dir)
+from simclr_cli.errors import ModelFileError
 from simclr_cli.export import load_encoder
 from simclr_cli.files import held
 from simclr_cli.features import compute_features
@@ -393,3 +394,11 @@ def test_a_folder_where_the_manifest_goes_is_refused_before_any_work(tiny_encode
     assert result.exit_code == 1, result.output
     assert "d.json is a folder, where OUT" in " ".join(result.output.split()), result.output
     assert "Traceback" not in result.output and not out.exists() and not work_dir(out).exists()
+
+
+def test_an_empty_out_left_by_a_finishing_embed_is_a_one_line_error(tmp_path):
+    """np.load raises EOFError on an empty file, which click would report as "Aborted!"."""
+    out = tmp_path / "out.npy"
+    out.write_bytes(b"")
+    with pytest.raises(ModelFileError, match="not the rows of the interrupted embed"):
+        _rows_in(out, (2, 4), "float32")

@@ -350,6 +350,9 @@ def test_user_errors_exit_1_with_a_message(indexes, photos, tmp_path):
     mismatched = tmp_path / "mismatched.npy"
     np.save(mismatched, np.zeros((3, 512), dtype=np.float32))
     shutil.copy(indexes["float32"].with_suffix(".json"), mismatched.with_suffix(".json"))
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    shutil.copy(indexes["float32"].with_suffix(".json"), empty.with_suffix(".json"))
     orphan = tmp_path / "orphan.npy"
     np.save(orphan, np.zeros((3, 512), dtype=np.float32))
     index = str(indexes["float32"])
@@ -359,6 +362,7 @@ def test_user_errors_exit_1_with_a_message(indexes, photos, tmp_path):
         ([query, "--index", str(tmp_path / "index.txt")], "not a .npy file"),
         ([query, "--index", str(mismatched)], "do not belong together"),
         ([query, "--index", str(orphan)], "no such index manifest"),
+        ([query, "--index", str(empty)], "empty.npy: not a readable .npy file"),
         ([str(tmp_path / "nothing.png"), "--index", index], "no such file or folder"),
         ([str(not_an_image), "--index", index], "notes.png: unreadable"),
         ([query, "--index", index, "-k", "0"], "-k 0 must be at least 1"),
