@@ -61,6 +61,13 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[
         backbone = build_backbone(info.arch, info.stem, initialise=False, width=info.width)
     tensors = load_file(str(path))
     state = {k: v for k, v in tensors.items() if not k.startswith(("head.", "classifier."))}
+    expected = backbone.state_dict()  # meta tensors: each weight's dtype, no data
+    for key, value in state.items():
+        # assign=True keeps the file's dtype: a half copy of the weights would meet float32 images.
+        if key in expected and expected[key].is_floating_point() and value.dtype != expected[key].dtype:
+            if not value.is_floating_point():
+                raise info.weights_error(path, TypeError(f"{key} holds {value.dtype}, not floating-point values"))
+            state[key] = value.to(expected[key].dtype)
     try:
         backbone.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:

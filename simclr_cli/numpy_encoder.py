@@ -10,14 +10,14 @@ every backbone and stem.
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file
+from safetensors import SafetensorError, safe_open
 
 from simclr_cli.augment import preprocessing
 from simclr_cli.config import RESNETS, channels, cpu_cores
@@ -27,6 +27,14 @@ from simclr_cli.images import Skipped, UnreadableImage, load_rgb
 BATCH_NORM_EPS = 1e-5  # nn.BatchNorm2d's default, which models.py keeps
 BATCH_SIZE = 16  # images per forward pass
 PATCH_BYTES = 64 << 20  # the most a patch matrix (im2col) holds: large images are convolved in bands of rows
+
+
+def _floats(tensors: dict[str, np.ndarray], key: str) -> np.ndarray:
+    """tensors[key] in float64, taken out of `tensors`; ValueError where it holds no floating-point values."""
+    value = tensors.pop(key)
+    if value.dtype.kind != "f":  # export.load_encoder refuses them too
+        raise ValueError(f"{key} holds {value.dtype}, not floating-point values")
+    return value.astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -42,11 +50,11 @@ class Conv:
     def fold(cls, tensors: dict[str, np.ndarray], conv: str, norm: str, in_channels: int, out_channels: int,
              kernel: int, stride: int = 1) -> "Conv":
         """Conv `conv` then BatchNorm `norm` from a state dict: BN(W * x) = (scale W) * x + shift."""
-        weight = tensors.pop(f"{conv}.weight").astype(np.float64)  # (C_out, C_in, k, k)
+        weight = _floats(tensors, f"{conv}.weight")  # (C_out, C_in, k, k)
         expected = (out_channels, in_channels, kernel, kernel)
         if weight.shape != expected:  # models.py's shape, as load_state_dict checks it
             raise ValueError(f"{conv}.weight has shape {weight.shape}, not {expected}")
-        gamma, beta, mean, var = (tensors.pop(f"{norm}.{name}").astype(np.float64)
+        gamma, beta, mean, var = (_floats(tensors, f"{norm}.{name}")
                                   for name in ("weight", "bias", "running_mean", "running_var"))
         tensors.pop(f"{norm}.num_batches_tracked", None)
         if not gamma.shape == beta.shape == mean.shape == var.shape == (out_channels,):
@@ -171,12 +179,36 @@ class NumpyEncoder:
         return x.mean(axis=(1, 2))  # (B, feature_dim): global average pool
 
 
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file, bfloat16 ones (which numpy lacks, and PyTorch loads) widened to float32."""
+    tensors, widen = {}, []
+    with safe_open(str(path), framework="numpy") as handle:
+        for key in handle.keys():
+            try:
+                tensors[key] = handle.get_tensor(key)
+            except TypeError:  # a dtype numpy does not have
+                widen.append(key)
+    if widen:
+        with open(path, "rb") as handle:  # safetensors: 8 bytes of header size, the JSON header, the data
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+            for key in widen:
+                if header[key]["dtype"] != "BF16":
+                    raise TypeError(f"{key} holds {header[key]['dtype']}, which numpy does not read")
+                begin, end = header[key]["data_offsets"]
+                handle.seek(8 + size + begin)
+                halves = np.frombuffer(handle.read(end - begin), dtype="<u2")
+                # A bfloat16 is the top half of the float32 of the same value: exact.
+                tensors[key] = (halves.astype(np.uint32) << 16).view(np.float32).reshape(header[key]["shape"])
+    return tensors
+
+
 def load_numpy_encoder(path: str | Path) -> tuple[NumpyEncoder, EncoderInfo]:
     """export.load_encoder's backbone as a NumpyEncoder, with the same checks of the file."""
     path = resolve_model_path(path)
     info = EncoderInfo.from_metadata(read_metadata(path, "encoder"), path)
     try:
-        encoder = NumpyEncoder(load_file(str(path)), info)
+        encoder = NumpyEncoder(read_tensors(path), info)
     except (KeyError, ValueError, TypeError, SafetensorError) as error:
         raise info.weights_error(path, error) from None
     info.check_feature_dim(path, encoder.feature_dim)

@@ -402,3 +402,14 @@ def test_an_empty_out_left_by_a_finishing_embed_is_a_one_line_error(tmp_path):
     out.write_bytes(b"")
     with pytest.raises(ModelFileError, match="not the rows of the interrupted embed"):
         _rows_in(out, (2, 4), "float32")
+
+
+def test_a_half_copy_of_the_encoder_embeds(tiny_encoder, mixed_folder, tmp_path):
+    """Float16 weights with the same metadata: embedded in float32, not a dtype error that left OUT.npy.partial."""
+    half = tmp_path / "half.safetensors"
+    backbone, info = load_encoder(tiny_encoder / "encoder.safetensors")
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in backbone.state_dict().items()}, str(half),
+              metadata=info.to_metadata())
+    out = tmp_path / "out.npy"
+    assert (result := run_embed(half, mixed_folder[0], out, "--precision", "fp32")).exit_code == 0, result.output
+    assert np.isfinite(np.load(out)).all() and not work_dir(out).exists()

@@ -112,6 +112,9 @@ def damage(path, change) -> None:
     (lambda t, m: t.update({"layer2.0.downsample.0.weight": torch.ones(96, 64, 1, 1),
                             **{f"layer2.0.downsample.1.{name}": torch.ones(96) for name in
                                ("weight", "bias", "running_mean", "running_var")}}), "layer2.0.downsample.0"),
+    (lambda t, m: t.update({"conv1.weight": t["conv1.weight"].int()}), "conv1.weight holds int32"),
+    (lambda t, m: t.update({"layer1.0.bn1.running_var": t["layer1.0.bn1.running_var"].long()}),
+     "layer1.0.bn1.running_var holds int64"),
     (lambda t, m: t.update({"layer1.1.downsample.0.weight": torch.ones(64, 64, 1, 1),
                             **{f"layer1.1.downsample.1.{name}": torch.ones(64) for name in
                                ("weight", "bias", "running_mean", "running_var")}}), "unexpected key 'layer1.1"),
@@ -124,6 +127,28 @@ def test_damaged_weights_are_one_line_errors_as_with_torch(tmp_path, change, mes
         load_numpy_encoder(path)
     with pytest.raises(ModelFileError):  # the PyTorch loader refuses the same files
         load_encoder(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_weights_saved_in_another_float_dtype_load_as_float32(tmp_path, dtype):
+    """A user's half (or double) copy of an encoder, metadata unchanged: both loaders compute in float32, on
+    the weights as the file holds them, instead of PyTorch failing on float32 images against half weights."""
+    path = tmp_path / "encoder.safetensors"
+    write_encoder(path)
+    damage(path, lambda t, m: t.update({k: v.to(dtype) for k, v in t.items() if v.is_floating_point()}))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    converted = trained_looking("resnet18", "imagenet", 1.0)
+    converted.load_state_dict({k: v.to(dtype).float() if v.is_floating_point() else v
+                               for k, v in converted.state_dict().items()})
+    with torch.inference_mode():
+        expected = converted(images).numpy()  # (2, D): the file's weights, in float32
+        backbone, _ = load_encoder(path)
+        assert all(p.dtype == torch.float32 for p in backbone.parameters())
+        features = backbone(images).numpy()
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(features, expected, rtol=0, atol=2e-5 * scale)
+    encoder, _ = load_numpy_encoder(path)
+    np.testing.assert_allclose(encoder(images.numpy()), expected, rtol=0, atol=2e-5 * scale)
 
 
 def test_the_module_imports_no_torch(tmp_path):
