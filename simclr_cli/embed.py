@@ -152,17 +152,21 @@ def _process_record(work: Path, session: int, process: int) -> Path:
 def read_progress(work: Path, total: int) -> Progress:
     """The launcher's record of this session, updated by its processes' records."""
     record = read_json(work / "progress.json", "embed progress")
-    skipped = [Skipped(**s) for s in record["skipped"]]
-    if "session" not in record:  # written before --devices: one block, its rows from the first row on
-        return Progress(0, [Block(0, total, record["done"], record["rows"])], skipped)
-    blocks = {b["begin"]: Block(**b) for b in record["blocks"]}
-    for process in sorted({b.owner for b in blocks.values() if b.owner is not None}):
-        path = _process_record(work, record["session"], process)
-        if path.is_file():
-            mine = read_json(path, "embed progress")
-            blocks.update((b["begin"], Block(**b)) for b in mine["blocks"])
-            skipped += [Skipped(**s) for s in mine["skipped"]]
-    return Progress(record["session"], sorted(blocks.values(), key=lambda b: b.begin), skipped)
+    try:
+        skipped = [Skipped(**s) for s in record["skipped"]]
+        if "session" not in record:  # written before --devices: one block, its rows from the first row on
+            return Progress(0, [Block(0, total, record["done"], record["rows"])], skipped)
+        blocks = {b["begin"]: Block(**b) for b in record["blocks"]}
+        for process in sorted({b.owner for b in blocks.values() if b.owner is not None}):
+            path = _process_record(work, record["session"], process)
+            if path.is_file():
+                mine = read_json(path, "embed progress")
+                blocks.update((b["begin"], Block(**b)) for b in mine["blocks"])
+                skipped += [Skipped(**s) for s in mine["skipped"]]
+        return Progress(record["session"], sorted(blocks.values(), key=lambda b: b.begin), skipped)
+    except (KeyError, TypeError, AttributeError) as error:  # a record edited or cut by hand: not one we wrote
+        raise ModelFileError(f"{work}: the interrupted embed is damaged (progress record: {error!r}); run again "
+                             f"with --overwrite") from None
 
 
 def share_out(progress: Progress, processes: int) -> Progress:
@@ -238,6 +242,9 @@ def _load_plan(config: EmbedConfig, sha256: str, precision: str) -> dict[str, An
     if not (work / "plan.json").is_file():
         raise ConfigError(f"--resume: no interrupted embed at {work}; run without --resume to start one")
     plan = read_json(work / "plan.json", "embed plan")
+    problem = _plan_damage(plan) or _rows_damage(work / "rows.npy", plan)
+    if problem:
+        raise ModelFileError(f"{work}: the interrupted embed is damaged ({problem}); run again with --overwrite")
     if plan["model_sha256"] != sha256:
         raise ModelFileError(f"{config.model}: not the model the interrupted embed used ({plan['model']}, "
                              f"SHA-256 differs); resume with that model, or --overwrite to start again")
@@ -251,6 +258,39 @@ def _load_plan(config: EmbedConfig, sha256: str, precision: str) -> dict[str, An
             raise ConfigError(f"{flag} {given} differs from the interrupted embed's {saved}; resume with the same "
                               f"flags, or --overwrite to start again")
     return plan
+
+
+PLAN_TYPES = {"images": str, "model": str, "model_sha256": str, "dtype": str, "normalize": bool, "dim": int,
+              "paths": list, "skipped": list}  # what _start writes (and "precision", absent from older plans)
+
+
+def _plan_damage(plan: Any) -> str | None:
+    """What no plan.json that _start writes would hold, or None."""
+    if not isinstance(plan, dict):
+        return "plan.json is not a JSON object"
+    for key, kind in PLAN_TYPES.items():
+        if not isinstance(plan.get(key), kind):
+            return f"plan.json has no {key}" if key not in plan else f"plan.json's {key} is {plan[key]!r:.40}"
+    if plan["dtype"] not in DTYPES or not all(isinstance(path, str) for path in plan["paths"]):
+        return "plan.json's dtype or paths"
+    if not all(isinstance(s, dict) and set(s) == {"path", "reason"} for s in plan["skipped"]):
+        return "plan.json's skipped"
+    return None
+
+
+def _rows_damage(path: Path, plan: dict[str, Any]) -> str | None:
+    """What makes the work folder's rows.npy unlike the plan's, or None (also when it is gone: moved to OUT)."""
+    if not path.exists():
+        return None
+    try:
+        rows = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:  # EOFError: an empty file
+        return f"rows.npy is not a readable .npy file: {error}"
+    # Its first axis is cut to the finished rows just before the rename to OUT.
+    if rows.ndim != 2 or rows.shape[0] > len(plan["paths"]) or rows.shape[1] != plan["dim"] \
+            or rows.dtype != np.dtype(plan["dtype"]):
+        return f"rows.npy holds {rows.shape} {rows.dtype}, not ({len(plan['paths'])}, {plan['dim']}) {plan['dtype']}"
+    return None
 
 
 def _embed_process(config: EmbedConfig, work: Path, report: Report = silent, stop_after_batches: int | None = None,

@@ -413,3 +413,38 @@ def test_a_half_copy_of_the_encoder_embeds(tiny_encoder, mixed_folder, tmp_path)
     out = tmp_path / "out.npy"
     assert (result := run_embed(half, mixed_folder[0], out, "--precision", "fp32")).exit_code == 0, result.output
     assert np.isfinite(np.load(out)).all() and not work_dir(out).exists()
+
+
+def _drop(key):
+    def change(work: Path) -> None:
+        plan = json.loads((work / "plan.json").read_text())
+        del plan[key]
+        (work / "plan.json").write_text(json.dumps(plan))
+    return change
+
+
+def _set(name, key, value):
+    def change(work: Path) -> None:
+        record = json.loads((work / name).read_text())
+        record[key] = value
+        (work / name).write_text(json.dumps(record))
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (_drop("model_sha256"), "plan.json has no model_sha256"),
+    (_set("plan.json", "paths", None), "plan.json's paths is None"),
+    (_set("plan.json", "skipped", ["a.png"]), "plan.json's skipped"),
+    (lambda work: (work / "rows.npy").write_bytes(b""), "rows.npy is not a readable .npy file"),
+    (lambda work: np.save(work / "rows.npy", np.zeros((3, 5), dtype=np.float32)), "rows.npy holds (3, 5) float32"),
+    (_set("progress.json", "blocks", [{"start": 0}]), "progress record"),
+])
+def test_a_damaged_interrupted_embed_is_a_one_line_error(tiny_encoder, mixed_folder, interrupted, change, message):
+    change(work_dir(interrupted))
+    result = run_embed(tiny_encoder, mixed_folder[0], interrupted, "--resume")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    output = " ".join(result.output.split())
+    assert "the interrupted embed is damaged" in output and message in output, result.output
+    assert "run again with --overwrite" in output
+    assert (result := run_embed(tiny_encoder, mixed_folder[0], interrupted, "--overwrite")).exit_code == 0, \
+        result.output
