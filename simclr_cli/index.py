@@ -570,6 +570,14 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
     # be in the index: one more hit each is asked for, and any hit that is the query's file is left out.
     unmatched = [j for j, row in enumerate(exclude or ()) if row is None]
     scores, found = top_k(rows, features, k + bool(unmatched), manifest.normalized, exclude)  # (M, k'), (M, k')
+    # A NaN row (a damaged index) is neither ranked nor left out silently: it shows as a NaN among a query's
+    # scores, or as fewer scores than asked for (NaN fails every comparison that admits a row to the top k).
+    excluded = np.array([row is not None for row in exclude or [None] * len(kept)])  # (M,)
+    wanted = np.minimum(k + bool(unmatched), len(rows) - excluded)  # (M,) scores above -inf that top_k must give
+    damaged = np.flatnonzero((scores > -np.inf).sum(axis=1) < wanted)
+    if len(damaged):
+        raise ModelFileError(f"{index_path}: rows of the index score NaN against {kept[damaged[0]]}; the index is "
+                             f"damaged, run `simclr embed` again")
     hits = [[Hit(rank + 1, score, manifest.paths[row], row)
              for rank, (score, row) in enumerate(zip(line_scores, line_rows)) if score > -float("inf")]
             for line_scores, line_rows in zip(scores.tolist(), found.tolist())]

@@ -659,3 +659,18 @@ def test_paths_that_are_not_utf8_print_escaped():
     shown = _shown("/photos/caf\udce9.png")
     assert shown.encode("utf-8") == b"/photos/caf\\xe9.png"
     assert _shown("/photos/caf\u00e9.png") == "/photos/caf\u00e9.png"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("nan_rows, k", [(slice(None), "10"), (slice(0, 1), "100")])  # k reaching N: all rows ranked
+def test_an_index_with_nan_rows_is_a_one_line_error(indexes, photos, tmp_path, dtype, nan_rows, k):
+    """NaN rows (a damaged file) were dropped from the table without a word: an empty table, exit 0."""
+    index = tmp_path / "nan.npy"
+    rows = np.load(indexes[dtype])
+    rows[nan_rows] = np.nan
+    np.save(index, rows)
+    shutil.copy(indexes[dtype].with_suffix(".json"), index.with_suffix(".json"))
+    query = photos / Path(json.loads(index.with_suffix(".json").read_text())["paths"][0]).relative_to(photos)
+    result = runner.invoke(app, ["similar", str(query), "--index", str(index), "-k", k])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"{index}: rows of the index score NaN" in " ".join(result.output.split())
