@@ -207,9 +207,7 @@ def write_progress(work: Path, progress: Progress) -> None:
 def _start(config: EmbedConfig, model_path: Path, sha256: str, info: EncoderInfo, precision: str) -> dict[str, Any]:
     """Scan the folder and write plan.json, an empty rows.npy and the first progress record; return the plan."""
     out, work = Path(config.out), work_dir(Path(config.out))
-    if work.exists():
-        with held(work, "OUT"):  # not the work of an embed still running, which the lines below would delete
-            pass
+    _check_free(work)
     if work.exists() and not (work / "plan.json").is_file():
         shutil.rmtree(work)  # an embed that stopped before its plan was written: nothing to keep
     if work.exists() and not config.overwrite:
@@ -221,6 +219,7 @@ def _start(config: EmbedConfig, model_path: Path, sha256: str, info: EncoderInfo
         raise ConfigError(f"{manifest_path(out)} already exists, where OUT {out} puts its manifest; pass "
                           f"--overwrite to replace it, or another OUT")
     scan = require_images(scan_images(config.images))
+    _check_free(work)  # again: another embed of this OUT may have started during the scan
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     plan = {
@@ -234,6 +233,13 @@ def _start(config: EmbedConfig, model_path: Path, sha256: str, info: EncoderInfo
     write_progress(work, Progress(0, [Block(0, len(scan.paths), 0)], []))
     write_json(work / "plan.json", plan)
     return plan
+
+
+def _check_free(work: Path) -> None:
+    """Refuse the work folder of an embed still running, which _start would delete."""
+    if work.exists():
+        with held(work, "OUT"):
+            pass
 
 
 def _load_plan(config: EmbedConfig, sha256: str, precision: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shlex
@@ -82,6 +83,31 @@ def test_no_normalize_and_float16(tiny_encoder, mixed_folder, tmp_path):
     assert half_rows.dtype == np.float16 and json.loads(half.with_suffix(".json").read_text())["dtype"] == "float16"
     unit = raw_rows / np.linalg.norm(raw_rows, axis=1, keepdims=True)
     np.testing.assert_allclose(half_rows.astype(np.float32), unit, atol=2e-3)
+
+
+def test_an_embed_started_during_the_scan_of_an_overwrite_is_not_deleted(tiny_encoder, mixed_folder, tmp_path,
+                                                                           monkeypatch):
+    """`--overwrite` looked for a running embed of OUT before its scan, then deleted OUT's work folder after
+    it: the work of an embed started meanwhile went with it."""
+    from simclr_cli import embed
+
+    root, _ = mixed_folder
+    out = tmp_path / "out.npy"
+    work = work_dir(out)
+    scan = embed.scan_images
+
+    def scan_while_another_starts(*args, **kwargs):
+        found = scan(*args, **kwargs)
+        work.mkdir()
+        (work / "plan.json").write_text("{}")  # the other embed's, which it holds while it runs
+        stack.enter_context(held(work, "OUT"))
+        return found
+
+    monkeypatch.setattr(embed, "scan_images", scan_while_another_starts)
+    with contextlib.ExitStack() as stack:
+        result = run_embed(tiny_encoder, root, out, "--overwrite")
+        assert result.exit_code == 1 and f"OUT {work} is in use by another simclr process" in result.output
+        assert (work / "plan.json").read_text() == "{}"
 
 
 def test_resume_gives_the_same_file(tiny_encoder, mixed_folder, tmp_path):
