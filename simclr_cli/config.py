@@ -71,6 +71,30 @@ def _check_finite(config: Any) -> None:
                f"--{item.name.replace('_', '-')} {value} must be a finite number")
 
 
+_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
+_JSON_NAMES = {"str": "a string", "int": "a whole number", "float": "a number", "bool": "true or false", "None": "null"}
+
+
+class SavedTypeError(TypeError):
+    """A setting read back from config.json has the wrong type; the message names it."""
+
+
+def _check_types(config: Any) -> None:
+    """Every setting has its annotated type, nested configs too: config.json is read back into these classes,
+    and a hand-edited `"epochs": "5"` would otherwise fail later, far from the file."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        names = [name.strip() for name in str(item.type).split("|")]
+        if any(name not in _JSON_TYPES for name in names):  # a nested config
+            if not dataclasses.is_dataclass(value):
+                raise SavedTypeError(f"{item.name} is {value!r}, not a group of settings")
+            _check_types(value)
+            continue
+        allowed = tuple(kind for name in names for kind in _JSON_TYPES[name])
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise SavedTypeError(f"{item.name} is {value!r}, not {' or '.join(_JSON_NAMES[name] for name in names)}")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how to compute: shared by every command."""
@@ -274,7 +298,9 @@ class PretrainConfig:
         data["augment"] = AugmentConfig(**data.get("augment", {})).decided()
         data["runtime"] = RuntimeConfig(**data.get("runtime", {}))
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        _check_types(config)
+        return config
 
 
 def replace(config: Any, **changes: Any) -> Any:
@@ -395,7 +421,9 @@ class FinetuneConfig:
         data["data"] = LabelledDataConfig(**data["data"])
         data["runtime"] = RuntimeConfig(**data.get("runtime", {}))
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        _check_types(config)
+        return config
 
 
 # -- presets: the papers' recipes by name (`simclr pretrain --preset NAME`) ------------------------------

@@ -139,5 +139,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     meta = read_metadata(path, "checkpoint")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ModelFileError(f"{path}: not a simclr checkpoint; pass a run folder of `simclr pretrain`")
-    return Checkpoint(tensors=load_file(str(path)), progress=json.loads(meta["progress"]),
-                      optimizer=json.loads(meta["optimizer"]), rng=json.loads(meta["rng"]))
+    parts = {}
+    for key in ("progress", "optimizer", "rng"):
+        try:
+            parts[key] = json.loads(meta[key])
+        except (KeyError, TypeError, ValueError):  # missing, or not JSON (json.JSONDecodeError is a ValueError)
+            raise ModelFileError(f"{path}: its {key!r} entry is missing or not JSON, so the checkpoint is damaged; "
+                                 f"restore the file, or start a new run with another --out") from None
+    return Checkpoint(tensors=load_file(str(path)), **parts)

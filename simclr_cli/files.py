@@ -137,12 +137,14 @@ def read_json_bytes(text: bytes, path: str | Path, what: str) -> Any:
 
 def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines log such as metrics.jsonl, none if it is missing; a line that does not
-    parse (the last one, cut short by a crash or a full disk) is left out."""
+    parse (the last one, cut short by a crash or a full disk), or is not a record (an edit), is left out."""
     path = Path(path)
     records = []
     for line in (path.read_text().splitlines() if path.is_file() else []):
         with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
+            record = json.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
     return records
 
 

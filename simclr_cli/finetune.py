@@ -18,7 +18,7 @@ from torchvision import transforms as T
 
 from simclr_cli import __version__
 from simclr_cli.augment import preprocessing
-from simclr_cli.config import FinetuneConfig, replace
+from simclr_cli.config import FinetuneConfig, SavedTypeError, replace
 from simclr_cli.data import ImageDataset, epoch_order, make_loader
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_confusion, knn_report, report_data,
@@ -213,20 +213,31 @@ class FinetuneRun:
         return data
 
     def _read_split(self) -> LabelledData:
-        split = read_json(self.run_dir / SPLIT_FILE, "list of training and validation images")
-        return LabelledData(split["classes"], LabelledSet.from_json(split["train"]),
-                            LabelledSet.from_json(split["val"]), [Skipped(**s) for s in split["skipped"]])
+        path = self.run_dir / SPLIT_FILE
+        split = read_json(path, "list of training and validation images")
+        try:
+            return LabelledData(split["classes"], LabelledSet.from_json(split["train"]),
+                                LabelledSet.from_json(split["val"]), [Skipped(**s) for s in split["skipped"]])
+        except (TypeError, KeyError, ValueError, AttributeError):  # edited, or another program's file
+            raise ConfigError(f"{path}: not the list of training and validation images this run wrote; restore "
+                              f"the file, or start a new run with another --out") from None
 
     def _restore(self) -> None:
-        checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_FILE)
-        self.model.load_state_dict(checkpoint.module_state("model"))
-        load_optimizer(self.optimizer, checkpoint.tensors, checkpoint.optimizer)
-        set_rng_state(checkpoint.rng_tensors(), checkpoint.rng)
-        if self.scaler is not None and checkpoint.progress.get("scaler"):  # fp16: the loss scale it had reached
-            self.scaler.load_state_dict(checkpoint.progress["scaler"])
-        known = {item.name for item in fields(FinetuneState)}  # earlier versions kept best_top1 and best_epoch too
-        self.state = FinetuneState(**{k: v for k, v in checkpoint.progress["state"].items() if k in known})
-        self.skipped.update({s["path"]: Skipped(**s) for s in checkpoint.progress.get("skipped", [])})
+        path = self.run_dir / CHECKPOINT_FILE
+        checkpoint = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(checkpoint.module_state("model"))
+            load_optimizer(self.optimizer, checkpoint.tensors, checkpoint.optimizer)
+            set_rng_state(checkpoint.rng_tensors(), checkpoint.rng)
+            if self.scaler is not None and checkpoint.progress.get("scaler"):  # fp16: the loss scale it had reached
+                self.scaler.load_state_dict(checkpoint.progress["scaler"])
+            known = {item.name for item in fields(FinetuneState)}  # earlier versions kept best_top1 and best_epoch too
+            self.state = FinetuneState(**{k: v for k, v in checkpoint.progress["state"].items() if k in known})
+            self.skipped.update({s["path"]: Skipped(**s) for s in checkpoint.progress.get("skipped", [])})
+        except (TypeError, KeyError, ValueError, RuntimeError, AttributeError, IndexError):  # RuntimeError: shapes
+            raise ModelFileError(f"{path}: does not fit the run's config.json and {SPLIT_FILE} (edited?) or is "
+                                 f"damaged; restore the files as the run wrote them, or start a new run with another "
+                                 f"--out") from None
         log = self.run_dir / "metrics.jsonl"
         write_text(log, "".join(json.dumps(record) + "\n" for record in read_json_lines(log)
                                 if record["epoch"] <= self.state.epoch))
@@ -417,11 +428,14 @@ def resume_finetune(run_dir: str | Path, report: Report = silent, device: str | 
                           f"`simclr finetune` started")
     try:
         config = FinetuneConfig.from_json(read_json(run_dir / "config.json", "run configuration"))
-    except (TypeError, KeyError, ValueError, AttributeError):  # another command's run, or an edited file
-        raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr finetune` run; "
-                          f"pass the folder of a run that `simclr finetune` started") from None
-    runtime = replace(config.runtime, device=device or config.runtime.device,
-                      workers=workers if workers is not None else config.runtime.workers)
-    config = replace(config, out_dir=str(run_dir), runtime=runtime)
+        runtime = replace(config.runtime, device=device or config.runtime.device,
+                          workers=workers if workers is not None else config.runtime.workers)
+        config = replace(config, out_dir=str(run_dir), runtime=runtime)
+        config.validate()  # in the try: an edited value of the right type may still trip a check
+    except (TypeError, KeyError, ValueError, AttributeError) as error:  # another command's run, or an edited file
+        detail = f" ({error})" if isinstance(error, SavedTypeError) else ""
+        raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr finetune` "
+                          f"run{detail}; pass the folder of a run that `simclr finetune` started, or restore its "
+                          f"config.json as the run wrote it") from None
     with held(run_dir, "--resume"):
-        return FinetuneRun(config.validate(), report, resume=True).run()
+        return FinetuneRun(config, report, resume=True).run()

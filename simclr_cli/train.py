@@ -17,10 +17,10 @@ from simclr_cli import __version__, distributed
 from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, simclr_augmentation
 from simclr_cli.batch_augment import AugmentInLoader, BatchAugment, ViewSampler, resolve_augment_on
 from simclr_cli.cache import DecodedCache, WorkingImages, working_side
-from simclr_cli.config import PretrainConfig, replace
+from simclr_cli.config import PretrainConfig, SavedTypeError, replace
 from simclr_cli.curves import CurvesWriter, KnnMonitor
 from simclr_cli.data import ImageDataset, collate, epoch_order, make_loader, to_device_ahead
-from simclr_cli.errors import ConfigError, DataError, SimclrError
+from simclr_cli.errors import ConfigError, DataError, ModelFileError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_optimizer,
                                save_checkpoint, save_encoder, save_tensors)
 from simclr_cli.files import ENCODER_FILE, EncoderInfo, held, read_json, read_json_lines, write_json, write_text
@@ -194,15 +194,21 @@ class PretrainRun:
         return dataset, collate, BatchAugment(aug)
 
     def _restore(self) -> None:
-        checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_FILE)
-        self.model.backbone.load_state_dict(checkpoint.module_state("backbone"))
-        self.model.head.load_state_dict(checkpoint.module_state("head"))
-        load_optimizer(self.optimizer, checkpoint.tensors, checkpoint.optimizer)
-        set_rng_state(checkpoint.rng_tensors(), checkpoint.rng)
+        path = self.run_dir / CHECKPOINT_FILE
+        checkpoint = load_checkpoint(path)
         saved = checkpoint.progress
-        if self.scaler is not None and saved.get("scaler"):  # fp16: the loss scale it had reached
-            self.scaler.load_state_dict(saved["scaler"])
-        self.state = LoopState(**saved["state"])
+        try:
+            self.model.backbone.load_state_dict(checkpoint.module_state("backbone"))
+            self.model.head.load_state_dict(checkpoint.module_state("head"))
+            load_optimizer(self.optimizer, checkpoint.tensors, checkpoint.optimizer)
+            set_rng_state(checkpoint.rng_tensors(), checkpoint.rng)
+            if self.scaler is not None and saved.get("scaler"):  # fp16: the loss scale it had reached
+                self.scaler.load_state_dict(saved["scaler"])
+            self.state = LoopState(**saved["state"])
+        except (TypeError, KeyError, ValueError, RuntimeError, AttributeError, IndexError):  # RuntimeError: shapes
+            raise ModelFileError(f"{path}: does not fit the run's config.json (an --arch or head edited in it?) or "
+                                 f"is damaged; restore both files as the run wrote them, or start a new run with "
+                                 f"another --out") from None
         if saved.get("num_images") != len(self.paths):
             self.report("warning", text=f"the folder now holds {len(self.paths)} images, not "
                                         f"{saved.get('num_images')}: the data order differs from the first run")
@@ -482,11 +488,14 @@ def resume_pretrain(run_dir: str | Path, report: Report = silent, data_dir: str 
                           f"`simclr pretrain` started")
     try:
         config = PretrainConfig.from_json(read_json(run_dir / "config.json", "run configuration"))
-    except (TypeError, KeyError, ValueError, AttributeError):  # another command's run, or an edited file
-        raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr pretrain` run; "
-                          f"pass the folder of a run that `simclr pretrain` started") from None
-    runtime = replace(config.runtime, device=device or config.runtime.device,
-                      workers=workers if workers is not None else config.runtime.workers)
-    config = replace(config, out_dir=str(run_dir), data_dir=data_dir or config.data_dir, runtime=runtime)
+        runtime = replace(config.runtime, device=device or config.runtime.device,
+                          workers=workers if workers is not None else config.runtime.workers)
+        config = replace(config, out_dir=str(run_dir), data_dir=data_dir or config.data_dir, runtime=runtime)
+        config.validate()  # in the try: an edited value of the right type may still trip a check
+    except (TypeError, KeyError, ValueError, AttributeError) as error:  # another command's run, or an edited file
+        detail = f" ({error})" if isinstance(error, SavedTypeError) else ""
+        raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr pretrain` "
+                          f"run{detail}; pass the folder of a run that `simclr pretrain` started, or restore its "
+                          f"config.json as the run wrote it") from None
     with held(run_dir, "--resume") if is_main() else contextlib.nullcontext():  # rank 0 holds it for the others
-        return PretrainRun(config.validate(), report, resume=True).run()
+        return PretrainRun(config, report, resume=True).run()

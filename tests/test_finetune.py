@@ -309,3 +309,24 @@ def test_a_run_in_use_is_refused_to_a_second_resume(finetuned, tmp_path):
         result = runner.invoke(app, ["finetune", "--resume", str(run), "--workers", "0"])
     assert result.exit_code == 1 and f"--resume {run} is in use by another simclr process" in result.output
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+
+
+def _edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda run: (run / "split.json").write_text("{}"), "split.json: not the list of training and validation images"),
+    (lambda run: _edit_json(run / "config.json", lambda c: c.update(epochs="5")),
+     "config.json is not the settings of a `simclr finetune` run (epochs is '5', not a whole number)"),
+], ids=["empty-split", "epochs-text"])
+def test_resuming_a_damaged_or_edited_run_folder_is_a_one_line_error(finetuned, tmp_path, damage, message):
+    run = shutil.copytree(finetuned[1], tmp_path / "run")
+    damage(run)
+    result = runner.invoke(app, ["finetune", "--resume", str(run), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output

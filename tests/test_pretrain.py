@@ -18,7 +18,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from simclr_cli import runtime, train
@@ -27,7 +27,7 @@ from simclr_cli.config import AugmentConfig, FinetuneConfig, LabelledDataConfig,
 from simclr_cli.data import epoch_order
 from simclr_cli.errors import ConfigError
 from simclr_cli.export import load_checkpoint, load_encoder
-from simclr_cli.files import held
+from simclr_cli.files import held, read_metadata
 from simclr_cli.images import scan_images
 from simclr_cli.models import SimCLR
 from simclr_cli.runtime import Precision, StopFlag
@@ -621,3 +621,52 @@ def test_a_run_in_use_is_refused_to_a_second_resume(tiny_encoder, tmp_path):
             pass
     with held(run, "--resume"):  # let go at the end of the block
         pass
+
+
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _edit_progress(checkpoint: Path, change) -> None:
+    """Rewrite the checkpoint's `progress` metadata entry with change(text)."""
+    metadata = read_metadata(checkpoint, "checkpoint")
+    save_file(load_file(str(checkpoint)), str(checkpoint), {**metadata, "progress": change(metadata["progress"])})
+
+
+def _add_state_key(text: str) -> str:
+    progress = json.loads(text)
+    progress["state"]["best_loss"] = 0.5  # a key LoopState does not have
+    return json.dumps(progress)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda run: _edit_json(run / "config.json", lambda c: c.update(max_time="10m")),
+     "config.json is not the settings of a `simclr pretrain` run (max_time is '10m', not a number or null)"),
+    (lambda run: _edit_json(run / "config.json", lambda c: c.update(epochs="5")),
+     "(epochs is '5', not a whole number); pass the folder of a run"),
+    (lambda run: _edit_json(run / "config.json", lambda c: c.update(arch="resnet34")),
+     "checkpoint.safetensors: does not fit the run's config.json"),
+    (lambda run: _edit_progress(run / "checkpoint.safetensors", _add_state_key),
+     "checkpoint.safetensors: does not fit the run's config.json"),
+    (lambda run: _edit_progress(run / "checkpoint.safetensors", lambda text: text[:-1]),
+     "checkpoint.safetensors: its 'progress' entry is missing or not JSON"),
+], ids=["max-time-text", "epochs-text", "arch-changed", "unknown-state-key", "progress-not-json"])
+def test_resuming_a_damaged_or_edited_run_folder_is_a_one_line_error(tiny_encoder, tmp_path, damage, message):
+    run = shutil.copytree(tiny_encoder, tmp_path / "run")
+    damage(run)
+    result = runner.invoke(app, ["pretrain", "--resume", str(run), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_log_line_that_is_not_a_record_is_dropped_on_resume(tiny_encoder, tmp_path):
+    run = shutil.copytree(tiny_encoder, tmp_path / "run")
+    log = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(log + "[1, 2]\n")
+    result = runner.invoke(app, ["pretrain", "--resume", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (run / "metrics.jsonl").read_text() == log
