@@ -32,6 +32,8 @@ SMALL_CPU_BATCH_SIZE = 128  # small images on a CPU: twice the steps a minute (R
 SMALL_CPU_CROP_MIN_SCALE = 0.6
 SMALL_CPU_JITTER = 1.0
 
+MAX_SEED = 2**63 - 1
+
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
 
 
@@ -109,6 +111,9 @@ class RuntimeConfig:
                f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         _check(self.workers is None or self.workers >= 0,
                f"--workers {self.workers} must be 0 (load in the main process) or more")
+        # torch.manual_seed takes at most 2**64 - 1 and numpy's generators no negative seed; 2**63 - 1 is the
+        # largest that fits a signed 64-bit integer, as any other library may store it.
+        _check(0 <= self.seed <= MAX_SEED, f"--seed {self.seed} is out of range; use 0 to {MAX_SEED}")
 
 
 @dataclass(frozen=True)

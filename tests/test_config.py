@@ -1,6 +1,7 @@
 import pytest
 
-from simclr_cli.config import AugmentConfig, PretrainConfig, parse_duration, replace
+from simclr_cli.config import (AugmentConfig, FinetuneConfig, LabelledDataConfig, LinearEvalConfig, PretrainConfig,
+                               RuntimeConfig, parse_duration, replace)
 from simclr_cli.errors import ConfigError
 
 
@@ -26,6 +27,19 @@ def test_bad_durations_name_the_flag(text):
 def test_validation_names_the_flag(change, flag):
     with pytest.raises(ConfigError, match=flag):
         PretrainConfig(data_dir=".", out_dir="x", **change).validate()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 99999999999999999999999])
+@pytest.mark.parametrize("command", [
+    lambda runtime: PretrainConfig(data_dir=".", out_dir="x", runtime=runtime),
+    lambda runtime: LinearEvalConfig(model="m", data=LabelledDataConfig("."), out_dir="x", runtime=runtime),
+    lambda runtime: FinetuneConfig(model="m", data=LabelledDataConfig("."), out_dir="x", runtime=runtime),
+], ids=["pretrain", "linear-eval", "finetune"])
+def test_a_seed_numpy_and_torch_cannot_take_names_the_flag(command, seed):
+    """numpy's generators refuse a negative seed, torch.manual_seed one of 2**64 or more: a traceback mid-run."""
+    with pytest.raises(ConfigError, match=f"--seed {seed} is out of range; use 0 to {2**63 - 1}"):
+        command(RuntimeConfig(seed=seed)).validate()
+    command(RuntimeConfig(seed=2**63 - 1)).validate()
 
 
 def test_small_images_default_to_cifar_stem_on_accelerators_only_and_config_round_trips():

@@ -321,7 +321,9 @@ def _edit_json(path, change):
     (lambda run: (run / "split.json").write_text("{}"), "split.json: not the list of training and validation images"),
     (lambda run: _edit_json(run / "config.json", lambda c: c.update(epochs="5")),
      "config.json is not the settings of a `simclr finetune` run (epochs is '5', not a whole number)"),
-], ids=["empty-split", "epochs-text"])
+    (lambda run: _edit_json(run / "config.json", lambda c: c["runtime"].update(seed=10 ** 30)),
+     f"--seed {10 ** 30} is out of range"),
+], ids=["empty-split", "epochs-text", "huge-seed"])
 def test_resuming_a_damaged_or_edited_run_folder_is_a_one_line_error(finetuned, tmp_path, damage, message):
     run = shutil.copytree(finetuned[1], tmp_path / "run")
     damage(run)
