@@ -33,6 +33,12 @@ SMALL_CPU_CROP_MIN_SCALE = 0.6
 SMALL_CPU_JITTER = 1.0
 
 MAX_SEED = 2**63 - 1
+# Upper bounds far above real use, so that a slip of the keyboard is a one-line error, not an allocation failure
+# or an OverflowError mid-run (SimCLR's largest batch is 8192; 65536 is four times the widest head anyone uses).
+MAX_BATCH_SIZE = 2**20
+MAX_PROJ_DIM = 65536
+MAX_WORKERS = 1024
+MAX_DEVICES = 1024
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
 
@@ -97,6 +103,15 @@ def _check_types(config: Any) -> None:
             raise SavedTypeError(f"{item.name} is {value!r}, not {' or '.join(_JSON_NAMES[name] for name in names)}")
 
 
+def _check_batch_size(batch_size: int | None) -> None:
+    _check(batch_size is None or batch_size <= MAX_BATCH_SIZE,
+           f"--batch-size {batch_size} is too large; use at most {MAX_BATCH_SIZE}")
+
+
+def _check_devices(devices: int) -> None:
+    _check(devices <= MAX_DEVICES, f"--devices {devices} is too many; use at most {MAX_DEVICES} processes")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how to compute: shared by every command."""
@@ -111,6 +126,9 @@ class RuntimeConfig:
                f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         _check(self.workers is None or self.workers >= 0,
                f"--workers {self.workers} must be 0 (load in the main process) or more")
+        _check(self.workers is None or self.workers <= MAX_WORKERS,
+               f"--workers {self.workers} is too many; use at most {MAX_WORKERS} (or leave it out for a count that "
+               f"suits this machine)")
         # torch.manual_seed takes at most 2**64 - 1 and numpy's generators no negative seed; 2**63 - 1 is the
         # largest that fits a signed 64-bit integer, as any other library may store it.
         _check(0 <= self.seed <= MAX_SEED, f"--seed {self.seed} is out of range; use 0 to {MAX_SEED}")
@@ -257,13 +275,15 @@ class PretrainConfig:
         _check(self.epochs >= 1, f"--epochs {self.epochs} must be at least 1")
         _check(self.batch_size is None or self.batch_size >= 2,
                f"--batch-size {self.batch_size} must be at least 2 (SimCLR needs negatives)")
+        _check_batch_size(self.batch_size)
         _check(self.arch in ARCHITECTURES,
                f"--arch {self.arch!r} is unknown; choose one of {', '.join(ARCHITECTURES)}")
         _check(self.stem in STEMS, f"--stem {self.stem!r} is not one of {', '.join(STEMS)}")
         _check(0.125 <= self.width <= 4, f"--width {self.width} is out of range; use 0.125 to 4 (1 is the "
                                          f"standard ResNet, 2 and 3 SimCLRv2's wide ones)")
         _check(self.proj_layers in (2, 3), f"--proj-layers {self.proj_layers} must be 2 (SimCLR) or 3 (SimCLRv2)")
-        _check(self.proj_dim >= 1, f"--proj-dim {self.proj_dim} must be positive")
+        _check(1 <= self.proj_dim <= MAX_PROJ_DIM,
+               f"--proj-dim {self.proj_dim} is out of range; use 1 to {MAX_PROJ_DIM} (the paper uses 128)")
         _check(0.01 <= self.temperature <= 10,
                f"--temperature {self.temperature} is out of range; use 0.01 to 10 (the paper uses 0.1 to 0.5)")
         _check(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -273,8 +293,9 @@ class PretrainConfig:
         _check(self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0")
         _check(self.warmup_epochs >= 0, f"--warmup-epochs {self.warmup_epochs} must be >= 0")
         _check(self.devices >= 1, f"--devices {self.devices} must be at least 1")
-        _check(self.chunk_size is None or self.chunk_size >= 1,
-               f"--chunk-size {self.chunk_size} must be at least 1 image (or leave it out)")
+        _check_devices(self.devices)
+        _check(self.chunk_size is None or 1 <= self.chunk_size <= MAX_BATCH_SIZE,
+               f"--chunk-size {self.chunk_size} must be 1 to {MAX_BATCH_SIZE} images (or leave it out)")
         _check(self.augment_on in AUGMENT_ON,
                f"--augment-on {self.augment_on!r} is not one of {', '.join(AUGMENT_ON)}")
         _check(self.cache or self.cache_dir is None, "--cache-dir needs --cache; add --cache or leave --cache-dir out")
@@ -357,6 +378,7 @@ class LinearEvalConfig:
         _check_finite(self)
         _check(self.l2 is None or self.l2 >= 0, f"--l2 {self.l2} must be >= 0 (or leave it out to search)")
         _check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1")
+        _check_batch_size(self.batch_size)
         self.data.validate()
         self.runtime.validate()
         return self
@@ -409,6 +431,7 @@ class FinetuneConfig:
                f"--from-head-layer {self.from_head_layer} must be 0 (the encoder) or 1 (SimCLRv2)")
         _check(self.epochs >= 1, f"--epochs {self.epochs} must be at least 1")
         _check(self.batch_size >= 2, f"--batch-size {self.batch_size} must be at least 2 (BatchNorm needs it)")
+        _check_batch_size(self.batch_size)
         _check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be positive")
         _check(self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0")
         _check(self.crop_min_scale is None or 0 < self.crop_min_scale <= 1,

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from simclr_cli.config import (AugmentConfig, FinetuneConfig, LabelledDataConfig, LinearEvalConfig, PretrainConfig,
@@ -40,6 +42,54 @@ def test_a_seed_numpy_and_torch_cannot_take_names_the_flag(command, seed):
     with pytest.raises(ConfigError, match=f"--seed {seed} is out of range; use 0 to {2**63 - 1}"):
         command(RuntimeConfig(seed=seed)).validate()
     command(RuntimeConfig(seed=2**63 - 1)).validate()
+
+
+def _pretrain(**changes):
+    return PretrainConfig(data_dir=".", out_dir="x", **changes)
+
+
+def _linear_eval(**changes):
+    return LinearEvalConfig(model="m", data=LabelledDataConfig("."), out_dir="x", **changes)
+
+
+def _finetune(**changes):
+    return FinetuneConfig(model="m", data=LabelledDataConfig("."), out_dir="x", **changes)
+
+
+def _embed(**changes):
+    from simclr_cli.embed import EmbedConfig
+
+    return EmbedConfig(model="m", images=".", out="x.npy", **changes)
+
+
+HUGE = 99999999999999999999
+
+
+@pytest.mark.parametrize("config,message", [
+    (lambda: _pretrain(batch_size=HUGE), f"--batch-size {HUGE} is too large; use at most 1048576"),
+    (lambda: _pretrain(chunk_size=HUGE), f"--chunk-size {HUGE} must be 1 to 1048576"),
+    (lambda: _pretrain(proj_dim=100000000000), "--proj-dim 100000000000 is out of range; use 1 to 65536"),
+    (lambda: _pretrain(devices=HUGE), f"--devices {HUGE} is too many; use at most 1024"),
+    (lambda: _pretrain(runtime=RuntimeConfig(workers=HUGE)), f"--workers {HUGE} is too many; use at most 1024"),
+    (lambda: _linear_eval(batch_size=HUGE), f"--batch-size {HUGE} is too large"),
+    (lambda: _finetune(batch_size=HUGE), f"--batch-size {HUGE} is too large"),
+    (lambda: _embed(batch_size=HUGE), f"--batch-size {HUGE} is too large"),
+    (lambda: _embed(workers=HUGE), f"--workers {HUGE} is too many"),
+    (lambda: _embed(devices=HUGE), f"--devices {HUGE} is too many"),
+], ids=["pretrain-batch", "chunk", "proj-dim", "pretrain-devices", "workers", "linear-eval-batch", "finetune-batch",
+        "embed-batch", "embed-workers", "embed-devices"])
+def test_sizes_past_any_real_use_name_the_flag(config, message):
+    """islice refuses a batch over sys.maxsize, and a 10**11-wide head fails to allocate, both mid-run."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config().validate()
+
+
+def test_the_largest_sizes_in_real_use_are_accepted():
+    _pretrain(batch_size=65536, chunk_size=65536, proj_dim=8192, devices=64,
+              runtime=RuntimeConfig(workers=64)).validate()
+    _finetune(batch_size=65536).validate()
+    _linear_eval(batch_size=65536).validate()
+    _embed(batch_size=65536, workers=64, devices=8).validate()
 
 
 def test_small_images_default_to_cifar_stem_on_accelerators_only_and_config_round_trips():
