@@ -123,10 +123,12 @@ def read_label_csv(csv_path: str | Path, root: str | Path) -> tuple[list[str], L
     rows: dict[Path, str] = {}
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            first = True  # the header, if any, is the first row that is not blank
             for number, row in enumerate(csv.reader(handle), start=1):
                 if not row or all(not cell.strip() for cell in row):
                     continue
-                if number == 1 and [cell.strip().lower() for cell in row] == ["path", "label"]:
+                header, first = first and [cell.strip().lower() for cell in row] == ["path", "label"], False
+                if header:
                     continue
                 if len(row) != 2 or not row[0].strip() or not row[1].strip():
                     raise DataError(f"--labels {csv_path}, line {number}: expected two fields, path,label; "

@@ -68,6 +68,19 @@ def test_label_csv_over_any_folder(tmp_path):
     assert [Path(s.path).name for s in skipped] == ["5.png"]
 
 
+@pytest.mark.parametrize("before", ["", "\n\n", "\r\n  \r\n", ",\n \t, \n"], ids=["first", "blank-lines",
+                                                                                 "crlf-spaces", "blank-cells"])
+def test_the_header_row_is_the_first_one_that_is_not_blank(tmp_path, before):
+    root = tmp_path / "pile"
+    root.mkdir()
+    for index in range(4):
+        Image.new("RGB", (8, 8), (index * 30, 0, 0)).save(root / f"{index}.png")
+    csv = tmp_path / "labels.csv"
+    csv.write_text(before + "Path, Label\n0.png,a\n1.png,b\n2.png,a\n3.png,b\n", newline="")
+    classes, data, _ = read_label_csv(csv, root)
+    assert classes == ["a", "b"] and len(data.paths) == 4
+
+
 def test_a_file_listed_twice_under_two_spellings_is_one_image(tmp_path):
     root = make_classes(tmp_path / "pile", {"x": 0})
     for index in range(4):
