@@ -53,9 +53,10 @@ def finetune_augmentation(info: EncoderInfo, crop_min_scale: float = 0.08) -> T.
     ])
 
 
-def first_head_layer(model_path: Path) -> nn.Module:
+def first_head_layer(model_path: Path, feature_dim: int) -> nn.Module:
     """The first Linear-BN-ReLU layer of the projection head saved beside the encoder (SimCLRv2, arXiv
-    2006.10029, section 2: fine-tuning from the middle of a 3-layer head beats fine-tuning from h)."""
+    2006.10029, section 2: fine-tuning from the middle of a 3-layer head beats fine-tuning from h). Its
+    input width is checked against the encoder's `feature_dim` here, before the run writes anything."""
     head_path = model_path.parent / HEAD_FILE
     if not head_path.is_file():
         raise ConfigError(f"--from-head-layer 1: no {HEAD_FILE} beside {model_path}; pass the run folder of "
@@ -65,10 +66,19 @@ def first_head_layer(model_path: Path) -> nn.Module:
     tensors = load_file(str(head_path))
     if "layers.0.weight" not in tensors or "layers.1.running_mean" not in tensors:
         raise ModelFileError(f"{head_path}: the head has no Linear-BN first layer; use --from-head-layer 0")
-    hidden, width = tensors["layers.0.weight"].shape
+    weight = tensors["layers.0.weight"]
+    if weight.ndim != 2 or weight.shape[1] != feature_dim:
+        raise ModelFileError(f"{head_path}: its first layer takes {weight.shape[1] if weight.ndim == 2 else '?'} "
+                             f"features, but the encoder {model_path} gives {feature_dim}; the head belongs to another "
+                             f"encoder: put the one its run saved beside it, or use --from-head-layer 0")
+    hidden, width = weight.shape
     layer = nn.Sequential(OrderedDict(layers=nn.Sequential(
         nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True))))
-    layer.load_state_dict({k: v for k, v in tensors.items() if k.startswith(("layers.0.", "layers.1."))})
+    try:
+        layer.load_state_dict({k: v for k, v in tensors.items() if k.startswith(("layers.0.", "layers.1."))})
+    except RuntimeError:  # a BatchNorm of another width than the Linear before it
+        raise ModelFileError(f"{head_path}: its first layer's Linear and BatchNorm do not fit together; the file "
+                             f"is damaged: use the head.safetensors its run saved, or --from-head-layer 0") from None
     layer.out_dim = hidden
     return layer
 
@@ -148,7 +158,7 @@ class FinetuneRun:
         seed_everything(config.runtime.seed)
         self.model_path = resolve_model_path(config.model)
         backbone, self.info = load_encoder(self.model_path)
-        head = first_head_layer(self.model_path) if config.from_head_layer else None
+        head = first_head_layer(self.model_path, backbone.feature_dim) if config.from_head_layer else None
         self.data = self._read_split() if resume else self._load_data()
         self.skipped: dict[str, Skipped] = {s.path: s for s in self.data.skipped}
         train = self.data.train

@@ -173,6 +173,23 @@ def test_from_head_layer_fine_tunes_through_the_first_head_layer(tiny_encoder, s
     load_encoder(result.model_path)  # still an encoder file for embed
 
 
+def test_a_head_of_another_width_is_refused_before_the_run_writes_anything(tiny_encoder, small_digits_folder,
+                                                                           tmp_path):
+    model = shutil.copytree(tiny_encoder, tmp_path / "model")
+    head = load_file(str(model / "head.safetensors"))
+    hidden, width = head["layers.0.weight"].shape
+    head["layers.0.weight"] = torch.zeros(hidden, width // 2)  # the head of a narrower encoder
+    save_file(head, str(model / "head.safetensors"), read_metadata(model / "head.safetensors", "head"))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["finetune", str(model), str(small_digits_folder), "--from-head-layer", "1",
+                                 "--out", str(out), *SHORT])
+    assert result.exit_code == 1, result.output
+    assert f"head.safetensors: its first layer takes {width // 2} features, but the encoder" in " ".join(
+        result.output.split())
+    assert "Traceback" not in result.output
+    assert not out.exists() or not any(out.iterdir()), "the same --out is free for the next try"
+
+
 @pytest.mark.parametrize("args,message", [
     (["{encoder}", "{digits}", "--label-fraction", "0"], "--label-fraction 0.0 must be in (0, 1]"),
     (["{encoder}", "{digits}", "--from-head-layer", "2"], "--from-head-layer 2 must be 0"),
