@@ -25,7 +25,7 @@ from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_c
                                save_checkpoint, save_encoder, save_tensors)
 from simclr_cli.files import ENCODER_FILE, EncoderInfo, held, read_json, read_json_lines, write_json, write_text
 from simclr_cli.gradcache import cached_backward, chunk_count
-from simclr_cli.images import Skipped, note_skipped, require_images, scan_images
+from simclr_cli.images import Skipped, UnreadableImage, load_rgb, note_skipped, require_images, scan_images
 from simclr_cli.loss import global_nt_xent
 from simclr_cli.memory import batch_shortfall
 from simclr_cli.models import SimCLR
@@ -205,6 +205,7 @@ class PretrainRun:
             if self.scaler is not None and saved.get("scaler"):  # fp16: the loss scale it had reached
                 self.scaler.load_state_dict(saved["scaler"])
             self.state = LoopState(**saved["state"])
+            earlier = [Skipped(**entry) for entry in saved.get("skipped", [])]
         except (TypeError, KeyError, ValueError, RuntimeError, AttributeError, IndexError):  # RuntimeError: shapes
             raise ModelFileError(f"{path}: does not fit the run's config.json (an --arch or head edited in it?) or "
                                  f"is damaged; restore both files as the run wrote them, or start a new run with "
@@ -212,7 +213,10 @@ class PretrainRun:
         if saved.get("num_images") != len(self.paths):
             self.report("warning", text=f"the folder now holds {len(self.paths)} images, not "
                                         f"{saved.get('num_images')}: the data order differs from the first run")
-        self.skipped.update({s["path"]: Skipped(**s) for s in saved.get("skipped", [])})
+        # Files skipped in an earlier session that the scan now finds readable and that decode have been mended:
+        # this session trains on them, so they leave skipped.json (a truncated file passes the scan's header check).
+        readable = {str(path) for path in self.paths}
+        self.skipped.update({s.path: s for s in earlier if s.path not in readable or not _decodes(s.path)})
         self._truncate_metrics(self.state.step)
         self.report("message", text=f"resuming {self.run_dir} at epoch {self.state.epoch + 1}, step {self.state.step}")
 
@@ -453,6 +457,14 @@ class PretrainRun:
             self.report("done", encoder=str(encoder), steps=state.step, images_seen=state.images_seen,
                         elapsed=state.elapsed, loss=final_loss)
         return PretrainResult(self.run_dir, encoder, state, final_loss, list(self.skipped.values()), interrupted)
+
+
+def _decodes(path: str) -> bool:
+    try:
+        load_rgb(path)
+    except UnreadableImage:
+        return False
+    return True
 
 
 def _listing_digest(paths: Sequence[str | Path]) -> str:

@@ -671,3 +671,23 @@ def test_a_log_line_that_is_not_a_record_is_dropped_on_resume(tiny_encoder, tmp_
     result = runner.invoke(app, ["pretrain", "--resume", str(run), "--quiet"])
     assert result.exit_code == 0, result.output
     assert (run / "metrics.jsonl").read_text() == log
+
+
+def test_a_file_mended_between_sessions_leaves_skipped_json_on_resume(small_digits_folder, tmp_path):
+    data = shutil.copytree(small_digits_folder, tmp_path / "data")
+    (data / "mended.png").write_text("not a png yet")
+    (data / "broken.png").write_text("not a png")
+
+    def interrupt_at_step_2(kind, **fields):
+        if kind == "step" and fields["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "run"
+    assert pretrain(_config(data, run, epochs=1), interrupt_at_step_2).interrupted
+    assert sorted(Path(s["path"]).name for s in json.loads((run / "skipped.json").read_text())) == [
+        "broken.png", "mended.png"]
+    shutil.copy(next((small_digits_folder / "3").iterdir()), data / "mended.png")
+    result = resume_pretrain(run)
+    assert result.state.finished
+    assert [Path(s.path).name for s in result.skipped] == ["broken.png"]
+    assert [Path(s["path"]).name for s in json.loads((run / "skipped.json").read_text())] == ["broken.png"]
