@@ -503,7 +503,7 @@ def resume_pretrain(run_dir: str | Path, report: Report = silent, data_dir: str 
         runtime = replace(config.runtime, device=device or config.runtime.device,
                           workers=workers if workers is not None else config.runtime.workers)
         config = replace(config, out_dir=str(run_dir), data_dir=data_dir or config.data_dir, runtime=runtime)
-        config.validate()  # in the try: an edited value of the right type may still trip a check
+        config = config.validate()  # in the try: an edited value of the right type may still trip a check
     except (TypeError, KeyError, ValueError, AttributeError) as error:  # another command's run, or an edited file
         detail = f" ({error})" if isinstance(error, SavedTypeError) else ""
         raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr pretrain` "
