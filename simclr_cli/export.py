@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from simclr_cli import __version__
+from simclr_cli.config import SavedTypeError, replace
 from simclr_cli.errors import ConfigError, ModelFileError
-from simclr_cli.files import (PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path, read_metadata,
-                              resolve_model_path)
+from simclr_cli.files import (PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path, read_json,
+                              read_metadata, resolve_model_path)
 from simclr_cli.models import build_backbone
 
 CHECKPOINT_FORMAT = "simclr-checkpoint"
@@ -36,6 +37,27 @@ def check_run_dir(run_dir: Path, resume: bool) -> bool:
         hint = f"resume it with --resume {run_dir}" if started else "choose an empty folder"
         raise ConfigError(f"--out {run_dir} already holds files; {hint}, or pass another --out")
     return resume and checkpoint.is_file()
+
+
+def read_run_config(config_class: Any, run_dir: Path, command: str, **changes: Any) -> Any:
+    """The settings a `simclr {command}` run saved in run_dir/config.json, with `changes` (--resume's own
+    flags: the runtime's given as device= and workers=, None where not given), validated. A folder of
+    another command's run, or a config.json edited past use, is a one-line ConfigError."""
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.json there; pass the folder of a run that "
+                          f"`simclr {command}` started")
+    device, workers = changes.pop("device", None), changes.pop("workers", None)
+    try:
+        config = config_class.from_json(read_json(run_dir / "config.json", "run configuration"))
+        runtime = replace(config.runtime, device=device or config.runtime.device,
+                          workers=workers if workers is not None else config.runtime.workers)
+        # validate() in the try: an edited value of the right type may still trip a check
+        return replace(config, out_dir=str(run_dir), runtime=runtime, **changes).validate()
+    except (TypeError, KeyError, ValueError, AttributeError) as error:  # another command's run, or an edited file
+        detail = f" ({error})" if isinstance(error, SavedTypeError) else ""
+        raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr {command}` "
+                          f"run{detail}; pass the folder of a run that `simclr {command}` started, or restore its "
+                          f"config.json as the run wrote it") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -18,13 +18,13 @@ from torchvision import transforms as T
 
 from simclr_cli import __version__
 from simclr_cli.augment import preprocessing
-from simclr_cli.config import FinetuneConfig, SavedTypeError, replace
+from simclr_cli.config import FinetuneConfig, replace
 from simclr_cli.data import ImageDataset, epoch_order, make_loader
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_confusion, knn_report, report_data,
                                  split_features)
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_encoder,
-                               load_optimizer, save_checkpoint, save_tensors)
+                               load_optimizer, read_run_config, save_checkpoint, save_tensors)
 from simclr_cli.features import compute_features, eval_dataset
 from simclr_cli.files import (EncoderInfo, held, read_json, read_json_lines, read_metadata, resolve_model_path,
                               write_json, write_text)
@@ -433,19 +433,6 @@ def resume_finetune(run_dir: str | Path, report: Report = silent, device: str | 
                     workers: int | None = None) -> FinetuneResult:
     """Continue the fine-tuning run in `run_dir` from its checkpoint, with its saved configuration."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"--resume {run_dir}: no config.json there; pass the folder of a run that "
-                          f"`simclr finetune` started")
-    try:
-        config = FinetuneConfig.from_json(read_json(run_dir / "config.json", "run configuration"))
-        runtime = replace(config.runtime, device=device or config.runtime.device,
-                          workers=workers if workers is not None else config.runtime.workers)
-        config = replace(config, out_dir=str(run_dir), runtime=runtime)
-        config = config.validate()  # in the try: an edited value of the right type may still trip a check
-    except (TypeError, KeyError, ValueError, AttributeError) as error:  # another command's run, or an edited file
-        detail = f" ({error})" if isinstance(error, SavedTypeError) else ""
-        raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr finetune` "
-                          f"run{detail}; pass the folder of a run that `simclr finetune` started, or restore its "
-                          f"config.json as the run wrote it") from None
+    config = read_run_config(FinetuneConfig, run_dir, "finetune", device=device, workers=workers)
     with held(run_dir, "--resume"):
         return FinetuneRun(config, report, resume=True).run()

@@ -17,12 +17,12 @@ from simclr_cli import __version__, distributed
 from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, simclr_augmentation
 from simclr_cli.batch_augment import AugmentInLoader, BatchAugment, ViewSampler, resolve_augment_on
 from simclr_cli.cache import DecodedCache, WorkingImages, working_side
-from simclr_cli.config import PretrainConfig, SavedTypeError, replace
+from simclr_cli.config import PretrainConfig, replace
 from simclr_cli.curves import CurvesWriter, KnnMonitor
 from simclr_cli.data import ImageDataset, collate, epoch_order, make_loader, to_device_ahead
 from simclr_cli.errors import ConfigError, DataError, ModelFileError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_optimizer,
-                               save_checkpoint, save_encoder, save_tensors)
+                               read_run_config, save_checkpoint, save_encoder, save_tensors)
 from simclr_cli.files import ENCODER_FILE, EncoderInfo, held, read_json, read_json_lines, write_json, write_text
 from simclr_cli.gradcache import cached_backward, chunk_count
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb, note_skipped, require_images, scan_images
@@ -495,19 +495,7 @@ def resume_pretrain(run_dir: str | Path, report: Report = silent, data_dir: str 
                     device: str | None = None, workers: int | None = None) -> PretrainResult:
     """Continue the run in `run_dir` from its checkpoint, with its saved configuration."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"--resume {run_dir}: no config.json there; pass the folder of a run that "
-                          f"`simclr pretrain` started")
-    try:
-        config = PretrainConfig.from_json(read_json(run_dir / "config.json", "run configuration"))
-        runtime = replace(config.runtime, device=device or config.runtime.device,
-                          workers=workers if workers is not None else config.runtime.workers)
-        config = replace(config, out_dir=str(run_dir), data_dir=data_dir or config.data_dir, runtime=runtime)
-        config = config.validate()  # in the try: an edited value of the right type may still trip a check
-    except (TypeError, KeyError, ValueError, AttributeError) as error:  # another command's run, or an edited file
-        detail = f" ({error})" if isinstance(error, SavedTypeError) else ""
-        raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr pretrain` "
-                          f"run{detail}; pass the folder of a run that `simclr pretrain` started, or restore its "
-                          f"config.json as the run wrote it") from None
+    config = read_run_config(PretrainConfig, run_dir, "pretrain", device=device, workers=workers,
+                             **({"data_dir": data_dir} if data_dir else {}))  # the images moved
     with held(run_dir, "--resume") if is_main() else contextlib.nullcontext():  # rank 0 holds it for the others
         return PretrainRun(config, report, resume=True).run()
