@@ -232,9 +232,9 @@ def test_a_diverging_run_says_to_lower_the_lr_not_to_resume(tiny_encoder, small_
 
 
 def test_batches_without_two_readable_images_are_skipped_and_the_run_ends(tiny_encoder, tmp_path, cut_image):
-    """Every batch of 2 holds a file that fails to decode (a PNG cut in half): each is skipped, and the
-    epochs still end (the run looped for ever on a skipped last batch)."""
-    for folder, counts in (("train", {"a": (1, 1), "b": (0, 2)}), ("val", {"a": (2, 0), "b": (2, 0)})):
+    """Batches of 2 that hold a file that fails to decode (a PNG cut in half) are skipped, and the epochs
+    still end (the run looped for ever on a skipped last batch). Each class keeps an image that decodes."""
+    for folder, counts in (("train", {"a": (1, 1), "b": (1, 2)}), ("val", {"a": (2, 0), "b": (2, 0)})):
         for name, (good, cut) in counts.items():
             (tmp_path / folder / name).mkdir(parents=True)
             for index in range(good + cut):
@@ -252,6 +252,8 @@ def test_batches_without_two_readable_images_are_skipped_and_the_run_ends(tiny_e
         pytest.fail("2 epochs of 2 steps were still running after 300 s")
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "run" / "finetune.json").read_text())["epochs"] == 2
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in epochs] == [1, 2] and epochs[-1]["step"] < 2 * 2, epochs  # some skipped
 
 
 def test_a_training_set_smaller_than_the_batch_fine_tunes_at_the_learning_rate_of_its_real_batch(
