@@ -87,20 +87,21 @@ class SavedTypeError(TypeError):
     """A setting read back from config.json has the wrong type; the message names it."""
 
 
-def _check_types(config: Any) -> None:
-    """Every setting has its annotated type, nested configs too: config.json is read back into these classes,
-    and a hand-edited `"epochs": "5"` would otherwise fail later, far from the file."""
+def check_saved_types(config: Any) -> Any:
+    """`config`, a dataclass read back from JSON (a config, a checkpoint's loop state), once every field has its
+    annotated type, nested ones too: a hand-edited `"epochs": "5"` would otherwise fail later, far from the file."""
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         names = [name.strip() for name in str(item.type).split("|")]
         if any(name not in _JSON_TYPES for name in names):  # a nested config
             if not dataclasses.is_dataclass(value):
                 raise SavedTypeError(f"{item.name} is {value!r}, not a group of settings")
-            _check_types(value)
+            check_saved_types(value)
             continue
         allowed = tuple(kind for name in names for kind in _JSON_TYPES[name])
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise SavedTypeError(f"{item.name} is {value!r}, not {' or '.join(_JSON_NAMES[name] for name in names)}")
+    return config
 
 
 def _check_batch_size(batch_size: int | None) -> None:
@@ -325,7 +326,7 @@ class PretrainConfig:
         data["runtime"] = RuntimeConfig(**data.get("runtime", {}))
         known = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: v for k, v in data.items() if k in known})
-        _check_types(config)
+        check_saved_types(config)
         return config
 
 
@@ -450,7 +451,7 @@ class FinetuneConfig:
         data["runtime"] = RuntimeConfig(**data.get("runtime", {}))
         known = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: v for k, v in data.items() if k in known})
-        _check_types(config)
+        check_saved_types(config)
         return config
 
 

@@ -18,7 +18,7 @@ from torchvision import transforms as T
 
 from simclr_cli import __version__
 from simclr_cli.augment import preprocessing
-from simclr_cli.config import FinetuneConfig, replace
+from simclr_cli.config import FinetuneConfig, check_saved_types, replace
 from simclr_cli.data import ImageDataset, epoch_order, make_loader
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_confusion, knn_report, report_data,
@@ -242,7 +242,8 @@ class FinetuneRun:
             if self.scaler is not None and checkpoint.progress.get("scaler"):  # fp16: the loss scale it had reached
                 self.scaler.load_state_dict(checkpoint.progress["scaler"])
             known = {item.name for item in fields(FinetuneState)}  # earlier versions kept best_top1 and best_epoch too
-            self.state = FinetuneState(**{k: v for k, v in checkpoint.progress["state"].items() if k in known})
+            self.state = check_saved_types(FinetuneState(**{k: v for k, v in checkpoint.progress["state"].items()
+                                                            if k in known}))
             self.skipped.update({s["path"]: Skipped(**s) for s in checkpoint.progress.get("skipped", [])})
         except (TypeError, KeyError, ValueError, RuntimeError, AttributeError, IndexError):  # RuntimeError: shapes
             raise ModelFileError(f"{path}: does not fit the run's config.json and {SPLIT_FILE} (edited?) or is "

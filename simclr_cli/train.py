@@ -17,7 +17,7 @@ from simclr_cli import __version__, distributed
 from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, simclr_augmentation
 from simclr_cli.batch_augment import AugmentInLoader, BatchAugment, ViewSampler, resolve_augment_on
 from simclr_cli.cache import DecodedCache, WorkingImages, working_side
-from simclr_cli.config import PretrainConfig, replace
+from simclr_cli.config import PretrainConfig, check_saved_types, replace
 from simclr_cli.curves import CurvesWriter, KnnMonitor
 from simclr_cli.data import ImageDataset, collate, epoch_order, make_loader, to_device_ahead
 from simclr_cli.errors import ConfigError, DataError, ModelFileError, SimclrError
@@ -204,7 +204,7 @@ class PretrainRun:
             set_rng_state(checkpoint.rng_tensors(), checkpoint.rng)
             if self.scaler is not None and saved.get("scaler"):  # fp16: the loss scale it had reached
                 self.scaler.load_state_dict(saved["scaler"])
-            self.state = LoopState(**saved["state"])
+            self.state = check_saved_types(LoopState(**saved["state"]))
             earlier = [Skipped(**entry) for entry in saved.get("skipped", [])]
         except (TypeError, KeyError, ValueError, RuntimeError, AttributeError, IndexError):  # RuntimeError: shapes
             raise ModelFileError(f"{path}: does not fit the run's config.json (an --arch or head edited in it?) or "

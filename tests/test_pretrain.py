@@ -636,6 +636,12 @@ def _edit_progress(checkpoint: Path, change) -> None:
     save_file(load_file(str(checkpoint)), str(checkpoint), {**metadata, "progress": change(metadata["progress"])})
 
 
+def _step_as_text(text: str) -> str:
+    progress = json.loads(text)
+    progress["state"]["step"] = str(progress["state"]["step"])  # "6": a step count LoopState would add to
+    return json.dumps(progress)
+
+
 def _add_state_key(text: str) -> str:
     progress = json.loads(text)
     progress["state"]["best_loss"] = 0.5  # a key LoopState does not have
@@ -651,9 +657,11 @@ def _add_state_key(text: str) -> str:
      "checkpoint.safetensors: does not fit the run's config.json"),
     (lambda run: _edit_progress(run / "checkpoint.safetensors", _add_state_key),
      "checkpoint.safetensors: does not fit the run's config.json"),
+    (lambda run: _edit_progress(run / "checkpoint.safetensors", _step_as_text),
+     "checkpoint.safetensors: does not fit the run's config.json"),
     (lambda run: _edit_progress(run / "checkpoint.safetensors", lambda text: text[:-1]),
      "checkpoint.safetensors: its 'progress' entry is missing or not JSON"),
-], ids=["max-time-text", "epochs-text", "arch-changed", "unknown-state-key", "progress-not-json"])
+], ids=["max-time-text", "epochs-text", "arch-changed", "unknown-state-key", "state-step-text", "progress-not-json"])
 def test_resuming_a_damaged_or_edited_run_folder_is_a_one_line_error(tiny_encoder, tmp_path, damage, message):
     run = shutil.copytree(tiny_encoder, tmp_path / "run")
     damage(run)
