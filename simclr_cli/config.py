@@ -104,12 +104,13 @@ def check_saved_types(config: Any) -> Any:
     return config
 
 
-def _check_batch_size(batch_size: int | None) -> None:
+def check_sizes(batch_size: int | None = None, workers: int | None = None, devices: int = 1) -> None:
+    """Refuse sizes far past real use (MAX_*), for every command's --batch-size, --workers and --devices."""
     _check(batch_size is None or batch_size <= MAX_BATCH_SIZE,
            f"--batch-size {batch_size} is too large; use at most {MAX_BATCH_SIZE}")
-
-
-def _check_devices(devices: int) -> None:
+    _check(workers is None or workers <= MAX_WORKERS,
+           f"--workers {workers} is too many; use at most {MAX_WORKERS} (or leave it out for a count that suits "
+           f"this machine)")
     _check(devices <= MAX_DEVICES, f"--devices {devices} is too many; use at most {MAX_DEVICES} processes")
 
 
@@ -127,9 +128,7 @@ class RuntimeConfig:
                f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         _check(self.workers is None or self.workers >= 0,
                f"--workers {self.workers} must be 0 (load in the main process) or more")
-        _check(self.workers is None or self.workers <= MAX_WORKERS,
-               f"--workers {self.workers} is too many; use at most {MAX_WORKERS} (or leave it out for a count that "
-               f"suits this machine)")
+        check_sizes(workers=self.workers)
         # torch.manual_seed takes at most 2**64 - 1 and numpy's generators no negative seed; 2**63 - 1 is the
         # largest that fits a signed 64-bit integer, as any other library may store it.
         _check(0 <= self.seed <= MAX_SEED, f"--seed {self.seed} is out of range; use 0 to {MAX_SEED}")
@@ -276,7 +275,7 @@ class PretrainConfig:
         _check(self.epochs >= 1, f"--epochs {self.epochs} must be at least 1")
         _check(self.batch_size is None or self.batch_size >= 2,
                f"--batch-size {self.batch_size} must be at least 2 (SimCLR needs negatives)")
-        _check_batch_size(self.batch_size)
+        check_sizes(self.batch_size)
         _check(self.arch in ARCHITECTURES,
                f"--arch {self.arch!r} is unknown; choose one of {', '.join(ARCHITECTURES)}")
         _check(self.stem in STEMS, f"--stem {self.stem!r} is not one of {', '.join(STEMS)}")
@@ -294,7 +293,7 @@ class PretrainConfig:
         _check(self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0")
         _check(self.warmup_epochs >= 0, f"--warmup-epochs {self.warmup_epochs} must be >= 0")
         _check(self.devices >= 1, f"--devices {self.devices} must be at least 1")
-        _check_devices(self.devices)
+        check_sizes(devices=self.devices)
         _check(self.chunk_size is None or 1 <= self.chunk_size <= MAX_BATCH_SIZE,
                f"--chunk-size {self.chunk_size} must be 1 to {MAX_BATCH_SIZE} images (or leave it out)")
         _check(self.augment_on in AUGMENT_ON,
@@ -379,7 +378,7 @@ class LinearEvalConfig:
         _check_finite(self)
         _check(self.l2 is None or self.l2 >= 0, f"--l2 {self.l2} must be >= 0 (or leave it out to search)")
         _check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1")
-        _check_batch_size(self.batch_size)
+        check_sizes(self.batch_size)
         self.data.validate()
         self.runtime.validate()
         return self
@@ -432,7 +431,7 @@ class FinetuneConfig:
                f"--from-head-layer {self.from_head_layer} must be 0 (the encoder) or 1 (SimCLRv2)")
         _check(self.epochs >= 1, f"--epochs {self.epochs} must be at least 1")
         _check(self.batch_size >= 2, f"--batch-size {self.batch_size} must be at least 2 (BatchNorm needs it)")
-        _check_batch_size(self.batch_size)
+        check_sizes(self.batch_size)
         _check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be positive")
         _check(self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0")
         _check(self.crop_min_scale is None or 0 < self.crop_min_scale <= 1,

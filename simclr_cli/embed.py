@@ -32,7 +32,7 @@ from numpy.lib import format as npy_format
 
 from simclr_cli import __version__
 from simclr_cli.augment import preprocessing
-from simclr_cli.config import MAX_BATCH_SIZE, MAX_DEVICES, MAX_WORKERS, PRECISIONS
+from simclr_cli.config import PRECISIONS, check_sizes
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.export import load_encoder
 from simclr_cli.features import iter_features
@@ -73,17 +73,11 @@ class EmbedConfig:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size} must be at least 1")
-        if self.batch_size > MAX_BATCH_SIZE:
-            raise ConfigError(f"--batch-size {self.batch_size} is too large; use at most {MAX_BATCH_SIZE}")
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers {self.workers} must be 0 (load in the main process) or more")
-        if self.workers is not None and self.workers > MAX_WORKERS:
-            raise ConfigError(f"--workers {self.workers} is too many; use at most {MAX_WORKERS} (or leave it out "
-                              f"for a count that suits this machine)")
         if self.devices < 1:
             raise ConfigError(f"--devices {self.devices} must be at least 1")
-        if self.devices > MAX_DEVICES:
-            raise ConfigError(f"--devices {self.devices} is too many; use at most {MAX_DEVICES} processes")
+        check_sizes(self.batch_size, self.workers, self.devices)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if Path(self.out).suffix != ".npy":
