@@ -86,8 +86,8 @@ class EmbedConfig:
             raise ConfigError(f"OUT {self.out} is a folder; pass a file name for the index, e.g. photos.npy")
         check_output_path(self.out, "OUT")
         if manifest_path(self.out).is_dir():  # else found at the end, after every row: the manifest is written last
-            raise ConfigError(f"{manifest_path(self.out)} is a folder, where OUT {self.out} puts its manifest; move it, "
-                              f"or pass another OUT")
+            raise ConfigError(f"{manifest_path(self.out)} is a folder, where OUT {self.out} puts its manifest; move "
+                              f"it, or pass another OUT")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite both given; use one of them")
         return self

@@ -22,7 +22,7 @@ from simclr_cli.features import compute_features
 from simclr_cli.files import (EncoderInfo, atomic_path, check_output_path, read_metadata, resolve_model_path,
                               sha256_file, write_json)
 from simclr_cli.images import Skipped
-from simclr_cli.labels import LabelledData, load_labelled, stratified_split
+from simclr_cli.labels import LabelledData, check_decoded, load_labelled, stratified_split
 from simclr_cli.runtime import Precision, resolve_device, resolve_precision, seed_everything
 from simclr_cli.train import Report, silent
 
@@ -303,13 +303,9 @@ def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult
     for item in skipped:
         report("warning", text=f"skipped {item.path}: {item.reason}")
     train_x, train_y, val_x, val_y = split_features(data, features, kept)
-    # The scan read headers only: a class whose training images all failed to decode would get a probe that
-    # never saw it (and a single training image left gives NaN standard deviations, so a NaN probe).
-    per_class = torch.bincount(train_y, minlength=len(data.classes))  # (C,)
-    if (per_class == 0).any():
-        name = data.classes[int(torch.nonzero(per_class == 0)[0])]
-        raise DataError(f"class {name!r} has no training image that could be decoded (see the warnings above); "
-                        f"add images to it or remove it")
+    # A class with no training image left would get a probe that never saw it (and a single training image
+    # left gives NaN standard deviations, so a NaN probe).
+    check_decoded(data.classes, train_y.tolist())
 
     report("message", text="training the linear probe" + (" (choosing its L2 strength)" if config.l2 is None else ""))
     probe, search = train_linear_probe(train_x, train_y, len(data.classes), config.l2, config.runtime.seed)

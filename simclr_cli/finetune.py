@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from simclr_cli import __version__
 from simclr_cli.augment import preprocessing
 from simclr_cli.config import FinetuneConfig, check_saved_types, replace
 from simclr_cli.data import ImageDataset, epoch_order, make_loader
-from simclr_cli.errors import ConfigError, DataError, ModelFileError
+from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_confusion, knn_report, report_data,
                                  split_features)
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_encoder,
@@ -29,7 +29,7 @@ from simclr_cli.features import compute_features, eval_dataset
 from simclr_cli.files import (EncoderInfo, held, read_json, read_json_lines, read_metadata, resolve_model_path,
                               write_json, write_text)
 from simclr_cli.images import Skipped, note_skipped
-from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, load_labelled
+from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, check_decoded, load_labelled
 from simclr_cli.memory import batch_shortfall
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
 from simclr_cli.runtime import (StopFlag, default_workers, resolve_device, resolve_precision, rng_state,
@@ -386,16 +386,6 @@ class FinetuneRun:
         write_json(self.run_dir / RESULTS_FILE, results)
         return results
 
-    def _check_classes(self) -> None:
-        """Refuse a class none of whose training images decodes: the scan read headers only, and the model,
-        never shown the class, would be reported as if it had learnt every class."""
-        train = self.data.train
-        decoded = Counter(label for path, label in zip(train.paths, train.labels) if str(path) not in self.skipped)
-        for label, name in enumerate(self.data.classes):
-            if decoded[label] == 0:
-                raise DataError(f"class {name!r} has no training image that could be decoded (see the warnings "
-                                f"above); add images to it or remove it, then run again with another --out")
-
     def run(self) -> FinetuneResult:
         """Train to the last epoch, validating and checkpointing after each; export and report the last."""
         state, offset, session_start = self.state, self.state.elapsed, time.monotonic()
@@ -408,7 +398,9 @@ class FinetuneRun:
         with StopFlag() as stop:
             while state.epoch < self.config.epochs:
                 self.train_one_epoch(stop, clock)
-                self._check_classes()
+                train = self.data.train  # every image not skipped so far decoded, or is still to come
+                decoded = [label for path, label in zip(train.paths, train.labels) if str(path) not in self.skipped]
+                check_decoded(self.data.classes, decoded, ", then run again with another --out")
                 if state.step_in_epoch >= self.steps_per_epoch:
                     self.end_epoch()
                 interrupted = stop.signal is not None and state.epoch < self.config.epochs

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -59,6 +61,17 @@ def _check_classes(source: str, classes: list[str], counts: list[int]) -> None:
     if len(classes) < 2:
         raise DataError(f"{source}: only one class ({classes[0]!r}); a classifier needs at least two, "
                         f"one subfolder (or CSV label) per class")
+
+
+def check_decoded(classes: list[str], decoded: Iterable[int], fix: str = "") -> None:
+    """Refuse a class none of whose training images decoded (`decoded`: the label of each that did). Scans read
+    headers only, and a model never shown the class would be reported as if it had learnt it; `fix` is added
+    to the message."""
+    counts = Counter(decoded)
+    for label, name in enumerate(classes):
+        if counts[label] == 0:
+            raise DataError(f"class {name!r} has no training image that could be decoded (see the warnings above); "
+                            f"add images to it or remove it{fix}")
 
 
 def read_class_folders(root: str | Path, classes: list[str] | None = None,
