@@ -9,6 +9,7 @@
  * the caller whether this CPU can run them. Arrays are C-contiguous; no function keeps a pointer.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 #define TARGET __attribute__((target("avx2,fma,f16c")))
@@ -46,20 +47,85 @@ TARGET static float dot_row(const uint16_t *row, const float *other, int64_t dim
     return sum;
 }
 
-/* scores (n, num_queries) = rows (n, dim) float16 @ queries (num_queries, dim) float32 transposed;
- * norms (n,), unless NULL, the squared length of each row. */
-TARGET void simclr_half_dot(const uint16_t *rows, int64_t n, int64_t dim, const float *queries,
-                            int64_t num_queries, float *scores, float *norms) {
+/* The float32 square root of the row's float32 sum of squares, at least 1e-12, as numpy's cosine takes it. */
+TARGET static inline float row_length(const uint16_t *row, int64_t dim) {
+    float length = _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(dot_row(row, 0, dim))));
+    return length > 1e-12f ? length : 1e-12f;  /* NaN too: the row's scores are NaN already */
+}
+
+/* Whether (score, row) ranks below (other_score, other_row): a lower score, or the same score and a later row. */
+static inline int ranks_below(float score, int64_t row, float other_score, int64_t other_row) {
+    return score < other_score || (score == other_score && row > other_row);
+}
+
+static inline void swap_entries(float *scores, int64_t *rows, int64_t a, int64_t b) {
+    float score = scores[a];
+    int64_t row = rows[a];
+    scores[a] = scores[b], rows[a] = rows[b];
+    scores[b] = score, rows[b] = row;
+}
+
+/* Offers (score, row) to a heap of the best `k` so far, `*held` of them, the one that ranks lowest at [0]. */
+static void offer(float *scores, int64_t *rows, int64_t *held, int64_t k, float score, int64_t row) {
+    int64_t i;
+    if (*held < k) {  /* room: added at the end, then moved up while it ranks below its parent */
+        i = (*held)++;
+        scores[i] = score, rows[i] = row;
+        while (i > 0 && ranks_below(scores[i], rows[i], scores[(i - 1) / 2], rows[(i - 1) / 2])) {
+            swap_entries(scores, rows, i, (i - 1) / 2);
+            i = (i - 1) / 2;
+        }
+        return;
+    }
+    if (!ranks_below(scores[0], rows[0], score, row))
+        return;
+    scores[0] = score, rows[0] = row;  /* replaces the lowest, then goes down below every entry it outranks */
+    for (i = 0;;) {
+        int64_t lowest = i, child = 2 * i + 1;
+        if (child < k && ranks_below(scores[child], rows[child], scores[lowest], rows[lowest]))
+            lowest = child;
+        if (child + 1 < k && ranks_below(scores[child + 1], rows[child + 1], scores[lowest], rows[lowest]))
+            lowest = child + 1;
+        if (lowest == i)
+            return;
+        swap_entries(scores, rows, i, lowest);
+        i = lowest;
+    }
+}
+
+/* The best k rows of rows (n, dim) float16, numbered from first_row, for each float32 query of queries
+ * (num_queries, dim), by dot product, or by cosine when `divide_by_length` (rows not of unit length).
+ * Query j's heap is best_scores[j * k:], best_rows[j * k:], held[j] of its k entries filled: on entry the
+ * best of the rows before (held[j] = 0 at first), on return the best of those and these. exclude (or NULL)
+ * holds a row each query must not return, or -1: it scores -inf. Ties go to the lower row. A row scoring
+ * NaN (excluded or not) enters no heap; the first such row is returned, else -1.
+ * The top-k is kept here, not merged in Python after each chunk: the search's threads then hold the GIL
+ * only to hand over a chunk, and no longer wait on each other for it. */
+TARGET int64_t simclr_half_top_k(const uint16_t *rows, int64_t n, int64_t dim, int64_t first_row,
+                                 const float *queries, int64_t num_queries, int64_t k, const int64_t *exclude,
+                                 int divide_by_length, float *best_scores, int64_t *best_rows, int64_t *held) {
+    int64_t first_nan = -1;
     for (int64_t i = 0; i < n; i++) {
         const uint16_t *row = rows + i * dim;  /* 1 KiB at 512 dims: stays in L1 across the queries */
         if (i + PREFETCH_ROWS < n)
             for (int64_t byte = 0; byte < dim * 2; byte += 64)
                 _mm_prefetch((const char *)(row + PREFETCH_ROWS * dim) + byte, _MM_HINT_T0);
-        for (int64_t j = 0; j < num_queries; j++)
-            scores[i * num_queries + j] = dot_row(row, queries + j * dim, dim);
-        if (norms)
-            norms[i] = dot_row(row, 0, dim);
+        float length = divide_by_length ? row_length(row, dim) : 1.0f;
+        for (int64_t j = 0; j < num_queries; j++) {
+            float score = dot_row(row, queries + j * dim, dim);
+            if (divide_by_length)
+                score /= length;
+            if (score != score) {
+                if (first_nan < 0)
+                    first_nan = first_row + i;
+                continue;
+            }
+            if (exclude && exclude[j] == first_row + i)
+                score = -INFINITY;
+            offer(best_scores + j * k, best_rows + j * k, held + j, k, score, first_row + i);
+        }
     }
+    return first_nan;
 }
 
 /* out (count,) float32 = values (count,) float16, for many queries, which BLAS scores faster. */

@@ -25,7 +25,7 @@ import numpy as np
 from simclr_cli.config import cpu_cores
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.files import check_output_path, read_json, read_json_bytes, sha256_file, write_json, xdg_home
-from simclr_cli.native import half_kernels
+from simclr_cli.native import Heaps, half_kernels
 
 INDEX_FORMAT = "simclr-index"
 DTYPES = ("float32", "float16")
@@ -267,6 +267,14 @@ def choose_index(explicit: str | Path | None) -> tuple[Path, str]:
 
 # -- search ---------------------------------------------------------------------------------
 
+class NaNRow(ValueError):
+    """A row of the index scored NaN (the index is damaged): `row`, the first one the search came upon."""
+
+    def __init__(self, row: int):
+        super().__init__(f"row {row} of the index scores NaN")
+        self.row = row
+
+
 def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True,
           exclude: Sequence[int | None] | None = None, chunk_rows: int | None = None,
           kernel: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -276,13 +284,15 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
     one chunk whatever N (plus 2 bytes a row for one or two queries against float16 rows with PyTorch). One
     query against float32 rows of up to 1,024 values, or against float16 rows, splits the rows among
     threads. `exclude[j]` is a row that query j must not return (itself): it scores -inf, so when k reaches N
-    it comes last, at -inf. Hits of equal score are listed by row.
+    it comes last, at -inf. Hits of equal score are listed by row. A row that scores NaN (a damaged index)
+    raises NaNRow, wherever it ranks; numpy's float16 kernel alone cannot tell, as it turns NaN finite.
 
     Float16 rows are scored by `kernel` (FLOAT16_KERNELS): "native", half.c's F16C kernels (native.py), which
-    read each row once; "torch", PyTorch's float16 matrix-vector product for one or two unit queries, slower
-    (1M x 512 rows: 1.6-2x the time to read them, against 1.2-1.5x), and importing PyTorch takes longer than
-    searching a million rows; "numpy", three integer passes a chunk (`_float16_scorer`), 3.5-5x. None: the
-    first of these that this machine has (`float16_kernel`). Float32 rows are always scored by numpy.
+    read each row once, and for fewer than SPLIT_QUERIES queries keep the top k as well; "torch", PyTorch's
+    float16 matrix-vector product for one or two unit queries, slower (1M x 512 rows: 1.6-2x the time to
+    read them, against 1.0-1.3x), and importing PyTorch takes longer than searching a million rows;
+    "numpy", three integer passes a chunk (`_float16_scorer`), 3.5-5x. None: the first of these that this
+    machine has (`float16_kernel`). Float32 rows are always scored by numpy.
     """
     if rows.ndim != 2 or queries.ndim != 2 or rows.shape[1] != queries.shape[1]:
         raise ValueError(f"rows {rows.shape} and queries {queries.shape}: two 2-d arrays of one width are needed")
@@ -302,25 +312,30 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
                  for j, query in enumerate(queries)]
         return np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
     queries_t = np.ascontiguousarray(queries.T)  # (D, Q)
-    if rows.dtype == np.float16:
-        split_rows = num_queries < SPLIT_QUERIES
-        if kernel == "native" and split_rows:
-            chunk_rows = chunk_rows or FLOAT16_CHUNK_ROWS
-        else:
-            chunk_rows = chunk_rows or max(1, DECODE_BYTES // (4 * max(1, rows.shape[1])))
-        make_scorer = partial(_native_float16_scorer if kernel == "native" else _float16_scorer, queries_t,
-                              min(chunk_rows, count), split_rows, normalized)
+    if rows.dtype == np.float16 and kernel == "native" and num_queries < SPLIT_QUERIES:
+        chunk_rows = chunk_rows or FLOAT16_CHUNK_ROWS
+        split_rows = True
+        scan = partial(_scan_native, rows, queries, k, exclude, normalized, chunk_rows)
     else:
-        chunk_rows = chunk_rows or CHUNK_ROWS
-        # One query against rows of up to 1,024 values: the rows split among threads. Longer rows (2,048-d:
-        # resnet50 and up) go faster through BLAS, which threads itself: on 1M x 2048 rows, 2-core AVX2 EPYC,
-        # 0.26-0.41 s against the split einsum's 0.41-0.48 s (at 512-d 0.12 s against 0.10-0.12 s; the
-        # split rows are now scored by np.vecdot, 77 against the einsum's 85 ms).
-        split_rows = num_queries == 1 and rows.shape[1] <= 1024
-        make_scorer = partial(_float32_scorer, queries_t, split_rows, normalized)
+        if rows.dtype == np.float16 and kernel == "native":  # many queries: converted, then scored by BLAS
+            split_rows = False
+            chunk_rows = chunk_rows or max(1, DECODE_BYTES // (4 * max(1, rows.shape[1])))
+            make_scorer = partial(_native_float16_scorer, queries_t, min(chunk_rows, count), normalized)
+        elif rows.dtype == np.float16:
+            split_rows = num_queries < SPLIT_QUERIES
+            chunk_rows = chunk_rows or max(1, DECODE_BYTES // (4 * max(1, rows.shape[1])))
+            make_scorer = partial(_float16_scorer, queries_t, min(chunk_rows, count), split_rows, normalized)
+        else:
+            chunk_rows = chunk_rows or CHUNK_ROWS
+            # One query against rows of up to 1,024 values: the rows split among threads. Longer rows (2,048-d:
+            # resnet50 and up) go faster through BLAS, which threads itself: on 1M x 2048 rows, 2-core AVX2
+            # EPYC, 0.26-0.41 s against the split einsum's 0.41-0.48 s (at 512-d 0.12 s against 0.10-0.12 s;
+            # the split rows are now scored by np.vecdot, 77 against the einsum's 85 ms).
+            split_rows = num_queries == 1 and rows.shape[1] <= 1024
+            make_scorer = partial(_float32_scorer, queries_t, split_rows, normalized)
 
-    def scan(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        return _scan(rows, span, make_scorer(), num_queries, k, exclude, chunk_rows)
+        def scan(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+            return _scan(rows, span, make_scorer(), num_queries, k, exclude, chunk_rows)
 
     if split_rows:
         # One query, a share of the rows to each thread: 1.1-1.5x the time to read float32 rows once on
@@ -386,26 +401,33 @@ def _float16_scorer(queries_t: np.ndarray, buffer_rows: int, one_thread: bool,
     return score
 
 
-def _native_float16_scorer(queries_t: np.ndarray, buffer_rows: int, one_thread: bool,
+def _native_float16_scorer(queries_t: np.ndarray, buffer_rows: int,
                            normalized: bool) -> Callable[[np.ndarray], np.ndarray]:
-    """Cosine scores of float16 chunks (C, D) against unit queries (D, Q) by half.c: (C, Q) float32.
-
-    A few queries (`one_thread`: the rows split among threads) are scored as each row is converted; more by
-    BLAS, which threads itself, from a float32 buffer the chunk is converted into.
-    """
+    """Cosine scores of float16 chunks (C, D) against many unit queries (D, Q): (C, Q) float32, by BLAS, which
+    threads itself, from a float32 buffer half.c converts each chunk into."""
     kernels = half_kernels()
-    queries = np.ascontiguousarray(queries_t.T)  # (Q, D)
-    if not one_thread:
-        buffer = np.empty((buffer_rows, queries.shape[1]), dtype=np.float32)
-        score_float32 = _float32_scorer(queries_t, one_thread, normalized)
-        return lambda chunk: score_float32(kernels.to_float(chunk, buffer[:len(chunk)]))
+    buffer = np.empty((buffer_rows, queries_t.shape[0]), dtype=np.float32)
+    score_float32 = _float32_scorer(queries_t, False, normalized)
+    return lambda chunk: score_float32(kernels.to_float(chunk, buffer[:len(chunk)]))
 
-    def score(chunk: np.ndarray) -> np.ndarray:
-        scores, norms = kernels.dot(chunk, queries, norms=not normalized)  # (C, Q), (C,) or None
-        if norms is not None:
-            scores /= np.maximum(np.sqrt(norms), 1e-12)[:, None]
-        return scores
-    return score
+
+def _scan_native(rows: np.ndarray, queries: np.ndarray, k: int, exclude: Sequence[int | None] | None,
+                 normalized: bool, chunk_rows: int, span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of float16 rows[begin:end] for a few queries (Q, D) by half.c, which keeps a heap of the best
+    each and reads each row once: (scores (k', Q), row indices (k', Q)), k' <= k, unsorted.
+
+    Each call holds the GIL for its set-up only. On 100k x 512 rows, 2-core AVX2 EPYC, one query, 40 runs
+    each in turns with the floor (bench_similar.py): 6.2 ms at best, 10.9 median, where scoring each chunk
+    in C and merging a top-k in numpy took 8.7-9.3 and 14.3-15.5 ms.
+    """
+    kernels, heaps = half_kernels(), Heaps(len(queries), k)
+    excluded = None if exclude is None else np.array([-1 if row is None else row for row in exclude], dtype=np.int64)
+    for start in range(span[0], span[1], chunk_rows):
+        chunk = np.asarray(rows[start:min(start + chunk_rows, span[1])])  # (C, D), read from the memory map
+        nan_row = kernels.top_k(chunk, queries, heaps, start, excluded, divide_by_length=not normalized)
+        if nan_row is not None:
+            raise NaNRow(nan_row)
+    return heaps.best()
 
 
 def _scan(rows: np.ndarray, span: tuple[int, int], score: Callable[[np.ndarray], np.ndarray], num_queries: int,
@@ -417,6 +439,8 @@ def _scan(rows: np.ndarray, span: tuple[int, int], score: Callable[[np.ndarray],
     for start in range(begin, end, chunk_rows):
         chunk = np.asarray(rows[start:min(start + chunk_rows, end)])  # (C, D), read from the memory map
         scores = score(chunk)  # (C, Q) cosines
+        if np.isnan(scores).any():
+            raise NaNRow(start + int(np.flatnonzero(np.isnan(scores).any(axis=1))[0]))
         for j, row in enumerate(exclude or ()):
             if row is not None and start <= row < start + len(chunk):
                 scores[row - start, j] = -np.inf
@@ -467,6 +491,8 @@ def _top_k_float16(rows: np.ndarray, query: np.ndarray, k: int, exclude: int | N
         block = torch.from_numpy(np.asarray(rows[start:start + chunk_rows]))  # (C, D) float16
         torch.mv(block, query_half, out=approx[start:start + len(block)])
     approx = approx.float()
+    if approx.isnan().any():
+        raise NaNRow(int(approx.isnan().nonzero()[0, 0]))
     if exclude is not None:
         approx[exclude] = -float("inf")
     # The best k + CANDIDATE_SLACK usually hold every candidate, and then one top-k finds them: a pass
@@ -569,15 +595,11 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
     # A query the manifest does not spell as it is spelt here (reached through a symbolic link) may still
     # be in the index: one more hit each is asked for, and any hit that is the query's file is left out.
     unmatched = [j for j, row in enumerate(exclude or ()) if row is None]
-    scores, found = top_k(rows, features, k + bool(unmatched), manifest.normalized, exclude)  # (M, k'), (M, k')
-    # A NaN row (a damaged index) is neither ranked nor left out silently: it shows as a NaN among a query's
-    # scores, or as fewer scores than asked for (NaN fails every comparison that admits a row to the top k).
-    excluded = np.array([row is not None for row in exclude or [None] * len(kept)])  # (M,)
-    wanted = np.minimum(k + bool(unmatched), len(rows) - excluded)  # (M,) scores above -inf that top_k must give
-    damaged = np.flatnonzero((scores > -np.inf).sum(axis=1) < wanted)
-    if len(damaged):
-        raise ModelFileError(f"{index_path}: rows of the index score NaN against {kept[damaged[0]]}; the index is "
-                             f"damaged, run `simclr embed` again")
+    try:
+        scores, found = top_k(rows, features, k + bool(unmatched), manifest.normalized, exclude)  # (M, k'), (M, k')
+    except NaNRow as damaged:  # neither ranked nor left out silently
+        raise ModelFileError(f"{index_path}: row {damaged.row} ({manifest.paths[damaged.row]}) scores NaN; the index "
+                             f"is damaged, run `simclr embed` again") from None
     hits = [[Hit(rank + 1, score, manifest.paths[row], row)
              for rank, (score, row) in enumerate(zip(line_scores, line_rows)) if score > -float("inf")]
             for line_scores, line_rows in zip(scores.tolist(), found.tolist())]

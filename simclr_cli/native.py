@@ -46,23 +46,32 @@ class HalfKernels:
 
     def __init__(self, library: ctypes.CDLL):
         pointer, size = ctypes.c_void_p, ctypes.c_int64
-        self._dot = library.simclr_half_dot
-        self._dot.argtypes = [pointer, size, size, pointer, size, pointer, pointer]
-        self._dot.restype = None
+        self._top_k = library.simclr_half_top_k
+        self._top_k.argtypes = [pointer, size, size, size, pointer, size, size, pointer, ctypes.c_int, pointer,
+                                pointer, pointer]
+        self._top_k.restype = size
         self._to_float = library.simclr_half_to_float
         self._to_float.argtypes = [pointer, size, pointer]
         self._to_float.restype = None
 
-    def dot(self, rows: np.ndarray, queries: np.ndarray, norms: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """(scores (C, Q) float32 = rows (C, D) @ queries (Q, D).T, each row's squared length (C,) if `norms`)."""
+    def top_k(self, rows: np.ndarray, queries: np.ndarray, heaps: "Heaps", first_row: int = 0,
+              exclude: np.ndarray | None = None, divide_by_length: bool = False) -> int | None:
+        """Offers rows (C, D), numbered from `first_row`, to `heaps`, the best so far of each of the queries
+        (Q, D) by dot product (by cosine if `divide_by_length`); `exclude` (Q,) int64: a row each query must
+        not return (-1: none), which scores -inf. Gives the first row that scored NaN, which no heap takes."""
         rows, queries = _contiguous(rows, np.float16, "rows"), _contiguous(queries, np.float32, "queries")
         if rows.shape[1] != queries.shape[1]:
             raise ValueError(f"rows {rows.shape} and queries {queries.shape} differ in width")
-        scores = np.empty((rows.shape[0], queries.shape[0]), dtype=np.float32)  # (C, Q)
-        lengths = np.empty(rows.shape[0], dtype=np.float32) if norms else None  # (C,)
-        self._dot(rows.ctypes.data, rows.shape[0], rows.shape[1], queries.ctypes.data, queries.shape[0],
-                  scores.ctypes.data, None if lengths is None else lengths.ctypes.data)
-        return scores, lengths
+        if heaps.scores.shape[0] != queries.shape[0]:
+            raise ValueError(f"{heaps.scores.shape[0]} heaps for {queries.shape[0]} queries")
+        if exclude is not None and (exclude.dtype != np.int64 or exclude.shape != (queries.shape[0],)):
+            raise ValueError(f"exclude: an int64 array of a row per query is needed, not {exclude.dtype} "
+                             f"{exclude.shape}")
+        excluded = None if exclude is None else exclude.ctypes.data
+        nan_row = self._top_k(rows.ctypes.data, rows.shape[0], rows.shape[1], first_row, queries.ctypes.data,
+                              queries.shape[0], heaps.scores.shape[1], excluded, divide_by_length,
+                              heaps.scores.ctypes.data, heaps.rows.ctypes.data, heaps.held.ctypes.data)
+        return None if nan_row < 0 else nan_row
 
     def to_float(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """`out` (C, D) float32, C-contiguous, filled with the values of float16 `rows` (C, D)."""
@@ -71,6 +80,20 @@ class HalfKernels:
             raise ValueError(f"out: a C-contiguous float32 array of {rows.shape} is needed, not {out.dtype} {out.shape}")
         self._to_float(rows.ctypes.data, rows.size, out.ctypes.data)
         return out
+
+
+class Heaps:
+    """The best k (score, row) pairs so far of each of `num_queries` queries, for HalfKernels.top_k."""
+
+    def __init__(self, num_queries: int, k: int):
+        self.scores = np.empty((num_queries, k), dtype=np.float32)  # (Q, k): a heap each, the lowest first
+        self.rows = np.empty((num_queries, k), dtype=np.int64)  # (Q, k)
+        self.held = np.zeros(num_queries, dtype=np.int64)  # (Q,): how much of each heap is filled
+
+    def best(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (k', Q), rows (k', Q)), in no particular order: k' the fewest any heap holds."""
+        count = int(self.held.min())
+        return self.scores[:, :count].T, self.rows[:, :count].T
 
 
 def _contiguous(array: np.ndarray, dtype: type, name: str) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 
 from simclr_cli import index as index_module
 from simclr_cli import native
-from simclr_cli.native import build, half_kernels
+from simclr_cli.native import Heaps, build, half_kernels
 
 needs_kernels = pytest.mark.skipif(half_kernels() is None, reason="no C compiler, or not an AVX2/FMA/F16C CPU")
 
@@ -31,17 +31,40 @@ def test_every_float16_value_converts_as_numpy_converts_it():
 @needs_kernels
 @pytest.mark.parametrize("dim", [1, 7, 8, 15, 16, 17, 40, 512])  # the 16-wide loop, its tail, and both
 @pytest.mark.parametrize("num_queries", [1, 3])
-def test_dot_products_and_lengths_match_a_float64_reference(dim, num_queries):
+@pytest.mark.parametrize("k", [1, 5, 50, 80])  # up to all 50 rows, and more
+@pytest.mark.parametrize("divide_by_length", [False, True])
+def test_heaps_hold_the_top_k_of_a_float64_reference(dim, num_queries, k, divide_by_length):
+    """Rows offered in two calls (numbered on from the first) leave in each query's heap rows that no other
+    row outscores, with their scores, by dot product or by cosine."""
     generator = np.random.default_rng(dim)
     rows = (generator.standard_normal((50, dim)) * 3).astype(np.float16)
     queries = generator.standard_normal((num_queries, dim)).astype(np.float32)
-    scores, norms = half_kernels().dot(rows, queries, norms=True)
-    exact = rows.astype(np.float64)
-    np.testing.assert_allclose(scores, exact @ queries.T.astype(np.float64), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(norms, (exact ** 2).sum(axis=1), rtol=1e-5)
-    assert half_kernels().dot(rows, queries)[1] is None
-    strided = np.asarray(rows[::2])  # not contiguous: copied, not read with the wrong stride
-    np.testing.assert_allclose(half_kernels().dot(strided, queries)[0], scores[::2], rtol=1e-6)
+    heaps = Heaps(num_queries, k)
+    assert half_kernels().top_k(rows[:20], queries, heaps, divide_by_length=divide_by_length) is None
+    assert half_kernels().top_k(rows[20:], queries, heaps, 20, divide_by_length=divide_by_length) is None
+    scores, found = heaps.best()  # (k', Q) each
+    exact = rows.astype(np.float64) @ queries.T.astype(np.float64)  # (N, Q)
+    if divide_by_length:
+        exact /= np.linalg.norm(rows.astype(np.float64), axis=1, keepdims=True)
+    assert scores.shape == found.shape == (min(k, 50), num_queries)
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, found, 0), rtol=1e-5, atol=1e-5)
+    for j in range(num_queries):
+        left_out = np.setdiff1d(np.arange(50), found[:, j])
+        assert len(set(found[:, j].tolist())) == len(found) and len(left_out) == 50 - len(found)
+        assert len(left_out) == 0 or exact[found[:, j], j].min() >= exact[left_out, j].max() - 1e-4
+
+
+@needs_kernels
+def test_excluded_rows_score_minus_infinity_and_nan_rows_are_reported_not_held():
+    rows = np.eye(6, 8, dtype=np.float16)
+    rows[[2, 4]] = np.nan
+    queries = np.ones((2, 8), dtype=np.float32)
+    heaps = Heaps(2, 6)
+    assert half_kernels().top_k(rows[:3], queries, heaps, 10, np.array([10, 11])) == 12  # rows 10 to 12
+    assert half_kernels().top_k(rows[3:], queries, heaps, 13, np.array([14, -1])) == 14  # excluded, still NaN
+    scores, found = heaps.best()
+    held = [dict(zip(found[:, j].tolist(), scores[:, j].tolist())) for j in range(2)]  # row: score, per query
+    assert held == [{10: -np.inf, 11: 1.0, 13: 1.0, 15: 1.0}, {10: 1.0, 11: -np.inf, 13: 1.0, 15: 1.0}]
 
 
 @pytest.fixture
@@ -126,9 +149,13 @@ def test_cc_may_carry_flags_and_a_relative_cache_home_is_ignored(cache, monkeypa
 def test_arrays_of_the_wrong_shape_or_type_are_refused_before_the_c_code_sees_them():
     rows = np.zeros((40, 512), dtype=np.float16)
     with pytest.raises(ValueError, match="width"):
-        half_kernels().dot(rows, np.zeros((1, 16), dtype=np.float32))
+        half_kernels().top_k(rows, np.zeros((1, 16), dtype=np.float32), Heaps(1, 3))
     with pytest.raises(ValueError, match="float32"):
-        half_kernels().dot(rows, np.zeros((1, 512), dtype=np.float64))
+        half_kernels().top_k(rows, np.zeros((1, 512), dtype=np.float64), Heaps(1, 3))
+    with pytest.raises(ValueError, match="2 heaps for 1 queries"):
+        half_kernels().top_k(rows, np.zeros((1, 512), dtype=np.float32), Heaps(2, 3))
+    with pytest.raises(ValueError, match="exclude"):
+        half_kernels().top_k(rows, np.zeros((1, 512), dtype=np.float32), Heaps(1, 3), exclude=np.zeros(1, np.int32))
     with pytest.raises(ValueError, match="out"):
         half_kernels().to_float(rows, np.empty((40, 16), dtype=np.float32))
     for kernel in ("native", "numpy"):
@@ -175,8 +202,8 @@ def test_every_thread_gets_a_share_of_a_small_index(monkeypatch, count):
     to one thread."""
     monkeypatch.setattr(index_module, "cpu_cores", lambda: 2)
     spans = []
-    real_scan = index_module._scan
-    monkeypatch.setattr(index_module, "_scan", lambda rows, span, *args: spans.append(span) or real_scan(rows, span, *args))
+    real_scan = index_module._scan_native
+    monkeypatch.setattr(index_module, "_scan_native", lambda *args: spans.append(args[-1]) or real_scan(*args))
     rows = np.random.default_rng(count).standard_normal((count, 8)).astype(np.float16)
     query = np.ones((1, 8), dtype=np.float32)
     _, found = index_module.top_k(rows, query, 5, normalized=False)
