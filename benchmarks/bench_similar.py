@@ -4,7 +4,7 @@ For each size and dtype it writes a random unit-row index (rows x dim) and times
 of --repeats (the floor and the kernels in turns), one query:
   floor      reading every byte of the index once (an int64 sum over it, in chunks)
   simclr     index.top_k: chunked exact cosine top-k over the memory-mapped rows; for float16 rows
-             with each kernel: native (half.c, what `simclr similar` runs where the machine builds it),
+             with each kernel: native (search.c, what `simclr similar` runs where the machine builds it),
              torch (PyTorch's, used without it where PyTorch is imported anyway) and numpy (the rest)
   plain      numpy the plain way: `scores = rows @ query`, then argpartition and a sort of the top k
 and prints the ratios. With --end-to-end it also times the whole command, `simclr similar QUERY --index
@@ -37,7 +37,7 @@ import torch
 from numpy.lib import format as npy_format
 
 from simclr_cli.index import Manifest, manifest_path, open_index, sha256_file, top_k, write_manifest
-from simclr_cli.native import half_kernels
+from simclr_cli.native import search_kernels
 
 
 def best_of(repeats: int, function) -> float:
@@ -151,7 +151,7 @@ def main() -> None:
                 rows, _ = open_index(path)
                 read_floor(rows)  # warm the page cache
                 # `simclr similar` scores float16 rows with the native kernel where this machine builds it.
-                kernels = ["native"] * (half_kernels() is not None) + ["torch", "numpy"]
+                kernels = ["native"] * (search_kernels() is not None) + ["torch", "numpy"]
                 searches = {kernel: partial(top_k, rows, query[None], args.k, kernel=kernel)
                             for kernel in (kernels if dtype == "float16" else ["numpy"])}
                 # The floor and the kernels take turns, so that a drift of the machine meets them all alike;

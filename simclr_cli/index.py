@@ -25,7 +25,7 @@ import numpy as np
 from simclr_cli.config import cpu_cores
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.files import check_output_path, read_json, read_json_bytes, sha256_file, write_json, xdg_home
-from simclr_cli.native import Heaps, half_kernels
+from simclr_cli.native import Heaps, search_kernels
 
 INDEX_FORMAT = "simclr-index"
 DTYPES = ("float32", "float16")
@@ -287,7 +287,7 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
     it comes last, at -inf. Hits of equal score are listed by row. A row that scores NaN (a damaged index)
     raises NaNRow, wherever it ranks; numpy's float16 kernel alone cannot tell, as it turns NaN finite.
 
-    Float16 rows are scored by `kernel` (FLOAT16_KERNELS): "native", half.c's F16C kernels (native.py), which
+    Float16 rows are scored by `kernel` (FLOAT16_KERNELS): "native", search.c's F16C kernels (native.py), which
     read each row once, and for fewer than SPLIT_QUERIES queries keep the top k as well; "torch", PyTorch's
     float16 matrix-vector product for one or two unit queries, slower (1M x 512 rows: 1.6-2x the time to
     read them, against 1.0-1.3x), and importing PyTorch takes longer than searching a million rows;
@@ -303,7 +303,7 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if rows.dtype == np.float16:
         kernel = kernel or float16_kernel()
-        if kernel not in FLOAT16_KERNELS or (kernel == "native" and half_kernels() is None):
+        if kernel not in FLOAT16_KERNELS or (kernel == "native" and search_kernels() is None):
             raise ValueError(f"no float16 kernel {kernel!r} here; float16_kernel() picks one that is")
     if rows.dtype == np.float16 and kernel == "torch" and normalized and num_queries <= 2:
         # torch's float16 matrix-vector product reads the rows as they are, without a float32 copy.
@@ -404,8 +404,8 @@ def _float16_scorer(queries_t: np.ndarray, buffer_rows: int, one_thread: bool,
 def _native_float16_scorer(queries_t: np.ndarray, buffer_rows: int,
                            normalized: bool) -> Callable[[np.ndarray], np.ndarray]:
     """Cosine scores of float16 chunks (C, D) against many unit queries (D, Q): (C, Q) float32, by BLAS, which
-    threads itself, from a float32 buffer half.c converts each chunk into."""
-    kernels = half_kernels()
+    threads itself, from a float32 buffer search.c converts each chunk into."""
+    kernels = search_kernels()
     buffer = np.empty((buffer_rows, queries_t.shape[0]), dtype=np.float32)
     score_float32 = _float32_scorer(queries_t, False, normalized)
     return lambda chunk: score_float32(kernels.to_float(chunk, buffer[:len(chunk)]))
@@ -413,14 +413,14 @@ def _native_float16_scorer(queries_t: np.ndarray, buffer_rows: int,
 
 def _scan_native(rows: np.ndarray, queries: np.ndarray, k: int, exclude: Sequence[int | None] | None,
                  normalized: bool, chunk_rows: int, span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of float16 rows[begin:end] for a few queries (Q, D) by half.c, which keeps a heap of the best
+    """Top-k of float16 rows[begin:end] for a few queries (Q, D) by search.c, which keeps a heap of the best
     each and reads each row once: (scores (k', Q), row indices (k', Q)), k' <= k, unsorted.
 
     Each call holds the GIL for its set-up only. On 100k x 512 rows, 2-core AVX2 EPYC, one query, 40 runs
     each in turns with the floor (bench_similar.py): 6.2 ms at best, 10.9 median, where scoring each chunk
     in C and merging a top-k in numpy took 8.7-9.3 and 14.3-15.5 ms.
     """
-    kernels, heaps = half_kernels(), Heaps(len(queries), k)
+    kernels, heaps = search_kernels(), Heaps(len(queries), k)
     excluded = None if exclude is None else np.array([-1 if row is None else row for row in exclude], dtype=np.int64)
     for start in range(span[0], span[1], chunk_rows):
         chunk = np.asarray(rows[start:min(start + chunk_rows, span[1])])  # (C, D), read from the memory map
@@ -512,9 +512,9 @@ def _top_k_float16(rows: np.ndarray, query: np.ndarray, k: int, exclude: int | N
 
 
 def float16_kernel() -> str:
-    """The fastest float16 kernel this machine has: "native" where half.c builds and runs, else "torch" where
+    """The fastest float16 kernel this machine has: "native" where search.c builds and runs, else "torch" where
     PyTorch is already imported, else "numpy"."""
-    if half_kernels() is not None:
+    if search_kernels() is not None:
         return "native"
     return "torch" if "torch" in sys.modules else "numpy"
 

@@ -1,12 +1,12 @@
-"""The float16 search kernels of half.c, compiled with the system's C compiler on first use.
+"""The float16 search kernels of search.c, compiled with the system's C compiler on first use.
 
 numpy has no vectorised float16 arithmetic: its best float16 scoring (index.py) is three integer passes
-and a dot product per chunk, 3.5-5x the time to read the index once. half.c reads each row once, converting
+and a dot product per chunk, 3.5-5x the time to read the index once. search.c reads each row once, converting
 with F16C, like faiss's or PyTorch's kernels, without their size or import time. The shared library
 is built once per source, compiler and machine kind into $XDG_CACHE_HOME/simclr/native (~/.cache when
 unset), written atomically with its SHA-256 beside it, and loaded with ctypes, whose calls release the GIL.
 
-Search does not need it: `half_kernels()` is None, and search uses another kernel (index.float16_kernel),
+Search does not need it: `search_kernels()` is None, and search uses another kernel (index.float16_kernel),
 on a CPU that is not x86-64 with AVX2, FMA and F16C, without a C compiler, where the cache cannot be
 written, or with SIMCLR_NATIVE=0.
 A failed build (or one stopped after BUILD_SECONDS) is remembered beside the library with the compiler's
@@ -33,7 +33,7 @@ import numpy as np
 
 from simclr_cli.files import sha256_file, write_text, xdg_home
 
-SOURCE = Path(__file__).with_name("half.c")
+SOURCE = Path(__file__).with_name("search.c")
 NATIVE_ENV = "SIMCLR_NATIVE"
 X86_64 = ("x86_64", "amd64")
 FLAGS = ["-O3", "-shared", "-fPIC"]
@@ -41,7 +41,7 @@ BUILD_SECONDS = 60
 RETRY_SECONDS = 24 * 3600  # a failed build is tried again after this long
 
 
-class HalfKernels:
+class SearchKernels:
     """Float16 rows (C, D), C-contiguous, scored against float32 queries without a float32 copy of the rows."""
 
     def __init__(self, library: ctypes.CDLL):
@@ -83,7 +83,7 @@ class HalfKernels:
 
 
 class Heaps:
-    """The best k (score, row) pairs so far of each of `num_queries` queries, for HalfKernels.top_k."""
+    """The best k (score, row) pairs so far of each of `num_queries` queries, for SearchKernels.top_k."""
 
     def __init__(self, num_queries: int, k: int):
         self.scores = np.empty((num_queries, k), dtype=np.float32)  # (Q, k): a heap each, the lowest first
@@ -114,7 +114,7 @@ def compiler() -> list[str] | None:
 
 
 @functools.cache
-def half_kernels() -> HalfKernels | None:
+def search_kernels() -> SearchKernels | None:
     """The compiled kernels, built on first use; None where they cannot be had (search uses another kernel)."""
     if os.environ.get(NATIVE_ENV, "1") == "0" or platform.machine().lower() not in X86_64:
         return None
@@ -123,7 +123,7 @@ def half_kernels() -> HalfKernels | None:
         return None
     try:
         loaded = ctypes.CDLL(str(library))
-        return HalfKernels(loaded) if loaded.simclr_half_supported() else None
+        return SearchKernels(loaded) if loaded.simclr_search_supported() else None
     except (OSError, AttributeError):  # not a library of this machine's, or without the kernels
         return None
 

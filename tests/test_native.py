@@ -1,4 +1,4 @@
-"""half.c's float16 kernels against numpy, and how native.py builds, caches and gives them up."""
+"""search.c's float16 kernels against numpy, and how native.py builds, caches and gives them up."""
 
 from __future__ import annotations
 
@@ -12,19 +12,19 @@ import pytest
 
 from simclr_cli import index as index_module
 from simclr_cli import native
-from simclr_cli.native import Heaps, build, half_kernels
+from simclr_cli.native import Heaps, build, search_kernels
 
-needs_kernels = pytest.mark.skipif(half_kernels() is None, reason="no C compiler, or not an AVX2/FMA/F16C CPU")
+needs_kernels = pytest.mark.skipif(search_kernels() is None, reason="no C compiler, or not an AVX2/FMA/F16C CPU")
 
 
 @needs_kernels
 def test_every_float16_value_converts_as_numpy_converts_it():
     values = np.arange(2**16, dtype=np.uint16).view(np.float16)  # every bit pattern: NaNs, infinities, -0
-    converted = half_kernels().to_float(values.reshape(-1, 16), np.full((2**12, 16), 7.0, dtype=np.float32))
+    converted = search_kernels().to_float(values.reshape(-1, 16), np.full((2**12, 16), 7.0, dtype=np.float32))
     expected = values.astype(np.float32).reshape(-1, 16)
     assert np.array_equal(converted, expected, equal_nan=True)
     assert np.array_equal(np.signbit(converted), np.signbit(expected))
-    odd = half_kernels().to_float(values[:21].reshape(3, 7), np.empty((3, 7), dtype=np.float32))  # no 8 to a step
+    odd = search_kernels().to_float(values[:21].reshape(3, 7), np.empty((3, 7), dtype=np.float32))  # no 8 to a step
     assert np.array_equal(odd, values[:21].astype(np.float32).reshape(3, 7))
 
 
@@ -40,8 +40,8 @@ def test_heaps_hold_the_top_k_of_a_float64_reference(dim, num_queries, k, divide
     rows = (generator.standard_normal((50, dim)) * 3).astype(np.float16)
     queries = generator.standard_normal((num_queries, dim)).astype(np.float32)
     heaps = Heaps(num_queries, k)
-    assert half_kernels().top_k(rows[:20], queries, heaps, divide_by_length=divide_by_length) is None
-    assert half_kernels().top_k(rows[20:], queries, heaps, 20, divide_by_length=divide_by_length) is None
+    assert search_kernels().top_k(rows[:20], queries, heaps, divide_by_length=divide_by_length) is None
+    assert search_kernels().top_k(rows[20:], queries, heaps, 20, divide_by_length=divide_by_length) is None
     scores, found = heaps.best()  # (k', Q) each
     exact = rows.astype(np.float64) @ queries.T.astype(np.float64)  # (N, Q)
     if divide_by_length:
@@ -60,8 +60,8 @@ def test_excluded_rows_score_minus_infinity_and_nan_rows_are_reported_not_held()
     rows[[2, 4]] = np.nan
     queries = np.ones((2, 8), dtype=np.float32)
     heaps = Heaps(2, 6)
-    assert half_kernels().top_k(rows[:3], queries, heaps, 10, np.array([10, 11])) == 12  # rows 10 to 12
-    assert half_kernels().top_k(rows[3:], queries, heaps, 13, np.array([14, -1])) == 14  # excluded, still NaN
+    assert search_kernels().top_k(rows[:3], queries, heaps, 10, np.array([10, 11])) == 12  # rows 10 to 12
+    assert search_kernels().top_k(rows[3:], queries, heaps, 13, np.array([14, -1])) == 14  # excluded, still NaN
     scores, found = heaps.best()
     held = [dict(zip(found[:, j].tolist(), scores[:, j].tolist())) for j in range(2)]  # row: score, per query
     assert held == [{10: -np.inf, 11: 1.0, 13: 1.0, 15: 1.0}, {10: 1.0, 11: -np.inf, 13: 1.0, 15: 1.0}]
@@ -74,16 +74,16 @@ def cache(tmp_path, monkeypatch):
     runs = []
     real_compile = native._compile
     monkeypatch.setattr(native, "_compile", lambda command, *args: runs.append(command) or real_compile(command, *args))
-    half_kernels.cache_clear()
+    search_kernels.cache_clear()
     yield runs
-    half_kernels.cache_clear()
+    search_kernels.cache_clear()
 
 
 @needs_kernels
 def test_the_kernels_are_built_once_then_loaded_from_the_cache(cache):
-    assert half_kernels() is not None and len(cache) == 1
-    half_kernels.cache_clear()  # a new process
-    assert half_kernels() is not None and len(cache) == 1
+    assert search_kernels() is not None and len(cache) == 1
+    search_kernels.cache_clear()  # a new process
+    assert search_kernels() is not None and len(cache) == 1
     assert sorted(path.suffix for path in native.cache_dir().iterdir()) == [".sha256", ".so"]  # nothing half-written
 
 
@@ -149,15 +149,15 @@ def test_cc_may_carry_flags_and_a_relative_cache_home_is_ignored(cache, monkeypa
 def test_arrays_of_the_wrong_shape_or_type_are_refused_before_the_c_code_sees_them():
     rows = np.zeros((40, 512), dtype=np.float16)
     with pytest.raises(ValueError, match="width"):
-        half_kernels().top_k(rows, np.zeros((1, 16), dtype=np.float32), Heaps(1, 3))
+        search_kernels().top_k(rows, np.zeros((1, 16), dtype=np.float32), Heaps(1, 3))
     with pytest.raises(ValueError, match="float32"):
-        half_kernels().top_k(rows, np.zeros((1, 512), dtype=np.float64), Heaps(1, 3))
+        search_kernels().top_k(rows, np.zeros((1, 512), dtype=np.float64), Heaps(1, 3))
     with pytest.raises(ValueError, match="2 heaps for 1 queries"):
-        half_kernels().top_k(rows, np.zeros((1, 512), dtype=np.float32), Heaps(2, 3))
+        search_kernels().top_k(rows, np.zeros((1, 512), dtype=np.float32), Heaps(2, 3))
     with pytest.raises(ValueError, match="exclude"):
-        half_kernels().top_k(rows, np.zeros((1, 512), dtype=np.float32), Heaps(1, 3), exclude=np.zeros(1, np.int32))
+        search_kernels().top_k(rows, np.zeros((1, 512), dtype=np.float32), Heaps(1, 3), exclude=np.zeros(1, np.int32))
     with pytest.raises(ValueError, match="out"):
-        half_kernels().to_float(rows, np.empty((40, 16), dtype=np.float32))
+        search_kernels().to_float(rows, np.empty((40, 16), dtype=np.float32))
     for kernel in ("native", "numpy"):
         with pytest.raises(ValueError, match="one width"):
             index_module.top_k(rows, np.zeros((9, 16), dtype=np.float32), 3, kernel=kernel)
@@ -173,7 +173,7 @@ def test_search_falls_back_to_numpy_without_the_kernels(cache, monkeypatch, tmp_
         (tmp_path / "cache").write_text("")
     else:
         monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
-    assert half_kernels() is None and cache == []
+    assert search_kernels() is None and cache == []
     monkeypatch.delitem(sys.modules, "torch", raising=False)
     assert index_module.float16_kernel() == "numpy"
     rows = np.eye(4, dtype=np.float16)

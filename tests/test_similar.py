@@ -21,11 +21,11 @@ from simclr_cli.export import load_encoder, save_encoder
 import simclr_cli.index as index_module
 from simclr_cli.index import (Manifest, ManifestPaths, NaNRow, choose_index, find_rows, manifest_path, open_index,
                               read_manifest, remember_index, top_k, write_manifest)
-from simclr_cli.native import half_kernels
+from simclr_cli.native import search_kernels
 
 runner = CliRunner()
-# half.c's kernels, where this machine builds them (an x86-64 CPU with AVX2, FMA and F16C, and a C compiler).
-NATIVE_BUILT = pytest.mark.skipif(half_kernels() is None, reason="no native float16 kernels")
+# search.c's kernels, where this machine builds them (an x86-64 CPU with AVX2, FMA and F16C, and a C compiler).
+NATIVE_BUILT = pytest.mark.skipif(search_kernels() is None, reason="no native float16 kernels")
 NATIVE = pytest.param("native", marks=NATIVE_BUILT)
 EVERY_KERNEL = [(np.float32, None), (np.float16, "numpy"), (np.float16, "torch"),
                 pytest.param(np.float16, "native", marks=NATIVE_BUILT)]  # (dtype, kernel) for top_k
@@ -229,7 +229,7 @@ def test_float16_rows_use_torch_only_where_it_is_imported(monkeypatch):
     already: its import costs more than the search it would speed up."""
     from simclr_cli import index as index_module
 
-    monkeypatch.setattr(index_module, "half_kernels", lambda: None)
+    monkeypatch.setattr(index_module, "search_kernels", lambda: None)
     calls = []
     monkeypatch.setattr(index_module, "_top_k_float16", lambda *args: calls.append(args) or ([0.0], [0]))
     rows = np.eye(4, dtype=np.float16)

@@ -5,7 +5,7 @@
  * (exactly: subnormals, infinities and NaNs included) and fuse the conversion into the dot products,
  * so the rows are read once, from memory, and never written out as float32.
  *
- * Compiled for any x86-64 CPU: the kernels carry their own target, and simclr_half_supported() tells
+ * Compiled for any x86-64 CPU: the kernels carry their own target, and simclr_search_supported() tells
  * the caller whether this CPU can run them. Arrays are C-contiguous; no function keeps a pointer.
  */
 #include <immintrin.h>
@@ -15,7 +15,7 @@
 #define TARGET __attribute__((target("avx2,fma,f16c")))
 #define PREFETCH_ROWS 4  /* rows asked for ahead of the hardware prefetcher: 10-15% faster here (2 to 16 alike) */
 
-int simclr_half_supported(void) {
+int simclr_search_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
