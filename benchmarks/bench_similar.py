@@ -3,9 +3,9 @@
 For each size and dtype it writes a random unit-row index (rows x dim) and times, page cache warm, best
 of --repeats (the floor and the kernels in turns), one query:
   floor      reading every byte of the index once (an int64 sum over it, in chunks)
-  simclr     index.top_k: chunked exact cosine top-k over the memory-mapped rows; for float16 rows
-             with each kernel: native (search.c, what `simclr similar` runs where the machine builds it),
-             torch (PyTorch's, used without it where PyTorch is imported anyway) and numpy (the rest)
+  simclr     index.top_k: chunked exact cosine top-k over the memory-mapped rows, with each kernel:
+             native (search.c, what `simclr similar` runs where the machine builds it), torch (float16
+             only: PyTorch's, used without it where PyTorch is imported anyway) and numpy (the rest)
   plain      numpy the plain way: `scores = rows @ query`, then argpartition and a sort of the top k
 and prints the ratios. With --end-to-end it also times the whole command, `simclr similar QUERY --index
 BIG.npy` in a fresh process (start-up, model load and hash check, manifest, query embedding, search,
@@ -150,10 +150,9 @@ def main() -> None:
                 write_index(path, count, args.dim, dtype, model, precision)
                 rows, _ = open_index(path)
                 read_floor(rows)  # warm the page cache
-                # `simclr similar` scores float16 rows with the native kernel where this machine builds it.
-                kernels = ["native"] * (search_kernels() is not None) + ["torch", "numpy"]
-                searches = {kernel: partial(top_k, rows, query[None], args.k, kernel=kernel)
-                            for kernel in (kernels if dtype == "float16" else ["numpy"])}
+                # `simclr similar` scores rows with the native kernel where this machine builds it.
+                kernels = ["native"] * (search_kernels() is not None) + ["torch"] * (dtype == "float16") + ["numpy"]
+                searches = {kernel: partial(top_k, rows, query[None], args.k, kernel=kernel) for kernel in kernels}
                 # The floor and the kernels take turns, so that a drift of the machine meets them all alike;
                 # the plain search comes after (a second of float16 products on one core slowed the next
                 # search at 100k rows by a third).

@@ -32,10 +32,13 @@ DTYPES = ("float32", "float16")
 MANIFEST_PRECISIONS = ("", "fp32", "bf16", "fp16")  # "": written before the precision was recorded
 INDEX_ENV = "SIMCLR_INDEX"
 CHUNK_ROWS = 4096  # rows scored at a time: 8 MiB of float32 at 512 dims, small enough to stay in cache
-# For the native and torch float16 kernels of a few queries: 16 MiB at 512 dims, 1.25x faster than 4096 with torch
+# For torch's float16 kernel of one or two queries: 16 MiB at 512 dims, 1.25x faster than 4096
 FLOAT16_CHUNK_ROWS = 16384
-SPLIT_QUERIES = 8  # fewer float16 queries than this split the rows among threads; more go through BLAS
+SPLIT_QUERIES = 8  # fewer queries than this split the rows among threads (but float32 in numpy: one); more, BLAS
 FLOAT16_KERNELS = ("native", "torch", "numpy")
+FLOAT32_KERNELS = ("native", "numpy")
+NATIVE_DTYPES = (np.float16, np.float32)  # the rows search.c scores
+NATIVE_CHUNK_BYTES = 16 << 20  # rows handed to search.c at a time: 16,384 float16 or 8,192 float32 rows at 512 dims
 DECODE_BYTES = 4 << 20  # the float32 buffer float16 rows are converted into: 2,048 rows at 512 dims
 FLOAT16_BITS_MASK = np.int32(-0x70000001)  # 0x8FFFFFFF: every bit but 28-30
 # How far a score computed in float16 (query rounded to float16, products summed in float32, the
@@ -281,18 +284,19 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
     """Exact cosine top-k of unit `queries` (Q, D) against `rows` (N, D): (scores (Q, k), row indices (Q, k)).
 
     Rows are read in chunks, scored in float32 and merged into a running top-k, so memory stays at
-    one chunk whatever N (plus 2 bytes a row for one or two queries against float16 rows with PyTorch). One
-    query against float32 rows of up to 1,024 values, or against float16 rows, splits the rows among
-    threads. `exclude[j]` is a row that query j must not return (itself): it scores -inf, so when k reaches N
-    it comes last, at -inf. Hits of equal score are listed by row. A row that scores NaN (a damaged index)
-    raises NaNRow, wherever it ranks; numpy's float16 kernel alone cannot tell, as it turns NaN finite.
+    one chunk whatever N (plus 2 bytes a row for one or two queries against float16 rows with PyTorch). A
+    few queries split the rows among threads. `exclude[j]` is a row that query j must not return (itself):
+    it scores -inf, so when k reaches N it comes last, at -inf. Hits of equal score are listed by row. A row
+    that scores NaN (a damaged index) raises NaNRow, wherever it ranks; numpy's float16 kernel alone cannot
+    tell, as it turns NaN finite.
 
-    Float16 rows are scored by `kernel` (FLOAT16_KERNELS): "native", search.c's F16C kernels (native.py), which
-    read each row once, and for fewer than SPLIT_QUERIES queries keep the top k as well; "torch", PyTorch's
-    float16 matrix-vector product for one or two unit queries, slower (1M x 512 rows: 1.6-2x the time to
-    read them, against 1.0-1.3x), and importing PyTorch takes longer than searching a million rows;
-    "numpy", three integer passes a chunk (`_float16_scorer`), 3.5-5x. None: the first of these that this
-    machine has (`float16_kernel`). Float32 rows are always scored by numpy.
+    Rows are scored by `kernel`: "native", search.c's kernels (native.py), for float16 (F16C) and float32
+    rows, which read each row once, and for fewer than SPLIT_QUERIES queries keep the top k as well;
+    "torch", for float16 rows only, PyTorch's matrix-vector product for one or two unit queries, slower
+    (1M x 512 rows: 1.6-2x the time to read them, against 1.0-1.3x), and importing PyTorch takes longer
+    than searching a million rows; "numpy", for float16 rows three integer passes a chunk
+    (`_float16_scorer`), 3.5-5x, for float32 rows `np.vecdot` or BLAS (`_float32_scorer`). None: the first
+    of these that this machine has for the rows' dtype (`search_kernel`).
     """
     if rows.ndim != 2 or queries.ndim != 2 or rows.shape[1] != queries.shape[1]:
         raise ValueError(f"rows {rows.shape} and queries {queries.shape}: two 2-d arrays of one width are needed")
@@ -301,19 +305,19 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
     if num_queries == 0 or k == 0:
         return np.empty((num_queries, k), dtype=np.float32), np.empty((num_queries, k), dtype=np.int64)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if rows.dtype == np.float16:
-        kernel = kernel or float16_kernel()
-        if kernel not in FLOAT16_KERNELS or (kernel == "native" and search_kernels() is None):
-            raise ValueError(f"no float16 kernel {kernel!r} here; float16_kernel() picks one that is")
-    if rows.dtype == np.float16 and kernel == "torch" and normalized and num_queries <= 2:
+    kernel = kernel or search_kernel(rows.dtype)
+    if kernel not in (FLOAT16_KERNELS if rows.dtype == np.float16 else FLOAT32_KERNELS) or (
+            kernel == "native" and (search_kernels() is None or rows.dtype not in NATIVE_DTYPES)):
+        raise ValueError(f"no {rows.dtype} kernel {kernel!r} here; search_kernel() picks one that is")
+    if kernel == "torch" and normalized and num_queries <= 2:
         # torch's float16 matrix-vector product reads the rows as they are, without a float32 copy.
         # It does not batch queries, so it serves one or two.
         found = [_top_k_float16(rows, query, k, exclude[j] if exclude else None, chunk_rows or FLOAT16_CHUNK_ROWS)
                  for j, query in enumerate(queries)]
         return np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
     queries_t = np.ascontiguousarray(queries.T)  # (D, Q)
-    if rows.dtype == np.float16 and kernel == "native" and num_queries < SPLIT_QUERIES:
-        chunk_rows = chunk_rows or FLOAT16_CHUNK_ROWS
+    if kernel == "native" and num_queries < SPLIT_QUERIES:
+        chunk_rows = chunk_rows or max(1, NATIVE_CHUNK_BYTES // (rows.itemsize * max(1, rows.shape[1])))
         split_rows = True
         scan = partial(_scan_native, rows, queries, k, exclude, normalized, chunk_rows)
     else:
@@ -325,7 +329,7 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
             split_rows = num_queries < SPLIT_QUERIES
             chunk_rows = chunk_rows or max(1, DECODE_BYTES // (4 * max(1, rows.shape[1])))
             make_scorer = partial(_float16_scorer, queries_t, min(chunk_rows, count), split_rows, normalized)
-        else:
+        else:  # numpy, float32 rows (and any other dtype)
             chunk_rows = chunk_rows or CHUNK_ROWS
             # One query against rows of up to 1,024 values: the rows split among threads. Longer rows (2,048-d:
             # resnet50 and up) go faster through BLAS, which threads itself: on 1M x 2048 rows, 2-core AVX2
@@ -338,8 +342,8 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
             return _scan(rows, span, make_scorer(), num_queries, k, exclude, chunk_rows)
 
     if split_rows:
-        # One query, a share of the rows to each thread: 1.1-1.5x the time to read float32 rows once on
-        # 2 cores, where BLAS's own threads take 1.8-2.4x.
+        # A few queries, a share of the rows to each thread (numpy's float32 loop: 1.1-1.5x the time to read
+        # the rows once on 2 cores, where BLAS's own threads took 1.8-2.4x).
         threads = max(1, min(cpu_cores(), -(-count // chunk_rows)))
         bounds = [count * part // threads for part in range(threads + 1)]  # equal shares, chunks or not
         spans = zip(bounds[:-1], bounds[1:])
@@ -413,8 +417,8 @@ def _native_float16_scorer(queries_t: np.ndarray, buffer_rows: int,
 
 def _scan_native(rows: np.ndarray, queries: np.ndarray, k: int, exclude: Sequence[int | None] | None,
                  normalized: bool, chunk_rows: int, span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of float16 rows[begin:end] for a few queries (Q, D) by search.c, which keeps a heap of the best
-    each and reads each row once: (scores (k', Q), row indices (k', Q)), k' <= k, unsorted.
+    """Top-k of float16 or float32 rows[begin:end] for a few queries (Q, D) by search.c, which keeps a heap of
+    the best each and reads each row once: (scores (k', Q), row indices (k', Q)), k' <= k, unsorted.
 
     Each call holds the GIL for its set-up only. On 100k x 512 rows, 2-core AVX2 EPYC, one query, 40 runs
     each in turns with the floor (bench_similar.py): 6.2 ms at best, 10.9 median, where scoring each chunk
@@ -511,12 +515,12 @@ def _top_k_float16(rows: np.ndarray, query: np.ndarray, k: int, exclude: int | N
     return exact[order], rows_found[order]
 
 
-def float16_kernel() -> str:
-    """The fastest float16 kernel this machine has: "native" where search.c builds and runs, else "torch" where
-    PyTorch is already imported, else "numpy"."""
-    if search_kernels() is not None:
+def search_kernel(dtype: np.dtype) -> str:
+    """The fastest kernel this machine has for rows of `dtype`: "native" where search.c builds and runs;
+    else, for float16 rows, "torch" where PyTorch is already imported; else "numpy"."""
+    if search_kernels() is not None and dtype in NATIVE_DTYPES:
         return "native"
-    return "torch" if "torch" in sys.modules else "numpy"
+    return "torch" if dtype == np.float16 and "torch" in sys.modules else "numpy"
 
 
 @dataclass

@@ -1,12 +1,13 @@
-"""The float16 search kernels of search.c, compiled with the system's C compiler on first use.
+"""The search kernels of search.c, compiled with the system's C compiler on first use.
 
 numpy has no vectorised float16 arithmetic: its best float16 scoring (index.py) is three integer passes
 and a dot product per chunk, 3.5-5x the time to read the index once. search.c reads each row once, converting
-with F16C, like faiss's or PyTorch's kernels, without their size or import time. The shared library
+with F16C, like faiss's or PyTorch's kernels, without their size or import time, and keeps the top k of
+float16 or float32 rows itself, so that the threads of a search need not take the GIL. The shared library
 is built once per source, compiler and machine kind into $XDG_CACHE_HOME/simclr/native (~/.cache when
 unset), written atomically with its SHA-256 beside it, and loaded with ctypes, whose calls release the GIL.
 
-Search does not need it: `search_kernels()` is None, and search uses another kernel (index.float16_kernel),
+Search does not need it: `search_kernels()` is None, and search uses another kernel (index.search_kernel),
 on a CPU that is not x86-64 with AVX2, FMA and F16C, without a C compiler, where the cache cannot be
 written, or with SIMCLR_NATIVE=0.
 A failed build (or one stopped after BUILD_SECONDS) is remembered beside the library with the compiler's
@@ -42,24 +43,28 @@ RETRY_SECONDS = 24 * 3600  # a failed build is tried again after this long
 
 
 class SearchKernels:
-    """Float16 rows (C, D), C-contiguous, scored against float32 queries without a float32 copy of the rows."""
+    """Float16 and float32 rows (C, D) scored against float32 queries, without a float32 copy of the rows."""
 
     def __init__(self, library: ctypes.CDLL):
         pointer, size = ctypes.c_void_p, ctypes.c_int64
-        self._top_k = library.simclr_half_top_k
-        self._top_k.argtypes = [pointer, size, size, size, pointer, size, size, pointer, ctypes.c_int, pointer,
-                                pointer, pointer]
-        self._top_k.restype = size
+        self._top_k = {np.dtype(np.float16): library.simclr_half_top_k,
+                       np.dtype(np.float32): library.simclr_float_top_k}  # by the rows' dtype
+        for function in self._top_k.values():
+            function.argtypes = [pointer, size, size, size, pointer, size, size, pointer, ctypes.c_int, pointer,
+                                 pointer, pointer]
+            function.restype = size
         self._to_float = library.simclr_half_to_float
         self._to_float.argtypes = [pointer, size, pointer]
         self._to_float.restype = None
 
     def top_k(self, rows: np.ndarray, queries: np.ndarray, heaps: "Heaps", first_row: int = 0,
               exclude: np.ndarray | None = None, divide_by_length: bool = False) -> int | None:
-        """Offers rows (C, D), numbered from `first_row`, to `heaps`, the best so far of each of the queries
-        (Q, D) by dot product (by cosine if `divide_by_length`); `exclude` (Q,) int64: a row each query must
-        not return (-1: none), which scores -inf. Gives the first row that scored NaN, which no heap takes."""
-        rows, queries = _contiguous(rows, np.float16, "rows"), _contiguous(queries, np.float32, "queries")
+        """Offers float16 or float32 rows (C, D), numbered from `first_row`, to `heaps`, the best so far of each
+        of the queries (Q, D) by dot product (by cosine if `divide_by_length`); `exclude` (Q,) int64: a row each
+        query must not return (-1: none), which scores -inf. Gives the first row that scored NaN, which no heap
+        takes."""
+        rows = _contiguous(rows, np.float16 if rows.dtype == np.float16 else np.float32, "rows")
+        queries = _contiguous(queries, np.float32, "queries")
         if rows.shape[1] != queries.shape[1]:
             raise ValueError(f"rows {rows.shape} and queries {queries.shape} differ in width")
         if heaps.scores.shape[0] != queries.shape[0]:
@@ -68,9 +73,10 @@ class SearchKernels:
             raise ValueError(f"exclude: an int64 array of a row per query is needed, not {exclude.dtype} "
                              f"{exclude.shape}")
         excluded = None if exclude is None else exclude.ctypes.data
-        nan_row = self._top_k(rows.ctypes.data, rows.shape[0], rows.shape[1], first_row, queries.ctypes.data,
-                              queries.shape[0], heaps.scores.shape[1], excluded, divide_by_length,
-                              heaps.scores.ctypes.data, heaps.rows.ctypes.data, heaps.held.ctypes.data)
+        nan_row = self._top_k[rows.dtype](rows.ctypes.data, rows.shape[0], rows.shape[1], first_row,
+                                          queries.ctypes.data, queries.shape[0], heaps.scores.shape[1], excluded,
+                                          divide_by_length, heaps.scores.ctypes.data, heaps.rows.ctypes.data,
+                                          heaps.held.ctypes.data)
         return None if nan_row < 0 else nan_row
 
     def to_float(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -33,11 +33,12 @@ def test_every_float16_value_converts_as_numpy_converts_it():
 @pytest.mark.parametrize("num_queries", [1, 3])
 @pytest.mark.parametrize("k", [1, 5, 50, 80])  # up to all 50 rows, and more
 @pytest.mark.parametrize("divide_by_length", [False, True])
-def test_heaps_hold_the_top_k_of_a_float64_reference(dim, num_queries, k, divide_by_length):
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_heaps_hold_the_top_k_of_a_float64_reference(dim, num_queries, k, divide_by_length, dtype):
     """Rows offered in two calls (numbered on from the first) leave in each query's heap rows that no other
     row outscores, with their scores, by dot product or by cosine."""
     generator = np.random.default_rng(dim)
-    rows = (generator.standard_normal((50, dim)) * 3).astype(np.float16)
+    rows = (generator.standard_normal((50, dim)) * 3).astype(dtype)
     queries = generator.standard_normal((num_queries, dim)).astype(np.float32)
     heaps = Heaps(num_queries, k)
     assert search_kernels().top_k(rows[:20], queries, heaps, divide_by_length=divide_by_length) is None
@@ -55,8 +56,9 @@ def test_heaps_hold_the_top_k_of_a_float64_reference(dim, num_queries, k, divide
 
 
 @needs_kernels
-def test_excluded_rows_score_minus_infinity_and_nan_rows_are_reported_not_held():
-    rows = np.eye(6, 8, dtype=np.float16)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_excluded_rows_score_minus_infinity_and_nan_rows_are_reported_not_held(dtype):
+    rows = np.eye(6, 8, dtype=dtype)
     rows[[2, 4]] = np.nan
     queries = np.ones((2, 8), dtype=np.float32)
     heaps = Heaps(2, 6)
@@ -152,6 +154,8 @@ def test_arrays_of_the_wrong_shape_or_type_are_refused_before_the_c_code_sees_th
         search_kernels().top_k(rows, np.zeros((1, 16), dtype=np.float32), Heaps(1, 3))
     with pytest.raises(ValueError, match="float32"):
         search_kernels().top_k(rows, np.zeros((1, 512), dtype=np.float64), Heaps(1, 3))
+    with pytest.raises(ValueError, match="rows: a 2-d float32 array is needed, not 2-d float64"):
+        search_kernels().top_k(rows.astype(np.float64), np.zeros((1, 512), dtype=np.float32), Heaps(1, 3))
     with pytest.raises(ValueError, match="2 heaps for 1 queries"):
         search_kernels().top_k(rows, np.zeros((1, 512), dtype=np.float32), Heaps(2, 3))
     with pytest.raises(ValueError, match="exclude"):
@@ -175,7 +179,7 @@ def test_search_falls_back_to_numpy_without_the_kernels(cache, monkeypatch, tmp_
         monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
     assert search_kernels() is None and cache == []
     monkeypatch.delitem(sys.modules, "torch", raising=False)
-    assert index_module.float16_kernel() == "numpy"
+    assert index_module.search_kernel(np.float16) == index_module.search_kernel(np.float32) == "numpy"
     rows = np.eye(4, dtype=np.float16)
     scores, found = index_module.top_k(rows, np.eye(4, dtype=np.float32)[2:3], 2)
     assert found.tolist() == [[2, 0]] and scores.tolist() == [[1.0, 0.0]]
@@ -190,9 +194,25 @@ def test_the_native_kernel_is_preferred_even_where_torch_is_imported(monkeypatch
     assert "torch" in sys.modules and torch.__version__
     calls = []
     monkeypatch.setattr(index_module, "_top_k_float16", lambda *args: calls.append(args))
-    assert index_module.float16_kernel() == "native"
+    assert index_module.search_kernel(np.float16) == "native"
     _, found = index_module.top_k(np.eye(4, dtype=np.float16), np.eye(4, dtype=np.float32)[1:2], 2)
     assert found.tolist() == [[1, 0]] and calls == []
+
+
+@needs_kernels
+def test_float32_rows_are_scored_natively_by_default_and_other_dtypes_by_numpy(monkeypatch):
+    scanned = []
+    real_scan = index_module._scan_native
+    monkeypatch.setattr(index_module, "_scan_native", lambda rows, *args: scanned.append(rows.dtype) or
+                        real_scan(rows, *args))
+    for dtype in (np.float32, np.float64):
+        _, found = index_module.top_k(np.eye(4, dtype=dtype), np.eye(4, dtype=np.float32)[1:2], 2)
+        assert found.tolist() == [[1, 0]]
+    assert scanned == [np.float32]
+    with pytest.raises(ValueError, match="no float64 kernel 'native' here"):
+        index_module.top_k(np.eye(4), np.eye(4, dtype=np.float32)[1:2], 2, kernel="native")
+    with pytest.raises(ValueError, match="no float32 kernel 'torch' here"):
+        index_module.top_k(np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32)[1:2], 2, kernel="torch")
 
 
 @needs_kernels
@@ -206,7 +226,7 @@ def test_every_thread_gets_a_share_of_a_small_index(monkeypatch, count):
     monkeypatch.setattr(index_module, "_scan_native", lambda *args: spans.append(args[-1]) or real_scan(*args))
     rows = np.random.default_rng(count).standard_normal((count, 8)).astype(np.float16)
     query = np.ones((1, 8), dtype=np.float32)
-    _, found = index_module.top_k(rows, query, 5, normalized=False)
+    _, found = index_module.top_k(rows, query, 5, normalized=False, chunk_rows=16384)
     assert sorted(spans) == [(0, count // 2), (count // 2, count)]
     exact = rows.astype(np.float64).sum(axis=1) / np.linalg.norm(rows.astype(np.float64), axis=1)
     assert found[0].tolist() == list(np.argsort(-exact, kind="stable")[:5])

@@ -25,10 +25,10 @@ from simclr_cli.native import search_kernels
 
 runner = CliRunner()
 # search.c's kernels, where this machine builds them (an x86-64 CPU with AVX2, FMA and F16C, and a C compiler).
-NATIVE_BUILT = pytest.mark.skipif(search_kernels() is None, reason="no native float16 kernels")
+NATIVE_BUILT = pytest.mark.skipif(search_kernels() is None, reason="no native search kernels")
 NATIVE = pytest.param("native", marks=NATIVE_BUILT)
-EVERY_KERNEL = [(np.float32, None), (np.float16, "numpy"), (np.float16, "torch"),
-                pytest.param(np.float16, "native", marks=NATIVE_BUILT)]  # (dtype, kernel) for top_k
+EVERY_KERNEL = [(np.float32, "numpy"), pytest.param(np.float32, "native", marks=NATIVE_BUILT),  # (dtype, kernel)
+                (np.float16, "numpy"), (np.float16, "torch"), pytest.param(np.float16, "native", marks=NATIVE_BUILT)]
 ORIGINALS = ["photo03.png", "photo07.png", "photo11.png"]
 
 
@@ -93,7 +93,8 @@ def brute_force(rows: np.ndarray, queries: np.ndarray, k: int, exclude: list[int
                                                      (200, 1100, 7, 64)])  # long rows: BLAS for one query too
 @pytest.mark.parametrize("normalized", [True, False])
 @pytest.mark.parametrize("num_queries", [3, 1])  # one query: the rows are shared among threads
-def test_top_k_matches_brute_force(count, dim, k, chunk_rows, normalized, num_queries):
+@pytest.mark.parametrize("kernel", ["numpy", NATIVE])
+def test_top_k_matches_brute_force(count, dim, k, chunk_rows, normalized, num_queries, kernel):
     generator = np.random.default_rng(count + dim)
     rows = generator.standard_normal((count, dim)).astype(np.float32)
     if normalized:
@@ -101,7 +102,7 @@ def test_top_k_matches_brute_force(count, dim, k, chunk_rows, normalized, num_qu
     queries = generator.standard_normal((num_queries, dim)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     exclude = ([None, 0, count - 1] if count > 1 else [None, None, None])[-num_queries:]
-    scores, found = top_k(rows, queries, k, normalized, exclude, chunk_rows=chunk_rows)
+    scores, found = top_k(rows, queries, k, normalized, exclude, chunk_rows=chunk_rows, kernel=kernel)
     assert found.tolist() == brute_force(rows, queries, scores.shape[1], exclude)
     assert scores.shape[1] == min(k, count)
     expected = queries @ rows.T / np.linalg.norm(rows, axis=1)  # (Q, N)
@@ -680,8 +681,7 @@ def test_an_index_with_nan_rows_is_a_one_line_error(indexes, photos, tmp_path, d
     assert f"{index}: row {row} ({paths[row]}) scores NaN" in " ".join(result.output.split())
 
 
-@pytest.mark.parametrize("dtype, kernel", [(np.float32, None), (np.float16, "torch"),
-                                           pytest.param(np.float16, "native", marks=NATIVE_BUILT)])
+@pytest.mark.parametrize("dtype, kernel", [kernel for kernel in EVERY_KERNEL if kernel != (np.float16, "numpy")])
 def test_a_nan_row_anywhere_is_reported_by_every_kernel_that_can_tell(dtype, kernel):
     """numpy's float16 kernel (which PyTorch's hands more than two queries to) turns NaN finite; the others
     report the first NaN row they come upon, even one that would rank last, even the row a query excludes."""
