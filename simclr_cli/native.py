@@ -72,6 +72,7 @@ class SearchKernels:
         if exclude is not None and (exclude.dtype != np.int64 or exclude.shape != (queries.shape[0],)):
             raise ValueError(f"exclude: an int64 array of a row per query is needed, not {exclude.dtype} "
                              f"{exclude.shape}")
+        exclude = None if exclude is None else np.ascontiguousarray(exclude)  # a strided view: copied
         excluded = None if exclude is None else exclude.ctypes.data
         nan_row = self._top_k[rows.dtype](rows.ctypes.data, rows.shape[0], rows.shape[1], first_row,
                                           queries.ctypes.data, queries.shape[0], heaps.scores.shape[1], excluded,
@@ -92,6 +93,8 @@ class Heaps:
     """The best k (score, row) pairs so far of each of `num_queries` queries, for SearchKernels.top_k."""
 
     def __init__(self, num_queries: int, k: int):
+        if k < 1:
+            raise ValueError(f"k = {k}: heaps of at least one pair are needed")
         self.scores = np.empty((num_queries, k), dtype=np.float32)  # (Q, k): a heap each, the lowest first
         self.rows = np.empty((num_queries, k), dtype=np.int64)  # (Q, k)
         self.held = np.zeros(num_queries, dtype=np.int64)  # (Q,): how much of each heap is filled

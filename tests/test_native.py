@@ -29,7 +29,7 @@ def test_every_float16_value_converts_as_numpy_converts_it():
 
 
 @needs_kernels
-@pytest.mark.parametrize("dim", [1, 7, 8, 15, 16, 17, 40, 512])  # the 16-wide loop, its tail, and both
+@pytest.mark.parametrize("dim", [1, 7, 8, 15, 16, 17, 40, 512])  # the 8-wide loop, its tail, and both
 @pytest.mark.parametrize("num_queries", [1, 3])
 @pytest.mark.parametrize("k", [1, 5, 50, 80])  # up to all 50 rows, and more
 @pytest.mark.parametrize("divide_by_length", [False, True])
@@ -67,6 +67,11 @@ def test_excluded_rows_score_minus_infinity_and_nan_rows_are_reported_not_held(d
     scores, found = heaps.best()
     held = [dict(zip(found[:, j].tolist(), scores[:, j].tolist())) for j in range(2)]  # row: score, per query
     assert held == [{10: -np.inf, 11: 1.0, 13: 1.0, 15: 1.0}, {10: 1.0, 11: -np.inf, 13: 1.0, 15: 1.0}]
+    heaps = Heaps(3, 3)  # an exclude that is a strided view is read as its values, not its memory
+    search_kernels().top_k(rows[[0, 1, 3]], np.ones((3, 8), dtype=np.float32), heaps,
+                           exclude=np.array([0, 9, 1, 9, 2, 9])[::2])
+    scores, found = heaps.best()
+    assert [found[scores[:, j] == -np.inf, j].tolist() for j in range(3)] == [[0], [1], [2]]
 
 
 @pytest.fixture
@@ -160,6 +165,8 @@ def test_arrays_of_the_wrong_shape_or_type_are_refused_before_the_c_code_sees_th
         search_kernels().top_k(rows, np.zeros((1, 512), dtype=np.float32), Heaps(2, 3))
     with pytest.raises(ValueError, match="exclude"):
         search_kernels().top_k(rows, np.zeros((1, 512), dtype=np.float32), Heaps(1, 3), exclude=np.zeros(1, np.int32))
+    with pytest.raises(ValueError, match="at least one"):
+        Heaps(1, 0)
     with pytest.raises(ValueError, match="out"):
         search_kernels().to_float(rows, np.empty((40, 16), dtype=np.float32))
     for kernel in ("native", "numpy"):
