@@ -300,6 +300,8 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
     """
     if rows.ndim != 2 or queries.ndim != 2 or rows.shape[1] != queries.shape[1]:
         raise ValueError(f"rows {rows.shape} and queries {queries.shape}: two 2-d arrays of one width are needed")
+    if not np.isfinite(queries).all():
+        raise ValueError("queries hold NaN or infinite values, whose scores would be NaN for every row")
     count, num_queries = rows.shape[0], queries.shape[0]
     k = min(k, count)
     if num_queries == 0 or k == 0:
@@ -599,11 +601,20 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
     # A query the manifest does not spell as it is spelt here (reached through a symbolic link) may still
     # be in the index: one more hit each is asked for, and any hit that is the query's file is left out.
     unmatched = [j for j, row in enumerate(exclude or ()) if row is None]
+    unusable = np.flatnonzero(~np.isfinite(features).all(axis=1))  # NaN would score every row NaN
+    if len(unusable):
+        raise DataError(f"QUERY {kept[unusable[0]]}: {manifest.model} gives it features that are not finite, which "
+                        f"match nothing; search with another image")
     try:
         scores, found = top_k(rows, features, k + bool(unmatched), manifest.normalized, exclude)  # (M, k'), (M, k')
     except NaNRow as damaged:  # neither ranked nor left out silently
-        raise ModelFileError(f"{index_path}: row {damaged.row} ({manifest.paths[damaged.row]}) scores NaN; the index "
-                             f"is damaged, run `simclr embed` again") from None
+        raise ModelFileError(_damaged(index_path, manifest, damaged.row, "NaN")) from None
+    # No cosine exceeds 1 (unit float16 rows, rounded: by 1e-3 at most). A damaged row that a kernel scores as
+    # a number (numpy's float16 one turns NaN and infinity into large values) must not top the table.
+    beyond = np.argwhere(scores > 1.01) if manifest.normalized else []
+    if len(beyond):
+        at = tuple(beyond[0])
+        raise ModelFileError(_damaged(index_path, manifest, int(found[at]), f"{scores[at]:.4g}, beyond a cosine's 1"))
     hits = [[Hit(rank + 1, score, manifest.paths[row], row)
              for rank, (score, row) in enumerate(zip(line_scores, line_rows)) if score > -float("inf")]
             for line_scores, line_rows in zip(scores.tolist(), found.tolist())]
@@ -612,6 +623,11 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
         hits[j] = [Hit(rank + 1, hit.score, hit.path, hit.row) for rank, hit in enumerate(others)]
     hits = [line[:k] for line in hits]
     return SearchResult(index_path, source, len(rows), kept, hits, skipped + unreadable)
+
+
+def _damaged(index_path: Path, manifest: Manifest, row: int, score: str) -> str:
+    return (f"{index_path}: row {row} ({manifest.paths[row]}) scores {score}; the index is damaged, run `simclr "
+            f"embed` again")
 
 
 def _same_file(path: str, other: str) -> bool:

@@ -681,6 +681,43 @@ def test_an_index_with_nan_rows_is_a_one_line_error(indexes, photos, tmp_path, d
     assert f"{index}: row {row} ({paths[row]}) scores NaN" in " ".join(result.output.split())
 
 
+def test_nan_rows_scored_as_numbers_by_numpys_float16_kernel_are_a_one_line_error(indexes, photos, tmp_path,
+                                                                                  monkeypatch):
+    """numpy's float16 kernel (no C compiler, or PyTorch imported and three queries) turns a NaN row into large
+    values: with a query of nonnegative features it came first, at a score of about 10^5."""
+    index = tmp_path / "nan.npy"
+    rows = np.load(indexes["float16"])
+    rows[5] = np.nan
+    np.save(index, rows)
+    shutil.copy(indexes["float16"].with_suffix(".json"), index.with_suffix(".json"))
+    paths = json.loads(index.with_suffix(".json").read_text())["paths"]
+    monkeypatch.setattr(index_module, "search_kernel", lambda dtype: "numpy")
+    result = runner.invoke(app, ["similar", str(photos / Path(paths[0]).relative_to(photos)), "--index", str(index)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"{index}: row 5 ({paths[5]}) scores " in " ".join(result.output.split())
+    assert "beyond a cosine's 1; the index is damaged" in " ".join(result.output.split())
+
+
+def test_a_query_whose_features_are_not_finite_is_a_one_line_error_not_a_damaged_index(indexes, photos, monkeypatch):
+    """Every row scored NaN against it, and the first row of a sound index was named as damaged."""
+    from simclr_cli import numpy_encoder
+
+    real_embed = numpy_encoder.embed_queries
+
+    def embed_nan(model, paths):
+        features, positions, unreadable = real_embed(model, paths)
+        features[-1, 0] = np.nan
+        return features, positions, unreadable
+
+    monkeypatch.setattr(numpy_encoder, "embed_queries", embed_nan)
+    queries = sorted(str(path) for path in photos.glob("photo0[12].png"))
+    result = runner.invoke(app, ["similar", *queries, "--index", str(indexes["float32"])])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"QUERY {queries[-1]}: " in result.output and "not finite" in result.output
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        top_k(np.eye(3, dtype=np.float32), np.array([[np.inf, 0, 0]], dtype=np.float32), 1)
+
+
 @pytest.mark.parametrize("dtype, kernel", [kernel for kernel in EVERY_KERNEL if kernel != (np.float16, "numpy")])
 def test_a_nan_row_anywhere_is_reported_by_every_kernel_that_can_tell(dtype, kernel):
     """numpy's float16 kernel (which PyTorch's hands more than two queries to) turns NaN finite; the others
