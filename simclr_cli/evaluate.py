@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from simclr_cli.config import LinearEvalConfig
-from simclr_cli.errors import ConfigError, DataError
+from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.export import load_encoder, save_tensors
 from simclr_cli.features import compute_features
 from simclr_cli.files import (EncoderInfo, atomic_path, check_output_path, read_metadata, resolve_model_path,
@@ -302,6 +302,10 @@ def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult
                                               config.runtime.workers, report)
     for item in skipped:
         report("warning", text=f"skipped {item.path}: {item.reason}")
+    unusable = (~torch.isfinite(features).all(1)).nonzero().flatten()  # one would make the probe NaN
+    if len(unusable):
+        raise ModelFileError(f"{model_path} gives features that are not finite for {paths[int(kept[unusable[0]])]}; "
+                             f"evaluate a sound encoder, at --precision fp32 if it overflowed")
     train_x, train_y, val_x, val_y = split_features(data, features, kept)
     # A class with no training image left would get a probe that never saw it (and a single training image
     # left gives NaN standard deviations, so a NaN probe).

@@ -226,6 +226,17 @@ class EncoderInfo:
         return ModelFileError(f"{path}: weights do not match a {self.arch} ({str(error).splitlines()[0]}); "
                               f"the file is damaged")
 
+    @staticmethod
+    def check_finite(path: Path, tensors: dict[str, Any]) -> None:
+        """Refuse weights holding NaN or infinity: every feature computed from them would be NaN, and every
+        result (a probe at chance, an index of NaN rows) meaningless."""
+        import numpy as np
+
+        for key, value in tensors.items():
+            values = np.asarray(value)
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                raise ModelFileError(f"{path}: {key} holds NaN or infinite weights; the file is damaged")
+
     def check_feature_dim(self, path: Path, feature_dim: int) -> None:
         """Refuse weights whose features are not as wide as the metadata says."""
         if feature_dim != self.feature_dim:

@@ -377,7 +377,8 @@ class FinetuneRun:
         note_skipped(self.skipped, skipped, self.report)
         results.update(knn_report(*split_features(self.data, features, kept), len(self.data.classes)))
         results.update({
-            "epoch": self.state.epoch, "epochs": self.config.epochs, "num_train": len(self.data.train),
+            "epoch": self.state.epoch, "epochs": self.config.epochs,
+            "num_train": int((kept < len(self.data.train)).sum()),  # decoded, as num_val
             "num_val": len(labels), "label_fraction": self.config.label_fraction, "classes": self.data.classes,
             "model": str(self.run_dir / FINETUNED_FILE), "pretrained": str(self.model_path),
             "skipped": [s.to_json() for s in self.skipped.values()], "config": self.config.to_json(),

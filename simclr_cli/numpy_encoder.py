@@ -208,7 +208,9 @@ def load_numpy_encoder(path: str | Path) -> tuple[NumpyEncoder, EncoderInfo]:
     path = resolve_model_path(path)
     info = EncoderInfo.from_metadata(read_metadata(path, "encoder"), path)
     try:
-        encoder = NumpyEncoder(read_tensors(path), info)
+        tensors = read_tensors(path)
+        info.check_finite(path, tensors)
+        encoder = NumpyEncoder(tensors, info)
     except (KeyError, ValueError, TypeError, SafetensorError) as error:
         raise info.weights_error(path, error) from None
     info.check_feature_dim(path, encoder.feature_dim)

@@ -225,6 +225,48 @@ def test_a_class_whose_training_images_all_fail_to_decode_is_a_one_line_error(ti
     assert "Traceback" not in result.output and not (out / "linear.safetensors").exists()
 
 
+@pytest.mark.parametrize("damage", ["weights", "features"])
+def test_an_encoder_giving_nan_is_a_one_line_error_not_a_probe_at_chance(tiny_encoder, tmp_path, monkeypatch,
+                                                                          damage):
+    """An encoder with one NaN weight made every feature NaN: L-BFGS ended in a traceback, or (with --l2)
+    the probe predicted class 0 for everything and reported it. Finite weights can still give non-finite
+    features (a half-precision overflow) for an image: refused too, naming it."""
+    for split in ("train", "val"):
+        for name, colour in (("a", (200, 0, 0)), ("b", (0, 0, 200))):
+            (tmp_path / split / name).mkdir(parents=True)
+            for index in range(3):
+                Image.new("RGB", (8, 8), tuple(c + 10 * index for c in colour)).save(
+                    tmp_path / split / name / f"{index}.png")
+    model = tmp_path / "encoder.safetensors"
+    if damage == "weights":
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(tiny_encoder / "encoder.safetensors"), "pt") as handle:
+            tensors, metadata = {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+        tensors["layer4.1.bn2.weight"][0] = float("nan")
+        save_file(tensors, str(model), metadata=metadata)
+        expected = f"{model}: layer4.1.bn2.weight holds NaN or infinite weights; the file is damaged"
+    else:
+        from simclr_cli import evaluate
+
+        model = tiny_encoder
+        real_features = evaluate.cached_features
+
+        def cached_features(*args, **kwargs):
+            features, kept, skipped = real_features(*args, **kwargs)
+            features[4, 1] = float("inf")
+            return features, kept, skipped
+
+        monkeypatch.setattr(evaluate, "cached_features", cached_features)
+        image = tmp_path / "train" / "b" / "1.png"  # row 4: a/0, a/1, a/2, b/0, b/1
+        expected = f"{model / 'encoder.safetensors'} gives features that are not finite for {image}"
+    result = runner.invoke(app, ["linear-eval", str(model), str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                                 "--out", str(tmp_path / "out"), "--l2", "0.001", *FAST])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert expected in " ".join(result.output.split())
+
+
 def test_one_training_image_per_class_leaves_nothing_to_search_the_l2_on():
     probe, search = train_linear_probe(torch.randn(2, 8, generator=torch.Generator().manual_seed(0)),
                                        torch.tensor([0, 1]), 2)

@@ -251,7 +251,9 @@ def test_batches_without_two_readable_images_are_skipped_and_the_run_ends(tiny_e
     except subprocess.TimeoutExpired:
         pytest.fail("2 epochs of 2 steps were still running after 300 s")
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "run" / "finetune.json").read_text())["epochs"] == 2
+    results = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    assert results["epochs"] == 2
+    assert (results["num_train"], results["num_val"]) == (2, 4)  # the images that decoded, as linear-eval counts
     epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in epochs] == [1, 2] and epochs[-1]["step"] < 2 * 2, epochs  # some skipped
 
