@@ -31,6 +31,9 @@ LINEAR_FILE = "linear.safetensors"
 CONFUSION_FILE = "confusion_matrix.png"
 L2_GRID = tuple(10.0**exponent for exponent in range(-6, 1))  # 1e-6 ... 1, on the mean cross-entropy
 UNSEARCHED_L2 = 1e-3  # with one training image per class there is nothing to search on: the usual choice
+# The gradient at which a float32 fit stops. 1e-7 reached the float64 optimum within 1% at l2 = 1e-6 on
+# 10,000 x 512 separable features, in 2.6x the time of 1e-4 (a quarter of float64's).
+FLOAT32_TOLERANCE = 1e-7
 KNN_KS = (20, 200)
 KNN_TEMPERATURE = 0.07
 
@@ -109,7 +112,7 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     weight = weight0.to(dtype).clone().requires_grad_(True)
     bias = bias0.to(dtype).clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-9 if dtype == torch.float64 else 1e-4,
+                                  tolerance_grad=1e-9 if dtype == torch.float64 else FLOAT32_TOLERANCE,
                                   tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -139,7 +142,9 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
     The search runs in float32 (2.4x faster than float64 on a CPU) with warm starts: from the strongest
     penalty to the weakest, each fit starting from the last solution. The final fit runs in float64,
     from the chosen float32 solution, to converge where float32 stalls (weak penalties). On 60,000 x 512
-    features that takes about two minutes on 2 cores instead of 14 (all float64, from zeros).
+    features that takes about two minutes on 2 cores instead of 14 (all float64, from zeros). The float32
+    fits stop at a gradient of FLOAT32_TOLERANCE: at 1e-4, fits at weak penalties on separable features
+    stopped at 10-30x their optimum, and the search compared models stopped early.
     """
     features = features.double()
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)

@@ -54,6 +54,24 @@ def test_logistic_regression_matches_scikit_learn(l2):
     assert np.allclose(bias.numpy(), reference.intercept_, atol=1e-4)
 
 
+@pytest.mark.parametrize("l2", [1e-6, 1e-4])
+def test_float32_fits_at_weak_penalties_reach_the_float64_optimum(l2):
+    """The L2 search's float32 fits stopped at a gradient of 1e-4: on separable features at l2 = 1e-6, at 30x
+    the optimum objective, so the search compared models stopped early."""
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 64, generator=generator)
+    labels = torch.randint(0, 5, (400,), generator=generator)
+    features = centers[labels] + 0.5 * torch.randn(400, 64, generator=generator).double()  # separable
+
+    def objective(weight: torch.Tensor, bias: torch.Tensor) -> float:
+        weight, bias = weight.double(), bias.double()
+        loss = torch.nn.functional.cross_entropy(features @ weight.T + bias, labels)
+        return float(loss + 0.5 * l2 * weight.pow(2).sum())
+
+    best = objective(*fit_logistic(features, labels, 5, l2, max_iter=5000))
+    assert objective(*fit_logistic(features.float(), labels, 5, l2)) == pytest.approx(best, rel=0.05)
+
+
 def test_classification_report_counts_top1_top5_and_classes():
     scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4], [0.1, 0.2, 0.7]])
     labels = torch.tensor([0, 1, 2, 2])
