@@ -223,6 +223,9 @@ def load_labelled(train_dir: str | Path, labels_csv: str | Path | None = None, v
     if val_dir is not None and val_split is not None:
         raise ConfigError("--val and --val-split both given; use --val DIR for a separate validation folder "
                           "or --val-split F to hold out part of TRAIN, not both")
+    if val_dir is not None and labels_csv is None and Path(val_dir).resolve() == Path(train_dir).resolve():
+        raise ConfigError(f"--val {val_dir} is {flag} itself: an accuracy on the training images measures no "
+                          f"generalisation; pass a separate folder, or --val-split F to hold out part of {flag}")
     if out_dir is not None:
         for folder, folder_flag in ((None if labels_csv else train_dir, flag), (val_dir, "--val")):
             if folder is not None:

@@ -203,6 +203,7 @@ def test_a_second_evaluation_reuses_the_cached_features(evaluated, tiny_encoder,
                                                         "files as images of a class 'runs'"),
     (["{encoder}", "{two}", "--val", "{val}", "--out", "{val}/a/eval"], "inside --val {val}"),
     (["{encoder}", "{two}", "--out", "{link}/eval"], "inside TRAIN {two}"),  # through a link to it
+    (["{encoder}", "{two}", "--val", "{link}"], "--val {link} is TRAIN itself"),  # reported 100% as validation
     (["{encoder}", "{two}", "--out", "{two}"], "is TRAIN {two} itself"),
 ])
 def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, tmp_path, args, message):

@@ -200,6 +200,7 @@ def test_a_head_of_another_width_is_refused_before_the_run_writes_anything(tiny_
     (["{encoder}", "{digits}", "--out", "{encoder}/encoder.safetensors"], "is a file; pass a folder"),
     (["{encoder}", "{digits}", "--out", "{encoder}/encoder.safetensors/run"], "a folder on its path is a file"),
     (["{encoder}", "{digits}", "--out", "{digits}/runs/ft"], "inside TRAIN"),
+    (["{encoder}", "{digits}", "--val", "{digits}/"], "is TRAIN itself: an accuracy on the training images"),
     (["{encoder}", "{missing}"], "no such folder"),
     (["--resume", "{digits}"], "no config.json there"),
     (["--resume", "{encoder}"], "not the settings of a `simclr finetune` run"),
