@@ -90,8 +90,7 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[
             if not value.is_floating_point():
                 raise info.weights_error(path, TypeError(f"{key} holds {value.dtype}, not floating-point values"))
             state[key] = value.to(expected[key].dtype)
-    # (A bfloat16 tensor left here is not one of the backbone's: load_state_dict refuses it below.)
-    info.check_finite(path, {key: value for key, value in state.items() if value.dtype != torch.bfloat16})
+    info.check_finite(path, {key: state[key] for key in expected if key in state})  # the rest are refused below
     try:
         backbone.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
