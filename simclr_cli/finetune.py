@@ -34,7 +34,7 @@ from simclr_cli.memory import batch_shortfall
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
 from simclr_cli.runtime import (StopFlag, default_workers, resolve_device, resolve_precision, rng_state,
                                 seed_everything, set_rng_state)
-from simclr_cli.train import Report, TrainingDiverged, silent
+from simclr_cli.train import Report, TrainingDiverged, silent, use_even_batch
 
 FINETUNED_FILE = "finetuned.safetensors"
 FINETUNED_FORMAT = "simclr-finetuned"
@@ -151,7 +151,7 @@ class FinetuneRun:
         restore = check_run_dir(self.run_dir, resume)
         if resume and not restore:  # stopped in its first epoch (a crash, a lost machine): start it again as saved
             report("message", text=f"{self.run_dir} stopped before its first checkpoint: starting it again")
-        resume = restore
+        settled, resume = resume, restore  # settled: the batch below was decided when the run began
         self.device = resolve_device(config.runtime.device)
         self.precision = resolve_precision(config.runtime.precision, self.device)
         self.workers = config.runtime.workers if config.runtime.workers is not None else default_workers()
@@ -179,6 +179,8 @@ class FinetuneRun:
                 report("warning", text=f"{shortfall.describe(self.batch_size)}: using batch size {fitting} "
                                        f"(the learning rate follows it); --batch-size sets it")
                 self.batch_size = fitting
+        if not settled:
+            self.batch_size = use_even_batch(len(train), self.batch_size, report)
         if self.batch_size != config.batch_size:
             # the learning-rate rule and config.json follow the batch that trains, not the one asked for
             self.config = config = replace(config, batch_size=self.batch_size)

@@ -19,7 +19,7 @@ from simclr_cli.batch_augment import AugmentInLoader, BatchAugment, ViewSampler,
 from simclr_cli.cache import DecodedCache, WorkingImages, working_side
 from simclr_cli.config import PretrainConfig, check_saved_types, replace
 from simclr_cli.curves import CurvesWriter, KnnMonitor
-from simclr_cli.data import ImageDataset, collate, epoch_order, make_loader, to_device_ahead
+from simclr_cli.data import ImageDataset, collate, epoch_order, even_batch, make_loader, to_device_ahead
 from simclr_cli.errors import ConfigError, DataError, ModelFileError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_optimizer,
                                read_run_config, save_checkpoint, save_encoder, save_tensors)
@@ -54,6 +54,17 @@ class TrainingDiverged(SimclrError):
         return cls(f"the loss became {value} at step {step}; {kept}. {fix} and run again with another --out")
 
 
+def use_even_batch(images: int, batch: int, report: Report, minimum: int = 2) -> int:
+    """data.even_batch, if it is at least `minimum`, said in a message."""
+    even = even_batch(images, batch)
+    if even == batch or even < minimum:
+        return batch
+    report("message", text=f"using batch size {even} instead of {batch}: an epoch of {images // even} steps leaves "
+                           f"{images % even} of the {images} images out, where {batch} would leave {images % batch} "
+                           f"(the learning rate follows the batch)")
+    return even
+
+
 class PretrainRun:
     """One pretraining run in one folder: built fresh, or from its checkpoint when resuming."""
 
@@ -72,7 +83,7 @@ class PretrainRun:
         restore = check_run_dir(self.run_dir, resume)
         if resume and not restore:  # stopped in its first epoch (a crash, a lost machine): start it again as saved
             report("message", text=f"{self.run_dir} stopped before its first checkpoint: starting it again")
-        resume = restore
+        settled, resume = resume, restore  # settled: the batch below was decided when the run began
         distributed.barrier()  # every rank has looked at the folder before rank 0 writes to it
         seed_everything(config.runtime.seed)
 
@@ -96,6 +107,9 @@ class PretrainRun:
         if self.batch_size < config.batch_size:
             report("warning", text=f"only {len(self.paths)} images: using batch size {self.batch_size} "
                                    f"instead of {config.batch_size}")
+        if not settled:  # a resumed run keeps the batch its steps were counted in
+            self.batch_size = use_even_batch(len(self.paths), self.batch_size, report, minimum=world_size())
+        if self.batch_size != config.batch_size:
             # the learning-rate rule and config.json follow the batch that trains, not the one asked for
             self.config = config = replace(config, batch_size=self.batch_size)
         if self.batch_size < world_size():

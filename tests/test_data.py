@@ -1,5 +1,7 @@
 """Scanning folders, decoding every mode to RGB, skipping bad files."""
 
+import itertools
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +18,7 @@ from PIL import Image
 
 from simclr_cli import data, images
 from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
-from simclr_cli.data import ImageDataset, collate, epoch_order
+from simclr_cli.data import ImageDataset, collate, epoch_order, even_batch
 from simclr_cli.errors import DataError
 from simclr_cli.features import compute_features
 from simclr_cli.files import EncoderInfo
@@ -194,6 +196,20 @@ def test_epoch_order_is_a_seeded_permutation():
     assert order == epoch_order(50, seed=3, epoch=0)
     assert order != epoch_order(50, seed=3, epoch=1)
     assert order != epoch_order(50, seed=4, epoch=0)
+
+
+
+def test_even_batch_leaves_the_fewest_images_out_in_the_same_number_of_steps():
+    """Against a search over every smaller batch: of the sizes that take ceil(images / batch) full steps, the one
+    that leaves the fewest images out of an epoch, if it leaves fewer than `batch` does; else `batch`."""
+    for count, batch in itertools.product(range(2, 260), range(2, 70)):
+        steps = math.ceil(count / batch)
+        fits = [size for size in range(2, batch + 1) if count // size == steps]
+        best = min(fits, key=lambda size: (count % size, -size), default=batch)
+        expected = best if count % best < count % batch else batch
+        assert even_batch(count, batch) == expected, (count, batch)
+    assert even_batch(700, 512) == 350 and even_batch(2000, 512) == 500  # two and four steps, none left out
+    assert even_batch(1024, 512) == 512 and even_batch(100, 512) == 100
 
 
 class _Slow(torch.utils.data.Dataset):

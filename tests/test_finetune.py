@@ -274,6 +274,25 @@ def test_a_training_set_smaller_than_the_batch_fine_tunes_at_the_learning_rate_o
     assert json.loads((out / "config.json").read_text())["batch_size"] == train
 
 
+
+def test_batches_are_evened_out_so_that_each_epoch_trains_on_every_image(tiny_encoder, small_digits_folder, tmp_path):
+    """20 training images at --batch-size 16 trained on 16 an epoch (the last, incomplete batch is dropped); two
+    batches of 10 train on all 20, and the lr rule and config.json follow that batch."""
+    for split, files in (("train", slice(0, 10)), ("val", slice(10, 14))):
+        for label in ("0", "1"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for path in sorted((small_digits_folder / label).iterdir())[files]:
+                shutil.copy(path, tmp_path / split / label / path.name)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["finetune", str(tiny_encoder), str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                                 "--out", str(out), "--epochs", "2", "--batch-size", "16", *FAST])
+    assert result.exit_code == 0, result.output
+    assert ("using batch size 10 instead of 16: an epoch of 2 steps leaves 0 of the 20 images out, where 16 would "
+            "leave 4") in " ".join(result.output.split())
+    assert f"batch 10, lr {0.05 * 10 / 256:g}" in result.output
+    assert json.loads((out / "config.json").read_text())["batch_size"] == 10
+    assert [record["step"] for record in records(out)] == [2, 4]
+
 def test_a_run_started_with_relative_paths_resumes_from_another_working_directory(tiny_encoder, small_digits_folder,
                                                                                    tmp_path, monkeypatch):
     """config.json keeps MODEL and TRAIN as absolute paths, and split.json its images: `--resume` from another

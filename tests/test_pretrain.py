@@ -95,9 +95,13 @@ def test_default_arch_batch_views_and_initialisation_on_a_cpu_at_32_px_are_recor
     out = tmp_path / "default-batch"
     result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1", *CPU])
     assert result.exit_code == 0, result.output
-    assert "batch 128, lr 0.848528" in result.output  # 0.075 x sqrt(128)
+    # The default batch on a CPU is 128; over 200 images that leaves 72 out of each epoch, and 2 steps of 100 none.
+    assert ("using batch size 100 instead of 128: an epoch of 2 steps leaves 0 of the 200 images out, where 128 "
+            "would leave 72") in " ".join(result.output.split())
+    assert "batch 100, lr 0.75" in result.output  # 0.075 x sqrt(100)
+    assert len(losses(out)) == 2
     saved = json.loads((out / "config.json").read_text())
-    assert saved["batch_size"] == 128
+    assert saved["batch_size"] == 100
     assert saved["arch"] == "resnet50", "SimCLR's encoder, the best measured at 10 and 60 minutes on a CPU (README)"
     assert saved["zero_init_residual"], "residual blocks start as their shortcuts by default"
     assert len(initial_scales) == 1 and not initial_scales[0].any(), "each block's last BatchNorm started at 0"
@@ -107,7 +111,7 @@ def test_default_arch_batch_views_and_initialisation_on_a_cpu_at_32_px_are_recor
     assert "crops from 60%, jitter strength 1, blur off" in result.output
     assert (saved["augment"]["crop_min_scale"], saved["augment"]["jitter"]) == (0.6, 1.0), "decided once, kept"
     info = load_encoder(out)[1]
-    assert (info.arch, info.feature_dim, info.config["batch_size"]) == ("resnet50", 2048, 128), "the file records them"
+    assert (info.arch, info.feature_dim, info.config["batch_size"]) == ("resnet50", 2048, 100), "the file records them"
 
 
 def test_width_and_initialisation_reach_the_engine_the_encoder_file_and_embed(small_digits_folder, tmp_path,
@@ -161,7 +165,8 @@ def test_interrupted_run_resumes_to_the_same_loss_curve_and_weights(small_digits
 def test_a_resumed_run_keeps_the_loss_scale_its_gradient_scaler_had_reached(small_digits_folder, tmp_path,
                                                                               monkeypatch):
     """fp16 runs (CUDA) scale the loss; the scale grows while gradients stay finite. A CPU GradScaler stands in
-    here, doubling every step: resumed at step 4, the run must go on from 2^14, not start again at 2^10."""
+    here, doubling every step: resumed at step 4, the run must go on from 2^14, not start again at 2^10.
+    (200 images at --batch-size 32 are 7 steps of 28 an epoch.)"""
     monkeypatch.setattr(Precision, "grad_scaler",
                         lambda self: torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1))
     straight = tmp_path / "straight"
@@ -176,7 +181,7 @@ def test_a_resumed_run_keeps_the_loss_scale_its_gradient_scaler_had_reached(smal
     assert load_checkpoint(stopped / "checkpoint.safetensors").progress["scaler"]["scale"] == 2.0 ** 14
     resume_pretrain(stopped)
     scales = [load_checkpoint(run / "checkpoint.safetensors").progress["scaler"]["scale"] for run in (straight, stopped)]
-    assert scales == [2.0 ** 16, 2.0 ** 16], "6 steps, each doubling the scale"
+    assert scales == [2.0 ** 17, 2.0 ** 17], "7 steps, each doubling the scale"
 
 
 def test_a_run_that_crashed_before_its_first_checkpoint_resumes_from_the_start(small_digits_folder, tmp_path):
@@ -275,9 +280,9 @@ def test_the_loaders_start_is_not_counted_in_a_steps_time(small_digits_folder, t
     config = dataclasses.replace(_config(small_digits_folder, out, epochs=3), max_time=1000.0, warmup_epochs=0.0)
     pretrain(config)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 3 * (200 // 32) and len({r["epoch"] for r in records}) == 3
+    assert len(records) == 3 * 7 and len({r["epoch"] for r in records}) == 3  # 7 steps of 28 images an epoch
     speeds = [r["images_per_s"] for r in records]  # the fake clock's readings differ by one in a step or two
-    assert min(speeds) > 0.5 * max(speeds), speeds  # each epoch's first step too: 32 images in 30 s before
+    assert min(speeds) > 0.5 * max(speeds), speeds  # each epoch's first step too: a batch in 30 s before
     rates = [r["lr"] for r in records]
     assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] < 0.1 * rates[0], rates
 
