@@ -96,9 +96,11 @@ class EmbedConfig:
         """The command that continues this embed if it stops (a shell command line)."""
         flags = ((["--dtype", self.dtype] if self.dtype != "float32" else [])
                  + ([] if self.normalize else ["--no-normalize"])
+                 + (["--batch-size", str(self.batch_size)] if self.batch_size != EmbedConfig.batch_size else [])
                  + (["--devices", str(self.devices)] if self.devices > 1 else [])
                  + (["--device", self.device] if self.device != "auto" else [])
-                 + (["--precision", self.precision] if self.precision != "auto" else []))
+                 + (["--precision", self.precision] if self.precision != "auto" else [])
+                 + (["--workers", str(self.workers)] if self.workers is not None else []))
         return shlex.join(["simclr", "embed", self.model, self.images, self.out, *flags, "--resume"])
 
 

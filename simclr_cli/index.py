@@ -336,7 +336,7 @@ def top_k(rows: np.ndarray, queries: np.ndarray, k: int, normalized: bool = True
             # One query against rows of up to 1,024 values: the rows split among threads. Longer rows (2,048-d:
             # resnet50 and up) go faster through BLAS, which threads itself: on 1M x 2048 rows, 2-core AVX2
             # EPYC, 0.26-0.41 s against the split einsum's 0.41-0.48 s (at 512-d 0.12 s against 0.10-0.12 s;
-            # the split rows are now scored by np.vecdot, 77 against the einsum's 85 ms).
+            # the split rows are now scored by np.vecdot, 70 against the einsum's 76 ms).
             split_rows = num_queries == 1 and rows.shape[1] <= 1024
             make_scorer = partial(_float32_scorer, queries_t, split_rows, normalized)
 

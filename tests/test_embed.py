@@ -205,9 +205,9 @@ def test_the_resume_command_repeats_the_flags_that_matter():
     config = EmbedConfig(model="run", images="photos", out="photos.npy")
     assert config.resume_command() == "simclr embed run photos photos.npy --resume"
     config = EmbedConfig(model="run", images="my photos", out="photos.npy", dtype="float16", normalize=False,
-                         devices=2, device="cpu", precision="fp32")
+                         batch_size=32, devices=2, device="cpu", precision="fp32", workers=0)
     assert config.resume_command() == ("simclr embed run 'my photos' photos.npy --dtype float16 --no-normalize "
-                                       "--devices 2 --device cpu --precision fp32 --resume")
+                                       "--batch-size 32 --devices 2 --device cpu --precision fp32 --workers 0 --resume")
 
 
 def test_the_printed_resume_command_resumes(tiny_encoder, mixed_folder, tmp_path):
@@ -218,7 +218,8 @@ def test_the_printed_resume_command_resumes(tiny_encoder, mixed_folder, tmp_path
     assert embed_folder(config, stop_after_batches=1).interrupted
     command = shlex.split(config.resume_command())
     assert command[:2] == ["simclr", "embed"]
-    result = runner.invoke(app, [*command[1:], "--workers", "0"])
+    assert command[-3:] == ["--workers", "0", "--resume"] and "--batch-size" in command
+    result = runner.invoke(app, command[1:])
     assert result.exit_code == 0, (config.resume_command(), result.output)
     assert json.loads((tmp_path / "my index.json").read_text())["precision"] == other_precision
 
