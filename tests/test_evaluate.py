@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.evaluate import (L2_GRID, UNSEARCHED_L2, classification_report, draw_confusion, fit_logistic,
-                                 knn_scores, split_features, train_linear_probe)
+from simclr_cli.evaluate import (KNN_TEMPERATURE, L2_GRID, UNSEARCHED_L2, classification_report, draw_confusion,
+                                 fit_logistic, knn_report, knn_scores, split_features, train_linear_probe)
 from simclr_cli.labels import load_labelled
 
 runner = CliRunner()
@@ -39,6 +39,20 @@ def test_knn_scores_match_the_reference(n, dim, k, temperature):
     fast = knn_scores(train, labels, queries, 3, k, temperature, chunk=3)
     assert torch.allclose(fast, knn_reference(train, labels, queries, 3, k, temperature), rtol=1e-4)
 
+
+
+@pytest.mark.parametrize("n,expected", [(300, ("k20", "k200")), (30, ("k20", "k30")), (12, ("k12",))])
+def test_the_knn_report_names_the_neighbours_that_voted(n, expected):
+    """With fewer training images than k, all of them vote: 30 images report "k30", not a "k200" that never ran."""
+    generator = torch.Generator().manual_seed(n)
+    train, queries = torch.randn(n, 4, generator=generator), torch.randn(9, 4, generator=generator)
+    labels, query_labels = torch.randint(0, 3, (n,), generator=generator), torch.randint(0, 3, (9,), generator=generator)
+    report = knn_report(train, labels, queries, query_labels, 3)
+    assert tuple(key for key in report["knn"] if key != "temperature") == expected
+    for key in expected:
+        votes = knn_reference(train, labels, queries, 3, int(key[1:]), KNN_TEMPERATURE)
+        assert report["knn"][key] == pytest.approx((votes.argmax(1) == query_labels).double().mean().item())
+    assert report["knn_top1"] == report["knn"][expected[0]]
 
 @pytest.mark.parametrize("l2", [1e-3, 1e-1])
 def test_logistic_regression_matches_scikit_learn(l2):
