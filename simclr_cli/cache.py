@@ -78,8 +78,10 @@ def load_working(path: str | Path, side: int) -> np.ndarray:
 
 
 def _stats(path: str) -> list[int]:
+    """Size, modification and change times: a file replaced by one of the same size and mtime (`cp -p`) has a new
+    ctime."""
     info = os.stat(path)
-    return [info.st_size, info.st_mtime_ns]
+    return [info.st_size, info.st_mtime_ns, info.st_ctime_ns]
 
 
 class DecodedCache:

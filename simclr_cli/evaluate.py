@@ -46,11 +46,14 @@ FEATURES_VERSION = 2
 
 
 def feature_cache_key(model_sha256: str, paths: Sequence[Path], info: EncoderInfo, precision: Precision) -> str:
-    """A digest of the model, the files (path, size, modification time) and the preprocessing."""
+    """A digest of the model, the files (path, size, modification and change times) and the preprocessing.
+
+    The change time (ctime) catches a file replaced by one of the same size and modification time, as
+    `cp -p` or `rsync -a` restore them; it moves with chmod too, which costs only a recomputation."""
     files = []
     for path in paths:
         stat = os.stat(path)
-        files.append([str(path), stat.st_size, stat.st_mtime_ns])
+        files.append([str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
     preprocessing = [info.image_size, list(info.mean), list(info.std), precision.name]
     text = json.dumps([model_sha256, files, preprocessing, FEATURES_VERSION])
     return hashlib.sha256(text.encode()).hexdigest()[:16]

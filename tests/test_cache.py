@@ -1,8 +1,10 @@
 """The decoded cache: working resolution, slots filled once, stale files decoded again, same views."""
 
+import copy
 import json
 import os
-import copy
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,20 @@ def test_changed_files_are_decoded_again_and_a_new_file_list_starts_over(tmp_pat
     cache, summary = DecodedCache.prepare(tmp_path, tmp_path / "images", paths + extra, 37)
     assert "created" in summary
 
+
+
+def test_a_file_restored_at_the_same_size_and_time_is_decoded_again(tmp_path):
+    """`cp -p` of another image of the same size keeps the size and modification time; its change time moves."""
+    paths = write_folder(tmp_path / "images", [(120, 90)])
+    DecodedCache.prepare(tmp_path, tmp_path / "images", paths, 37)
+    stat = paths[0].stat()
+    time.sleep(0.01)  # past the file system's timestamp granularity
+    shutil.copyfile(paths[0], tmp_path / "copy.png")
+    (tmp_path / "copy.png").replace(paths[0])
+    os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (paths[0].stat().st_size, paths[0].stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    _, summary = DecodedCache.prepare(tmp_path, tmp_path / "images", paths, 37)
+    assert "1 changed since" in summary, summary
 
 def test_unreadable_files_are_recorded_and_not_read_again(tmp_path):
     paths = write_folder(tmp_path / "images", [(64, 64)])

@@ -3,6 +3,8 @@ to end on the digits (features cached, results consistent, user errors)."""
 
 import json
 import math
+import os
+import time
 
 import numpy as np
 import pytest
@@ -323,3 +325,28 @@ def test_the_feature_cache_key_changes_with_the_features_version(tmp_path, monke
     now = key()
     monkeypatch.setattr(evaluate, "FEATURES_VERSION", evaluate.FEATURES_VERSION - 1)
     assert key() != now
+    monkeypatch.undo()
+    assert key() == now
+
+
+def test_the_feature_cache_key_changes_with_a_file_restored_at_the_same_size_and_time(tmp_path):
+    """`cp -p` of another image of the same size keeps the size and the modification time: the stale features
+    were reused. The change time moves."""
+    from simclr_cli import evaluate
+    from simclr_cli.files import EncoderInfo
+    from simclr_cli.runtime import resolve_precision
+
+    image = tmp_path / "a.bmp"  # uncompressed: the same size in any colour
+    Image.new("RGB", (8, 8), "red").save(image)
+    info = EncoderInfo(arch="resnet18", stem="imagenet", feature_dim=512, image_size=32, mean=(0.5,) * 3,
+                       std=(0.25,) * 3, version="test", config={})
+    fp32 = resolve_precision("fp32", torch.device("cpu"))
+    before = evaluate.feature_cache_key("ab" * 32, [image], info, fp32)
+    stat = image.stat()
+    time.sleep(0.01)  # past the file system's timestamp granularity
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "b.bmp")
+    assert (tmp_path / "b.bmp").stat().st_size == stat.st_size
+    (tmp_path / "b.bmp").replace(image)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert evaluate.feature_cache_key("ab" * 32, [image], info, fp32) != before
