@@ -214,6 +214,28 @@ def balanced_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
     return sorted(chosen)
 
 
+def _file_ids(paths: Iterable[str | Path]) -> dict[tuple[int, int], str]:
+    """(device, inode) -> path: the same file under any name, link or hard link."""
+    ids = {}
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:  # gone since the scan: its decode is skipped and reported later
+            continue
+        ids.setdefault((info.st_dev, info.st_ino), str(path))
+    return ids
+
+
+def _check_held_out(train: LabelledSet, val: LabelledSet, val_dir: str | Path, flag: str) -> None:
+    """--val may share no file with the training images (by identity, whatever the name or link)."""
+    train_ids = _file_ids(train.paths)
+    shared = [path for key, path in _file_ids(val.paths).items() if key in train_ids]
+    if shared:
+        raise ConfigError(f"--val {val_dir} shares {len(shared)} of its {len(val)} images with {flag} (e.g. "
+                          f"{shared[0]}): an accuracy on training images overstates generalisation; remove them from "
+                          f"one of the two, or pass --val-split F to hold out part of {flag}")
+
+
 def load_labelled(train_dir: str | Path, labels_csv: str | Path | None = None, val_dir: str | Path | None = None,
                   val_split: float | None = None, seed: int = 0, flag: str = "TRAIN",
                   out_dir: str | Path | None = None) -> LabelledData:
@@ -237,6 +259,7 @@ def load_labelled(train_dir: str | Path, labels_csv: str | Path | None = None, v
         classes, train, skipped, notes = read_class_folders(train_dir, flag=flag)
     if val_dir is not None:
         _, val, val_skipped, val_notes = read_class_folders(val_dir, classes, flag="--val")
+        _check_held_out(train, val, val_dir, flag)
         return LabelledData(classes, train, val, skipped + val_skipped, notes + val_notes)
     fraction = DEFAULT_VAL_SPLIT if val_split is None else val_split
     kept, held = stratified_split(train.labels, fraction, seed)

@@ -1,5 +1,7 @@
 """Labelled data: class subfolders, label CSVs, validation splits, label-fraction subsets, errors."""
 
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -165,3 +167,22 @@ def test_an_out_inside_the_class_folders_is_refused(tmp_path, out, refused):
     else:
         with pytest.raises(ConfigError, match=refused):
             load_labelled(tmp_path / "train", out_dir=tmp_path / out)
+
+
+def test_a_val_folder_sharing_files_with_train_is_refused_by_file_identity(tmp_path):
+    """Hard links, symbolic links and --labels rows reach the same file under other names; an accuracy on them
+    is partly an accuracy on training images. A copy is another file, and is not found."""
+    train = make_classes(tmp_path / "train", {"cat": 3, "dog": 3})
+    val = make_classes(tmp_path / "val", {"cat": 1, "dog": 1})
+    assert len(load_labelled(train, val_dir=val).val) == 2
+    os.link(train / "cat" / "0.png", val / "cat" / "linked.png")
+    (val / "dog" / "symlink.png").symlink_to(train / "dog" / "1.png")
+    shutil.copy(train / "dog" / "2.png", val / "dog" / "copy.png")
+    with pytest.raises(ConfigError, match=r"--val .*val shares 2 of its 5 images with TRAIN \(e\.g\. .*(linked|symlink)"):
+        load_labelled(train, val_dir=val)
+    (tmp_path / "labels.csv").write_text("path,label\ncat/0.png,cat\ncat/1.png,cat\ndog/0.png,dog\n"
+                                         "../val/dog/0.png,dog\n")
+    (val / "cat" / "linked.png").unlink()
+    (val / "dog" / "symlink.png").unlink()
+    with pytest.raises(ConfigError, match="shares 1 of its 3 images with TRAIN"):
+        load_labelled(train, labels_csv=tmp_path / "labels.csv", val_dir=val)
