@@ -220,6 +220,7 @@ def test_a_second_evaluation_reuses_the_cached_features(evaluated, tiny_encoder,
     (["{encoder}", "{two}", "--val", "{val}", "--out", "{val}/a/eval"], "inside --val {val}"),
     (["{encoder}", "{two}", "--out", "{link}/eval"], "inside TRAIN {two}"),  # through a link to it
     (["{encoder}", "{two}", "--val", "{link}"], "--val {link} is TRAIN itself"),  # reported 100% as validation
+    (["{encoder}", "{two}", "--val", "{shared}"], "--val {shared} shares 1 of its 1 images with TRAIN"),
     (["{encoder}", "{two}", "--out", "{two}"], "is TRAIN {two} itself"),
 ])
 def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, tmp_path, args, message):
@@ -234,7 +235,10 @@ def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, tmp_path, args, me
     (tmp_path / "labels.csv").write_text("a.png,x\nb.png,y\n")
     paths = {name: str(tmp_path / name) for name in ("missing", "flat", *folders)}
     (tmp_path / "link").symlink_to(tmp_path / "two")
-    paths.update(encoder=str(tiny_encoder), csv=str(tmp_path / "labels.csv"), link=str(tmp_path / "link"))
+    (tmp_path / "shared" / "b").mkdir(parents=True)  # a validation image that is a training image
+    (tmp_path / "shared" / "b" / "0.png").symlink_to(tmp_path / "two" / "b" / "1.png")
+    paths.update(encoder=str(tiny_encoder), csv=str(tmp_path / "labels.csv"), link=str(tmp_path / "link"),
+                 shared=str(tmp_path / "shared"))
     result = runner.invoke(app, ["linear-eval", *[a.format(**paths) for a in args], *FAST])
     assert result.exit_code == 1, result.output
     assert message.format(**paths) in result.output
