@@ -20,8 +20,8 @@ class LoopState:
     elapsed: float = 0.0  # seconds of training, summed over sessions
     images_seen: int = 0
     finished: bool = False
-    # --max-time: the latest step's seconds (one more is kept in reserve) and the fraction of the budget the
-    # schedule has reached (it never moves back), kept so that a resumed run goes on as it was.
+    # --max-time: a typical step's seconds (two are kept in reserve; PretrainRun._note_step) and the fraction of
+    # the budget the schedule has reached (it never moves back), kept so that a resumed run goes on as it was.
     step_seconds: float = 0.0
     time_progress: float = 0.0
 

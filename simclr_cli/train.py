@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -54,6 +55,9 @@ class TrainingDiverged(SimclrError):
         return cls(f"the loss became {value} at step {step}; {kept}. {fix} and run again with another --out")
 
 
+RECENT_STEPS = 5  # steps whose times set the time budget's reserve
+
+
 def use_even_batch(images: int, batch: int, report: Report, minimum: int = 2) -> int:
     """data.even_batch, if it is at least `minimum`, said in a message."""
     even = even_batch(images, batch)
@@ -80,6 +84,8 @@ class PretrainRun:
         self.workers = config.runtime.workers if config.runtime.workers is not None else default_workers()
         self._created = time.monotonic()
         self.state = LoopState()
+        self._recent_steps: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
+        self._warm = False  # this session has made a step
         restore = check_run_dir(self.run_dir, resume)
         if resume and not restore:  # stopped in its first epoch (a crash, a lost machine): start it again as saved
             report("message", text=f"{self.run_dir} stopped before its first checkpoint: starting it again")
@@ -252,13 +258,23 @@ class PretrainRun:
         """
         by_steps = (self.state.step + 0.5) / self.total_steps
         by_time = (elapsed + self._reserve()) / self.config.max_time if self.config.max_time else 0.0
-        # The reserve follows the latest step's duration; never let that move the schedule backwards.
+        # The reserve follows the typical step's duration; never let that move the schedule backwards.
         self.state.time_progress = max(self.state.time_progress, by_time)
         return min(1.0, max(by_steps, self.state.time_progress))
 
     def _reserve(self) -> float:
         """Seconds to keep free at the end of a time budget: one more step and the export."""
         return max(1.0, 2 * self.state.step_seconds)
+
+    def _note_step(self, seconds: float) -> None:
+        """Set the typical step time, the lower median of the latest RECENT_STEPS, leaving out each session's
+        first step (torch.compile, cuDNN's autotuning, cold caches). Reserved from the latest step alone, one
+        slow step pushed the schedule ahead for good: an 8 s first step of a 40 s budget skipped the warmup
+        and the peak, the rate never above a fifth of it."""
+        if self._warm:
+            self._recent_steps.append(seconds)
+            self.state.step_seconds = sorted(self._recent_steps)[(len(self._recent_steps) - 1) // 2]
+        self._warm = True
 
     def _warmup_fraction(self) -> float:
         """--warmup-epochs of the run, capped at a tenth of it (short runs warm up for 10%)."""
@@ -315,7 +331,8 @@ class PretrainRun:
             self.report("step", **{"loss": None, **record}, total_steps=self.total_steps,
                         progress=self._progress(now), steps_per_epoch=self.steps_per_epoch,
                         step_in_epoch=state.step_in_epoch)
-            state.step_seconds, last = now - last, now
+            self._note_step(now - last)
+            last = now
             if distributed.any_rank(stop.signal is not None) or state.step >= self.total_steps:
                 break
         self._flush(pending)

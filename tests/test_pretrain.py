@@ -466,6 +466,35 @@ def test_time_budget_schedule_never_goes_back_up(small_digits_folder, tmp_path, 
     assert len(rates) >= 5 and all(a >= b for a, b in zip(rates, rates[1:])), rates
 
 
+
+def test_a_slow_first_step_does_not_push_the_time_budgets_schedule_ahead(small_digits_folder, tmp_path, monkeypatch):
+    """The session's first step takes 20 s more (torch.compile, cuDNN's autotuning), the others about 1 s.
+    Reserved from the latest step, that step counted 40 s more of a 90 s budget as spent, for good: the rate
+    fell to a quarter of its peak at once and stayed there for 40 steps. The reserve follows a typical step,
+    each session's first left out: after the 20 s are spent, the cosine goes on from where they left it."""
+    clock = SteadyClock()
+    monkeypatch.setattr(train, "time", clock)
+    step = train.PretrainRun._step
+    calls = []
+
+    def slow_first(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            clock.now += 20.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.PretrainRun, "_step", slow_first)
+    out = tmp_path / "slow-start"
+    config = dataclasses.replace(_config(small_digits_folder, out, epochs=1000), max_time=90.0, warmup_epochs=0.0)
+    pretrain(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["lr"] for r in records]
+    peak = 0.075 * math.sqrt(json.loads((out / "config.json").read_text())["batch_size"])
+    assert len(records) >= 30 and records[-1]["time"] <= 90.0, records[-1]
+    progress = (records[0]["time"] + 1.0) / 90  # after the first step, the least reserve (no typical step yet)
+    assert rates[1] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * progress)), rel=0.05), rates
+    assert all(a > b for a, b in zip(rates[1:], rates[2:])) and rates[-1] < 0.1 * peak, rates
+
 def test_a_folder_where_nothing_decodes_is_a_one_line_error(tmp_path, cut_image):
     """Headers that read, data that does not: every batch is skipped. The run stops at the end of the first
     epoch instead of exporting a random encoder with exit code 0."""
