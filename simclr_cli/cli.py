@@ -193,7 +193,7 @@ def pretrain(
     if resume is not None:
         _refuse_changes_on_resume(ctx, resume, {"data_dir", "device", "workers", "devices", "quiet"})
         resumed = {"run_dir": resume, "data_dir": str(data_dir) if data_dir else None,
-                   "device": None if device == "auto" else device, "workers": workers}
+                   "device": _given(ctx, "device", device), "workers": workers}
     else:
         if data_dir is None:
             raise typer.BadParameter("give the folder of images (or --resume RUN_DIR)", param_hint="DATA_DIR")
@@ -202,7 +202,7 @@ def pretrain(
             batch_size=batch_size, arch=arch, stem=stem, width=width, zero_init_residual=zero_init_residual,
             proj_layers=proj_layers, proj_dim=proj_dim, proj_out_bn=proj_out_bn,
             temperature=temperature, optimizer=optimizer, lr=lr, lr_scaling=lr_scaling, weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs, max_time=parse_duration(max_time) if max_time else None,
+            warmup_epochs=warmup_epochs, max_time=parse_duration(max_time) if max_time is not None else None,
             devices=devices, chunk_size=chunk_size, sync_bn=sync_bn, augment_on=augment_on, cache=cache,
             cache_dir=str(cache_dir) if cache_dir else None, compile=compile,
             monitor=str(monitor) if monitor else None,
@@ -244,6 +244,12 @@ def _flags_given(ctx: typer.Context) -> set[str]:
     sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
     return {name for name, source in sources.items() if source is not None
             and source.name not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def _given(ctx: typer.Context, name: str, value: Any) -> Any:
+    """`value` if the user set the parameter, else None: on --resume, None keeps the saved setting (an explicit
+    `--device auto` replaces a saved `--device cuda` on a machine without one)."""
+    return value if name in _flags_given(ctx) else None
 
 
 def _refuse_changes_on_resume(ctx: typer.Context, resume: Path, allowed: set[str]) -> None:
@@ -405,7 +411,7 @@ def finetune(
     with _FinetuneReporter(quiet=quiet or as_json) as reporter:
         if resume is not None:
             _refuse_changes_on_resume(ctx, resume, {"device", "workers", "quiet", "as_json"})
-            result = resume_finetune(resume, reporter, device=None if device == "auto" else device, workers=workers)
+            result = resume_finetune(resume, reporter, device=_given(ctx, "device", device), workers=workers)
         else:
             if model is None or train is None:
                 raise typer.BadParameter("give MODEL and TRAIN (or --resume RUN_DIR)", param_hint="MODEL TRAIN")

@@ -373,3 +373,15 @@ def test_resuming_a_damaged_or_edited_run_folder_is_a_one_line_error(finetuned, 
     assert message in " ".join(result.output.split())
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_device_auto_on_resume_replaces_a_saved_device_this_machine_lacks(finetuned, tmp_path):
+    run = shutil.copytree(finetuned[1], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["runtime"]["device"] = "cuda"
+    (run / "config.json").write_text(json.dumps(config))
+    if not torch.cuda.is_available():
+        kept = runner.invoke(app, ["finetune", "--resume", str(run), "--workers", "0"])
+        assert kept.exit_code == 1 and "--device cuda: no CUDA GPU is visible here" in kept.output, kept.output
+    result = runner.invoke(app, ["finetune", "--resume", str(run), "--device", "auto", "--workers", "0"])
+    assert result.exit_code == 0, result.output

@@ -423,6 +423,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path, gro
      "--epochs, --lr with --resume: the run keeps the settings it started with"),
     (["pretrain"], "give the folder of images"),
     (["pretrain", "{empty}", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
+    (["pretrain", "{two}", "--max-time", ""], "--max-time '' is not a duration"),  # "$BUDGET", unset: no budget
 ])
 def test_user_errors_exit_1_with_one_clear_line(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
@@ -733,3 +734,16 @@ def test_a_file_mended_between_sessions_leaves_skipped_json_on_resume(small_digi
     assert result.state.finished
     assert [Path(s.path).name for s in result.skipped] == ["broken.png"]
     assert [Path(s["path"]).name for s in json.loads((run / "skipped.json").read_text())] == ["broken.png"]
+
+
+def test_device_auto_on_resume_replaces_a_saved_device_this_machine_lacks(tiny_encoder, tmp_path):
+    """A run started with --device cuda, resumed on a machine without one: the error says to pass --device auto,
+    which was taken for "not given" and kept the saved cuda."""
+    run = shutil.copytree(tiny_encoder, tmp_path / "run")
+    _edit_json(run / "config.json", lambda config: config["runtime"].update(device="cuda"))
+    kept = runner.invoke(app, ["pretrain", "--resume", str(run), "--workers", "0"])
+    if not torch.cuda.is_available():
+        assert kept.exit_code == 1 and "--device cuda: no CUDA GPU is visible here" in kept.output, kept.output
+    result = runner.invoke(app, ["pretrain", "--resume", str(run), "--device", "auto", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert (run / "encoder.safetensors").is_file()
