@@ -309,7 +309,9 @@ class PretrainRun:
             last = arrived if last is None else last
             note_skipped(self.skipped, batch.skipped, self.report)
             sizes = distributed.gather_sizes(len(batch))  # every rank's images in this global batch
-            if min(sizes) == 0:  # a rank's images were all unreadable: every rank skips the step
+            # A rank whose images were all unreadable, or one image in all (no negatives: a loss of exactly 0):
+            # every rank skips the step.
+            if min(sizes) == 0 or sum(sizes) < 2:
                 state.step_in_epoch += 1  # past it, or the epoch never ends
                 continue
             lr = config.resolved_lr * warmup_cosine(self._progress(clock()), self._warmup_fraction())
@@ -455,8 +457,9 @@ class PretrainRun:
                     final_loss = metrics["loss"]
                 epoch_done = state.step_in_epoch >= self.steps_per_epoch
                 if epoch_done and state.step == 0:  # every batch skipped: training on would export a random encoder
-                    raise DataError(f"{self.config.data_dir}: no image could be decoded in a whole epoch (see the "
-                                    f"warnings above); fix or replace the images, then run again with --resume")
+                    raise DataError(f"{self.config.data_dir}: no batch of a whole epoch held two images that could "
+                                    f"be decoded (see the warnings above), and SimCLR contrasts each image with the "
+                                    f"others in its batch; fix or replace the images, then run again with --resume")
                 if epoch_done:
                     state.epoch += 1
                     state.step_in_epoch = 0

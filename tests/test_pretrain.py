@@ -496,18 +496,24 @@ def test_a_slow_first_step_does_not_push_the_time_budgets_schedule_ahead(small_d
     assert rates[1] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * progress)), rel=0.05), rates
     assert all(a > b for a, b in zip(rates[1:], rates[2:])) and rates[-1] < 0.1 * peak, rates
 
-def test_a_folder_where_nothing_decodes_is_a_one_line_error(tmp_path, cut_image):
+@pytest.mark.parametrize("good", [0, 1])
+def test_a_folder_where_no_two_images_decode_is_a_one_line_error(tmp_path, cut_image, good):
     """Headers that read, data that does not: every batch is skipped. The run stops at the end of the first
-    epoch instead of exporting a random encoder with exit code 0."""
+    epoch instead of exporting a random encoder with exit code 0. One image that decodes has no negatives: its
+    loss was exactly 0, and the run exported an untrained encoder."""
     data = tmp_path / "data"
     data.mkdir()
     for index in range(4):
-        cut_image(data / f"{index}.png", index)
+        if index < good:
+            Image.fromarray(np.random.default_rng(index).integers(0, 255, (40, 40, 3), np.uint8)).save(
+                data / f"{index}.png")
+        else:
+            cut_image(data / f"{index}.png", index)
     out = tmp_path / "run"
     result = runner.invoke(app, ["pretrain", str(data), "--out", str(out), "--epochs", "3", "--batch-size", "2",
                                  *FAST])
     assert result.exit_code == 1, result.output
-    assert "no image could be decoded in a whole epoch" in " ".join(result.output.split())
+    assert "no batch of a whole epoch held two images that could be decoded" in " ".join(result.output.split())
     assert "Traceback" not in result.output and not (out / "encoder.safetensors").exists()
 
 
@@ -544,19 +550,23 @@ def test_an_output_that_cannot_be_made_is_a_one_line_error(command, small_digits
 
 
 def test_a_batch_of_unreadable_images_is_skipped_once(tmp_path, cut_image):
-    """2 good images and 4 that fail to decode, batches of 2: a batch without a readable image is
-    skipped, the others train once each, and the run ends (it looped for ever when the last batch
-    of an epoch was the skipped one)."""
+    """3 good images and 3 that fail to decode, batches of 2: a batch without two readable images is
+    skipped (one image alone has no negatives), the others train once each, and the run ends (it looped
+    for ever when the last batch of an epoch was the skipped one)."""
     data = tmp_path / "data"
     data.mkdir()
-    for index in range(2):
+    for index in range(3):
         Image.fromarray(np.random.default_rng(index).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(
-            data / f"a{index}.png")  # positions 0 and 1
-    for index in range(4):
+            data / f"a{index}.png")  # positions 0 to 2
+    for index in range(3):
         cut_image(data / f"b{index}.png", 10 + index)
-    seed = next(s for s in range(1000) if min(epoch_order(6, s, 0)[4:]) >= 2)  # epoch 1 ends on two cut files
-    trained = sum(min(order[i:i + 2]) < 2 for epoch in range(2) for order in [epoch_order(6, seed, epoch)]
-                  for i in (0, 2, 4))
+
+    def trains(order, step):  # both images of the step decode
+        return max(order[2 * step:2 * step + 2]) < 3
+
+    # epoch 1 trains, then ends on a skipped step
+    seed = next(s for s in range(1000) if not trains(epoch_order(6, s, 0), 2) and trains(epoch_order(6, s, 0), 0))
+    trained = sum(trains(epoch_order(6, seed, epoch), step) for epoch in range(2) for step in range(3))
     try:
         done = subprocess.run([sys.executable, "-m", "simclr_cli", "pretrain", str(data), "--out",
                                str(tmp_path / "run"), "--batch-size", "2", "--epochs", "2", "--seed", str(seed),
