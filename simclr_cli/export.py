@@ -23,9 +23,10 @@ HEAD_FILE = "head.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> bool:
+def check_run_dir(run_dir: Path, resume: bool, product: str) -> bool:
     """A new run needs an empty (or new) --out. Return whether to restore the checkpoint: a resumed run (its
-    config.json read already) that stopped before writing its first one has none, and starts again."""
+    config.json read already) that stopped before writing its first one has none, and starts again. One that
+    finished (its `product` written) and lost its checkpoint since is refused, not trained again over it."""
     checkpoint = run_dir / CHECKPOINT_FILE
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; pass a folder (new or empty) for the run")
@@ -36,6 +37,10 @@ def check_run_dir(run_dir: Path, resume: bool) -> bool:
         started = checkpoint.is_file() or (run_dir / "config.json").is_file()
         hint = f"resume it with --resume {run_dir}" if started else "choose an empty folder"
         raise ConfigError(f"--out {run_dir} already holds files; {hint}, or pass another --out")
+    if resume and not checkpoint.is_file() and (run_dir / product).is_file():
+        raise ConfigError(f"--resume {run_dir}: the run finished ({product} is there) and its {CHECKPOINT_FILE} is "
+                          f"gone, so there is nothing to resume from; it needs no --resume (to train on, start a "
+                          f"new run with another --out)")
     return resume and checkpoint.is_file()
 
 

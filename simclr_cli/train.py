@@ -86,7 +86,7 @@ class PretrainRun:
         self.state = LoopState()
         self._recent_steps: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
         self._warm = False  # this session has made a step
-        restore = check_run_dir(self.run_dir, resume)
+        restore = check_run_dir(self.run_dir, resume, ENCODER_FILE)
         if resume and not restore:  # stopped in its first epoch (a crash, a lost machine): start it again as saved
             report("message", text=f"{self.run_dir} stopped before its first checkpoint: starting it again")
         settled, resume = resume, restore  # settled: the batch below was decided when the run began

@@ -364,7 +364,9 @@ def _edit_json(path, change):
      "config.json is not the settings of a `simclr finetune` run (epochs is '5', not a whole number)"),
     (lambda run: _edit_json(run / "config.json", lambda c: c["runtime"].update(seed=10 ** 30)),
      f"--seed {10 ** 30} is out of range"),
-], ids=["empty-split", "epochs-text", "huge-seed"])
+    (lambda run: (run / "checkpoint.safetensors").unlink(),  # was taken for a run stopped in its first epoch
+     "the run finished (finetuned.safetensors is there) and its checkpoint.safetensors is gone"),
+], ids=["empty-split", "epochs-text", "huge-seed", "finished-without-checkpoint"])
 def test_resuming_a_damaged_or_edited_run_folder_is_a_one_line_error(finetuned, tmp_path, damage, message):
     run = shutil.copytree(finetuned[1], tmp_path / "run")
     damage(run)

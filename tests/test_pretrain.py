@@ -706,15 +706,20 @@ def _add_state_key(text: str) -> str:
      "checkpoint.safetensors: does not fit the run's config.json"),
     (lambda run: _edit_progress(run / "checkpoint.safetensors", lambda text: text[:-1]),
      "checkpoint.safetensors: its 'progress' entry is missing or not JSON"),
-], ids=["max-time-text", "epochs-text", "arch-changed", "unknown-state-key", "state-step-text", "progress-not-json"])
+    (lambda run: (run / "checkpoint.safetensors").unlink(),  # was taken for a run stopped in its first epoch
+     "the run finished (encoder.safetensors is there) and its checkpoint.safetensors is gone"),
+], ids=["max-time-text", "epochs-text", "arch-changed", "unknown-state-key", "state-step-text", "progress-not-json",
+        "finished-without-checkpoint"])
 def test_resuming_a_damaged_or_edited_run_folder_is_a_one_line_error(tiny_encoder, tmp_path, damage, message):
     run = shutil.copytree(tiny_encoder, tmp_path / "run")
     damage(run)
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
     result = runner.invoke(app, ["pretrain", "--resume", str(run), "--quiet"])
     assert result.exit_code == 1, result.output
     assert message in " ".join(result.output.split())
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before, "nothing touched"
 
 
 def test_a_log_line_that_is_not_a_record_is_dropped_on_resume(tiny_encoder, tmp_path):
