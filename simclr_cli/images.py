@@ -52,18 +52,23 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+# Files that mark a folder as a simclr run's (pretrain and finetune write both at the start, linear-eval its
+# report): its curves.png and confusion_matrix.png are no images to train on.
+RUN_MARKERS = ({"config.json", "metrics.jsonl"}, {"linear_eval.json"})
+
+
 def _walk(root: Path, exclude: Path | None = None) -> Iterable[tuple[Path, str]]:
-    """Yield (directory, file name) under root, following links, skipping loops, hidden entries and the
-    folder `exclude` (however it is reached)."""
+    """Yield (directory, file name) under root, following links, skipping loops, hidden entries, the
+    folder `exclude` (however it is reached) and the folders of other simclr runs below root."""
     seen: set[tuple[int, int]] = set()
     if exclude is not None and exclude.is_dir():
         info = os.stat(exclude)
         seen.add((info.st_dev, info.st_ino))
-    for directory, subdirs, files in os.walk(root, followlinks=True):
+    for depth, (directory, subdirs, files) in enumerate(os.walk(root, followlinks=True)):
         info = os.stat(directory)
         key = (info.st_dev, info.st_ino)
-        if key in seen:  # a symbolic link back up the tree
-            subdirs[:] = []
+        if key in seen or (depth > 0 and any(marker <= set(files) for marker in RUN_MARKERS)):
+            subdirs[:] = []  # a symbolic link back up the tree, or a run's folder
             continue
         seen.add(key)
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
@@ -92,8 +97,8 @@ def probe(path: Path) -> str | None:
 def scan_images(root: str | Path, check: bool = True, threads: int = 8, exclude: str | Path | None = None) -> Scan:
     """Return every image under root at any depth, sorted by relative path, and the files skipped.
 
-    Subfolders are not classes here. Hidden files, non-image extensions and the folder `exclude` (a
-    run's own, inside its data) are ignored; with `check`, each file's header is read so that empty or
+    Subfolders are not classes here. Hidden files, non-image extensions, the folder `exclude` (a run's
+    own, inside its data) and the folders of other simclr runs (RUN_MARKERS) are ignored; with `check`, each file's header is read so that empty or
     foreign files are skipped up front.
     """
     root = Path(root)

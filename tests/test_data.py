@@ -54,6 +54,28 @@ def test_scan_follows_links_to_folders(tmp_path):
     assert relative(scan_images(root).paths, root) == ["linked/a.png"]
 
 
+def test_scan_passes_over_the_folders_of_simclr_runs(tmp_path):
+    """`simclr pretrain .` twice from the photos: the second run trained on the first's curves.png. A folder with
+    config.json and metrics.jsonl (pretrain, finetune) or linear_eval.json is a run's, at any depth below the
+    root; a config.json alone is not."""
+    def image(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(path)
+
+    for name in ("a.png", "album/b.png", "album/config.json", "runs/pretrain-1/curves.png",
+                 "runs/pretrain-1/config.json", "runs/pretrain-1/metrics.jsonl", "runs/pretrain-1/inner/c.png",
+                 "evals/linear/confusion_matrix.png", "evals/linear/linear_eval.json"):
+        path = tmp_path / "photos" / name
+        if name.endswith(".png"):
+            image(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}")
+    assert relative(scan_images(tmp_path / "photos").paths, tmp_path / "photos") == ["a.png", "album/b.png"]
+    run = tmp_path / "photos" / "runs" / "pretrain-1"
+    assert relative(scan_images(run).paths, run) == ["curves.png", "inner/c.png"], "the root itself is scanned"
+
+
 def test_every_good_image_decodes_to_rgb(mixed_folder):
     root, expected = mixed_folder
     for name in expected["good"]:

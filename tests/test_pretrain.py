@@ -531,7 +531,8 @@ def test_a_run_folder_inside_its_data_is_not_scanned_as_data(small_digits_folder
     assert result.exit_code == 0, result.output
     assert "now holds" not in result.output, result.output
     assert len(scan_images(data, exclude=out).paths) == len(scan_images(small_digits_folder).paths)
-    assert len(scan_images(data).paths) == len(scan_images(small_digits_folder).paths) + 1  # curves.png
+    # Nor is it for the next run from there: a second run trained on the first's curves.png.
+    assert len(scan_images(data).paths) == len(scan_images(small_digits_folder).paths)
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where no folder can be made")
