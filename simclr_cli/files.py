@@ -88,6 +88,32 @@ def held(folder: str | Path, what: str) -> Iterator[None]:
         os.close(fd)  # the lock goes with it
 
 
+@contextlib.contextmanager
+def claimed(folder: str | Path, what: str) -> Iterator[None]:
+    """`held`, for a new run's folder from before the run is set up: two runs started at once with the same
+    --out both found it empty, and the second wrote its config.json over the first's before it was refused.
+    The folder (and its missing parents) is made here, and removed again if the block fails leaving it empty,
+    as if it had never been asked for. One that cannot be made is left for the run's own checks to name."""
+    folder = Path(folder)
+    made = []  # the folders made here, deepest first
+    missing = folder
+    while not missing.exists() and missing != missing.parent:
+        made.append(missing)
+        missing = missing.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        made = []
+    try:
+        with held(folder, what):
+            yield
+    except BaseException:
+        for path in made:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if still empty
+        raise
+
+
 def check_output_path(path: str | Path, what: str, folder: bool = False) -> None:
     """Refuse, before any work, an output file (or with `folder`, a folder to write in) that atomic_path would fail
     to write at the end: a file that is a folder, a path through a file, or a folder to write in (the nearest that

@@ -26,7 +26,7 @@ from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_con
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_encoder,
                                load_optimizer, read_run_config, save_checkpoint, save_tensors)
 from simclr_cli.features import compute_features, eval_dataset
-from simclr_cli.files import (EncoderInfo, held, read_json, read_json_lines, read_metadata, resolve_model_path,
+from simclr_cli.files import (EncoderInfo, claimed, held, read_json, read_json_lines, read_metadata, resolve_model_path,
                               write_json, write_text)
 from simclr_cli.images import Skipped, note_skipped
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, check_decoded, load_labelled
@@ -420,9 +420,9 @@ class FinetuneRun:
 
 def finetune(config: FinetuneConfig, report: Report = silent) -> FinetuneResult:
     """Fine-tune a new run in config.out_dir, held against a `--resume` of it meanwhile."""
-    run = FinetuneRun(config.validate(), report)
-    with held(run.run_dir, "--out"):
-        return run.run()
+    config = config.validate()
+    with claimed(config.out_dir, "--out"):
+        return FinetuneRun(config, report).run()
 
 
 def resume_finetune(run_dir: str | Path, report: Report = silent, device: str | None = None,

@@ -24,7 +24,8 @@ from simclr_cli.data import ImageDataset, collate, epoch_order, even_batch, make
 from simclr_cli.errors import ConfigError, DataError, ModelFileError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_optimizer,
                                read_run_config, save_checkpoint, save_encoder, save_tensors)
-from simclr_cli.files import ENCODER_FILE, EncoderInfo, held, read_json, read_json_lines, write_json, write_text
+from simclr_cli.files import (ENCODER_FILE, EncoderInfo, claimed, held, read_json, read_json_lines, write_json,
+                              write_text)
 from simclr_cli.gradcache import cached_backward, chunk_count
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb, note_skipped, require_images, scan_images
 from simclr_cli.loss import global_nt_xent
@@ -520,9 +521,9 @@ def _two_view_images(views: torch.Tensor) -> torch.Tensor:
 
 def pretrain(config: PretrainConfig, report: Report = silent) -> PretrainResult:
     """Pretrain a new run in config.out_dir, held against a `--resume` of it meanwhile."""
-    run = PretrainRun(config.validate(), report)
-    with held(run.run_dir, "--out") if is_main() else contextlib.nullcontext():  # rank 0 holds it for the others
-        return run.run()
+    config = config.validate()
+    with claimed(config.out_dir, "--out") if is_main() else contextlib.nullcontext():  # rank 0 holds it for all
+        return PretrainRun(config, report).run()
 
 
 def resume_pretrain(run_dir: str | Path, report: Report = silent, data_dir: str | None = None,

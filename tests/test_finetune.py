@@ -387,3 +387,19 @@ def test_device_auto_on_resume_replaces_a_saved_device_this_machine_lacks(finetu
         assert kept.exit_code == 1 and "--device cuda: no CUDA GPU is visible here" in kept.output, kept.output
     result = runner.invoke(app, ["finetune", "--resume", str(run), "--device", "auto", "--workers", "0"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_new_run_holds_its_folder_before_it_sets_up(tiny_encoder, small_digits_folder, tmp_path):
+    """The lock comes before the split and config.json are written, not after: a second run started at once
+    with the same --out wrote them over the first's."""
+    out = tmp_path / "run"
+    out.mkdir()
+    with held(out, "--out"):
+        result = runner.invoke(app, ["finetune", str(tiny_encoder), str(small_digits_folder), "--out", str(out),
+                                     *SHORT])
+    assert result.exit_code == 1 and f"--out {out} is in use by another simclr process" in result.output, result.output
+    assert list(out.iterdir()) == []
+    missing = tmp_path / "runs" / "new"
+    result = runner.invoke(app, ["finetune", str(tiny_encoder), str(tmp_path / "nowhere"), "--out", str(missing),
+                                 *SHORT])
+    assert result.exit_code == 1 and not (tmp_path / "runs").exists(), result.output

@@ -763,3 +763,22 @@ def test_device_auto_on_resume_replaces_a_saved_device_this_machine_lacks(tiny_e
     result = runner.invoke(app, ["pretrain", "--resume", str(run), "--device", "auto", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert (run / "encoder.safetensors").is_file()
+
+
+def test_a_new_run_holds_its_folder_before_it_sets_up(small_digits_folder, tmp_path):
+    """Two runs started at once with the same --out both found it empty while they scanned their images, and the
+    second wrote its config.json over the first's before the lock refused it. Now the lock comes first."""
+    out = tmp_path / "run"
+    out.mkdir()
+    with held(out, "--out"):  # the first run, setting up
+        result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1", *FAST])
+    assert result.exit_code == 1 and f"--out {out} is in use by another simclr process" in result.output, result.output
+    assert list(out.iterdir()) == [], "nothing written into the other run's folder"
+
+
+def test_a_refused_run_leaves_no_folder_behind(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "runs" / "new"
+    result = runner.invoke(app, ["pretrain", str(tmp_path / "empty"), "--out", str(out), *FAST])
+    assert result.exit_code == 1, result.output
+    assert not (tmp_path / "runs").exists(), "the folders made for the run are removed again"
