@@ -41,7 +41,7 @@ WORKING_SCALE = 1.15
 MAX_ASPECT = 4 / 3
 EMPTY, STORED, UNREADABLE = 0, 1, 2
 FORMAT = "simclr-decoded-cache"
-VERSION = 2  # 1 kept only the central 4:3 of wider images
+VERSION = 3  # 1 kept only the central 4:3 of wider images; 2 kept PNG colour keys as colours
 
 
 def working_side(image_size: int) -> int:

@@ -136,6 +136,8 @@ def require_images(scan: Scan) -> Scan:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Return an 8-bit RGB image for any Pillow mode, compositing transparency on a neutral colour."""
     mode = img.mode
+    if mode in ("RGB", "L") and "transparency" in img.info:  # a colour key (PNG tRNS): that colour is transparent
+        img, mode = img.convert("RGBA"), "RGBA"
     if mode == "RGB":
         return img
     if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grey

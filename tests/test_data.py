@@ -112,6 +112,18 @@ def test_transparency_is_composited_on_a_neutral_colour_not_black():
     assert to_rgb(palette).getpixel((0, 0)) == NEUTRAL_BACKGROUND
 
 
+@pytest.mark.parametrize("mode,key,other", [("RGB", (255, 0, 255), (10, 200, 30)), ("L", 0, 180)])
+def test_a_colour_key_is_transparent_too(tmp_path, mode, key, other):
+    """PNG's tRNS chunk in an RGB or grey image names one colour as transparent: those pixels were kept as
+    that colour (often magenta), not composited like every other kind of transparency."""
+    image = Image.new(mode, (4, 4), key)
+    image.putpixel((0, 0), other)
+    image.save(tmp_path / "keyed.png", transparency=key)
+    rgb = load_rgb(tmp_path / "keyed.png")
+    assert rgb.getpixel((1, 1)) == NEUTRAL_BACKGROUND
+    assert rgb.getpixel((0, 0)) == (other if mode == "RGB" else (other,) * 3)
+
+
 def test_sixteen_bit_and_float_greys_are_scaled_to_eight_bits():
     values = np.array([[0, 65535], [32896, 257]], dtype=np.uint16)
     rgb = np.asarray(to_rgb(Image.fromarray(values)))
