@@ -36,8 +36,8 @@ from simclr_cli.config import PRECISIONS, check_sizes
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.export import load_encoder
 from simclr_cli.features import iter_features
-from simclr_cli.files import (EncoderInfo, check_output_path, held, read_json, read_metadata, resolve_model_path,
-                              write_json)
+from simclr_cli.files import (EncoderInfo, check_output_path, held, read_json, read_metadata, replace_durably,
+                              resolve_model_path, write_json)
 from simclr_cli.images import Skipped, require_images, scan_images
 from simclr_cli.index import DTYPES, Manifest, manifest_path, remember_index, sha256_file, write_manifest
 from simclr_cli.runtime import StopFlag, default_workers, rank, resolve_device, resolve_precision
@@ -495,7 +495,7 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
         if (work / "rows.npy").is_file():
             rows_file, written = _finished_rows(work, end.blocks)
             manifest_path(out).unlink(missing_ok=True)  # never an old manifest beside new rows, even after a crash
-            os.replace(rows_file, out)
+            replace_durably(rows_file, out)
         else:  # stopped after the rows went to OUT, before their manifest: they are there
             written = _rows_in(out, (len(embedded), info.feature_dim), config.dtype)
         assert len(embedded) == written, (len(embedded), written)

@@ -25,9 +25,31 @@ ENCODER_FORMAT = "simclr-encoder"
 ENCODER_FILE = "encoder.safetensors"
 
 
+def sync_file(path: str | Path) -> None:
+    """Flush a file's data to the disk: renamed over an old file before that, a power cut could leave an empty
+    or partial file under the old name (file systems write data and renames in their own order)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:  # a file this process may write but not read: left to the system
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(source: str | Path, target: str | Path) -> None:
+    """os.replace, with the data on the disk first and the rename after (the folder synced)."""
+    sync_file(source)
+    os.replace(source, target)
+    with contextlib.suppress(OSError):  # a folder some systems cannot open or sync
+        sync_file(Path(target).parent)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed over `path` in one step."""
+    """Yield a temporary path beside `path`; on success it is synced to the disk and renamed over `path` in
+    one step."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,7 +61,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

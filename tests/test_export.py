@@ -5,6 +5,7 @@ import os
 import stat
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,6 +143,29 @@ def test_atomic_path_leaves_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"], "no temporary file is left behind"
     with atomic_path(target) as tmp:
         tmp.write_text("new")
+    assert target.read_text() == "new"
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc")
+def test_atomic_path_syncs_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Renamed before its data reached the disk, a file can be empty after a power cut, under the old name."""
+    events = []
+    fsync, replace_file = os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recorded_replace(source, target):
+        events.append(("replace", str(source), str(target)))
+        replace_file(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    target = tmp_path / "out.json"
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert events == [("fsync", str(tmp)), ("replace", str(tmp), str(target)), ("fsync", str(tmp_path))]
     assert target.read_text() == "new"
 
 
