@@ -117,20 +117,23 @@ def claimed(folder: str | Path, what: str) -> Iterator[None]:
     The folder (and its missing parents) is made here, and removed again if the block fails leaving it empty,
     as if it had never been asked for. One that cannot be made is left for the run's own checks to name."""
     folder = Path(folder)
-    made = []  # the folders made here, deepest first
-    missing = folder
-    while not missing.exists() and missing != missing.parent:
-        made.append(missing)
-        missing = missing.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        made = []
+    levels = [folder, *folder.parents]
+    made = []  # the folders this process made, deepest first: one another run made meanwhile is not ours
+    for level in reversed(levels[:next((i for i, level in enumerate(levels) if level.exists()), len(levels))]):
+        try:
+            level.mkdir()
+        except FileExistsError:
+            continue
+        except OSError:
+            break
+        made.insert(0, level)
+    holding = False
     try:
         with held(folder, what):
+            holding = True
             yield
     except BaseException:
-        for path in made:
+        for path in made if holding else []:  # refused the lock, the folder is another run's now
             with contextlib.suppress(OSError):
                 path.rmdir()  # only if still empty
         raise

@@ -1,5 +1,6 @@
 """Encoder files load into torchvision; checkpoints round-trip; writes are atomic; nothing is unpickled."""
 
+import contextlib
 import multiprocessing
 import os
 import stat
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 from simclr_cli import export
 from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.export import load_checkpoint, load_encoder, save_checkpoint, save_encoder
-from simclr_cli.files import PROBE_PREFIX, EncoderInfo, atomic_path, held
+from simclr_cli.files import PROBE_PREFIX, EncoderInfo, atomic_path, claimed, held
 from simclr_cli.models import SimCLR, build_backbone
 from simclr_cli.optim import build_optimizer
 from simclr_cli.runtime import rng_state, set_rng_state
@@ -200,10 +201,10 @@ def test_an_empty_out_is_new_whatever_another_process_checks_in_it_meanwhile(tmp
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / f"{PROBE_PREFIX}abc123").touch()
-    assert export.check_run_dir(run_dir, resume=False) is False
+    assert export.check_run_dir(run_dir, resume=False, product="encoder.safetensors") is False
     (run_dir / "config.json").touch()
     with pytest.raises(ConfigError, match="already holds files"):
-        export.check_run_dir(run_dir, resume=False)
+        export.check_run_dir(run_dir, resume=False, product="encoder.safetensors")
 
 
 def test_a_held_folder_is_let_go_with_its_process_not_its_forked_children(tmp_path):
@@ -226,3 +227,36 @@ def test_a_held_folder_is_let_go_with_its_process_not_its_forked_children(tmp_pa
     finally:
         child.kill()
         child.join()
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_refused_claim_removes_no_folder_another_run_holds(tmp_path, monkeypatch, when):
+    """Two new runs with the same --out: the other makes and holds the folder just before this one makes it, or
+    just after. Refused, this one must not remove the folder: the other's lock would be on a deleted folder, and a
+    third run could take the same --out."""
+    folder = tmp_path / "runs" / "run"
+    mkdir = Path.mkdir
+    with contextlib.ExitStack() as other:
+        taken = []
+
+        def take() -> None:  # the other run holds the folder, once
+            if not taken:
+                taken.append(other.enter_context(held(folder, "--out")))
+
+        def racing_mkdir(self, *args, **kwargs):
+            if self == folder and when == "before" and not folder.exists():
+                os.makedirs(folder)
+                take()
+            mkdir(self, *args, **kwargs)
+            if self == folder and when == "after":
+                take()
+
+        monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+        with pytest.raises(ConfigError, match="is in use by another simclr process"):
+            with claimed(folder, "--out"):
+                pass
+        assert folder.is_dir()
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError), claimed(tmp_path / "new" / "run", "--out"):  # set-up failed, the lock its own
+        raise RuntimeError("the images could not be read")
+    assert not (tmp_path / "new").exists(), "the folders made for it are removed"
