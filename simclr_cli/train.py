@@ -87,6 +87,7 @@ class PretrainRun:
         self.state = LoopState()
         self._recent_steps: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
         self._warm = False  # this session has made a step
+        self._first_step = 0.0  # its seconds
         restore = check_run_dir(self.run_dir, resume, ENCODER_FILE)
         if resume and not restore:  # stopped in its first epoch (a crash, a lost machine): start it again as saved
             report("message", text=f"{self.run_dir} stopped before its first checkpoint: starting it again")
@@ -258,14 +259,17 @@ class PretrainRun:
         that fits in the budget runs at a learning rate near zero: the run ends annealed.
         """
         by_steps = (self.state.step + 0.5) / self.total_steps
-        by_time = (elapsed + self._reserve()) / self.config.max_time if self.config.max_time else 0.0
+        # By the typical step alone: a first step's compilation counted here would push the schedule ahead for good.
+        reserve = max(1.0, 2 * self.state.step_seconds)
+        by_time = (elapsed + reserve) / self.config.max_time if self.config.max_time else 0.0
         # The reserve follows the typical step's duration; never let that move the schedule backwards.
         self.state.time_progress = max(self.state.time_progress, by_time)
         return min(1.0, max(by_steps, self.state.time_progress))
 
     def _reserve(self) -> float:
-        """Seconds to keep free at the end of a time budget: one more step and the export."""
-        return max(1.0, 2 * self.state.step_seconds)
+        """Seconds to keep free at the end of a time budget: one more step and the export, by the typical step,
+        or until one is measured, by this session's first (the budget is not to be overrun on a guess)."""
+        return max(1.0, 2 * (self.state.step_seconds or self._first_step))
 
     def _note_step(self, seconds: float) -> None:
         """Set the typical step time, the lower median of the latest RECENT_STEPS, leaving out each session's
@@ -275,6 +279,8 @@ class PretrainRun:
         if self._warm:
             self._recent_steps.append(seconds)
             self.state.step_seconds = sorted(self._recent_steps)[(len(self._recent_steps) - 1) // 2]
+        else:
+            self._first_step = seconds
         self._warm = True
 
     def _warmup_fraction(self) -> float:

@@ -496,6 +496,24 @@ def test_a_slow_first_step_does_not_push_the_time_budgets_schedule_ahead(small_d
     assert rates[1] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * progress)), rel=0.05), rates
     assert all(a > b for a, b in zip(rates[1:], rates[2:])) and rates[-1] < 0.1 * peak, rates
 
+
+def test_steps_longer_than_half_the_budget_left_do_not_overrun_it(small_digits_folder, tmp_path, monkeypatch):
+    """Every step takes 40 s of a 70 s budget. Leaving the first step out of the reserve (it may be compilation)
+    must not mean guessing 1 s for the second: the run stops after one step, at 40 s, not at 80."""
+    clock = SteadyClock(0.0)
+    monkeypatch.setattr(train, "time", clock)
+    step = train.PretrainRun._step
+
+    def slow(self, *args, **kwargs):
+        clock.now += 40.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.PretrainRun, "_step", slow)
+    out = tmp_path / "long-steps"
+    pretrain(dataclasses.replace(_config(small_digits_folder, out, epochs=1000), max_time=70.0))
+    times = [json.loads(line)["time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert times == [40.0], times
+
 @pytest.mark.parametrize("good", [0, 1])
 def test_a_folder_where_no_two_images_decode_is_a_one_line_error(tmp_path, cut_image, good):
     """Headers that read, data that does not: every batch is skipped. The run stops at the end of the first
