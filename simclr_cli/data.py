@@ -109,15 +109,22 @@ def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
 
 
 
+LEFT_OUT = 0.1  # the share of an epoch's images that dropping its last batch may leave out before batches are evened
+
+
 def even_batch(images: int, batch: int) -> int:
-    """The batch size for an epoch of `images` in ceil(images / batch) equal steps, or `batch` if that drops more.
+    """The batch size for an epoch of `images` in ceil(images / batch) equal steps, where batches of `batch` leave
+    more than LEFT_OUT of the images out; else `batch`.
 
     Epochs drop their last, incomplete batch: 700 images at --batch-size 512 train on 512 an epoch. Two
     steps of 350 train on all 700; in general the images // steps of each step leave fewer than `steps` out.
-    Where that is not fewer than before, or needs more steps (batches smaller than the step count), `batch`."""
+    A few images left out (2 of 514) are not worth halving the batch; nor is a size that needs more steps
+    (batches smaller than the step count)."""
     steps = -(-images // batch)
     even = images // steps
-    return even if images // even == steps and images % even < images % batch else batch
+    evened = images // even == steps and images % even < images % batch
+    return even if evened and images % batch > LEFT_OUT * images else batch
+
 
 # Ctrl-C reaches every process of the terminal's group, and SIGTERM from Slurm (scancel, the time limit), systemd or
 # `kill -- -PGID` every process of the job, the loader workers included: the main process alone decides how to stop,

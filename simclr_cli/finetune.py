@@ -180,7 +180,7 @@ class FinetuneRun:
                                        f"(the learning rate follows it); --batch-size sets it")
                 self.batch_size = fitting
         if not settled:
-            self.batch_size = use_even_batch(len(train), self.batch_size, report)
+            self.batch_size = use_even_batch(len(train), self.batch_size, report, lr_follows=config.lr is None)
         if self.batch_size != config.batch_size:
             # the learning-rate rule and config.json follow the batch that trains, not the one asked for
             self.config = config = replace(config, batch_size=self.batch_size)

@@ -59,14 +59,14 @@ class TrainingDiverged(SimclrError):
 RECENT_STEPS = 5  # steps whose times set the time budget's reserve
 
 
-def use_even_batch(images: int, batch: int, report: Report, minimum: int = 2) -> int:
+def use_even_batch(images: int, batch: int, report: Report, lr_follows: bool, minimum: int = 2) -> int:
     """data.even_batch, if it is at least `minimum`, said in a message."""
     even = even_batch(images, batch)
     if even == batch or even < minimum:
         return batch
     report("message", text=f"using batch size {even} instead of {batch}: an epoch of {images // even} steps leaves "
-                           f"{images % even} of the {images} images out, where {batch} would leave {images % batch} "
-                           f"(the learning rate follows the batch)")
+                           f"{images % even} of the {images} images out, where {batch} would leave {images % batch}"
+                           + (" (the learning rate follows the batch)" if lr_follows else ""))
     return even
 
 
@@ -116,7 +116,8 @@ class PretrainRun:
             report("warning", text=f"only {len(self.paths)} images: using batch size {self.batch_size} "
                                    f"instead of {config.batch_size}")
         if not settled:  # a resumed run keeps the batch its steps were counted in
-            self.batch_size = use_even_batch(len(self.paths), self.batch_size, report, minimum=world_size())
+            self.batch_size = use_even_batch(len(self.paths), self.batch_size, report, lr_follows=config.lr is None,
+                                             minimum=world_size())
         if self.batch_size != config.batch_size:
             # the learning-rate rule and config.json follow the batch that trains, not the one asked for
             self.config = config = replace(config, batch_size=self.batch_size)

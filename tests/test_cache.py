@@ -134,6 +134,7 @@ def test_a_file_restored_at_the_same_size_and_time_is_decoded_again(tmp_path):
     _, summary = DecodedCache.prepare(tmp_path, tmp_path / "images", paths, 37)
     assert "1 changed since" in summary, summary
 
+
 def test_unreadable_files_are_recorded_and_not_read_again(tmp_path):
     paths = write_folder(tmp_path / "images", [(64, 64)])
     broken = tmp_path / "images" / "broken.jpg"

@@ -87,7 +87,7 @@ def test_pretrain_with_monitor_logs_knn_per_epoch_and_draws_curves(tmp_path, sma
     step_records = [r for r in records if "loss" in r]
     assert [r["epoch"] for r in epoch_records] == [1, 2]
     assert all(0.0 <= r["knn_top1"] <= 1.0 for r in epoch_records)
-    steps_per_epoch = 4  # 200 images at --batch-size 64: 4 steps of 50 (evened out), not 3 of 64
+    steps_per_epoch = 200 // 64
     assert [r["step"] for r in epoch_records] == [steps_per_epoch, 2 * steps_per_epoch]
     assert len(step_records) == 2 * steps_per_epoch and all(math.isfinite(r["loss"]) for r in step_records)
     _assert_png(out / CURVES_FILE)

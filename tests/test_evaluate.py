@@ -56,6 +56,7 @@ def test_the_knn_report_names_the_neighbours_that_voted(n, expected):
         assert report["knn"][key] == pytest.approx((votes.argmax(1) == query_labels).double().mean().item())
     assert report["knn_top1"] == report["knn"][expected[0]]
 
+
 @pytest.mark.parametrize("l2", [1e-3, 1e-1])
 def test_logistic_regression_matches_scikit_learn(l2):
     from sklearn.linear_model import LogisticRegression

@@ -288,10 +288,11 @@ def test_batches_are_evened_out_so_that_each_epoch_trains_on_every_image(tiny_en
                                  "--out", str(out), "--epochs", "2", "--batch-size", "16", *FAST])
     assert result.exit_code == 0, result.output
     assert ("using batch size 10 instead of 16: an epoch of 2 steps leaves 0 of the 20 images out, where 16 would "
-            "leave 4") in " ".join(result.output.split())
+            "leave 4 (the learning rate follows the batch)") in " ".join(result.output.split())
     assert f"batch 10, lr {0.05 * 10 / 256:g}" in result.output
     assert json.loads((out / "config.json").read_text())["batch_size"] == 10
     assert [record["step"] for record in records(out)] == [2, 4]
+
 
 def test_a_run_started_with_relative_paths_resumes_from_another_working_directory(tiny_encoder, small_digits_folder,
                                                                                    tmp_path, monkeypatch):

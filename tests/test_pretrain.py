@@ -165,8 +165,7 @@ def test_interrupted_run_resumes_to_the_same_loss_curve_and_weights(small_digits
 def test_a_resumed_run_keeps_the_loss_scale_its_gradient_scaler_had_reached(small_digits_folder, tmp_path,
                                                                               monkeypatch):
     """fp16 runs (CUDA) scale the loss; the scale grows while gradients stay finite. A CPU GradScaler stands in
-    here, doubling every step: resumed at step 4, the run must go on from 2^14, not start again at 2^10.
-    (200 images at --batch-size 32 are 7 steps of 28 an epoch.)"""
+    here, doubling every step: resumed at step 4, the run must go on from 2^14, not start again at 2^10."""
     monkeypatch.setattr(Precision, "grad_scaler",
                         lambda self: torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1))
     straight = tmp_path / "straight"
@@ -181,7 +180,7 @@ def test_a_resumed_run_keeps_the_loss_scale_its_gradient_scaler_had_reached(smal
     assert load_checkpoint(stopped / "checkpoint.safetensors").progress["scaler"]["scale"] == 2.0 ** 14
     resume_pretrain(stopped)
     scales = [load_checkpoint(run / "checkpoint.safetensors").progress["scaler"]["scale"] for run in (straight, stopped)]
-    assert scales == [2.0 ** 17, 2.0 ** 17], "7 steps, each doubling the scale"
+    assert scales == [2.0 ** 16, 2.0 ** 16], "6 steps, each doubling the scale"
 
 
 def test_a_run_that_crashed_before_its_first_checkpoint_resumes_from_the_start(small_digits_folder, tmp_path):
@@ -280,7 +279,7 @@ def test_the_loaders_start_is_not_counted_in_a_steps_time(small_digits_folder, t
     config = dataclasses.replace(_config(small_digits_folder, out, epochs=3), max_time=1000.0, warmup_epochs=0.0)
     pretrain(config)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 3 * 7 and len({r["epoch"] for r in records}) == 3  # 7 steps of 28 images an epoch
+    assert len(records) == 3 * (200 // 32) and len({r["epoch"] for r in records}) == 3
     speeds = [r["images_per_s"] for r in records]  # the fake clock's readings differ by one in a step or two
     assert min(speeds) > 0.5 * max(speeds), speeds  # each epoch's first step too: a batch in 30 s before
     rates = [r["lr"] for r in records]
@@ -513,6 +512,7 @@ def test_steps_longer_than_half_the_budget_left_do_not_overrun_it(small_digits_f
     pretrain(dataclasses.replace(_config(small_digits_folder, out, epochs=1000), max_time=70.0))
     times = [json.loads(line)["time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert times == [40.0], times
+
 
 @pytest.mark.parametrize("good", [0, 1])
 def test_a_folder_where_no_two_images_decode_is_a_one_line_error(tmp_path, cut_image, good):
@@ -792,6 +792,17 @@ def test_a_new_run_holds_its_folder_before_it_sets_up(small_digits_folder, tmp_p
         result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1", *FAST])
     assert result.exit_code == 1 and f"--out {out} is in use by another simclr process" in result.output, result.output
     assert list(out.iterdir()) == [], "nothing written into the other run's folder"
+
+
+def test_the_even_batch_message_says_the_learning_rate_follows_only_where_it_does():
+    said = []
+    assert train.use_even_batch(700, 512, lambda kind, text: said.append(text), lr_follows=False) == 350
+    assert train.use_even_batch(700, 512, lambda kind, text: said.append(text), lr_follows=True) == 350
+    assert said == ["using batch size 350 instead of 512: an epoch of 2 steps leaves 0 of the 700 images out, where "
+                    "512 would leave 188", "using batch size 350 instead of 512: an epoch of 2 steps leaves 0 of the "
+                    "700 images out, where 512 would leave 188 (the learning rate follows the batch)"]
+    assert train.use_even_batch(514, 512, lambda kind, text: said.append(text), lr_follows=True) == 512
+    assert len(said) == 2, "2 of 514 images left out: the batch is kept, and nothing said"
 
 
 def test_a_refused_run_leaves_no_folder_behind(tmp_path):
