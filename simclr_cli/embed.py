@@ -230,6 +230,7 @@ def _start(config: EmbedConfig, model_path: Path, sha256: str, info: EncoderInfo
         "dtype": config.dtype, "normalize": config.normalize, "dim": info.feature_dim, "precision": precision,
         "paths": [os.path.abspath(p) for p in scan.paths],  # absolute and normalised, as `similar` looks them up
         "skipped": [Skipped(os.path.abspath(s.path), s.reason).to_json() for s in scan.skipped],
+        "runs_note": scan.runs_note(),
     }
     npy_format.open_memmap(work / "rows.npy", mode="w+", dtype=config.dtype,
                            shape=(len(scan.paths), info.feature_dim)).flush()
@@ -459,6 +460,8 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
                  else f"{config.devices} {device.type} processes ({precision.name})")
         report("message", text=f"embedding {len(paths) - progress.done:,} images from {config.images} with {info.arch} "
                                f"on {where}" + (f"; resuming after {progress.done:,}" if progress.done else ""))
+        if isinstance(plan.get("runs_note"), str):  # a plan written before simclr passed over run folders has none
+            report("message", text=plan["runs_note"])
         for item in progress.skipped + [Skipped(**s) for s in plan["skipped"]]:
             report("warning", text=f"skipped {item.path}: {item.reason}")
         report("embed_start", total=len(paths), done=progress.done)

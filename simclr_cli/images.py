@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -46,20 +47,43 @@ class Scan:
     root: Path
     paths: list[Path] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    runs: list[Path] = field(default_factory=list)  # folders of simclr runs passed over
+
+    def runs_note(self) -> str | None:
+        """A line naming the run folders passed over, if any."""
+        if not self.runs:
+            return None
+        more = f" and {len(self.runs) - 1} more" if len(self.runs) > 1 else ""
+        return (f"passed over {len(self.runs)} folder(s) of simclr runs in {self.root}: {self.runs[0]}{more} (their "
+                f"plots are no photos)")
 
 
 def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-# Files that mark a folder as a simclr run's (pretrain and finetune write both at the start, linear-eval its
-# report): its curves.png and confusion_matrix.png are no images to train on.
-RUN_MARKERS = ({"config.json", "metrics.jsonl"}, {"linear_eval.json"})
+def is_run_folder(directory: str | Path, files: Iterable[str]) -> bool:
+    """Whether a folder holding `files` is a simclr run's, whose curves.png and confusion_matrix.png are no
+    images to train on: linear-eval's report beside its probe, or a pretrain or finetune config.json (written
+    at the start) beside its metrics.jsonl."""
+    names = set(files)
+    if {"linear_eval.json", "linear.safetensors"} <= names:
+        return True
+    if not {"config.json", "metrics.jsonl"} <= names:
+        return False
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"out_dir", "runtime"} <= config.keys()
 
 
-def _walk(root: Path, exclude: Path | None = None) -> Iterable[tuple[Path, str]]:
+def _walk(root: Path, exclude: Path | None = None,
+          runs: list[Path] | None = None) -> Iterable[tuple[Path, str]]:
     """Yield (directory, file name) under root, following links, skipping loops, hidden entries, the
-    folder `exclude` (however it is reached) and the folders of other simclr runs below root."""
+    folder `exclude` (however it is reached) and the folders of other simclr runs below root (added to
+    `runs`)."""
     seen: set[tuple[int, int]] = set()
     if exclude is not None and exclude.is_dir():
         info = os.stat(exclude)
@@ -67,8 +91,13 @@ def _walk(root: Path, exclude: Path | None = None) -> Iterable[tuple[Path, str]]
     for depth, (directory, subdirs, files) in enumerate(os.walk(root, followlinks=True)):
         info = os.stat(directory)
         key = (info.st_dev, info.st_ino)
-        if key in seen or (depth > 0 and any(marker <= set(files) for marker in RUN_MARKERS)):
-            subdirs[:] = []  # a symbolic link back up the tree, or a run's folder
+        if key in seen:  # a symbolic link back up the tree
+            subdirs[:] = []
+            continue
+        if depth > 0 and is_run_folder(directory, files):
+            subdirs[:] = []
+            if runs is not None:
+                runs.append(Path(directory))
             continue
         seen.add(key)
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
@@ -98,7 +127,7 @@ def scan_images(root: str | Path, check: bool = True, threads: int = 8, exclude:
     """Return every image under root at any depth, sorted by relative path, and the files skipped.
 
     Subfolders are not classes here. Hidden files, non-image extensions, the folder `exclude` (a run's
-    own, inside its data) and the folders of other simclr runs (RUN_MARKERS) are ignored; with `check`, each file's header is read so that empty or
+    own, inside its data) and the folders of other simclr runs (is_run_folder; listed in `runs`) are ignored; with `check`, each file's header is read so that empty or
     foreign files are skipped up front.
     """
     root = Path(root)
@@ -106,11 +135,12 @@ def scan_images(root: str | Path, check: bool = True, threads: int = 8, exclude:
         raise DataError(f"{root}: no such folder; pass a folder of images")
     if not root.is_dir():
         raise DataError(f"{root}: is a file, not a folder; pass the folder that holds the images")
+    runs: list[Path] = []
     candidates = sorted(
-        (directory / name for directory, name in _walk(root, exclude and Path(exclude)) if is_image_name(name)),
+        (directory / name for directory, name in _walk(root, exclude and Path(exclude), runs) if is_image_name(name)),
         key=lambda p: p.relative_to(root).as_posix(),
     )
-    scan = Scan(root=root)
+    scan = Scan(root=root, runs=runs)
     problems: Iterable[str | None]
     if check:
         with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -176,6 +176,8 @@ class PretrainRun:
                                + (f", {len(self.skipped)} unreadable file(s) skipped" if self.skipped else "")
                                + f"; {config.arch} on {self.device} ({self.precision.name}), batch "
                                f"{self.batch_size}, lr {config.resolved_lr:g}, {self.workers} loader worker(s)")
+        if scan.runs_note():
+            report("message", text=scan.runs_note())
         for skipped in scan.skipped:
             report("warning", text=f"skipped {skipped.path}: {skipped.reason}")
         report("message", text=f"views: {_PIPELINES[self.augment_on]}")

@@ -1,6 +1,7 @@
 """Scanning folders, decoding every mode to RGB, skipping bad files."""
 
 import itertools
+import json
 import math
 import os
 import signal
@@ -56,24 +57,31 @@ def test_scan_follows_links_to_folders(tmp_path):
 
 def test_scan_passes_over_the_folders_of_simclr_runs(tmp_path):
     """`simclr pretrain .` twice from the photos: the second run trained on the first's curves.png. A folder with
-    config.json and metrics.jsonl (pretrain, finetune) or linear_eval.json is a run's, at any depth below the
-    root; a config.json alone is not."""
-    def image(path):
+    a pretrain or finetune config.json and a metrics.jsonl, or linear-eval's report and probe, is a run's, at any
+    depth below the root, and is named in the scan; files of those names written by other tools are not."""
+    config = json.dumps({"out_dir": "runs/pretrain-1", "runtime": {"seed": 0}})
+    files = {"a.png": None, "album/b.png": None, "album/config.json": config,  # no metrics.jsonl
+             "tool/c.png": None, "tool/config.json": "{}", "tool/metrics.jsonl": "",  # not simclr's config
+             "runs/pretrain-1/curves.png": None, "runs/pretrain-1/config.json": config,
+             "runs/pretrain-1/metrics.jsonl": "", "runs/pretrain-1/inner/d.png": None,
+             "evals/linear/confusion_matrix.png": None, "evals/linear/linear_eval.json": "{}",
+             "evals/linear/linear.safetensors": "", "evals/report/e.png": None, "evals/report/linear_eval.json": "{}"}
+    root = tmp_path / "photos"
+    for name, text in files.items():
+        path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (8, 8)).save(path)
-
-    for name in ("a.png", "album/b.png", "album/config.json", "runs/pretrain-1/curves.png",
-                 "runs/pretrain-1/config.json", "runs/pretrain-1/metrics.jsonl", "runs/pretrain-1/inner/c.png",
-                 "evals/linear/confusion_matrix.png", "evals/linear/linear_eval.json"):
-        path = tmp_path / "photos" / name
-        if name.endswith(".png"):
-            image(path)
+        if text is None:
+            Image.new("RGB", (8, 8)).save(path)
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("{}")
-    assert relative(scan_images(tmp_path / "photos").paths, tmp_path / "photos") == ["a.png", "album/b.png"]
-    run = tmp_path / "photos" / "runs" / "pretrain-1"
-    assert relative(scan_images(run).paths, run) == ["curves.png", "inner/c.png"], "the root itself is scanned"
+            path.write_text(text)
+    scan = scan_images(root)
+    assert relative(scan.paths, root) == ["a.png", "album/b.png", "evals/report/e.png", "tool/c.png"]
+    assert relative(scan.runs, root) == ["evals/linear", "runs/pretrain-1"]
+    assert scan.runs_note() == (f"passed over 2 folder(s) of simclr runs in {root}: {root / 'evals/linear'} and 1 "
+                                f"more (their plots are no photos)")
+    run = root / "runs" / "pretrain-1"
+    assert relative(scan_images(run).paths, run) == ["curves.png", "inner/d.png"], "the root itself is scanned"
+    assert scan_images(run).runs_note() is None
 
 
 def test_every_good_image_decodes_to_rgb(mixed_folder):

@@ -6,12 +6,14 @@ import contextlib
 import hashlib
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from numpy.lib import format as npy_format
+from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -475,3 +477,19 @@ def test_a_damaged_interrupted_embed_is_a_one_line_error(tiny_encoder, mixed_fol
     assert "run again with --overwrite" in output
     assert (result := run_embed(tiny_encoder, mixed_folder[0], interrupted, "--overwrite")).exit_code == 0, \
         result.output
+
+
+def test_embed_passes_over_the_folders_of_simclr_runs_and_says_so(tiny_encoder, tmp_path):
+    """`simclr pretrain .` from the photos, then `simclr embed` of them: the run's curves.png is no photo."""
+    photos = tmp_path / "photos"
+    for index in range(3):
+        (photos / "album").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), (index * 60, 0, 0)).save(photos / "album" / f"{index}.png")
+    run = photos / "runs" / "pretrain-1"
+    shutil.copytree(tiny_encoder, run)
+    assert (run / "curves.png").is_file()
+    result = run_embed(tiny_encoder, photos, tmp_path / "photos.npy")
+    assert result.exit_code == 0, result.output
+    assert f"passed over 1 folder(s) of simclr runs in {photos}: {run}" in " ".join(result.output.split())
+    manifest = json.loads((tmp_path / "photos.json").read_text())
+    assert sorted(Path(path).name for path in manifest["paths"]) == ["0.png", "1.png", "2.png"]

@@ -551,6 +551,11 @@ def test_a_run_folder_inside_its_data_is_not_scanned_as_data(small_digits_folder
     assert len(scan_images(data, exclude=out).paths) == len(scan_images(small_digits_folder).paths)
     # Nor is it for the next run from there: a second run trained on the first's curves.png.
     assert len(scan_images(data).paths) == len(scan_images(small_digits_folder).paths)
+    second = runner.invoke(app, ["pretrain", str(data), "--out", str(data / "runs" / "second"), "--epochs", "1",
+                                 "--batch-size", "64", *FAST])
+    assert second.exit_code == 0, second.output
+    assert f"{len(scan_images(small_digits_folder).paths)} images in {data}" in second.output
+    assert f"passed over 1 folder(s) of simclr runs in {data}: {out}" in " ".join(second.output.split())
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where no folder can be made")
