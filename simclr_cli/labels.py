@@ -214,22 +214,24 @@ def balanced_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def _file_ids(paths: Iterable[str | Path]) -> dict[tuple[int, int], str]:
-    """(device, inode) -> path: the same file under any name, link or hard link."""
-    ids = {}
-    for path in paths:
-        try:
-            info = os.stat(path)
-        except OSError:  # gone since the scan: its decode is skipped and reported later
-            continue
-        ids.setdefault((info.st_dev, info.st_ino), str(path))
-    return ids
+def _file_id(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode): the same file under any name, link or hard link; None for one gone since the scan (its
+    decode is skipped and reported later)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _file_ids(paths: Iterable[str | Path]) -> set[tuple[int, int]]:
+    return {key for key in map(_file_id, paths) if key is not None}
 
 
 def _check_held_out(train: LabelledSet, val: LabelledSet, val_dir: str | Path, flag: str) -> None:
     """--val may share no file with the training images (by identity, whatever the name or link)."""
     train_ids = _file_ids(train.paths)
-    shared = [path for key, path in _file_ids(val.paths).items() if key in train_ids]
+    shared = [path for path in val.paths if _file_id(path) in train_ids]
     if shared:
         raise ConfigError(f"--val {val_dir} shares {len(shared)} of its {len(val)} images with {flag} (e.g. "
                           f"{shared[0]}): an accuracy on training images overstates generalisation; remove them from "
