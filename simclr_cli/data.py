@@ -108,8 +108,8 @@ def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(size, generator=generator).tolist()
 
 
-
-LEFT_OUT = 0.1  # the share of an epoch's images that dropping its last batch may leave out before batches are evened
+# The share of an epoch's images that dropping its last, incomplete batch may leave out before batches are evened.
+LEFT_OUT = 0.1
 
 
 def even_batch(images: int, batch: int) -> int:

@@ -127,8 +127,8 @@ def scan_images(root: str | Path, check: bool = True, threads: int = 8, exclude:
     """Return every image under root at any depth, sorted by relative path, and the files skipped.
 
     Subfolders are not classes here. Hidden files, non-image extensions, the folder `exclude` (a run's
-    own, inside its data) and the folders of other simclr runs (is_run_folder; listed in `runs`) are ignored; with `check`, each file's header is read so that empty or
-    foreign files are skipped up front.
+    own, inside its data) and the folders of other simclr runs (is_run_folder; listed in `runs`) are
+    ignored; with `check`, each file's header is read so that empty or foreign files are skipped up front.
     """
     root = Path(root)
     if not root.exists():

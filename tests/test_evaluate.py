@@ -48,7 +48,8 @@ def test_the_knn_report_names_the_neighbours_that_voted(n, expected):
     """With fewer training images than k, all of them vote: 30 images report "k30", not a "k200" that never ran."""
     generator = torch.Generator().manual_seed(n)
     train, queries = torch.randn(n, 4, generator=generator), torch.randn(9, 4, generator=generator)
-    labels, query_labels = torch.randint(0, 3, (n,), generator=generator), torch.randint(0, 3, (9,), generator=generator)
+    labels = torch.randint(0, 3, (n,), generator=generator)
+    query_labels = torch.randint(0, 3, (9,), generator=generator)
     report = knn_report(train, labels, queries, query_labels, 3)
     assert tuple(key for key in report["knn"] if key != "temperature") == expected
     for key in expected:

@@ -179,7 +179,8 @@ def test_a_val_folder_sharing_files_with_train_is_refused_by_file_identity(tmp_p
     (val / "dog" / "symlink.png").symlink_to(train / "dog" / "1.png")
     shutil.copy(train / "dog" / "2.png", val / "dog" / "copy.png")
     os.link(train / "cat" / "0.png", val / "cat" / "linked-again.png")  # counted as the images it makes
-    with pytest.raises(ConfigError, match=r"--val .*val shares 3 of its 6 images with TRAIN \(e\.g\. .*(linked|symlink)"):
+    shared = r"--val .*val shares 3 of its 6 images with TRAIN \(e\.g\. .*(linked|symlink)"
+    with pytest.raises(ConfigError, match=shared):
         load_labelled(train, val_dir=val)
     (val / "cat" / "linked-again.png").unlink()
     (tmp_path / "labels.csv").write_text("path,label\ncat/0.png,cat\ncat/1.png,cat\ndog/0.png,dog\n"
