@@ -117,9 +117,13 @@ def claimed(folder: str | Path, what: str) -> Iterator[None]:
     The folder (and its missing parents) is made here, and removed again if the block fails leaving it empty,
     as if it had never been asked for. One that cannot be made is left for the run's own checks to name."""
     folder = Path(folder)
-    levels = [folder, *folder.parents]
+    missing = []  # the folder and its parents up to the first that exists, deepest first
+    for level in (folder, *folder.parents):
+        if level.exists():
+            break
+        missing.append(level)
     made = []  # the folders this process made, deepest first: one another run made meanwhile is not ours
-    for level in reversed(levels[:next((i for i, level in enumerate(levels) if level.exists()), len(levels))]):
+    for level in reversed(missing):
         try:
             level.mkdir()
         except FileExistsError:

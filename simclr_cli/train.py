@@ -86,8 +86,7 @@ class PretrainRun:
         self._created = time.monotonic()
         self.state = LoopState()
         self._recent_steps: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
-        self._warm = False  # this session has made a step
-        self._first_step = 0.0  # its seconds
+        self._first_step: float | None = None  # seconds of this session's first step, once made
         restore = check_run_dir(self.run_dir, resume, ENCODER_FILE)
         if resume and not restore:  # stopped in its first epoch (a crash, a lost machine): start it again as saved
             report("message", text=f"{self.run_dir} stopped before its first checkpoint: starting it again")
@@ -272,19 +271,18 @@ class PretrainRun:
     def _reserve(self) -> float:
         """Seconds to keep free at the end of a time budget: one more step and the export, by the typical step,
         or until one is measured, by this session's first (the budget is not to be overrun on a guess)."""
-        return max(1.0, 2 * (self.state.step_seconds or self._first_step))
+        return max(1.0, 2 * (self.state.step_seconds or self._first_step or 0.0))
 
     def _note_step(self, seconds: float) -> None:
         """Set the typical step time, the lower median of the latest RECENT_STEPS, leaving out each session's
         first step (torch.compile, cuDNN's autotuning, cold caches). Reserved from the latest step alone, one
         slow step pushed the schedule ahead for good: an 8 s first step of a 40 s budget skipped the warmup
         and the peak, the rate never above a fifth of it."""
-        if self._warm:
-            self._recent_steps.append(seconds)
-            self.state.step_seconds = sorted(self._recent_steps)[(len(self._recent_steps) - 1) // 2]
-        else:
+        if self._first_step is None:
             self._first_step = seconds
-        self._warm = True
+            return
+        self._recent_steps.append(seconds)
+        self.state.step_seconds = sorted(self._recent_steps)[(len(self._recent_steps) - 1) // 2]
 
     def _warmup_fraction(self) -> float:
         """--warmup-epochs of the run, capped at a tenth of it (short runs warm up for 10%)."""
