@@ -261,10 +261,10 @@ class PretrainRun:
         that fits in the budget runs at a learning rate near zero: the run ends annealed.
         """
         by_steps = (self.state.step + 0.5) / self.total_steps
-        # By the typical step alone: a first step's compilation counted here would push the schedule ahead for good.
+        # By the typical step alone (a first step's compilation counted here would push the schedule ahead for
+        # good); as that changes, never let it move the schedule backwards.
         reserve = max(1.0, 2 * self.state.step_seconds)
         by_time = (elapsed + reserve) / self.config.max_time if self.config.max_time else 0.0
-        # The reserve follows the typical step's duration; never let that move the schedule backwards.
         self.state.time_progress = max(self.state.time_progress, by_time)
         return min(1.0, max(by_steps, self.state.time_progress))
 
