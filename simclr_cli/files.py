@@ -232,6 +232,19 @@ def read_metadata(path: str | Path, what: str) -> dict[str, str]:
                              f"pass the {what} that simclr wrote") from None
 
 
+# The settings that name local files or folders. A file that leaves the machine keeps only their last
+# name ("photos", not "/home/alice/clients/acme/photos"): provenance without the directory layout.
+PATH_SETTINGS = frozenset({"data_dir", "out_dir", "cache_dir", "monitor", "model", "train_dir", "labels_csv",
+                           "val_dir"})
+
+
+def shareable(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` (a run's settings, nested) with every local path cut to its last name."""
+    return {key: shareable(value) if isinstance(value, dict)
+            else Path(value).name if key in PATH_SETTINGS and isinstance(value, str) else value
+            for key, value in config.items()}
+
+
 @dataclass(frozen=True)
 class EncoderInfo:
     """What an encoder file says about itself: enough to rebuild it and its preprocessing."""
@@ -251,7 +264,7 @@ class EncoderInfo:
             "format": ENCODER_FORMAT, "arch": self.arch, "stem": self.stem, "width": str(self.width),
             "feature_dim": str(self.feature_dim), "image_size": str(self.image_size),
             "mean": json.dumps(list(self.mean)), "std": json.dumps(list(self.std)),
-            "simclr_version": self.version, "config": json.dumps(self.config),
+            "simclr_version": self.version, "config": json.dumps(shareable(self.config)),
         }
 
     @classmethod

@@ -26,7 +26,7 @@ from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_con
 from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_encoder,
                                load_optimizer, read_run_config, save_checkpoint, save_tensors)
 from simclr_cli.features import compute_features, eval_dataset
-from simclr_cli.files import (EncoderInfo, claimed, held, read_json, read_json_lines, read_metadata,
+from simclr_cli.files import (EncoderInfo, claimed, held, read_json, read_json_lines, read_metadata, shareable,
                               resolve_model_path, write_json, write_text)
 from simclr_cli.images import Skipped, note_skipped
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, check_decoded, load_labelled
@@ -359,7 +359,7 @@ class FinetuneRun:
                                          "interpolation": "bicubic", "mean": list(info.mean),
                                          "std": list(info.std)}),
             "epoch": str(self.state.epoch),
-            "finetune_config": json.dumps(self.config.to_json()), "simclr_version": __version__,
+            "finetune_config": json.dumps(shareable(self.config.to_json())), "simclr_version": __version__,
         }
         path = self.run_dir / FINETUNED_FILE
         save_tensors(path, self.model.export_tensors(), metadata)

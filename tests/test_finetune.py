@@ -72,6 +72,9 @@ def test_finetuned_model_file_and_report_are_consistent(finetuned, digits_folder
     meta = read_metadata(out / "finetuned.safetensors", "model")
     assert meta["format"] == "simclr-finetuned" and json.loads(meta["classes"]) == [str(d) for d in range(10)]
     assert json.loads(meta["preprocessing"])["center_crop"] == 32 and int(meta["epoch"]) == results["epoch"] == 2
+    saved = {**json.loads(meta["finetune_config"]), **json.loads(meta["finetune_config"])["data"]}
+    assert (saved["train_dir"], saved["out_dir"]) == (digits_folder.name, out.name), "names, not local paths"
+    assert str(out.parent.parent) not in str(meta), "no path under the tests' temporary folder"
     tensors = load_file(str(out / "finetuned.safetensors"))
     assert tensors["classifier.weight"].shape == (10, 512) and "conv1.weight" in tensors
 

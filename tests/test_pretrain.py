@@ -72,6 +72,8 @@ def test_pretrain_mixed_folder_skips_broken_files_and_exports_a_torchvision_enco
     _, info = load_encoder(out)
     assert (info.arch, info.stem, info.feature_dim, info.image_size) == ("resnet18", "imagenet", 512, 32)
     assert info.config["epochs"] == 2 and len(info.mean) == 3
+    assert (info.config["data_dir"], info.config["out_dir"]) == (root.name, "run"), "names, not local paths"
+    assert str(tmp_path) not in json.dumps(read_metadata(out / "encoder.safetensors", "encoder"))
 
 
 @pytest.fixture
