@@ -24,6 +24,8 @@ class LoopState:
     # the budget the schedule has reached (it never moves back), kept so that a resumed run goes on as it was.
     step_seconds: float = 0.0
     time_progress: float = 0.0
+    loss_sum: float = 0.0  # the current epoch's losses and their steps, kept across an interrupt
+    loss_steps: int = 0
 
 
 @dataclass

@@ -303,7 +303,6 @@ class PretrainRun:
         order, local_batch = distributed.shard_order(order, self.batch_size, state.step_in_epoch)
         loader = make_loader(self.dataset, local_batch, order, self.workers, drop_last=True,
                              pin_memory=device.type == "cuda", collate_fn=self.collate)
-        loss_sum = torch.zeros((), device=device)
         steps, images = 0, 0
         pending: list[tuple[dict[str, Any], torch.Tensor]] = []
         epoch_start, last = clock(), None
@@ -331,7 +330,6 @@ class PretrainRun:
             state.images_seen += sum(sizes)
             state.elapsed = now
             steps, images = steps + 1, images + sum(sizes)
-            loss_sum += loss.detach()
             record = {"step": state.step, "epoch": state.epoch + 1, "lr": lr,
                       "images_per_s": sum(sizes) / max(now - last, 1e-9), "time": round(now, 3)}
             pending.append((record, loss.detach()))
@@ -347,7 +345,8 @@ class PretrainRun:
                 break
         self._flush(pending)
         seconds = max(clock() - epoch_start, 1e-9)
-        return {"loss": (loss_sum / max(steps, 1)).item(), "images_per_s": images / seconds, "steps": steps}
+        # The epoch's mean loss, over the steps it took before an interrupt too.
+        return {"loss": state.loss_sum / max(state.loss_steps, 1), "images_per_s": images / seconds, "steps": steps}
 
     def _step(self, samples: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """One optimiser step on a batch of two-view samples (N, 2, C, H, W); returns the global loss.
@@ -402,6 +401,8 @@ class PretrainRun:
                 raise TrainingDiverged.at(value, record["step"], self.run_dir, "Lower --lr or raise --temperature")
             record["loss"] = value
             lines.append(json.dumps(record) + "\n")
+        self.state.loss_sum += sum(losses)
+        self.state.loss_steps += len(losses)
         if is_main():
             with open(self.run_dir / "metrics.jsonl", "a") as log:
                 log.writelines(lines)
@@ -470,7 +471,7 @@ class PretrainRun:
                                     f"others in its batch; fix or replace the images, then run again with --resume")
                 if epoch_done:
                     state.epoch += 1
-                    state.step_in_epoch = 0
+                    state.step_in_epoch, state.loss_sum, state.loss_steps = 0, 0.0, 0
                     self.report("epoch", epoch=state.epoch, epochs=self.config.epochs, **metrics)
                     if self.monitor is not None:
                         knn = self.monitor.log_epoch(self.run_dir, self.model.backbone, self.encoder_info(),

@@ -144,7 +144,9 @@ def _config(data, out, workers=0, epochs=2):
 
 def test_interrupted_run_resumes_to_the_same_loss_curve_and_weights(small_digits_folder, tmp_path):
     straight = tmp_path / "straight"
-    pretrain(_config(small_digits_folder, straight))
+    epoch_losses = []
+    pretrain(_config(small_digits_folder, straight),
+             lambda kind, **fields: kind == "epoch" and epoch_losses.append(f"{fields['loss']:.4f}"))
 
     def interrupt_at_step_4(kind, **fields):  # a Ctrl-C in the middle of the first epoch
         if kind == "step" and fields["step"] == 4:
@@ -160,6 +162,8 @@ def test_interrupted_run_resumes_to_the_same_loss_curve_and_weights(small_digits
     assert cli.exit_code == 0, cli.output
     assert "resuming" in cli.output
     assert losses(stopped) == losses(straight), "same seed, same CPU: the resumed curve is the uninterrupted one"
+    printed = re.findall(r"epoch \d/2: loss (\S+),", cli.output)
+    assert printed == epoch_losses, "the first epoch's mean counts the steps before the interrupt"
     a, b = load_file(str(straight / "encoder.safetensors")), load_file(str(stopped / "encoder.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
