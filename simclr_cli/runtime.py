@@ -43,7 +43,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
         raise ConfigError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device {spec!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
-    return device
+    if device.index:  # torch takes cpu:1 and trains on the one CPU device
+        raise ConfigError(f"--device {spec}: {device.type} has one device, not numbered ones; use --device "
+                          f"{device.type}")
+    return torch.device(device.type)
 
 
 @dataclass(frozen=True)

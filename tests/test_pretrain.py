@@ -417,6 +417,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path, gro
     (["pretrain", "{empty}", "--weight-decay", "inf"], "--weight-decay inf must be a finite number"),
     (["pretrain", "{empty}", "--batch-size", "many"], "--batch-size"),
     (["pretrain", "{empty}", "--device", "cuda:7"], "--device cuda:7"),
+    (["pretrain", "{two}", "--device", "cpu:1"], "--device cpu:1: cpu has one device, not numbered ones"),
     (["pretrain", "{empty}", "--seed", "99999999999999999999999"], "--seed 99999999999999999999999 is out of range"),
     (["pretrain", "{broken}", "--out", "{broken}"], "already holds files"),
     (["pretrain", "{broken}", "--out", "{file}"], "is a file; pass a folder"),
