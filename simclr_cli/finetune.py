@@ -31,6 +31,7 @@ from simclr_cli.files import (EncoderInfo, claimed, held, read_json, read_json_l
 from simclr_cli.images import Skipped, note_skipped
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, check_decoded, load_labelled
 from simclr_cli.memory import batch_shortfall
+from simclr_cli.models import build_backbone
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
 from simclr_cli.runtime import (StopFlag, default_workers, resolve_device, resolve_precision, rng_state,
                                 seed_everything, set_rng_state)
@@ -72,13 +73,19 @@ def first_head_layer(model_path: Path, feature_dim: int) -> nn.Module:
                              f"features, but the encoder {model_path} gives {feature_dim}; the head belongs to another "
                              f"encoder: put the one its run saved beside it, or use --from-head-layer 0")
     hidden, width = weight.shape
-    layer = nn.Sequential(OrderedDict(layers=nn.Sequential(
-        nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True))))
+    layer = head_layer(width, hidden)
     try:
         layer.load_state_dict({k: v for k, v in tensors.items() if k.startswith(("layers.0.", "layers.1."))})
     except RuntimeError:  # a BatchNorm of another width than the Linear before it
         raise ModelFileError(f"{head_path}: its first layer's Linear and BatchNorm do not fit together; the file "
                              f"is damaged: use the head.safetensors its run saved, or --from-head-layer 0") from None
+    return layer
+
+
+def head_layer(width: int, hidden: int) -> nn.Module:
+    """An untrained Linear-BN-ReLU layer, keyed as the projection head's first (layers.0, layers.1)."""
+    layer = nn.Sequential(OrderedDict(layers=nn.Sequential(
+        nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True))))
     layer.out_dim = hidden
     return layer
 
@@ -156,9 +163,9 @@ class FinetuneRun:
         self.precision = resolve_precision(config.runtime.precision, self.device)
         self.workers = config.runtime.workers if config.runtime.workers is not None else default_workers()
         seed_everything(config.runtime.seed)
-        self.model_path = resolve_model_path(config.model)
-        backbone, self.info = load_encoder(self.model_path)
-        head = first_head_layer(self.model_path, backbone.feature_dim) if config.from_head_layer else None
+        self.model_path = Path(config.model)
+        self.checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_FILE) if resume else None
+        backbone, head, self.info = self._encoder()
         self.data = self._read_split() if resume else self._load_data()
         self.skipped: dict[str, Skipped] = {s.path: s for s in self.data.skipped}
         train = self.data.train
@@ -195,6 +202,7 @@ class FinetuneRun:
         self.state = FinetuneState()
         if resume:
             self._restore()
+            self.checkpoint = None  # its tensors are in the model and optimiser now
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", config.to_json())
@@ -205,6 +213,25 @@ class FinetuneRun:
                                f"lr {config.resolved_lr:g}")
 
     # -- set-up -----------------------------------------------------------------------------
+
+    def _encoder(self) -> tuple[nn.Module, nn.Module | None, EncoderInfo]:
+        """The encoder to fine-tune, and the head layer with --from-head-layer 1: read from MODEL, or on resume
+        built from what the checkpoint says of them (its weights replace theirs), so MODEL may have moved."""
+        saved = self.checkpoint.progress.get("encoder") if self.checkpoint is not None else None
+        if saved is None:  # a new run, or a checkpoint from before the checkpoint said
+            self.model_path = resolve_model_path(self.config.model)
+            backbone, info = load_encoder(self.model_path)
+            head = first_head_layer(self.model_path, backbone.feature_dim) if self.config.from_head_layer else None
+            return backbone, head, info
+        try:
+            info = EncoderInfo.from_metadata(saved["metadata"], self.run_dir / CHECKPOINT_FILE)
+            head = head_layer(info.feature_dim, saved["head_width"]) if saved["head_width"] else None
+        except (KeyError, TypeError, ValueError, RuntimeError):  # RuntimeError: a width torch refuses
+            raise ModelFileError(f"{self.run_dir / CHECKPOINT_FILE}: its description of the encoder is damaged; "
+                                 f"restore the file as the run wrote it, or start a new run with another "
+                                 f"--out") from None
+        backbone = build_backbone(info.arch, info.stem, initialise=False, width=info.width)
+        return backbone, head, info
 
     def _load_data(self) -> LabelledData:
         """The labelled images, the training set cut to --label-fraction; saved to split.json."""
@@ -235,8 +262,7 @@ class FinetuneRun:
                               f"the file, or start a new run with another --out") from None
 
     def _restore(self) -> None:
-        path = self.run_dir / CHECKPOINT_FILE
-        checkpoint = load_checkpoint(path)
+        path, checkpoint = self.run_dir / CHECKPOINT_FILE, self.checkpoint
         try:
             self.model.load_state_dict(checkpoint.module_state("model"))
             load_optimizer(self.optimizer, checkpoint.tensors, checkpoint.optimizer)
@@ -345,7 +371,10 @@ class FinetuneRun:
 
     def save_checkpoint(self) -> None:
         progress = {"state": asdict(self.state), "skipped": [s.to_json() for s in self.skipped.values()],
-                    "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                    # enough to rebuild the model without MODEL, which a resume may no longer find
+                    "encoder": {"metadata": self.info.to_metadata(),
+                                "head_width": self.model.head.out_dim if self.model.head is not None else None}}
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, {"model": self.model}, self.optimizer, rng_state(), progress)
 
     def export(self) -> Path:

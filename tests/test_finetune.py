@@ -142,6 +142,29 @@ def test_interrupted_finetune_resumes_to_the_same_model(tiny_encoder, small_digi
     assert (tmp_path / "stopped" / "metrics.jsonl").read_text() == log, "the cut line is dropped"
 
 
+def test_a_resume_needs_no_model_file_the_checkpoint_holds_the_model(tiny_encoder, small_digits_folder, tmp_path):
+    """The pretraining run may be moved or deleted while a fine-tuning run from it is stopped."""
+    pretrained = tmp_path / "pretrained"
+    shutil.copytree(tiny_encoder, pretrained)
+    straight = finetune(_config(small_digits_folder, pretrained, tmp_path / "straight", from_head_layer=1))
+
+    def interrupt_at_step_12(kind, **fields):  # a Ctrl-C in the second epoch
+        if kind == "step" and fields["step"] == 12:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = finetune(_config(small_digits_folder, pretrained, tmp_path / "stopped", from_head_layer=1),
+                       interrupt_at_step_12)
+    assert stopped.interrupted
+    shutil.rmtree(pretrained)
+    cli = runner.invoke(app, ["finetune", "--resume", str(tmp_path / "stopped"), "--workers", "0"])
+    assert cli.exit_code == 0, cli.output
+    a, b = load_file(str(straight.model_path)), load_file(str(tmp_path / "stopped" / FINETUNED_FILE))
+    assert "head.layers.0.weight" in b and all(torch.equal(a[k], b[k]) for k in a)
+    metadata = [read_metadata(path, "model") for path in (straight.model_path, tmp_path / "stopped" / FINETUNED_FILE)]
+    first, second = ({k: v for k, v in meta.items() if k != "finetune_config"} for meta in metadata)  # --out differs
+    assert first == second
+
+
 def test_a_finetune_that_crashed_before_its_first_checkpoint_resumes_from_the_start(tiny_encoder, small_digits_folder,
                                                                                     tmp_path):
     """A crash in the first epoch leaves config.json and split.json but no checkpoint: --resume starts the run
