@@ -11,20 +11,36 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import EpsImagePlugin, Image, ImageFile, ImageOps
 
 from simclr_cli.errors import DataError
 
-# Every extension of a format Pillow can open (its JPEG opener reads .mpo), in lower case; matching ignores the
-# file's case. PDF and Palm files, which Pillow writes but cannot read, are other files, not unreadable images.
+
+
+def _decodes(name: str) -> bool:
+    """Whether Pillow decodes the format, not only identifies it: its stub formats (WMF off Windows, HDF5, GRIB,
+    BUFR) and MPEG never give pixels, and EPS only with Ghostscript."""
+    factory = Image.OPEN[name][0]
+    if name == "MPEG" or (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)):
+        return False
+    return name != "EPS" or bool(EpsImagePlugin.has_ghostscript())
+
+
+# Every extension of a format Pillow can decode (its JPEG opener reads .mpo), in lower case; matching ignores the
+# file's case. PDF and Palm files, which Pillow writes but cannot read, and videos (.mpg) are other files, not
+# unreadable images.
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext, name in Image.registered_extensions().items()
-                             if name in Image.OPEN or name == "MPO")
+                             if name == "MPO" or (name in Image.OPEN and _decodes(name)))
 # Pillow's own default limit (about 89 megapixels): anything larger is refused, not decoded.
 MAX_PIXELS = 89_478_485
 # Transparent pixels are composited on the ImageNet mean colour, which normalises to zero.
 NEUTRAL_BACKGROUND = (124, 116, 104)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+# Pillow warns of what the callers here report themselves in one line (a decompression bomb, refused by its size) or
+# get past (a corrupt EXIF block in an image that decodes): its two-line Python warnings would only add noise, once
+# per loader worker. (Set here, not per call: warning filters are global, and images are decoded in threads.)
+warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
 
 
 class UnreadableImage(Exception):
@@ -79,16 +95,22 @@ def is_run_folder(directory: str | Path, files: Iterable[str]) -> bool:
     return isinstance(config, dict) and {"out_dir", "runtime"} <= config.keys()
 
 
-def _walk(root: Path, exclude: Path | None = None,
-          runs: list[Path] | None = None) -> Iterable[tuple[Path, str]]:
+def _walk(root: Path, exclude: Path | None = None, runs: list[Path] | None = None,
+          unreadable: list[Skipped] | None = None) -> Iterable[tuple[Path, str]]:
     """Yield (directory, file name) under root, following links, skipping loops, hidden entries, the
     folder `exclude` (however it is reached) and the folders of other simclr runs below root (added to
-    `runs`)."""
+    `runs`); folders that cannot be listed are added to `unreadable`."""
     seen: set[tuple[int, int]] = set()
     if exclude is not None and exclude.is_dir():
         info = os.stat(exclude)
         seen.add((info.st_dev, info.st_ino))
-    for depth, (directory, subdirs, files) in enumerate(os.walk(root, followlinks=True)):
+
+    def note(error: OSError) -> None:
+        if unreadable is not None:
+            unreadable.append(Skipped(str(error.filename), f"unreadable folder: {error.strerror}; its images are left "
+                                                           f"out"))
+
+    for depth, (directory, subdirs, files) in enumerate(os.walk(root, onerror=note, followlinks=True)):
         info = os.stat(directory)
         key = (info.st_dev, info.st_ino)
         if key in seen:  # a symbolic link back up the tree
@@ -136,11 +158,13 @@ def scan_images(root: str | Path, check: bool = True, threads: int = 8, exclude:
     if not root.is_dir():
         raise DataError(f"{root}: is a file, not a folder; pass the folder that holds the images")
     runs: list[Path] = []
+    unreadable: list[Skipped] = []
     candidates = sorted(
-        (directory / name for directory, name in _walk(root, exclude and Path(exclude), runs) if is_image_name(name)),
+        (directory / name for directory, name in _walk(root, exclude and Path(exclude), runs, unreadable)
+         if is_image_name(name)),
         key=lambda p: p.relative_to(root).as_posix(),
     )
-    scan = Scan(root=root, runs=runs)
+    scan = Scan(root=root, runs=runs, skipped=unreadable)
     problems: Iterable[str | None]
     if check:
         with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -165,9 +189,16 @@ def require_images(scan: Scan) -> Scan:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Return an 8-bit RGB image for any Pillow mode, compositing transparency on a neutral colour."""
-    mode = img.mode
-    if mode in ("RGB", "L") and "transparency" in img.info:  # a colour key (PNG tRNS): that colour is transparent
+    mode, key = img.mode, img.info.get("transparency")
+    if mode in ("RGB", "L") and key is not None:  # a colour key (PNG tRNS): that colour is transparent
         img, mode = img.convert("RGBA"), "RGBA"
+    if (mode == "1" or mode.startswith("I")) and isinstance(key, int):  # a colour key on bilevel or 16-bit grey
+        opaque = np.asarray(img) != (bool(key) if mode == "1" else key)  # (H, W)
+        img = img.copy()
+        del img.info["transparency"]
+        background = Image.new("RGB", img.size, NEUTRAL_BACKGROUND)
+        background.paste(to_rgb(img), mask=Image.fromarray(opaque))
+        return background
     if mode == "RGB":
         return img
     if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grey
@@ -200,20 +231,18 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
     reduction whose both sides are still at least `min_side` pixels.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise UnreadableImage(f"decompression bomb: {img.width}x{img.height} pixels: refused")
-                if min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
-                    img.draft("RGB", (min_side, min_side))
-                img.seek(0)  # first frame of animations
-                img = ImageOps.exif_transpose(img)
-                img.load()
-                return to_rgb(img)
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise UnreadableImage(f"decompression bomb: {img.width}x{img.height} pixels: refused")
+            img.seek(0)  # first frame of animations (before draft: seeking a multi-picture JPEG undoes it)
+            if min_side and img.format in ("JPEG", "MPO") and min(img.size) >= 2 * min_side:
+                img.draft("RGB", (min_side, min_side))
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            return to_rgb(img)
     except UnreadableImage:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except Image.DecompressionBombError as error:
         raise UnreadableImage(f"decompression bomb: refused ({error})") from None
     except Exception as error:  # truncated data, bad headers, I/O errors
         message = f"{type(error).__name__}: {error}".splitlines()[0][:200]

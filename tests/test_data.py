@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -120,16 +121,78 @@ def test_transparency_is_composited_on_a_neutral_colour_not_black():
     assert to_rgb(palette).getpixel((0, 0)) == NEUTRAL_BACKGROUND
 
 
-@pytest.mark.parametrize("mode,key,other", [("RGB", (255, 0, 255), (10, 200, 30)), ("L", 0, 180)])
-def test_a_colour_key_is_transparent_too(tmp_path, mode, key, other):
-    """PNG's tRNS chunk in an RGB or grey image names one colour as transparent: those pixels were kept as
-    that colour (often magenta), not composited like every other kind of transparency."""
+@pytest.mark.parametrize("mode,key,other,expected", [
+    ("RGB", (255, 0, 255), (10, 200, 30), (10, 200, 30)), ("L", 0, 180, (180,) * 3),
+    ("1", 1, 0, (0, 0, 0)), ("1", 0, 1, (255,) * 3), ("I;16", 1000, 65535, (255,) * 3)])
+def test_a_colour_key_is_transparent_too(tmp_path, mode, key, other, expected):
+    """PNG's tRNS chunk in an RGB, grey, bilevel or 16-bit grey image names one colour as transparent: those
+    pixels were kept as that colour (often magenta), not composited like every other kind of transparency."""
     image = Image.new(mode, (4, 4), key)
     image.putpixel((0, 0), other)
     image.save(tmp_path / "keyed.png", transparency=key)
+    assert Image.open(tmp_path / "keyed.png").mode == mode
     rgb = load_rgb(tmp_path / "keyed.png")
     assert rgb.getpixel((1, 1)) == NEUTRAL_BACKGROUND
-    assert rgb.getpixel((0, 0)) == (other if mode == "RGB" else (other,) * 3)
+    assert rgb.getpixel((0, 0)) == expected
+
+
+def test_pillows_own_warnings_stay_off_the_terminal(tmp_path):
+    """A decompression bomb is reported in one line of ours, and an image with a corrupt EXIF block decodes: Pillow's
+    two-line Python warnings about them added nothing, once per loader worker."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = (10_000).to_bytes(4, "big") + (9_000).to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])  # 90 MP, grey
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) +
+                                        chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    cut_exif = b"Exif\0\0MM\0*\0\0\0\x08\0\x03" + b"\x01\x12\0\x03\0\0\0\x01\0\x06\0\0"  # 3 entries, holds 1
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "exif.jpg", exif=cut_exif)
+    script = (f"from simclr_cli.images import load_rgb, probe\n"
+              f"assert 'decompression bomb' in probe({str(tmp_path / 'bomb.png')!r})\n"
+              f"try:\n    load_rgb({str(tmp_path / 'bomb.png')!r})\nexcept Exception as error:\n    print(error)\n"
+              f"print(load_rgb({str(tmp_path / 'exif.jpg')!r}).size)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.splitlines() == ["decompression bomb: 10000x9000 pixels: refused", "(16, 16)"]
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_not_dropped(tmp_path, monkeypatch):
+    for name in ("open/a.png", "locked/b.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as `chmod 000 locked` does, for anyone but root
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    scan = scan_images(tmp_path)
+    assert relative(scan.paths, tmp_path) == ["open/a.png"]
+    assert [(Path(s.path).name, s.reason.split(";")[0]) for s in scan.skipped] == [
+        ("locked", "unreadable folder: Permission denied")]
+
+
+def test_only_files_pillow_can_decode_are_images(tmp_path):
+    """MPEG videos and Pillow's stub formats (WMF, HDF5, ...) are identified but never decoded: other files, not
+    unreadable images to warn about."""
+    assert images.is_image_name("a.JPG") and images.is_image_name("b.mpo")
+    assert not any(images.is_image_name(name) for name in ("clip.mpg", "clip.MPEG", "chart.wmf", "data.h5"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "clip.mpg").write_bytes(b"\x00\x00\x01\xb3" + bytes(64))  # an MPEG sequence header
+    scan = scan_images(tmp_path)
+    assert relative(scan.paths, tmp_path) == ["a.png"] and scan.skipped == []
+
+
+def test_a_multi_picture_jpeg_is_decoded_in_draft_mode_too(tmp_path):
+    """Cameras save MPO files (a JPEG and its previews) under .jpg names; Pillow names their format MPO."""
+    path = tmp_path / "camera.jpg"
+    first, preview = Image.new("RGB", (2000, 1600), (90, 120, 150)), Image.new("RGB", (200, 160))
+    first.save(path, format="MPO", save_all=True, append_images=[preview])
+    assert Image.open(path).format == "MPO"
+    small = load_rgb(path, min_side=224)
+    assert small.size == (500, 400) and small.getpixel((10, 10)) == load_rgb(path).getpixel((40, 40))
 
 
 def test_sixteen_bit_and_float_greys_are_scaled_to_eight_bits():
