@@ -12,7 +12,8 @@ Files, beside each other in the run folder or in --cache-dir (`decoded-<side>px-
   .slots  (images, 3) int32: state (0 empty, 1 stored, 2 unreadable), height, width
   .json   the manifest: side, and every image's path, size and mtime
 A slot is used only while its file's size and mtime match the manifest; changed files are
-decoded again, and a different list of files starts a new cache.
+decoded again, and a different list of files starts a new cache (a run still reading the one it
+replaced, from a shared --cache-dir, notices and decodes its files itself: `DecodedCache.mapped`).
 
 Every image takes the same route (decode, working resolution, crop) whether or not its slot is
 filled yet, so a run with --cache sees the same views as without, and resumes bit for bit. (That holds
@@ -41,7 +42,8 @@ WORKING_SCALE = 1.15
 MAX_ASPECT = 4 / 3
 EMPTY, STORED, UNREADABLE = 0, 1, 2
 FORMAT = "simclr-decoded-cache"
-VERSION = 3  # 1 kept only the central 4:3 of wider images; 2 kept PNG colour keys as colours
+VERSION = 4  # 1 kept only the central 4:3 of wider images; 2 kept PNG colour keys as colours; 3 those of
+# bilevel and 16-bit grey images
 
 
 def working_side(image_size: int) -> int:
@@ -77,11 +79,27 @@ def load_working(path: str | Path, side: int) -> np.ndarray:
     return to_working_resolution(load_rgb(path, min_side=side), side)
 
 
-def _stats(path: str) -> list[int]:
+def _stats(path: str) -> list[int] | None:
     """Size, modification and change times: a file replaced by one of the same size and mtime (`cp -p`) has a new
-    ctime."""
-    info = os.stat(path)
+    ctime. None for a file gone since the scan: its slot stays empty, and decoding it skips it as unreadable."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
     return [info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
+def _identity(base: Path) -> tuple[int, ...] | None:
+    """Which files the cache's names point to now (None: not there): a run that starts the cache over, for
+    another list of files, replaces them."""
+    ids: list[int] = []
+    for suffix in (".u8", ".slots"):
+        try:
+            info = os.stat(f"{base}{suffix}")
+        except OSError:
+            return None
+        ids += [info.st_dev, info.st_ino]
+    return tuple(ids)
 
 
 class DecodedCache:
@@ -96,6 +114,7 @@ class DecodedCache:
         self.slot = slot_shape(side)
         self._pixels: np.memmap | None = None
         self._slots: np.memmap | None = None
+        self._identity = _identity(base)  # the files the slots below belong to
 
     @property
     def nbytes(self) -> int:
@@ -130,6 +149,7 @@ class DecodedCache:
                        + (f", {len(changed)} changed since and decoded again" if changed else ""))
         write_json(f"{cache.base}.json", {"format": FORMAT, "version": VERSION, "side": side, "slot": list(cache.slot),
                                           "paths": paths, "stats": stats})
+        cache._identity = _identity(cache.base)
         return cache, summary
 
     def _read_manifest(self) -> dict | None:
@@ -159,19 +179,28 @@ class DecodedCache:
                 with open(tmp, "wb") as handle:
                     handle.truncate(size)  # sparse: zero slots, all EMPTY
 
-    def _open(self) -> None:
+    def mapped(self) -> bool:
+        """Map the files, unless another run on the same folder has started them over since (loader workers map
+        them anew every epoch): False then, as their slots hold another list's images."""
         if self._pixels is None:
+            if self._identity is None or _identity(self.base) != self._identity:
+                return False
             short, long = self.slot
             self._pixels = np.memmap(f"{self.base}.u8", dtype=np.uint8, mode="r+",
                                      shape=(self.count, short * long * 3))
             self._slots = np.memmap(f"{self.base}.slots", dtype=np.int32, mode="r+", shape=(self.count, 3))
+        return True
+
+    def _map(self) -> None:
+        if not self.mapped():
+            raise DataError(f"{self.base}.u8: the decoded cache was started over by another run on the same folder")
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pixels": None, "_slots": None}
 
     def get(self, index: int) -> np.ndarray | None:
         """The stored image (H, W, 3) uint8 (a copy), None when not stored; raises UnreadableImage."""
-        self._open()
+        self._map()
         state, height, width = (int(v) for v in self._slots[index])
         if state == UNREADABLE:
             raise UnreadableImage("unreadable (recorded in the decoded cache when it was first read)")
@@ -181,7 +210,7 @@ class DecodedCache:
 
     def put(self, index: int, image: np.ndarray | None) -> None:
         """Store an image (H, W, 3) uint8, or None to record the file as unreadable."""
-        self._open()
+        self._map()
         if image is None:
             self._slots[index] = (UNREADABLE, 0, 0)
             return
@@ -205,6 +234,8 @@ class WorkingImages:
         self.side, self.cache = side, cache
 
     def __call__(self, index: int, path: str) -> Image.Image:
+        if self.cache is not None and not self.cache.mapped():
+            self.cache = None  # started over by another run: this worker decodes every file, slower but right
         if self.cache is None:
             return Image.fromarray(load_working(path, self.side))
         array = self.cache.get(index)

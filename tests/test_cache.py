@@ -121,6 +121,31 @@ def test_changed_files_are_decoded_again_and_a_new_file_list_starts_over(tmp_pat
 
 
 
+def test_a_run_whose_shared_cache_another_run_started_over_decodes_its_own_files(tmp_path):
+    """Two runs share --cache-dir; the folder gains an image between their starts, so the second starts the cache
+    over. The first run's workers, made anew each epoch, must not read the second's slots as their images."""
+    paths = write_folder(tmp_path / "images", [(120, 90)] * 3)
+    first, _ = DecodedCache.prepare(tmp_path / "shared", tmp_path / "images", paths, 37)
+    expected = [np.asarray(WorkingImages(37, copy.deepcopy(first))(i, str(p))) for i, p in enumerate(paths)]
+    added = tmp_path / "images" / "000-added.png"  # sorts first: every later image moves one slot down
+    gradient(120, 90, seed=99).save(added)
+    second, summary = DecodedCache.prepare(tmp_path / "shared", tmp_path / "images", [added, *paths], 37)
+    assert "created" in summary and second.base == first.base
+    [WorkingImages(37, copy.deepcopy(second))(i, str(p)) for i, p in enumerate([added, *paths])]
+    worker = WorkingImages(37, copy.deepcopy(first))  # the first run's next epoch
+    assert all(np.array_equal(np.asarray(worker(i, str(p))), expected[i]) for i, p in enumerate(paths))
+
+
+def test_a_file_gone_since_the_scan_is_skipped_not_fatal(tmp_path):
+    paths = write_folder(tmp_path / "images", [(64, 64)] * 2)
+    paths[1].unlink()  # a sync tool, while a big folder was scanned
+    cache, _ = DecodedCache.prepare(tmp_path, tmp_path / "images", paths, 37)
+    decode = WorkingImages(37, cache)
+    assert np.asarray(decode(0, str(paths[0]))).shape == (37, 37, 3)
+    with pytest.raises(UnreadableImage, match="FileNotFoundError"):
+        decode(1, str(paths[1]))
+
+
 def test_a_file_restored_at_the_same_size_and_time_is_decoded_again(tmp_path):
     """`cp -p` of another image of the same size keeps the size and modification time; its change time moves."""
     paths = write_folder(tmp_path / "images", [(120, 90)])
