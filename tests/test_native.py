@@ -153,6 +153,18 @@ def test_cc_may_carry_flags_and_a_relative_cache_home_is_ignored(cache, monkeypa
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_nan_rows_are_reported_even_when_cc_asks_for_fast_maths(cache, monkeypatch, dtype):
+    """-ffast-math lets the compiler assume no NaN, and fold the kernel's NaN test to false: damaged rows were
+    dropped without a word."""
+    monkeypatch.setenv("CC", f"{native.compiler()[0]} -ffast-math")
+    rows = np.eye(4, 8, dtype=dtype)
+    rows[2] = np.nan
+    assert search_kernels().top_k(rows, np.ones((1, 8), dtype=np.float32), Heaps(1, 4)) == 2
+    assert cache[0][1:] == ["-ffast-math"], "built with $CC's flags"
+
+
+@needs_kernels
 def test_arrays_of_the_wrong_shape_or_type_are_refused_before_the_c_code_sees_them():
     rows = np.zeros((40, 512), dtype=np.float16)
     with pytest.raises(ValueError, match="width"):
