@@ -610,11 +610,15 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
     except NaNRow as damaged:  # neither ranked nor left out silently
         raise ModelFileError(_damaged(index_path, manifest, damaged.row, "NaN")) from None
     # No cosine exceeds 1 (unit float16 rows, rounded: by 1e-3 at most). A damaged row that a kernel scores as
-    # a number (numpy's float16 one turns NaN and infinity into large values) must not top the table.
-    beyond = np.argwhere(scores > 1.01) if manifest.normalized else []
+    # a number (numpy's float16 one turns NaN and infinity into finite values) must not be in the table: its score
+    # can be past a cosine's 1 or -1, or (rows scaled to unit length) any cosine, so the hits' rows are read too.
+    beyond = np.argwhere((np.abs(scores) > 1.01) & (scores > -np.inf)) if manifest.normalized else []
     if len(beyond):
         at = tuple(beyond[0])
         raise ModelFileError(_damaged(index_path, manifest, int(found[at]), f"{scores[at]:.4g}, beyond a cosine's 1"))
+    for row in np.unique(found[scores > -np.inf]):  # (at most k per query)
+        if not np.isfinite(rows[row]).all():
+            raise ModelFileError(_damaged(index_path, manifest, int(row), "a number, but holds NaN or infinity"))
     hits = [[Hit(rank + 1, score, manifest.paths[row], row)
              for rank, (score, row) in enumerate(zip(line_scores, line_rows)) if score > -float("inf")]
             for line_scores, line_rows in zip(scores.tolist(), found.tolist())]

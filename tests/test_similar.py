@@ -698,6 +698,25 @@ def test_nan_rows_scored_as_numbers_by_numpys_float16_kernel_are_a_one_line_erro
     assert "beyond a cosine's 1; the index is damaged" in " ".join(result.output.split())
 
 
+@pytest.mark.parametrize("normalize, value", [(True, -np.inf), (False, np.nan), (False, np.inf)])
+def test_damaged_rows_that_numpys_float16_kernel_ranks_as_hits_are_a_one_line_error(photos, tiny_encoder, tmp_path,
+                                                                                     monkeypatch, normalize, value):
+    """A -inf row of a unit index scored about -10^6, and a NaN or infinite row of an unnormalised one (scaled to
+    unit length) a plausible cosine: with k reaching it, either was listed as a hit."""
+    index = tmp_path / "index.npy"
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    embed_folder(EmbedConfig(model=str(tiny_encoder), images=str(photos), out=str(index), dtype="float16",
+                             normalize=normalize, device="cpu", precision="fp32", workers=0))
+    rows = np.load(index)
+    rows[3] = value
+    np.save(index, rows)
+    paths = json.loads(index.with_suffix(".json").read_text())["paths"]
+    monkeypatch.setattr(index_module, "search_kernel", lambda dtype: "numpy")
+    result = runner.invoke(app, ["similar", paths[0], "--index", str(index), "-k", str(len(rows))])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"{index}: row 3 ({paths[3]}) scores " in " ".join(result.output.split())
+
+
 def test_a_query_whose_features_are_not_finite_is_a_one_line_error_not_a_damaged_index(indexes, photos, monkeypatch):
     """Every row scored NaN against it, and the first row of a sound index was named as damaged."""
     from simclr_cli import numpy_encoder
