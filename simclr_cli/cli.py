@@ -503,7 +503,8 @@ def embed(
         raise typer.Exit(130)
     if result.skipped:
         err_console.print(f"{len(result.skipped)} unreadable file(s) skipped; listed in the manifest")
-    console.print(f"{result.rows:,} embeddings written to {out} (manifest {out.with_suffix('.json')})")
+    done = "are in" if result.complete_before else "written to"
+    console.print(f"{result.rows:,} embeddings {done} {out} (manifest {out.with_suffix('.json')})")
 
 
 def _shown(path: str) -> str:

@@ -39,7 +39,8 @@ from simclr_cli.features import iter_features
 from simclr_cli.files import (EncoderInfo, check_output_path, held, read_json, read_metadata, replace_durably,
                               resolve_model_path, write_json)
 from simclr_cli.images import Skipped, require_images, scan_images
-from simclr_cli.index import DTYPES, Manifest, manifest_path, remember_index, sha256_file, write_manifest
+from simclr_cli.index import (DTYPES, Manifest, manifest_path, open_index, remember_index, sha256_file,
+                               write_manifest)
 from simclr_cli.runtime import StopFlag, default_workers, rank, resolve_device, resolve_precision
 
 Report = Callable[..., None]
@@ -112,6 +113,7 @@ class EmbedResult:
     skipped: list[Skipped] = field(default_factory=list)
     interrupted: bool = False
     images_per_s: float = 0.0
+    complete_before: bool = False  # a --resume of an embed that had finished: nothing written
 
 
 @dataclass
@@ -255,19 +257,36 @@ def _load_plan(config: EmbedConfig, sha256: str, precision: str) -> dict[str, An
     problem = _plan_damage(plan) or _rows_damage(work / "rows.npy", plan)
     if problem:
         raise ModelFileError(f"{work}: the interrupted embed is damaged ({problem}); run again with --overwrite")
-    if plan["model_sha256"] != sha256:
-        raise ModelFileError(f"{config.model}: not the model the interrupted embed used ({plan['model']}, "
-                             f"SHA-256 differs); resume with that model, or --overwrite to start again")
-    if os.path.normpath(plan["images"]) != os.path.abspath(config.images):
-        raise ConfigError(f"IMAGES {config.images}: the interrupted embed read {plan['images']}; resume with "
-                          f"that folder, or --overwrite to start again")
-    for flag, saved, given in (("--dtype", plan["dtype"], config.dtype),
-                               ("--normalize/--no-normalize", plan["normalize"], config.normalize),
-                               ("--precision", plan.get("precision", precision), precision)):
-        if saved != given:
-            raise ConfigError(f"{flag} {given} differs from the interrupted embed's {saved}; resume with the same "
-                              f"flags, or --overwrite to start again")
+    _check_same(config, plan, sha256, precision, "interrupted embed")
     return plan
+
+
+def _check_same(config: EmbedConfig, saved: dict[str, Any], sha256: str, precision: str, what: str) -> None:
+    """Refuse a --resume whose model, images or flags are not those the embed in OUT used."""
+    if saved["model_sha256"] != sha256:
+        raise ModelFileError(f"{config.model}: not the model the {what} used ({saved['model']}, SHA-256 differs); "
+                             f"resume with that model, or --overwrite to start again")
+    if saved["images"] and os.path.normpath(saved["images"]) != os.path.abspath(config.images):
+        raise ConfigError(f"IMAGES {config.images}: the {what} read {saved['images']}; resume with that folder, or "
+                          f"--overwrite to start again")
+    for flag, was, given in (("--dtype", saved["dtype"], config.dtype),
+                             ("--normalize/--no-normalize", saved["normalize"], config.normalize),
+                             ("--precision", saved.get("precision") or precision, precision)):
+        if was != given:
+            raise ConfigError(f"{flag} {given} differs from the {what}'s {was}; resume with the same flags, or "
+                              f"--overwrite to start again")
+
+
+def _finished(config: EmbedConfig, sha256: str, precision: str, report: Report) -> EmbedResult:
+    """A --resume of an embed that has finished: checked as an interrupted one is, then nothing to do."""
+    out = Path(config.out)
+    _, manifest = open_index(out, "OUT")
+    _check_same(config, {"model_sha256": manifest.model_sha256, "model": manifest.model, "images": manifest.images,
+                         "dtype": manifest.dtype, "normalize": manifest.normalized, "precision": manifest.precision},
+                sha256, precision, "embed that wrote OUT")
+    report("message", text=f"{out} is already complete; nothing to resume")
+    return EmbedResult(out, len(manifest.paths), len(manifest.paths) + len(manifest.skipped),
+                       [Skipped(**s) for s in manifest.skipped], complete_before=True)
 
 
 PLAN_TYPES = {"images": str, "model": str, "model_sha256": str, "dtype": str, "normalize": bool, "dim": int,
@@ -436,19 +455,17 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
     out = Path(config.out)
     if distributed.launched():
         raise ConfigError("simclr embed starts its own processes: run it without torchrun, with --devices N")
-    if config.resume and out.is_file() and not work_dir(out).exists():
-        manifest = read_json(manifest_path(out), "index manifest")
-        report("message", text=f"{out} is already complete; nothing to resume")
-        return EmbedResult(out, len(manifest["paths"]), len(manifest["paths"]) + len(manifest["skipped"]))
     model_path = resolve_model_path(config.model)
+    info = EncoderInfo.from_metadata(read_metadata(model_path, "encoder"), model_path)  # an encoder's, or an error
     if config.devices > 1:
         distributed.check_devices(config.devices, config.device)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    # One process: load the encoder here and embed here. Several: each loads its own; only the metadata is read here.
-    encoder = load_encoder(model_path, device) if config.devices == 1 else None
-    info = encoder[1] if encoder else EncoderInfo.from_metadata(read_metadata(model_path, "encoder"), model_path)
     sha256 = sha256_file(model_path)
+    if config.resume and out.is_file() and not work_dir(out).exists():
+        return _finished(config, sha256, precision.name, report)
+    # One process: load the encoder here and embed here. Several: each loads its own.
+    encoder = load_encoder(model_path, device) if config.devices == 1 else None
     plan = (_load_plan(config, sha256, precision.name) if config.resume
             else _start(config, model_path, sha256, info, precision.name))
     work, paths = work_dir(out), plan["paths"]

@@ -203,7 +203,8 @@ def read_manifest(path: Path) -> Manifest:
         with open(path, "rb") as handle:
             data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such index manifest") from None
+        raise ModelFileError(f"{path}: no such index manifest; if `simclr embed` was stopped as it finished, run the "
+                             f"same command with --resume, else embed again") from None
     except (ValueError, OSError):  # empty, or not a file mmap can map
         return Manifest.from_json(read_json(path, "index manifest"), path)
     start = data.find(PATHS_START)
@@ -219,11 +220,13 @@ def read_manifest(path: Path) -> Manifest:
     return Manifest.from_json(read_json(path, "index manifest"), path)
 
 
-def open_index(index_path: str | Path) -> tuple[np.ndarray, Manifest]:
-    """The rows (memory-mapped) and manifest of an index, checked against each other."""
+def open_index(index_path: str | Path, source: str = "--index") -> tuple[np.ndarray, Manifest]:
+    """The rows (memory-mapped) and manifest of an index, checked against each other; `source` names where the
+    path came from (choose_index), for the messages."""
     index_path = Path(index_path)
     if index_path.suffix != ".npy":
-        raise ConfigError(f"--index {index_path}: not a .npy file; pass the OUT.npy that `simclr embed` wrote")
+        raise ConfigError(f"{index_path} (from {source}): not a .npy file; pass the OUT.npy that `simclr embed` "
+                          f"wrote")
     if not index_path.is_file():
         raise ModelFileError(f"{index_path}: no such index; run `simclr embed MODEL IMAGES {index_path}` first")
     manifest = read_manifest(manifest_path(index_path))
@@ -262,9 +265,11 @@ def choose_index(explicit: str | Path | None) -> tuple[Path, str]:
     state = state_dir() / "last_index.json"
     if state.is_file():
         try:
-            return Path(read_json(state, "state file")["index"]), "the last `simclr embed`"
+            remembered = read_json(state, "state file")["index"]
         except (ModelFileError, KeyError, TypeError):
-            pass
+            remembered = None
+        if isinstance(remembered, str) and remembered:
+            return Path(remembered), "the last `simclr embed`"
     raise ConfigError("no index to search: run `simclr embed MODEL IMAGES OUT.npy` first, or pass --index OUT.npy")
 
 
@@ -572,7 +577,7 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
     if k < 1:
         raise ConfigError(f"-k {k} must be at least 1")
     index_path, source = choose_index(index)
-    rows, manifest = open_index(index_path)
+    rows, manifest = open_index(index_path, source)
     if not Path(manifest.model).is_file():
         raise ModelFileError(f"{manifest.model}: the model this index was built with is gone; restore it, or run "
                              f"`simclr embed` again with another model")

@@ -479,6 +479,45 @@ def test_a_damaged_interrupted_embed_is_a_one_line_error(tiny_encoder, mixed_fol
         result.output
 
 
+@pytest.fixture(scope="module")
+def finished(tiny_encoder, mixed_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "index.npy"
+    assert (result := run_embed(tiny_encoder, mixed_folder[0], out)).exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("manifest, args, message", [
+    ({}, [], "index.json: "),
+    ({"paths": []}, [], "holds ("),  # rows the manifest does not list
+    (None, ["--dtype", "float16"], "--dtype float16 differs from the embed that wrote OUT's float32"),
+    (None, ["--no-normalize"], "--normalize/--no-normalize False differs"),
+    (None, ["{other}"], "the embed that wrote OUT read"),
+])
+def test_a_resume_of_a_finished_embed_checks_it_like_an_interrupted_one(tiny_encoder, mixed_folder, finished,
+                                                                       tmp_path, manifest, args, message):
+    """It trusted OUT.json: `{}` was a traceback, an empty list of paths "0 embeddings written", and other flags
+    "written" though nothing was, in another dtype than asked."""
+    out = tmp_path / "index.npy"
+    shutil.copy(finished, out)
+    saved = json.loads(finished.with_suffix(".json").read_text())
+    out.with_suffix(".json").write_text(json.dumps(saved if manifest is None else {**saved, **manifest}
+                                                   if manifest else {}))
+    (tmp_path / "other").mkdir()
+    images = str(tmp_path / "other") if "{other}" in args else mixed_folder[0]
+    result = run_embed(tiny_encoder, images, out, "--resume", *[a for a in args if a != "{other}"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and message in " ".join(result.output.split()), result.output
+
+
+def test_a_resume_of_a_finished_embed_says_nothing_was_written(tiny_encoder, mixed_folder, finished):
+    before = finished.stat().st_mtime_ns
+    result = run_embed(tiny_encoder, mixed_folder[0], finished, "--resume")
+    assert result.exit_code == 0 and "already complete" in result.output, result.output
+    rows = len(json.loads(finished.with_suffix(".json").read_text())["paths"])
+    assert f"{rows:,} embeddings are in {finished}" in " ".join(result.output.split())
+    assert finished.stat().st_mtime_ns == before
+
+
 def test_embed_passes_over_the_folders_of_simclr_runs_and_says_so(tiny_encoder, tmp_path):
     """`simclr pretrain .` from the photos, then `simclr embed` of them: the run's curves.png is no photo."""
     photos = tmp_path / "photos"

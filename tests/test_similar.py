@@ -314,6 +314,26 @@ def test_uses_the_last_index_unless_told_otherwise(tiny_encoder, photos, indexes
     assert str(indexes["float16"]) in result.stderr and "$SIMCLR_INDEX" in result.stderr
 
 
+def test_an_index_from_the_environment_or_the_state_is_named_so_in_errors(photos, tmp_path, monkeypatch):
+    """They blamed --index, which was not given; a remembered index of "" was searched as the folder "."."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    query = str(photos / ORIGINALS[0])
+    monkeypatch.setenv("SIMCLR_INDEX", str(tmp_path / "index.json"))
+    result = runner.invoke(app, ["similar", query])
+    assert result.exit_code == 1 and f"{tmp_path / 'index.json'} (from $SIMCLR_INDEX): not a .npy" in result.output
+    monkeypatch.delenv("SIMCLR_INDEX")
+    remember_index(tmp_path / "index.txt")
+    result = runner.invoke(app, ["similar", query])
+    assert result.exit_code == 1 and "(from the last `simclr embed`): not a .npy" in result.output, result.output
+    (tmp_path / "state" / "simclr" / "last_index.json").write_text('{"index": ""}')
+    result = runner.invoke(app, ["similar", query])
+    assert result.exit_code == 1 and "no index to search: run `simclr embed" in result.output, result.output
+    np.save(tmp_path / "rows.npy", np.zeros((1, 4), dtype=np.float32))  # the manifest never written
+    result = runner.invoke(app, ["similar", query, "--index", str(tmp_path / "rows.npy")])
+    assert result.exit_code == 1 and "no such index manifest; if `simclr embed` was stopped as it finished, run the " \
+        "same command with --resume" in " ".join(result.output.split()), result.output
+
+
 @pytest.mark.parametrize("value", ["relative/state", ""])
 def test_the_last_index_lives_in_an_absolute_state_home(monkeypatch, tmp_path, value):
     """A relative (or empty) $XDG_STATE_HOME is ignored, as XDG says: the last index must not depend on the
