@@ -28,7 +28,7 @@ from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_c
 from simclr_cli.features import compute_features, eval_dataset
 from simclr_cli.files import (EncoderInfo, claimed, held, read_json, read_json_lines, read_metadata, shareable,
                               resolve_model_path, write_json, write_text)
-from simclr_cli.images import Skipped, note_skipped
+from simclr_cli.images import Skipped, UnreadableImage, load_rgb, note_skipped
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, check_decoded, load_labelled
 from simclr_cli.memory import batch_shortfall
 from simclr_cli.models import build_backbone
@@ -239,12 +239,26 @@ class FinetuneRun:
         data = load_labelled(d.train_dir, d.labels_csv, d.val_dir, d.val_split, config.runtime.seed,
                              out_dir=self.run_dir)
         if config.label_fraction < 1:
-            total = len(data.train)
+            total, broken = len(data.train), {}
+
+            def decodes(index: int) -> bool:  # a share of one image per class must not be a broken file
+                try:
+                    load_rgb(data.train.paths[index], min_side=self.info.image_size)
+                except UnreadableImage as error:
+                    broken[index] = Skipped(str(data.train.paths[index]), str(error))
+                    return False
+                return True
+
             data.train = data.train.subset(balanced_subset(data.train.labels, config.label_fraction,
-                                                           config.runtime.seed))
+                                                           config.runtime.seed, decodes))
+            data.skipped += [broken[index] for index in sorted(broken)]
             self.report("message", text=f"--label-fraction {config.label_fraction:g}: {len(data.train)} of "
-                                        f"{total} training images, class-balanced")
+                                        f"{total} training images, class-balanced"
+                                        + (f", passing over {len(broken)} that could not be decoded" if broken
+                                           else ""))
         report_data(data, self.report)
+        if config.label_fraction < 1:  # every image of a class's share was drawn past the broken ones: it has none
+            check_decoded(data.classes, data.train.labels)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / SPLIT_FILE, {"classes": data.classes, "train": data.train.to_json(),
                                                "val": data.val.to_json(),

@@ -7,12 +7,13 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from simclr_cli.errors import ConfigError, DataError
-from simclr_cli.images import Skipped, is_image_name, probe, scan_images
+from simclr_cli.images import Scan, Skipped, is_image_name, is_run_folder, probe, scan_images
 
 DEFAULT_VAL_SPLIT = 0.2
 
@@ -74,6 +75,13 @@ def check_decoded(classes: list[str], decoded: Iterable[int], fix: str = "") -> 
                             f"add images to it or remove it{fix}")
 
 
+def _is_run(folder: Path) -> bool:
+    try:
+        return is_run_folder(folder, os.listdir(folder))
+    except OSError:  # unreadable: its scan reports it
+        return False
+
+
 def read_class_folders(root: str | Path, classes: list[str] | None = None,
                        flag: str = "TRAIN") -> tuple[list[str], LabelledSet, list[Skipped], list[str]]:
     """Read the ImageFolder layout root/<class>/**/<image>; return (classes, set, skipped, notes).
@@ -83,11 +91,18 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None,
     root = Path(root)
     scan = scan_images(root, check=False)  # existence errors, as for pretrain
     subfolders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # The folders of simclr runs are no classes: a run's own (`simclr pretrain .`), or one that holds only runs
+    # (its runs/). Their plots would be a class's images.
+    found = {name: scan_images(root / name) for name in subfolders if not _is_run(root / name)}
+    runs = [root / name for name in subfolders if name not in found]
+    runs += [root / name for name, scan_of in found.items() if scan_of.runs and not scan_of.paths
+             and not scan_of.skipped]
+    subfolders = [name for name in subfolders if root / name not in runs]
     if not subfolders:
         csv_hint = ", or pass --labels labels.csv" if flag == "TRAIN" else ""
         raise DataError(f"{flag} {root}: no class subfolders; put each class's images in its own subfolder "
                         f"(e.g. {root}/cat, {root}/dog){csv_hint}")
-    notes = []
+    notes = [note] if (note := Scan(root, runs=runs).runs_note()) else []
     loose = [p for p in scan.paths if p.parent == root]
     if loose:
         notes.append(f"{len(loose)} image(s) directly in {root} belong to no class subfolder: ignored")
@@ -99,11 +114,10 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None,
     names = classes if classes is not None else subfolders
     paths, labels, skipped, counts = [], [], [], []
     for name in subfolders:
-        found = scan_images(root / name)
-        paths += found.paths
-        labels += [names.index(name)] * len(found.paths)
-        skipped += found.skipped
-        counts.append(len(found.paths))
+        paths += found[name].paths
+        labels += [names.index(name)] * len(found[name].paths)
+        skipped += found[name].skipped
+        counts.append(len(found[name].paths))
     if classes is None:
         _check_classes(f"{flag} {root}", subfolders, counts)
     elif 0 in counts:
@@ -195,12 +209,15 @@ def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[lis
     return sorted(kept), sorted(held)
 
 
-def balanced_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
+def balanced_subset(labels: list[int], fraction: float, seed: int,
+                    usable: Callable[[int], bool] | None = None) -> list[int]:
     """Indices of a class-balanced, seeded subset of about `fraction` of the images (SimCLR's 1% and 10%
     label protocol): the same count from every class (fewer where a class has fewer images).
 
     Each class's images are drawn in one seeded order, so with one seed a smaller fraction's subset
-    is contained in a larger one's. A fraction of 1 keeps everything.
+    is contained in a larger one's. With `usable` (index -> whether the image decodes), images it
+    refuses are passed over for the next in that order: a share of one image must not be a broken
+    file. A fraction of 1 keeps everything.
     """
     if fraction >= 1:
         return list(range(len(labels)))
@@ -209,9 +226,25 @@ def balanced_subset(labels: list[int], fraction: float, seed: int) -> list[int]:
     rng = np.random.default_rng(seed)
     labels_array = np.asarray(labels)
     chosen = []
-    for label in classes:
-        chosen += rng.permutation(np.flatnonzero(labels_array == label))[:per_class].tolist()
+    with ThreadPoolExecutor(max_workers=8) as pool:  # decoding releases the GIL
+        for label in classes:
+            order = rng.permutation(np.flatnonzero(labels_array == label)).tolist()
+            chosen += _first_usable(order, per_class, usable, pool)
     return sorted(chosen)
+
+
+def _first_usable(order: Sequence[int], count: int, usable: Callable[[int], bool] | None,
+                  pool: ThreadPoolExecutor) -> list[int]:
+    """The first `count` of `order` that `usable` accepts (all of them without it), checking no more than needed."""
+    if usable is None:
+        return list(order[:count])
+    taken: list[int] = []
+    start = 0
+    while len(taken) < count and start < len(order):
+        batch = order[start:start + count - len(taken)]
+        taken += [index for index, ok in zip(batch, pool.map(usable, batch)) if ok]
+        start += len(batch)
+    return taken
 
 
 def _file_id(path: str | Path) -> tuple[int, int] | None:
@@ -226,6 +259,28 @@ def _file_id(path: str | Path) -> tuple[int, int] | None:
 
 def _file_ids(paths: Iterable[str | Path]) -> set[tuple[int, int]]:
     return {key for key in map(_file_id, paths) if key is not None}
+
+
+def _one_row_per_file(data: LabelledSet, classes: list[str], source: str) -> tuple[LabelledSet, str | None]:
+    """`data` with each file once, however many names reach it (links, hard links, a CSV's two spellings): a file
+    twice could be split into both the training and the validation set. Returns a note when some were."""
+    first: dict[object, int] = {}
+    keep = []
+    for index, path in enumerate(data.paths):
+        key = _file_id(path) or path
+        if key in first:
+            other = first[key]
+            if data.labels[other] != data.labels[index]:
+                raise DataError(f"{source}: {path} and {data.paths[other]} are one file, labelled both "
+                                f"{classes[data.labels[other]]!r} and {classes[data.labels[index]]!r}; keep it "
+                                f"in one class")
+            continue
+        first[key] = index
+        keep.append(index)
+    if len(keep) == len(data):
+        return data, None
+    return data.subset(keep), (f"{source}: {len(data) - len(keep)} image(s) are other names (links) of images "
+                               f"listed before them: each file is kept once")
 
 
 def _check_held_out(train: LabelledSet, val: LabelledSet, val_dir: str | Path, flag: str) -> None:
@@ -259,6 +314,9 @@ def load_labelled(train_dir: str | Path, labels_csv: str | Path | None = None, v
         classes, train, skipped = read_label_csv(labels_csv, train_dir)
     else:
         classes, train, skipped, notes = read_class_folders(train_dir, flag=flag)
+    source = f"--labels {labels_csv}" if labels_csv else f"{flag} {train_dir}"
+    train, repeated = _one_row_per_file(train, classes, source)
+    notes += [repeated] if repeated else []
     if val_dir is not None:
         _, val, val_skipped, val_notes = read_class_folders(val_dir, classes, flag="--val")
         _check_held_out(train, val, val_dir, flag)

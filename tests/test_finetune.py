@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.features import compute_features
 from simclr_cli.files import held, read_metadata
 from simclr_cli.finetune import FINETUNED_FILE, finetune, resume_finetune
+from simclr_cli.labels import balanced_subset, load_labelled
 from simclr_cli.runtime import Precision, resolve_precision
 
 runner = CliRunner()
@@ -353,6 +355,26 @@ def test_a_class_whose_training_images_all_fail_to_decode_is_a_one_line_error(ti
     assert result.exit_code == 1, result.output
     assert "error: class '1' has no training image that could be decoded" in " ".join(result.output.split())
     assert not (tmp_path / "run" / FINETUNED_FILE).exists()
+
+
+def test_a_label_fraction_draws_its_share_past_images_that_do_not_decode(tiny_encoder, small_digits_folder, tmp_path,
+                                                                        cut_image):
+    """A share of one image per class could be a broken file: after an epoch the run stopped, telling the user to
+    add images to a class that had plenty."""
+    data = tmp_path / "data"
+    shutil.copytree(small_digits_folder / "0", data / "0")
+    shutil.copytree(small_digits_folder / "1", data / "1")
+    labelled = load_labelled(data, seed=0)  # the split and the draw the run below makes
+    cut = [labelled.train.paths[i] for i in balanced_subset(labelled.train.labels, 0.05, seed=0)]
+    for seed, path in enumerate(cut):  # the draw's first choice in each class
+        cut_image(path, seed)
+    result = runner.invoke(app, ["finetune", str(tiny_encoder), str(data), "--out", str(tmp_path / "run"),
+                                 "--label-fraction", "0.05", "--epochs", "1", *SHORT[2:]])
+    assert result.exit_code == 0, result.output
+    train = json.loads((tmp_path / "run" / "split.json").read_text())["train"]
+    assert Counter(label for _, label in train) == {0: 1, 1: 1}
+    assert not {Path(path) for path, _ in train} & set(cut)
+    assert "passing over" in " ".join(result.output.split())
 
 
 def test_a_new_run_is_held_against_a_resume_while_it_trains(tiny_encoder, small_digits_folder, tmp_path):

@@ -151,6 +151,56 @@ def test_balanced_subsets_are_balanced_reproducible_and_nested():
     assert Counter(labels[i] for i in balanced_subset(labels, 0.001, seed=0)) == {0: 1, 1: 1, 2: 1, 3: 1}
 
 
+def test_a_balanced_subset_passes_over_images_that_do_not_decode():
+    """At 1% a class's share can be one image: a broken one left the class with none, and the run failed after an
+    epoch, telling the user to add images to a class that had plenty."""
+    rng = np.random.default_rng(0)
+    labels = rng.permutation([0] * 100 + [1] * 100 + [2] * 3).tolist()
+    plain = balanced_subset(labels, 0.03, seed=2)
+    broken = set(plain[::2]) | {i for i, label in enumerate(labels) if label == 2}
+    checked = []
+    chosen = balanced_subset(labels, 0.03, seed=2, usable=lambda i: checked.append(i) or i not in broken)
+    assert not broken & set(chosen)
+    assert Counter(labels[i] for i in chosen) == {0: 2, 1: 2}, "the same share of each class, none of class 2"
+    assert set(plain) - broken <= set(chosen), "the next images in the same seeded order: still nested"
+    larger = balanced_subset(labels, 0.3, seed=2, usable=lambda i: i not in broken)
+    assert set(chosen) <= set(larger)
+    assert len(checked) < 20, "only as many images are decoded as the shares need"
+
+
+def test_simclr_run_folders_inside_the_class_folders_are_no_classes(tmp_path):
+    """`simclr pretrain .` in a folder of class subfolders leaves runs/ (or --out myrun) there: it became a class
+    of plots, or stopped the command as a class with no images."""
+    root = make_classes(tmp_path / "train", {"cat": 3, "dog": 3})
+    for run in (root / "myrun", root / "runs" / "pretrain-1"):
+        run.mkdir(parents=True)
+        (run / "config.json").write_text('{"out_dir": "x", "runtime": {}}')
+        (run / "metrics.jsonl").write_text("")
+        Image.new("RGB", (8, 8)).save(run / "curves.png")
+    data = load_labelled(root, val_split=0.34)
+    assert data.classes == ["cat", "dog"] and len(data.train) + len(data.val) == 6
+    assert any("passed over 2 folder(s) of simclr runs" in note for note in data.notes), data.notes
+    val = make_classes(tmp_path / "val", {"cat": 1, "dog": 1})
+    shutil.copytree(root / "myrun", val / "myrun")
+    assert len(load_labelled(root, val_dir=val).val) == 2
+
+
+def test_a_file_under_two_names_is_one_image_and_never_on_both_sides_of_a_split(tmp_path):
+    root = make_classes(tmp_path / "train", {"cat": 6, "dog": 6})
+    (root / "cat" / "again").symlink_to(root / "cat")  # a link, not a loop: the scan follows it once
+    os.link(root / "dog" / "0.png", root / "dog" / "hard.png")
+    rows = [f"{name}/{i}.png,{name}" for name in ("cat", "dog") for i in range(6)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows + [f"cat/again/{i}.png,cat" for i in range(6)]))
+    for data in (load_labelled(root, val_split=0.5, seed=1),
+                 load_labelled(root, labels_csv=tmp_path / "labels.csv", val_split=0.5, seed=1)):
+        ids = [{(os.stat(p).st_ino) for p in split.paths} for split in (data.train, data.val)]
+        assert len(data.train) + len(data.val) == 12 and not ids[0] & ids[1]
+        assert any("other names (links)" in note for note in data.notes), data.notes
+    os.link(root / "dog" / "1.png", root / "cat" / "dog-too.png")
+    with pytest.raises(DataError, match="are one file, labelled both 'cat' and 'dog'"):
+        load_labelled(root, val_split=0.5)
+
+
 @pytest.mark.parametrize("out,refused", [
     ("train/runs/eval", "inside TRAIN .*a class 'runs'"),
     ("train/cat/eval", "inside TRAIN .*a class 'cat'"),  # its files would join cat's images
