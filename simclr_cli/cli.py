@@ -43,6 +43,14 @@ class _Group(TyperGroup):
         return code
 
 
+def _path(value: str) -> Path:
+    """Every path argument and option: "" (an unset shell variable, "$DATA") is refused, where Path("") would be the
+    working folder: `simclr pretrain ""` trained on whatever was there."""
+    if not value.strip():
+        raise typer.BadParameter("is empty (an unset shell variable?); pass a file or folder")
+    return Path(value)
+
+
 app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Train an image encoder on a folder of unlabeled images with SimCLR, then use it.")
 
@@ -99,9 +107,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only warnin
 def pretrain(
     ctx: typer.Context,
     data_dir: Annotated[Optional[Path], typer.Argument(
-        help="Folder of images, searched at every depth (optional with --resume).", show_default=False)] = None,
+        metavar="DATA_DIR", parser=_path, help="Folder of images, searched at every depth (optional with --resume).",
+        show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
-        help="Run folder for the encoder, checkpoint and logs. Default: runs/pretrain-<timestamp>.",
+        parser=_path, help="Run folder for the encoder, checkpoint and logs. Default: runs/pretrain-<timestamp>.",
         show_default=False)] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the data (the run also ends at --max-time).")] = 100,
     batch_size: Annotated[Optional[int], typer.Option(
@@ -149,7 +158,7 @@ def pretrain(
         help="Time budget, e.g. 90s, 10m, 2h: the run ends within it, its schedule annealed.",
         show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(
-        help="Continue the run in this folder from its checkpoint, with its saved settings.",
+        parser=_path, help="Continue the run in this folder from its checkpoint, with its saved settings.",
         show_default=False)] = None,
     devices: Annotated[int, typer.Option(
         help="Processes on this machine, one per GPU (or per CPU share with --device cpu); --batch-size is "
@@ -168,7 +177,7 @@ def pretrain(
         "--cache/--no-cache", help="Keep every decoded image (at 1.15x --image-size) in one memory-mapped file, "
                                    "so epochs after the first skip decoding.")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(
-        help="Folder for the --cache file, shareable between runs on the same images. Default: the run "
+        parser=_path, help="Folder for the --cache file, shareable between runs on the same images. Default: the run "
              "folder.", show_default=False)] = None,
     compile: Annotated[bool, typer.Option(
         "--compile/--no-compile", help="torch.compile the model (slow to start; faster steps on a GPU).")] = False,
@@ -178,6 +187,7 @@ def pretrain(
              f"1024, LARS 4.0 (1.0 per 256 images), temperature 0.5. Flags you give override it.",
         show_default=False)] = None,
     monitor: Annotated[Optional[Path], typer.Option(
+        parser=_path,
         help="A small folder of labelled images (one subfolder per class): kNN top-1 on it after every epoch, "
              "in metrics.jsonl and curves.png.", show_default=False)] = None,
     device: DeviceOpt = "auto",
@@ -304,12 +314,13 @@ def _print_accuracy(results: dict[str, Any], title: str) -> None:
 
 
 ValOpt = Annotated[Optional[Path], typer.Option(
-    "--val", help="Validation folder, one subfolder per class. Default: --val-split of TRAIN.", show_default=False)]
+    "--val", parser=_path, help="Validation folder, one subfolder per class. Default: --val-split of TRAIN.",
+    show_default=False)]
 ValSplitOpt = Annotated[Optional[float], typer.Option(
     help="Fraction of each class of TRAIN held out for validation, seeded (default 0.2 without --val).",
     show_default=False)]
 LabelsOpt = Annotated[Optional[Path], typer.Option(
-    "--labels", help="CSV of path,label rows (paths relative to TRAIN) instead of class subfolders.",
+    "--labels", parser=_path, help="CSV of path,label rows (paths relative to TRAIN) instead of class subfolders.",
     show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as one JSON object, for scripts.")]
 
@@ -318,15 +329,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as one 
 @_fail_cleanly
 def linear_eval(
     model: Annotated[Path, typer.Argument(
-        metavar="MODEL", help="encoder.safetensors, or a run folder that holds one.", show_default=False)],
+        metavar="MODEL", parser=_path, help="encoder.safetensors, or a run folder that holds one.",
+        show_default=False)],
     train: Annotated[Path, typer.Argument(
-        metavar="TRAIN", help="Labelled images: one subfolder per class (or any folder with --labels).",
+        metavar="TRAIN", parser=_path, help="Labelled images: one subfolder per class (or any folder with --labels).",
         show_default=False)],
     val: ValOpt = None,
     val_split: ValSplitOpt = None,
     labels: LabelsOpt = None,
     out: Annotated[Optional[Path], typer.Option(
-        help="Folder for the results and the feature cache. Default: runs/linear-eval-<timestamp>.",
+        parser=_path, help="Folder for the results and the feature cache. Default: runs/linear-eval-<timestamp>.",
         show_default=False)] = None,
     l2: Annotated[Optional[float], typer.Option(
         help="L2 strength of the probe. Default: chosen on 20% of TRAIN from 1e-6 to 1.", show_default=False)] = None,
@@ -369,10 +381,11 @@ class _FinetuneReporter(Reporter):
 def finetune(
     ctx: typer.Context,
     model: Annotated[Optional[Path], typer.Argument(
-        metavar="MODEL", help="encoder.safetensors, or a run folder that holds one (optional with --resume).",
+        metavar="MODEL", parser=_path,
+        help="encoder.safetensors, or a run folder that holds one (optional with --resume).",
         show_default=False)] = None,
     train: Annotated[Optional[Path], typer.Argument(
-        metavar="TRAIN", help="Labelled images: one subfolder per class (or any folder with --labels).",
+        metavar="TRAIN", parser=_path, help="Labelled images: one subfolder per class (or any folder with --labels).",
         show_default=False)] = None,
     val: ValOpt = None,
     val_split: ValSplitOpt = None,
@@ -391,9 +404,9 @@ def finetune(
         help="Smallest random crop, as a fraction of the image. Default: 0.08, or 0.5 for encoders trained at "
              "<= 64 px.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
-        help="Run folder. Default: runs/finetune-<timestamp>.", show_default=False)] = None,
+        parser=_path, help="Run folder. Default: runs/finetune-<timestamp>.", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(
-        help="Continue the run in this folder from its checkpoint, with its saved settings.",
+        parser=_path, help="Continue the run in this folder from its checkpoint, with its saved settings.",
         show_default=False)] = None,
     as_json: JsonOpt = False,
     device: DeviceOpt = "auto",
@@ -468,11 +481,13 @@ class _EmbedReporter(Reporter):
 @_fail_cleanly
 def embed(
     model: Annotated[Path, typer.Argument(
-        metavar="MODEL", help="encoder.safetensors, or a run folder that holds one.", show_default=False)],
+        metavar="MODEL", parser=_path, help="encoder.safetensors, or a run folder that holds one.",
+        show_default=False)],
     images: Annotated[Path, typer.Argument(
-        metavar="IMAGES", help="Folder of images, searched at every depth.", show_default=False)],
+        metavar="IMAGES", parser=_path, help="Folder of images, searched at every depth.", show_default=False)],
     out: Annotated[Path, typer.Argument(
-        metavar="OUT.npy", help="The index to write, e.g. photos.npy; its manifest goes beside it (photos.json).",
+        metavar="OUT.npy", parser=_path,
+        help="The index to write, e.g. photos.npy; its manifest goes beside it (photos.json).",
         show_default=False)],
     dtype: Annotated[str, typer.Option(help="float32, or float16 for half the size.")] = "float32",
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize",
@@ -522,16 +537,16 @@ def _shown(path: str) -> str:
 @_fail_cleanly
 def similar(
     query: Annotated[list[Path], typer.Argument(
-        metavar="QUERY", help="Image file(s), or folder(s) of images, to look up.", show_default=False)],
+        metavar="QUERY", parser=_path, help="Image file(s), or folder(s) of images, to look up.", show_default=False)],
     index: Annotated[Optional[Path], typer.Option(
-        help="The OUT.npy of `simclr embed`. Default: $SIMCLR_INDEX, else the index embedded last.",
+        parser=_path, help="The OUT.npy of `simclr embed`. Default: $SIMCLR_INDEX, else the index embedded last.",
         show_default=False)] = None,
     top_k: Annotated[int, typer.Option("-k", "--top-k", help="Hits per query.")] = 10,
     exclude_self: Annotated[bool, typer.Option(
         "--exclude-self", help="Leave a query out of its own hits when it is in the index.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON, for scripts.")] = False,
     grid: Annotated[Optional[Path], typer.Option(
-        help="Also write a contact sheet (e.g. results.png): each query, then its hits with scores.",
+        parser=_path, help="Also write a contact sheet (e.g. results.png): each query, then its hits with scores.",
         show_default=False)] = None,
     device: Annotated[str, typer.Option(help="Device that embeds the queries; the CPU is quickest for a few.")] = "cpu",
 ) -> None:

@@ -430,6 +430,11 @@ def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path, gro
     (["pretrain"], "give the folder of images"),
     (["pretrain", "{empty}", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
     (["pretrain", "{two}", "--max-time", ""], "--max-time '' is not a duration"),  # "$BUDGET", unset: no budget
+    (["pretrain", ""], "'DATA_DIR': is empty (an unset shell variable?)"),  # "$DATA", unset: the working folder
+    (["pretrain", "{two}", "--out", " "], "'--out': is empty"),
+    (["embed", "{two}", "", "x.npy"], "'IMAGES': is empty"),
+    (["similar", "{two}", "--index", ""], "'--index': is empty"),
+    (["finetune", "--resume", ""], "'--resume': is empty"),
 ])
 def test_user_errors_exit_1_with_one_clear_line(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
