@@ -229,10 +229,19 @@ def knn_report(train_features: torch.Tensor, train_labels: torch.Tensor, val_fea
     return {"knn_top1": next(iter(accuracy.values())), "knn": {**accuracy, "temperature": KNN_TEMPERATURE}}
 
 
-def draw_confusion(path: str | Path, confusion: list[list[int]], classes: list[str]) -> None:
-    """A confusion-matrix PNG: rows are true classes, columns predictions, shaded by row fraction."""
-    font = ImageFont.load_default()
+MAX_DRAWN_CLASSES = 1000
+
+
+def draw_confusion(path: str | Path, confusion: list[list[int]], classes: list[str], report: Report = silent) -> None:
+    """A confusion-matrix PNG: rows are true classes, columns predictions, shaded by row fraction. Not past
+    MAX_DRAWN_CLASSES (said in a message): 1,000 classes take 5 s and 8,000 px a side, 10,000 would take hours and
+    gigabytes, for a picture no one could read."""
     count = len(classes)
+    if count > MAX_DRAWN_CLASSES:
+        report("message", text=f"{count:,} classes: no {Path(path).name} (drawn for up to {MAX_DRAWN_CLASSES:,}); the "
+                               f"counts are under \"confusion\" in the report")
+        return
+    font = ImageFont.load_default()
     cell = max(8, min(48, 640 // count))
     names = [name[:16] for name in classes]
     label_width = max(64, max(int(font.getlength(name)) for name in names) + 8)  # room for "true \\ pred"
@@ -335,6 +344,6 @@ def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult
                 "model_sha256": model_sha256, "feature_dim": str(info.feature_dim)}
     save_tensors(out_dir / LINEAR_FILE, {**probe.folded(), "feature_mean": probe.mean.float(),
                                          "feature_std": probe.std.float()}, metadata)
-    draw_confusion(out_dir / CONFUSION_FILE, results["confusion"], data.classes)
+    draw_confusion(out_dir / CONFUSION_FILE, results["confusion"], data.classes, report)
     write_json(out_dir / RESULTS_FILE, results)
     return EvalResult(out_dir, results, data.skipped + skipped)

@@ -428,7 +428,7 @@ class FinetuneRun:
             "model": str(self.run_dir / FINETUNED_FILE), "pretrained": str(self.model_path),
             "skipped": [s.to_json() for s in self.skipped.values()], "config": self.config.to_json(),
         })
-        draw_confusion(self.run_dir / CONFUSION_FILE, results["confusion"], self.data.classes)
+        draw_confusion(self.run_dir / CONFUSION_FILE, results["confusion"], self.data.classes, self.report)
         write_json(self.run_dir / RESULTS_FILE, results)
         return results
 

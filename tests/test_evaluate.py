@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.evaluate import (KNN_TEMPERATURE, L2_GRID, UNSEARCHED_L2, classification_report, draw_confusion,
-                                 fit_logistic, knn_report, knn_scores, split_features, train_linear_probe)
+from simclr_cli.evaluate import (KNN_TEMPERATURE, L2_GRID, MAX_DRAWN_CLASSES, UNSEARCHED_L2, classification_report,
+                                 draw_confusion, fit_logistic, knn_report, knn_scores, split_features,
+                                 train_linear_probe)
 from simclr_cli.labels import load_labelled
 
 runner = CliRunner()
@@ -123,6 +124,17 @@ def test_top1_and_top5_with_tied_scores_match_the_reference(num_classes):
     report = classification_report(scores, labels, [str(c) for c in range(num_classes)])
     assert report["top1"] == topk_reference(scores, labels, 1)
     assert report["top5"] == topk_reference(scores, labels, min(5, num_classes))
+
+
+def test_too_many_classes_to_draw_are_said_not_drawn(tmp_path):
+    """10,000 classes would have taken hours and gigabytes for an image no one could read."""
+    count = MAX_DRAWN_CLASSES + 1
+    said = []
+    draw_confusion(tmp_path / "c.png", [[0] * count for _ in range(count)], [f"c{i}" for i in range(count)],
+                   lambda kind, **fields: said.append(fields["text"]))
+    assert not (tmp_path / "c.png").exists()
+    assert said == [f"{count:,} classes: no c.png (drawn for up to 1,000); the counts are under \"confusion\" in "
+                    f"the report"]
 
 
 def test_confusion_image_shades_the_diagonal(tmp_path):
