@@ -278,6 +278,14 @@ class EvalResult:
     skipped: list[Skipped]
 
 
+def from_sorted(paths: Sequence[Path], features: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (M, D) of the decoded files among `sorted(paths, key=str)`, at positions `kept` (M,) of that list,
+    as the features of `paths` in their own order: (features (M, D), positions in `paths` (M,), ascending)."""
+    order = torch.as_tensor(sorted(range(len(paths)), key=lambda i: str(paths[i])), dtype=torch.long)
+    kept = order[kept]  # (M,)
+    return features[kept.argsort()], kept.sort().values
+
+
 def split_features(data: LabelledData, features: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(train features, train labels, val features, val labels) from features of train + val paths."""
     labels = torch.tensor(data.train.labels + data.val.labels, dtype=torch.long)[kept]  # (M,)
@@ -317,9 +325,13 @@ def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult
 
     model_sha256 = sha256_file(model_path)
     paths = data.train.paths + data.val.paths
-    cache = out_dir / f"features-{feature_cache_key(model_sha256, paths, info, precision)}.safetensors"
-    features, kept, skipped = cached_features(backbone, info, paths, device, precision, cache, config.batch_size,
+    # The features of the files in sorted order, so that one cache serves every split of them (another --seed or
+    # --val-split); then in the order of `paths`.
+    files = sorted(paths, key=str)
+    cache = out_dir / f"features-{feature_cache_key(model_sha256, files, info, precision)}.safetensors"
+    features, kept, skipped = cached_features(backbone, info, files, device, precision, cache, config.batch_size,
                                               config.runtime.workers, report)
+    features, kept = from_sorted(paths, features, kept)
     for item in skipped:
         report("warning", text=f"skipped {item.path}: {item.reason}")
     unusable = (~torch.isfinite(features).all(1)).nonzero().flatten()  # one would make the probe NaN

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from simclr_cli.cli import app
 from simclr_cli.evaluate import (KNN_TEMPERATURE, L2_GRID, MAX_DRAWN_CLASSES, UNSEARCHED_L2, classification_report,
-                                 draw_confusion, fit_logistic, knn_report, knn_scores, split_features,
+                                 draw_confusion, fit_logistic, from_sorted, knn_report, knn_scores, split_features,
                                  train_linear_probe)
 from simclr_cli.labels import load_labelled
 
@@ -184,7 +184,8 @@ def test_linear_eval_files_agree_with_the_printed_results(evaluated):
     [cache] = out.glob("features-*.safetensors")
     tensors = load_file(str(cache))
     data = load_labelled(saved["config"]["data"]["train_dir"], seed=0)
-    _, _, val_x, val_y = split_features(data, tensors["features"], tensors["indices"])
+    paths = data.train.paths + data.val.paths
+    _, _, val_x, val_y = split_features(data, *from_sorted(paths, tensors["features"], tensors["indices"]))
     linear = load_file(str(out / "linear.safetensors"))
     predicted = (val_x @ linear["weight"].T + linear["bias"]).argmax(1)  # (N, D) x (D, C) -> (N, C)
     assert math.isclose((predicted == val_y).double().mean().item(), saved["top1"], abs_tol=1 / len(val_y))
@@ -197,8 +198,8 @@ def test_linear_probe_agrees_with_scikit_learn_on_the_same_features(evaluated):
     [cache] = out.glob("features-*.safetensors")
     tensors = load_file(str(cache))
     data = load_labelled(results["config"]["data"]["train_dir"], seed=0)
-    train_x, train_y, val_x, val_y = (t.double().numpy() for t in split_features(data, tensors["features"],
-                                                                                  tensors["indices"]))
+    features = from_sorted(data.train.paths + data.val.paths, tensors["features"], tensors["indices"])
+    train_x, train_y, val_x, val_y = (t.double().numpy() for t in split_features(data, *features))
     mean, std = train_x.mean(0), np.maximum(train_x.std(0, ddof=1), 1e-6)
     reference = LogisticRegression(C=1 / (results["l2"] * len(train_y)), tol=1e-8, max_iter=5000)  # converged
     reference.fit((train_x - mean) / std, train_y)
@@ -214,6 +215,17 @@ def test_a_second_evaluation_reuses_the_cached_features(evaluated, tiny_encoder,
     assert len(list(out.glob("features-*.safetensors"))) == 1
     assert json.loads((out / "linear_eval.json").read_text())["l2"] == 0.01
     assert "top-1" in again.output and "kNN" in again.output
+    reseeded = runner.invoke(app, ["linear-eval", str(tiny_encoder), str(digits_folder), "--out", str(out),
+                                   "--seed", "1", "--val-split", "0.3", "--json", *FAST])
+    assert reseeded.exit_code == 0, reseeded.output
+    assert len(list(out.glob("features-*.safetensors"))) == 1, "the same files, split another way: one cache"
+    fresh = runner.invoke(app, ["linear-eval", str(tiny_encoder), str(digits_folder), "--out", str(out / "fresh"),
+                                "--seed", "1", "--val-split", "0.3", "--json", *FAST])
+    assert fresh.exit_code == 0, fresh.output
+    assert [p.name for p in out.glob("features-*")] == [p.name for p in (out / "fresh").glob("features-*")]
+    drop = {"out", "config"}
+    assert {k: v for k, v in json.loads(reseeded.stdout).items() if k not in drop} == \
+        {k: v for k, v in json.loads(fresh.stdout).items() if k not in drop}
 
 
 @pytest.mark.parametrize("args,message", [
