@@ -366,7 +366,7 @@ def linear_eval(
         typer.echo(json.dumps({**result.results, "out": str(result.out_dir)}, indent=2))
         return
     _print_accuracy(result.results, f"linear evaluation of {result.results['model']} (L2 {result.results['l2']:g})")
-    console.print(f"results in {result.out_dir} (linear_eval.json, linear.safetensors, confusion_matrix.png)")
+    console.print(f"results in {result.out_dir} ({_present(result.out_dir, 'linear_eval.json', 'linear.safetensors')})")
 
 
 class _FinetuneReporter(Reporter):
@@ -444,7 +444,7 @@ def finetune(
         return
     _print_accuracy(result.results, f"fine-tuned model after {result.results['epoch']} epochs")
     console.print(f"model saved to {result.model_path}; results in {result.run_dir} (finetune.json, "
-                  f"metrics.jsonl, confusion_matrix.png)")
+                  f"{_present(result.run_dir, 'metrics.jsonl')})")
 
 
 class _EmbedReporter(Reporter):
@@ -520,6 +520,11 @@ def embed(
         err_console.print(f"{len(result.skipped)} unreadable file(s) skipped; listed in the manifest")
     done = "are in" if result.complete_before else "written to"
     console.print(f"{result.rows:,} embeddings {done} {out} (manifest {out.with_suffix('.json')})")
+
+
+def _present(folder: Path, *names: str) -> str:
+    """`names` and the confusion matrix, where it was drawn (not past evaluate.MAX_DRAWN_CLASSES)."""
+    return ", ".join([*names, *(["confusion_matrix.png"] if (Path(folder) / "confusion_matrix.png").exists() else [])])
 
 
 def _shown(path: str) -> str:

@@ -238,6 +238,7 @@ def draw_confusion(path: str | Path, confusion: list[list[int]], classes: list[s
     gigabytes, for a picture no one could read."""
     count = len(classes)
     if count > MAX_DRAWN_CLASSES:
+        Path(path).unlink(missing_ok=True)  # an earlier run's, of other results
         report("message", text=f"{count:,} classes: no {Path(path).name} (drawn for up to {MAX_DRAWN_CLASSES:,}); the "
                                f"counts are under \"confusion\" in the report")
         return

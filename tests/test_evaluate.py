@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from simclr_cli import evaluate
 from simclr_cli.cli import app
 from simclr_cli.evaluate import (KNN_TEMPERATURE, L2_GRID, MAX_DRAWN_CLASSES, UNSEARCHED_L2, classification_report,
                                  draw_confusion, fit_logistic, from_sorted, knn_report, knn_scores, split_features,
@@ -130,11 +131,23 @@ def test_too_many_classes_to_draw_are_said_not_drawn(tmp_path):
     """10,000 classes would have taken hours and gigabytes for an image no one could read."""
     count = MAX_DRAWN_CLASSES + 1
     said = []
+    (tmp_path / "c.png").write_bytes(b"an earlier run's")
     draw_confusion(tmp_path / "c.png", [[0] * count for _ in range(count)], [f"c{i}" for i in range(count)],
                    lambda kind, **fields: said.append(fields["text"]))
     assert not (tmp_path / "c.png").exists()
     assert said == [f"{count:,} classes: no c.png (drawn for up to 1,000); the counts are under \"confusion\" in "
                     f"the report"]
+
+
+def test_the_last_line_lists_the_confusion_matrix_only_where_it_was_drawn(tiny_encoder, small_digits_folder, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(evaluate, "MAX_DRAWN_CLASSES", 3)
+    result = runner.invoke(app, ["linear-eval", str(tiny_encoder), str(small_digits_folder), "--out",
+                                 str(tmp_path / "eval"), "--l2", "0.01", *FAST])
+    assert result.exit_code == 0, result.output
+    last = " ".join(result.output.split()).rsplit("results in", 1)[1]
+    assert "linear_eval.json" in last and "confusion_matrix.png" not in last, last
+    assert not (tmp_path / "eval" / "confusion_matrix.png").exists()
 
 
 def test_confusion_image_shades_the_diagonal(tmp_path):
@@ -313,8 +326,6 @@ def test_an_encoder_giving_nan_is_a_one_line_error_not_a_probe_at_chance(tiny_en
         save_file(tensors, str(model), metadata=metadata)
         expected = f"{model}: layer4.1.bn2.weight holds NaN or infinite weights; the file is damaged"
     else:
-        from simclr_cli import evaluate
-
         model = tiny_encoder
         real_features = evaluate.cached_features
 
@@ -340,7 +351,6 @@ def test_one_training_image_per_class_leaves_nothing_to_search_the_l2_on():
 
 def test_the_feature_cache_key_changes_with_the_features_version(tmp_path, monkeypatch):
     """Features cached by an earlier version (other preprocessing code, same files and model) are not reused."""
-    from simclr_cli import evaluate
     from simclr_cli.files import EncoderInfo
     from simclr_cli.runtime import resolve_precision
 
@@ -362,7 +372,6 @@ def test_the_feature_cache_key_changes_with_the_features_version(tmp_path, monke
 def test_the_feature_cache_key_changes_with_a_file_restored_at_the_same_size_and_time(tmp_path):
     """`cp -p` of another image of the same size keeps the size and the modification time: the stale features
     were reused. The change time moves."""
-    from simclr_cli import evaluate
     from simclr_cli.files import EncoderInfo
     from simclr_cli.runtime import resolve_precision
 
