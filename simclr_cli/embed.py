@@ -280,6 +280,9 @@ def _check_same(config: EmbedConfig, saved: dict[str, Any], sha256: str, precisi
 def _finished(config: EmbedConfig, sha256: str, precision: str, report: Report) -> EmbedResult:
     """A --resume of an embed that has finished: checked as an interrupted one is, then nothing to do."""
     out = Path(config.out)
+    if not manifest_path(out).is_file():  # open_index would say to resume: this command
+        raise ModelFileError(f"{out}: its manifest {manifest_path(out)} is gone, so what it holds is unknown; run "
+                             f"again with --overwrite")
     _, manifest = open_index(out, "OUT")
     _check_same(config, {"model_sha256": manifest.model_sha256, "model": manifest.model, "images": manifest.images,
                          "dtype": manifest.dtype, "normalize": manifest.normalized, "precision": manifest.precision},

@@ -166,6 +166,8 @@ class FinetuneRun:
         self.model_path = Path(config.model)
         self.checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_FILE) if resume else None
         backbone, head, self.info = self._encoder()
+        # The encoder file itself (MODEL may be its run folder), in config.json and the report, resumed or not.
+        self.config = config = replace(config, model=str(self.model_path))
         self.data = self._read_split() if resume else self._load_data()
         self.skipped: dict[str, Skipped] = {s.path: s for s in self.data.skipped}
         train = self.data.train

@@ -488,6 +488,7 @@ def finished(tiny_encoder, mixed_folder, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("manifest, args, message", [
     ({}, [], "index.json: "),
+    ("gone", [], "index.json is gone, so what it holds is unknown; run again with --overwrite"),
     ({"paths": []}, [], "holds ("),  # rows the manifest does not list
     (None, ["--dtype", "float16"], "--dtype float16 differs from the embed that wrote OUT's float32"),
     (None, ["--no-normalize"], "--normalize/--no-normalize False differs"),
@@ -500,8 +501,9 @@ def test_a_resume_of_a_finished_embed_checks_it_like_an_interrupted_one(tiny_enc
     out = tmp_path / "index.npy"
     shutil.copy(finished, out)
     saved = json.loads(finished.with_suffix(".json").read_text())
-    out.with_suffix(".json").write_text(json.dumps(saved if manifest is None else {**saved, **manifest}
-                                                   if manifest else {}))
+    if manifest != "gone":
+        out.with_suffix(".json").write_text(json.dumps(saved if manifest is None else {**saved, **manifest}
+                                                       if manifest else {}))
     (tmp_path / "other").mkdir()
     images = str(tmp_path / "other") if "{other}" in args else mixed_folder[0]
     result = run_embed(tiny_encoder, images, out, "--resume", *[a for a in args if a != "{other}"])

@@ -165,6 +165,8 @@ def test_a_resume_needs_no_model_file_the_checkpoint_holds_the_model(tiny_encode
     metadata = [read_metadata(path, "model") for path in (straight.model_path, tmp_path / "stopped" / FINETUNED_FILE)]
     first, second = ({k: v for k, v in meta.items() if k != "finetune_config"} for meta in metadata)  # --out differs
     assert first == second
+    reports = [json.loads((tmp_path / run / "finetune.json").read_text()) for run in ("straight", "stopped")]
+    assert [report["pretrained"] for report in reports] == [str(pretrained / "encoder.safetensors")] * 2
 
 
 def test_a_finetune_that_crashed_before_its_first_checkpoint_resumes_from_the_start(tiny_encoder, small_digits_folder,
