@@ -43,7 +43,7 @@ MAX_ASPECT = 4 / 3
 EMPTY, STORED, UNREADABLE = 0, 1, 2
 FORMAT = "simclr-decoded-cache"
 VERSION = 4  # 1 kept only the central 4:3 of wider images; 2 kept PNG colour keys as colours; 3 those of
-# bilevel and 16-bit grey images
+# bilevel, 2-, 4- and 16-bit grey images
 
 
 def working_side(image_size: int) -> int:

@@ -41,8 +41,8 @@ KNN_TEMPERATURE = 0.07
 # -- features, computed once per (model, files, preprocessing) ------------------------------------
 
 # Bumped whenever the features of the same files and model change (2: large JPEGs decoded at the resize side,
-# not the crop size, f89beab; 3: PNG colour keys composited as transparency; 4: those of bilevel and 16-bit grey
-# images too, and multi-picture JPEGs decoded in draft mode), so caches written before are not reused.
+# not the crop size, f89beab; 3: PNG colour keys composited as transparency; 4: those of bilevel, 2-, 4- and
+# 16-bit grey images too, and multi-picture JPEGs decoded in draft mode), so caches written before are not reused.
 FEATURES_VERSION = 4
 
 

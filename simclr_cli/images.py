@@ -224,6 +224,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _scale_grey_key(img: Image.Image) -> None:
+    """A 2- or 4-bit grey PNG's colour key is a value of that depth, but Pillow decodes its pixels to 8 bits: the
+    key is brought to 8 bits too, or no pixel would match it. Call before the image is loaded."""
+    key = img.info.get("transparency")
+    args = img.tile[0].args if img.format == "PNG" and img.mode == "L" and img.tile else None
+    rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
+    bits = {"L;2": 2, "L;4": 4}.get(rawmode)
+    if bits and isinstance(key, int):
+        img.info["transparency"] = key * (255 // (2**bits - 1))
+
+
 def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
     """Decode one file to RGB with EXIF orientation applied; raises UnreadableImage.
 
@@ -235,6 +246,7 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
             if img.width * img.height > MAX_PIXELS:
                 raise UnreadableImage(f"decompression bomb: {img.width}x{img.height} pixels: refused")
             img.seek(0)  # first frame of animations (before draft: seeking a multi-picture JPEG undoes it)
+            _scale_grey_key(img)
             if min_side and img.format in ("JPEG", "MPO") and min(img.size) >= 2 * min_side:
                 img.draft("RGB", (min_side, min_side))
             img = ImageOps.exif_transpose(img)

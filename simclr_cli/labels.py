@@ -98,6 +98,12 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None,
     runs += [root / name for name, scan_of in found.items() if scan_of.runs and not scan_of.paths
              and not scan_of.skipped]
     subfolders = [name for name in subfolders if root / name not in runs]
+    for name in subfolders:  # "no readable images" would hide why
+        unlisted = [s for s in found[name].skipped if s.path == str(root / name)]
+        if unlisted:
+            why = unlisted[0].reason.split(";")[0]
+            raise DataError(f"{flag} {root}: class folder {name!r} cannot be listed ({why}); let this user read it, "
+                            f"or remove it")
     if not subfolders:
         csv_hint = ", or pass --labels labels.csv" if flag == "TRAIN" else ""
         raise DataError(f"{flag} {root}: no class subfolders; put each class's images in its own subfolder "

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -239,8 +240,10 @@ class PretrainRun:
                                         f"{saved.get('num_images')}: the data order differs from the first run")
         # Files skipped in an earlier session that the scan now finds readable and that decode have been mended:
         # this session trains on them, so they leave skipped.json (a truncated file passes the scan's header check).
+        # A folder that could not be listed is this session's scan's to report, or not.
         readable = {str(path) for path in self.paths}
-        self.skipped.update({s.path: s for s in earlier if s.path not in readable or not _decodes(s.path)})
+        self.skipped.update({s.path: s for s in earlier if not os.path.isdir(s.path)
+                             and (s.path not in readable or not _decodes(s.path))})
         self._truncate_metrics(self.state.step)
         self.report("message", text=f"resuming {self.run_dir} at epoch {self.state.epoch + 1}, step {self.state.step}")
 

@@ -136,15 +136,30 @@ def test_a_colour_key_is_transparent_too(tmp_path, mode, key, other, expected):
     assert rgb.getpixel((0, 0)) == expected
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("bits, row, key", [(2, [0b01110100], 1), (4, [0x5F, 0x50], 5)])  # pixels 1, 3 (15), 1, 0
+def test_the_colour_key_of_a_two_or_four_bit_grey_png_is_transparent(tmp_path, bits, row, key):
+    """Pillow gives the key at the file's depth and the pixels at 8 bits: no pixel matched it."""
+    header = (4).to_bytes(4, "big") + (1).to_bytes(4, "big") + bytes([bits, 0, 0, 0, 0])  # 4 x 1, grey
+    (tmp_path / "keyed.png").write_bytes(PNG_SIGNATURE + png_chunk(b"IHDR", header) +
+                                         png_chunk(b"tRNS", key.to_bytes(2, "big")) +
+                                         png_chunk(b"IDAT", zlib.compress(bytes([0, *row]))) + png_chunk(b"IEND", b""))
+    assert np.asarray(load_rgb(tmp_path / "keyed.png")).reshape(4, 3).tolist() == [
+        list(NEUTRAL_BACKGROUND), [255] * 3, list(NEUTRAL_BACKGROUND), [0] * 3]
+
+
 def test_pillows_own_warnings_stay_off_the_terminal(tmp_path):
     """A decompression bomb is reported in one line of ours, and an image with a corrupt EXIF block decodes: Pillow's
     two-line Python warnings about them added nothing, once per loader worker."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
     header = (10_000).to_bytes(4, "big") + (9_000).to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])  # 90 MP, grey
-    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) +
-                                        chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    (tmp_path / "bomb.png").write_bytes(PNG_SIGNATURE + png_chunk(b"IHDR", header) +
+                                        png_chunk(b"IDAT", zlib.compress(b"\0" * 10)) + png_chunk(b"IEND", b""))
     cut_exif = b"Exif\0\0MM\0*\0\0\0\x08\0\x03" + b"\x01\x12\0\x03\0\0\0\x01\0\x06\0\0"  # 3 entries, holds 1
     Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "exif.jpg", exif=cut_exif)
     script = (f"from simclr_cli.images import load_rgb, probe\n"

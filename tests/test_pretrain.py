@@ -767,19 +767,27 @@ def test_a_log_line_that_is_not_a_record_is_dropped_on_resume(tiny_encoder, tmp_
     assert (run / "metrics.jsonl").read_text() == log
 
 
-def test_a_file_mended_between_sessions_leaves_skipped_json_on_resume(small_digits_folder, tmp_path):
+def test_a_file_mended_between_sessions_leaves_skipped_json_on_resume(small_digits_folder, tmp_path, monkeypatch):
     data = shutil.copytree(small_digits_folder, tmp_path / "data")
     (data / "mended.png").write_text("not a png yet")
     (data / "broken.png").write_text("not a png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # the folder 7 cannot be listed in the first session, as after `chmod 000`
+        if Path(path).name == "7":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
 
     def interrupt_at_step_2(kind, **fields):
         if kind == "step" and fields["step"] == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
     run = tmp_path / "run"
-    assert pretrain(_config(data, run, epochs=1), interrupt_at_step_2).interrupted
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "scandir", scandir)
+        assert pretrain(_config(data, run, epochs=1), interrupt_at_step_2).interrupted
     assert sorted(Path(s["path"]).name for s in json.loads((run / "skipped.json").read_text())) == [
-        "broken.png", "mended.png"]
+        "7", "broken.png", "mended.png"]
     shutil.copy(next((small_digits_folder / "3").iterdir()), data / "mended.png")
     result = resume_pretrain(run)
     assert result.state.finished
