@@ -325,6 +325,8 @@ def load_labelled(train_dir: str | Path, labels_csv: str | Path | None = None, v
     notes += [repeated] if repeated else []
     if val_dir is not None:
         _, val, val_skipped, val_notes = read_class_folders(val_dir, classes, flag="--val")
+        val, repeated = _one_row_per_file(val, classes, f"--val {val_dir}")  # a file twice would weigh double
+        val_notes += [repeated] if repeated else []
         _check_held_out(train, val, val_dir, flag)
         return LabelledData(classes, train, val, skipped + val_skipped, notes + val_notes)
     fraction = DEFAULT_VAL_SPLIT if val_split is None else val_split

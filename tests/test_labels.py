@@ -212,6 +212,10 @@ def test_a_file_under_two_names_is_one_image_and_never_on_both_sides_of_a_split(
         ids = [{(os.stat(p).st_ino) for p in split.paths} for split in (data.train, data.val)]
         assert len(data.train) + len(data.val) == 12 and not ids[0] & ids[1]
         assert any("other names (links)" in note for note in data.notes), data.notes
+    val = make_classes(tmp_path / "val", {"cat": 2, "dog": 2})
+    os.link(val / "cat" / "0.png", val / "cat" / "again.png")
+    data = load_labelled(root, val_dir=val)
+    assert len(data.val) == 4 and any(note.startswith(f"--val {val}: 1 image(s)") for note in data.notes)
     os.link(root / "dog" / "1.png", root / "cat" / "dog-too.png")
     with pytest.raises(DataError, match="are one file, labelled both 'cat' and 'dog'"):
         load_labelled(root, val_split=0.5)
@@ -244,8 +248,8 @@ def test_a_val_folder_sharing_files_with_train_is_refused_by_file_identity(tmp_p
     os.link(train / "cat" / "0.png", val / "cat" / "linked.png")
     (val / "dog" / "symlink.png").symlink_to(train / "dog" / "1.png")
     shutil.copy(train / "dog" / "2.png", val / "dog" / "copy.png")
-    os.link(train / "cat" / "0.png", val / "cat" / "linked-again.png")  # counted as the images it makes
-    shared = r"--val .*val shares 3 of its 6 images with TRAIN \(e\.g\. .*(linked|symlink)"
+    os.link(train / "cat" / "0.png", val / "cat" / "linked-again.png")  # one file with linked.png: counted once
+    shared = r"--val .*val shares 2 of its 5 images with TRAIN \(e\.g\. .*(linked|symlink)"
     with pytest.raises(ConfigError, match=shared):
         load_labelled(train, val_dir=val)
     (val / "cat" / "linked-again.png").unlink()
