@@ -70,6 +70,9 @@ class EmbedConfig:
     overwrite: bool = False
 
     def validate(self) -> "EmbedConfig":
+        for name, value in (("MODEL", self.model), ("IMAGES", self.images), ("OUT.npy", self.out)):
+            if not str(value).strip():  # the working folder, to Path (the CLI refuses it first; this is for the API)
+                raise ConfigError(f"{name} is empty; pass a file or folder")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.batch_size < 1:

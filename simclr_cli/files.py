@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from safetensors import SafetensorError, safe_open
 
 from simclr_cli import __version__
-from simclr_cli.config import ARCHITECTURES
+from simclr_cli.config import ARCHITECTURES, PATH_SETTINGS
 from simclr_cli.errors import ConfigError, ModelFileError
 
 ENCODER_FORMAT = "simclr-encoder"
@@ -232,14 +232,9 @@ def read_metadata(path: str | Path, what: str) -> dict[str, str]:
                              f"pass the {what} that simclr wrote") from None
 
 
-# The settings that name local files or folders. A file that leaves the machine keeps only their last
-# name ("photos", not "/home/alice/clients/acme/photos"): provenance without the directory layout.
-PATH_SETTINGS = frozenset({"data_dir", "out_dir", "cache_dir", "monitor", "model", "train_dir", "labels_csv",
-                           "val_dir"})
-
-
 def shareable(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` (a run's settings, nested) with every local path cut to its last name."""
+    """`config` (a run's settings, nested) with every local path cut to its last name: a file that leaves the
+    machine says "photos", not "/home/alice/clients/acme/photos" (provenance without the directory layout)."""
     return {key: shareable(value) if isinstance(value, dict)
             else Path(value).name if key in PATH_SETTINGS and isinstance(value, str) else value
             for key, value in config.items()}

@@ -4,6 +4,7 @@ import pytest
 
 from simclr_cli.config import (AugmentConfig, FinetuneConfig, LabelledDataConfig, LinearEvalConfig, PretrainConfig,
                                RuntimeConfig, parse_duration, replace)
+from simclr_cli.embed import EmbedConfig
 from simclr_cli.errors import ConfigError
 
 
@@ -184,3 +185,16 @@ def test_cpu_bf16_check_agrees_with_the_cpu_flags():
         pytest.skip("no /proc/cpuinfo to compare with")
     flags = set(cpuinfo.read_text().split())
     assert cpu_has_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+
+
+@pytest.mark.parametrize("make, flag", [
+    (lambda: PretrainConfig(data_dir="", out_dir="run"), "DATA_DIR"),
+    (lambda: PretrainConfig(data_dir="photos", out_dir=" "), "--out"),
+    (lambda: FinetuneConfig(model="m", data=LabelledDataConfig(""), out_dir="run"), "TRAIN"),
+    (lambda: LinearEvalConfig(model="", data=LabelledDataConfig("train"), out_dir="run"), "MODEL"),
+    (lambda: EmbedConfig(model="m", images="", out="out.npy"), "IMAGES"),
+])
+def test_an_empty_path_is_refused_by_the_engine_too(make, flag):
+    """Path("") is the working folder: a script with an unset variable trained on whatever was there."""
+    with pytest.raises(ConfigError, match=f"^{flag} is empty; pass a file or folder$"):
+        make().validate()
