@@ -242,6 +242,8 @@ class FinetuneRun:
                              out_dir=self.run_dir)
         if config.label_fraction < 1:
             total, broken = len(data.train), {}
+            self.report("message", text=f"drawing the --label-fraction {config.label_fraction:g} subset of {total} "
+                                        f"training images (each image drawn is decoded once, to pass over broken ones)")
 
             def decodes(index: int) -> bool:  # a share of one image per class must not be a broken file
                 try:
