@@ -55,6 +55,22 @@ def write_cut_image(path: Path, seed: int, size: tuple[int, int] = (48, 48)) -> 
 
 
 @pytest.fixture
+def unlistable(monkeypatch) -> set[str]:
+    """The names of folders that cannot be listed (add to it, clear it), as after `chmod 000` for anyone but root,
+    which these tests may run as: os.scandir refuses them."""
+    names: set[str] = set()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name in names:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    return names
+
+
+@pytest.fixture
 def cut_image():
     """write_cut_image, for tests (which do not import conftest)."""
     return write_cut_image

@@ -171,18 +171,11 @@ def test_pillows_own_warnings_stay_off_the_terminal(tmp_path):
     assert done.stdout.splitlines() == ["decompression bomb: 10000x9000 pixels: refused", "(16, 16)"]
 
 
-def test_a_folder_that_cannot_be_listed_is_reported_not_dropped(tmp_path, monkeypatch):
+def test_a_folder_that_cannot_be_listed_is_reported_not_dropped(tmp_path, unlistable):
     for name in ("open/a.png", "locked/b.png"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         Image.new("RGB", (8, 8)).save(tmp_path / name)
-    real_scandir = os.scandir
-
-    def scandir(path="."):  # as `chmod 000 locked` does, for anyone but root
-        if Path(path).name == "locked":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    unlistable.add("locked")
     scan = scan_images(tmp_path)
     assert relative(scan.paths, tmp_path) == ["open/a.png"]
     assert [(Path(s.path).name, s.reason.split(";")[0]) for s in scan.skipped] == [

@@ -185,17 +185,10 @@ def test_simclr_run_folders_inside_the_class_folders_are_no_classes(tmp_path):
     assert len(load_labelled(root, val_dir=val).val) == 2
 
 
-def test_a_class_folder_that_cannot_be_listed_says_so(tmp_path, monkeypatch):
+def test_a_class_folder_that_cannot_be_listed_says_so(tmp_path, unlistable):
     """It said the class had no readable images and should be filled or removed."""
     root = make_classes(tmp_path / "train", {"cat": 3, "dog": 3})
-    real_scandir = os.scandir
-
-    def scandir(path="."):  # as `chmod 000 dog` does, for anyone but root
-        if Path(path).name == "dog":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    unlistable.add("dog")
     with pytest.raises(DataError, match=r"class folder 'dog' cannot be listed \(unreadable folder: Permission "
                                         r"denied\); let this user read it"):
         load_labelled(root)
