@@ -76,12 +76,14 @@ PATH_SETTINGS = {"data_dir": "DATA_DIR", "out_dir": "--out", "cache_dir": "--cac
 
 
 def _check_paths(config: Any) -> None:
-    """No path is "": it would be the working folder (the CLI refuses it first; this is for the API)."""
+    """No required path is "": it would be the working folder (the CLI refuses it first; this is for the API). An
+    optional one (default None) given "" is off, as it always was."""
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         if dataclasses.is_dataclass(value):
             _check_paths(value)
-        _check(item.name not in PATH_SETTINGS or not isinstance(value, str) or bool(value.strip()),
+        required = item.name in PATH_SETTINGS and item.default is dataclasses.MISSING
+        _check(not required or not isinstance(value, str) or bool(value.strip()),
                f"{PATH_SETTINGS.get(item.name)} is empty; pass a file or folder")
 
 

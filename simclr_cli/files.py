@@ -235,8 +235,11 @@ def read_metadata(path: str | Path, what: str) -> dict[str, str]:
 def shareable(config: dict[str, Any]) -> dict[str, Any]:
     """`config` (a run's settings, nested) with every local path cut to its last name: a file that leaves the
     machine says "photos", not "/home/alice/clients/acme/photos" (provenance without the directory layout)."""
+    def cut(key: str, path: str) -> str:  # a model file keeps its run folder's name: "pre-digits/encoder.safetensors"
+        return str(Path(*Path(path).parts[-2:])) if key == "model" and Path(path).suffix else Path(path).name
+
     return {key: shareable(value) if isinstance(value, dict)
-            else Path(value).name if key in PATH_SETTINGS and isinstance(value, str) else value
+            else cut(key, value) if key in PATH_SETTINGS and isinstance(value, str) else value
             for key, value in config.items()}
 
 

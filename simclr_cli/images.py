@@ -228,7 +228,7 @@ def _scale_grey_key(img: Image.Image) -> None:
     """A 2- or 4-bit grey PNG's colour key is a value of that depth, but Pillow decodes its pixels to 8 bits: the
     key is brought to 8 bits too, or no pixel would match it. Call before the image is loaded."""
     key = img.info.get("transparency")
-    args = img.tile[0].args if img.format == "PNG" and img.mode == "L" and img.tile else None
+    args = img.tile[0][3] if img.format == "PNG" and img.mode == "L" and img.tile else None  # a tuple before Pillow 11
     rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
     bits = {"L;2": 2, "L;4": 4}.get(rawmode)
     if bits and isinstance(key, int):

@@ -198,3 +198,8 @@ def test_an_empty_path_is_refused_by_the_engine_too(make, flag):
     """Path("") is the working folder: a script with an unset variable trained on whatever was there."""
     with pytest.raises(ConfigError, match=f"^{flag} is empty; pass a file or folder$"):
         make().validate()
+
+
+def test_an_empty_optional_path_is_off_as_it_always_was():
+    """A run started through the API with monitor="" could not be resumed once empty paths were refused."""
+    assert PretrainConfig(data_dir="photos", out_dir="run", monitor="").validate().monitor == ""

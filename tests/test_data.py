@@ -154,6 +154,20 @@ def test_the_colour_key_of_a_two_or_four_bit_grey_png_is_transparent(tmp_path, b
         list(NEUTRAL_BACKGROUND), [255] * 3, list(NEUTRAL_BACKGROUND), [0] * 3]
 
 
+def test_the_colour_key_depth_is_read_from_a_tile_of_any_pillow(tmp_path):
+    """Pillow 10 (which pyproject allows) keeps tiles as plain tuples, without names: reading `.args` made every grey
+    PNG unreadable there."""
+    header = (4).to_bytes(4, "big") + (1).to_bytes(4, "big") + bytes([2, 0, 0, 0, 0])  # 4 x 1, 2-bit grey
+    (tmp_path / "keyed.png").write_bytes(PNG_SIGNATURE + png_chunk(b"IHDR", header) +
+                                         png_chunk(b"tRNS", (1).to_bytes(2, "big")) +
+                                         png_chunk(b"IDAT", zlib.compress(bytes([0, 0b01110100]))) +
+                                         png_chunk(b"IEND", b""))
+    with Image.open(tmp_path / "keyed.png") as image:
+        image.tile = [tuple(tile) for tile in image.tile]  # as Pillow 10 holds them
+        images._scale_grey_key(image)
+        assert image.info["transparency"] == 85
+
+
 def test_pillows_own_warnings_stay_off_the_terminal(tmp_path):
     """A decompression bomb is reported in one line of ours, and an image with a corrupt EXIF block decodes: Pillow's
     two-line Python warnings about them added nothing, once per loader worker."""

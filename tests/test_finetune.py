@@ -67,7 +67,7 @@ def test_label_fraction_draws_a_balanced_subset(finetuned):
     assert not {path for path, _ in split["train"]} & {path for path, _ in split["val"]}
 
 
-def test_finetuned_model_file_and_report_are_consistent(finetuned, digits_folder, tmp_path):
+def test_finetuned_model_file_and_report_are_consistent(finetuned, tiny_encoder, digits_folder, tmp_path):
     results, out = finetuned
     assert json.loads((out / "finetune.json").read_text()) == {k: v for k, v in results.items() if k != "out"}
     assert (out / "confusion_matrix.png").is_file()
@@ -76,6 +76,7 @@ def test_finetuned_model_file_and_report_are_consistent(finetuned, digits_folder
     assert json.loads(meta["preprocessing"])["center_crop"] == 32 and int(meta["epoch"]) == results["epoch"] == 2
     saved = {**json.loads(meta["finetune_config"]), **json.loads(meta["finetune_config"])["data"]}
     assert (saved["train_dir"], saved["out_dir"]) == (digits_folder.name, out.name), "names, not local paths"
+    assert saved["model"] == f"{tiny_encoder.name}/encoder.safetensors", "the model file keeps its run's name"
     assert str(out.parent.parent) not in str(meta), "no path under the tests' temporary folder"
     tensors = load_file(str(out / "finetuned.safetensors"))
     assert tensors["classifier.weight"].shape == (10, 512) and "conv1.weight" in tensors
@@ -336,7 +337,8 @@ def test_a_run_started_with_relative_paths_resumes_from_another_working_director
                                  "--batch-size", "32", *FAST])
     assert result.exit_code == 0, result.output
     saved = json.loads((start / "run" / "config.json").read_text())
-    assert (saved["model"], saved["data"]["train_dir"]) == (str(tiny_encoder), str(small_digits_folder))
+    assert (saved["model"], saved["data"]["train_dir"]) == (str(tiny_encoder / "encoder.safetensors"),
+                                                           str(small_digits_folder))  # the file in MODEL's folder
     assert all(os.path.isabs(path) for path, _ in json.loads((start / "run" / "split.json").read_text())["val"])
     monkeypatch.chdir(elsewhere)
     resumed = runner.invoke(app, ["finetune", "--resume", str(start / "run"), "--workers", "0"])
