@@ -72,16 +72,17 @@ def _check(condition: bool, message: str) -> None:
 
 # The settings that name local files or folders, and their flags.
 PATH_SETTINGS = {"data_dir": "DATA_DIR", "out_dir": "--out", "cache_dir": "--cache-dir", "monitor": "--monitor",
-                 "model": "MODEL", "train_dir": "TRAIN", "labels_csv": "--labels", "val_dir": "--val"}
+                 "model": "MODEL", "train_dir": "TRAIN", "labels_csv": "--labels", "val_dir": "--val",
+                 "images": "IMAGES", "out": "OUT.npy"}
 
 
-def _check_paths(config: Any) -> None:
+def check_paths(config: Any) -> None:
     """No required path is "": it would be the working folder (the CLI refuses it first; this is for the API). An
     optional one (default None) given "" is off, as it always was."""
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         if dataclasses.is_dataclass(value):
-            _check_paths(value)
+            check_paths(value)
         required = item.name in PATH_SETTINGS and item.default is dataclasses.MISSING
         _check(not required or not isinstance(value, str) or bool(value.strip()),
                f"{PATH_SETTINGS.get(item.name)} is empty; pass a file or folder")
@@ -289,7 +290,7 @@ class PretrainConfig:
 
     def validate(self) -> "PretrainConfig":
         _check_finite(self)
-        _check_paths(self)
+        check_paths(self)
         _check(self.epochs >= 1, f"--epochs {self.epochs} must be at least 1")
         _check(self.batch_size is None or self.batch_size >= 2,
                f"--batch-size {self.batch_size} must be at least 2 (SimCLR needs negatives)")
@@ -394,7 +395,7 @@ class LinearEvalConfig:
 
     def validate(self) -> "LinearEvalConfig":
         _check_finite(self)
-        _check_paths(self)
+        check_paths(self)
         _check(self.l2 is None or self.l2 >= 0, f"--l2 {self.l2} must be >= 0 (or leave it out to search)")
         _check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1")
         check_sizes(self.batch_size)
@@ -444,7 +445,7 @@ class FinetuneConfig:
 
     def validate(self) -> "FinetuneConfig":
         _check_finite(self)
-        _check_paths(self)
+        check_paths(self)
         _check(0 < self.label_fraction <= 1,
                f"--label-fraction {self.label_fraction} must be in (0, 1]; the papers use 0.01, 0.1 or 1.0")
         _check(self.from_head_layer in (0, 1),

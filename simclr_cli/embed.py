@@ -32,7 +32,7 @@ from numpy.lib import format as npy_format
 
 from simclr_cli import __version__
 from simclr_cli.augment import preprocessing
-from simclr_cli.config import PRECISIONS, check_sizes
+from simclr_cli.config import PRECISIONS, check_paths, check_sizes
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.export import load_encoder
 from simclr_cli.features import iter_features
@@ -70,9 +70,7 @@ class EmbedConfig:
     overwrite: bool = False
 
     def validate(self) -> "EmbedConfig":
-        for name, value in (("MODEL", self.model), ("IMAGES", self.images), ("OUT.npy", self.out)):
-            if not str(value).strip():  # the working folder, to Path (the CLI refuses it first; this is for the API)
-                raise ConfigError(f"{name} is empty; pass a file or folder")
+        check_paths(self)
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.batch_size < 1:

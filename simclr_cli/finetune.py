@@ -163,7 +163,6 @@ class FinetuneRun:
         self.precision = resolve_precision(config.runtime.precision, self.device)
         self.workers = config.runtime.workers if config.runtime.workers is not None else default_workers()
         seed_everything(config.runtime.seed)
-        self.model_path = Path(config.model)
         self.checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_FILE) if resume else None
         backbone, head, self.info = self._encoder()
         # The encoder file itself (MODEL may be its run folder), in config.json and the report, resumed or not.
@@ -218,7 +217,8 @@ class FinetuneRun:
 
     def _encoder(self) -> tuple[nn.Module, nn.Module | None, EncoderInfo]:
         """The encoder to fine-tune, and the head layer with --from-head-layer 1: read from MODEL, or on resume
-        built from what the checkpoint says of them (its weights replace theirs), so MODEL may have moved."""
+        built from what the checkpoint says of them (its weights replace theirs), so MODEL may have moved. Sets
+        `model_path`, the encoder file."""
         saved = self.checkpoint.progress.get("encoder") if self.checkpoint is not None else None
         if saved is None:  # a new run, or a checkpoint from before the checkpoint said
             self.model_path = resolve_model_path(self.config.model)
@@ -232,6 +232,7 @@ class FinetuneRun:
             raise ModelFileError(f"{self.run_dir / CHECKPOINT_FILE}: its description of the encoder is damaged; "
                                  f"restore the file as the run wrote it, or start a new run with another "
                                  f"--out") from None
+        self.model_path = Path(self.config.model)
         backbone = build_backbone(info.arch, info.stem, initialise=False, width=info.width)
         return backbone, head, info
 
