@@ -277,7 +277,7 @@ def _one_row_per_file(data: LabelledSet, classes: list[str], source: str) -> tup
         if key in first:
             other = first[key]
             if data.labels[other] != data.labels[index]:
-                raise DataError(f"{source}: {path} and {data.paths[other]} are one file, labelled both "
+                raise DataError(f"{source}: {data.paths[other]} and {path} are one file, labelled both "
                                 f"{classes[data.labels[other]]!r} and {classes[data.labels[index]]!r}; keep it "
                                 f"in one class")
             continue
