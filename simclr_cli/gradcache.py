@@ -16,6 +16,11 @@ Two things must be equal in passes (1) and (3) for this to hold:
   passes alike, so the gradients are exact for "BN per chunk" (with SyncBatchNorm, per chunk of
   every device together). The running averages are updated once per chunk: pass (1) leaves them
   as they were.
+
+BN per chunk would let a model find an image's positive by the statistics the two views share
+when they are normalised together, a cue its negatives in other chunks lack (SimCLR section 4, on
+why it uses global BN). So the two views of an image never share a chunk (`paired_chunks`), as in
+MoCo's shuffling BN (arXiv 1911.05722, section 3.3).
 """
 
 from __future__ import annotations
@@ -66,33 +71,47 @@ class _RandomState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
+def paired_chunks(images: int, chunks: int, device: torch.device | None = None) -> list[torch.Tensor]:
+    """Row indices of each chunk of 2 x `images` views in pairs (image i's a view at row 2i, its b view at 2i + 1).
+
+    The images are split into `chunks` nearly equal pieces; chunk j holds the a views of piece j
+    and the b views of piece j + 1 (the last chunk takes the first piece's), so no chunk holds both
+    views of an image. One chunk is the whole batch.
+    """
+    pieces = torch.arange(images, device=device).tensor_split(chunks)
+    return [torch.cat([2 * piece, 2 * pieces[(j + 1) % chunks] + 1]) for j, piece in enumerate(pieces)]
+
+
 def cached_backward(model: nn.Module, embed: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                    inputs: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], chunks: int,
+                    inputs: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                    chunks: list[torch.Tensor],
                     scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss) -> torch.Tensor:
     """Accumulate into the parameters' .grad the gradient of loss_fn(embed(model, inputs)); return the loss.
 
-    embed(model, chunk) maps rows of `inputs` to rows of embeddings; `inputs` is split into `chunks`
-    nearly equal chunks along its first dimension. `model` may be DistributedDataParallel: the
-    gradients are then averaged over ranks once, after the last chunk. `scale` is applied to the
-    loss before its backward pass (a GradScaler's scale for fp16).
+    embed(model, rows) maps rows of `inputs` to rows of embeddings, and is run on `chunks`, lists
+    of row indices that cover every row once (`paired_chunks`); loss_fn gets the embeddings of all
+    rows, in the order of `inputs`. `model` may be DistributedDataParallel: the gradients are then
+    averaged over ranks once, after the last chunk. `scale` is applied to the loss before its
+    backward pass (a GradScaler's scale for fp16).
     """
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     no_sync = model.no_sync if inner is not model else contextlib.nullcontext
-    pieces = inputs.tensor_split(chunks)
     device = inputs.device
     states, embedded = [], []
     with torch.no_grad(), batchnorm_buffers_kept(inner):
-        for piece in pieces:
+        for rows in chunks:
             states.append(_RandomState(device))
-            embedded.append(embed(inner, piece))
-    embeddings = torch.cat(embedded).requires_grad_()  # (N, ...): the whole batch, no graph behind it
+            embedded.append(embed(inner, inputs[rows]))
+    chunked = torch.cat(embedded)  # (R, ...) in chunk order
+    embeddings = torch.empty_like(chunked)
+    embeddings[torch.cat(chunks)] = chunked  # (R, ...) in the order of inputs, no graph behind it
+    embeddings.requires_grad_()
     loss = loss_fn(embeddings)
     scale(loss).backward()  # the loss's gradient with respect to the embeddings only
-    cached = embeddings.grad.split([len(p) for p in pieces])
     after = _RandomState(device)
-    for index, (piece, state, gradient) in enumerate(zip(pieces, states, cached)):
+    for index, (rows, state) in enumerate(zip(chunks, states)):
         state.restore()
-        with no_sync() if index < len(pieces) - 1 else contextlib.nullcontext():
-            embed(model, piece).backward(gradient)
+        with no_sync() if index < len(chunks) - 1 else contextlib.nullcontext():
+            embed(model, inputs[rows]).backward(embeddings.grad[rows])
     after.restore()
     return loss.detach()

@@ -27,7 +27,7 @@ from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_c
                                read_run_config, save_checkpoint, save_encoder, save_tensors)
 from simclr_cli.files import (ENCODER_FILE, EncoderInfo, claimed, held, read_json, read_json_lines, write_json,
                               write_text)
-from simclr_cli.gradcache import cached_backward, chunk_count
+from simclr_cli.gradcache import cached_backward, chunk_count, paired_chunks
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb, note_skipped, require_images, scan_images
 from simclr_cli.loss import global_nt_xent
 from simclr_cli.memory import batch_shortfall
@@ -361,9 +361,9 @@ class PretrainRun:
         temperature = self.config.temperature
         if self.config.chunk_size:
             self.optimizer.zero_grad(set_to_none=True)
-            loss = cached_backward(self.parallel_model, self._embed, views,
-                                   lambda z: global_nt_xent(z[:, 0], z[:, 1], temperature, sizes),
-                                   chunk_count(sizes, self.config.chunk_size),
+            loss = cached_backward(self.parallel_model, self._embed, views.flatten(0, 1),  # (2N, C, H, W) in pairs
+                                   lambda z: global_nt_xent(z[0::2], z[1::2], temperature, sizes),
+                                   paired_chunks(n, chunk_count(sizes, self.config.chunk_size), self.device),
                                    scale=self.scaler.scale if self.scaler is not None else lambda loss: loss)
         else:
             with self.precision.autocast():
@@ -387,11 +387,10 @@ class PretrainRun:
             return batch.samples
         return self.batch_augment(batch.samples.to(self.device, non_blocking=True), batch.params)
 
-    def _embed(self, model: torch.nn.Module, views: torch.Tensor) -> torch.Tensor:
-        """Projections of two-view samples (m, 2, C, H, W), as (m, 2, D): for gradient caching."""
+    def _embed(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Projections (r, D) of views (r, C, H, W): for gradient caching."""
         with self.precision.autocast():
-            projections = model(_two_view_images(views))  # (2m, D)
-        return projections.view(2, len(views), -1).transpose(0, 1)  # (m, 2, D)
+            return model(images.contiguous(memory_format=torch.channels_last))  # (r, D)
 
     def _flush(self, pending: list[tuple[dict[str, Any], torch.Tensor]]) -> None:
         """Write pending step records to metrics.jsonl; stop the run on a non-finite loss."""

@@ -23,7 +23,7 @@ from simclr_cli.cli import app
 from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
 from simclr_cli.errors import ConfigError
 from simclr_cli.export import load_checkpoint, load_encoder
-from simclr_cli.gradcache import cached_backward, chunk_count
+from simclr_cli.gradcache import cached_backward, chunk_count, paired_chunks
 from simclr_cli.loss import global_nt_xent, nt_xent
 from simclr_cli.models import SimCLR
 
@@ -120,9 +120,9 @@ def _compare_with_one_process() -> list[dict[str, float]]:
         sizes = distributed.gather_sizes(len(local))
         model.zero_grad()
         if chunk_size:
-            loss = cached_backward(parallel, _embed, batch[local],
-                                   lambda z: global_nt_xent(z[:, 0], z[:, 1], TEMPERATURE, sizes),
-                                   chunk_count(sizes, chunk_size))
+            loss = cached_backward(parallel, lambda module, rows: module(rows), batch[local].flatten(0, 1),
+                                   lambda z: global_nt_xent(z[0::2], z[1::2], TEMPERATURE, sizes),
+                                   paired_chunks(len(local), chunk_count(sizes, chunk_size)))
         else:
             loss = global_nt_xent(*_embed(parallel, batch[local]).unbind(1), TEMPERATURE, sizes)
             loss.backward()

@@ -6,20 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from simclr_cli.gradcache import cached_backward, chunk_count
+from simclr_cli.gradcache import cached_backward, chunk_count, paired_chunks
 from simclr_cli.loss import nt_xent
 from simclr_cli.models import SimCLR
 
 TEMPERATURE = 0.2
 
 
-def _embed(model: nn.Module, samples: torch.Tensor) -> torch.Tensor:
-    """(m, 2, F) pairs of inputs -> (m, 2, D) pairs of embeddings."""
-    return model(samples.flatten(0, 1)).view(len(samples), 2, -1)
+def _embed(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """(r, F) views -> (r, D) embeddings."""
+    return model(rows)
 
 
 def _loss(embeddings: torch.Tensor) -> torch.Tensor:
-    return nt_xent(embeddings[:, 0], embeddings[:, 1], TEMPERATURE)
+    """NT-Xent of (2N, D) embeddings in pairs: image i's two views at rows 2i and 2i + 1."""
+    return nt_xent(embeddings[0::2], embeddings[1::2], TEMPERATURE)
 
 
 def _gradients(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -28,14 +29,15 @@ def _gradients(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _whole_batch(model: nn.Module, samples: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad()
-    loss = _loss(_embed(model, samples))
+    loss = _loss(_embed(model, samples.flatten(0, 1)))
     loss.backward()
     return loss.detach(), _gradients(model)
 
 
 def _chunked(model: nn.Module, samples: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad()
-    loss = cached_backward(model, _embed, samples, _loss, chunk_count([len(samples)], chunk_size))
+    chunks = paired_chunks(len(samples), chunk_count([len(samples)], chunk_size))
+    loss = cached_backward(model, _embed, samples.flatten(0, 1), _loss, chunks)
     return loss, _gradients(model)
 
 
@@ -70,23 +72,30 @@ def test_chunked_gradients_equal_whole_batch_for_a_resnet_with_eval_batchnorm():
     samples = torch.randn(5, 2, 3, 32, 32)
     chunk_size = 2  # chunks of 2, 2 and 1 images
 
-    def embed(module, chunk):
-        return module(chunk.transpose(0, 1).flatten(0, 1)).view(2, len(chunk), -1).transpose(0, 1)
-
     model.zero_grad()
-    expected_loss = _loss(embed(model, samples))
+    expected_loss = _loss(_embed(model, samples.flatten(0, 1)))
     expected_loss.backward()
     expected = _gradients(model)
     model.zero_grad()
-    loss = cached_backward(model, embed, samples, _loss, chunk_count([5], chunk_size))
+    loss = cached_backward(model, _embed, samples.flatten(0, 1), _loss, paired_chunks(5, chunk_count([5], chunk_size)))
     torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-5, atol=1e-6)
     _assert_same(expected, _gradients(model), rtol=1e-3)
 
 
 def _per_chunk_reference(model: nn.Module, samples: torch.Tensor, chunks: int):
-    """The loss with each chunk forwarded (and normalised) on its own, all with a graph: slow, obvious."""
+    """The loss with each chunk forwarded (and normalised) on its own, all with a graph: slow, obvious.
+
+    Chunk j holds the first views of the j-th piece of the images and the second views of the next.
+    """
     model.zero_grad()
-    loss = _loss(torch.cat([_embed(model, piece) for piece in samples.tensor_split(chunks)]))
+    pieces = samples.tensor_split(chunks)
+    first, second = [], []
+    for piece, following in zip(pieces, pieces[1:] + pieces[:1]):
+        embedded = model(torch.cat([piece[:, 0], following[:, 1]]))
+        first.append(embedded[:len(piece)])
+        second.append(embedded[len(piece):])
+    second = second[-1:] + second[:-1]  # piece j's second views were forwarded with chunk j - 1
+    loss = nt_xent(torch.cat(first), torch.cat(second), TEMPERATURE)
     loss.backward()
     return loss.detach(), _gradients(model)
 
@@ -115,6 +124,27 @@ def test_randomness_in_the_forward_pass_is_replayed():
     loss, actual = _chunked(model, samples, 3)
     torch.testing.assert_close(loss, expected_loss)
     _assert_same(expected, actual)
+
+
+@pytest.mark.parametrize("images,chunks", [(10, 2), (10, 3), (7, 7), (9, 4)])
+def test_the_two_views_of_an_image_are_never_forwarded_together(images, chunks):
+    """With BatchNorm per chunk, a pair normalised together would share statistics its negatives lack."""
+    samples = torch.arange(images, dtype=torch.float32).repeat_interleave(2).view(images, 2, 1)  # image ids
+    forwarded = []
+
+    def embed(model, rows):
+        forwarded.append(rows.flatten().tolist())
+        return model(rows)
+
+    cached_backward(nn.Linear(1, 4), embed, samples.flatten(0, 1), _loss, paired_chunks(images, chunks))
+    assert len(forwarded) == 2 * chunks  # a pass without a graph, then one with, per chunk
+    for ids in forwarded:
+        assert len(ids) == len(set(ids)), f"both views of an image in one forward pass: {ids}"
+    assert sorted(sum(forwarded[:chunks], [])) == sorted(samples.flatten().tolist())  # every view once
+
+
+def test_one_chunk_is_the_whole_batch():
+    assert [rows.tolist() for rows in paired_chunks(3, 1)] == [[0, 2, 4, 1, 3, 5]]
 
 
 def test_chunk_count_is_shared_by_ranks_and_never_leaves_a_chunk_empty():
