@@ -44,9 +44,10 @@ class _ContrastiveSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, positives: torch.Tensor, spans: list[tuple[int, int]], temperature: float):
-        rows = torch.cat([torch.arange(b, e, device=z.device) for b, e in spans])  # (Q,)
-        positive_logits = (z[rows] * z[positives]).sum(dim=1) / temperature  # (Q,)
-        log_normalisers = torch.cat([_logsumexp_(logits) for _, _, logits in _blocks(z, spans, temperature)])
+        with _float32(z):
+            rows = torch.cat([torch.arange(b, e, device=z.device) for b, e in spans])  # (Q,)
+            positive_logits = (z[rows] * z[positives]).sum(dim=1) / temperature  # (Q,)
+            log_normalisers = torch.cat([_logsumexp_(logits) for _, _, logits in _blocks(z, spans, temperature)])
         ctx.save_for_backward(z, rows, positives, log_normalisers)
         ctx.spans, ctx.temperature = spans, temperature
         return (log_normalisers - positive_logits).sum()
@@ -57,14 +58,21 @@ class _ContrastiveSum(torch.autograd.Function):
         scale = grad_total / ctx.temperature
         grad = torch.zeros_like(z)  # (M, D)
         done = 0
-        for begin, end, logits in _blocks(z, ctx.spans, ctx.temperature):
-            softmax = logits.sub_(log_normalisers[done:done + end - begin, None]).exp_().mul_(scale)  # (c, M)
-            grad[begin:end].addmm_(softmax, z)  # (c, M) @ (M, D)
-            grad.addmm_(softmax.T, z[begin:end])  # (M, c) @ (c, D)
-            done += end - begin
+        with _float32(z):
+            for begin, end, logits in _blocks(z, ctx.spans, ctx.temperature):
+                softmax = logits.sub_(log_normalisers[done:done + end - begin, None]).exp_().mul_(scale)  # (c, M)
+                grad[begin:end].addmm_(softmax, z)  # (c, M) @ (M, D)
+                grad.addmm_(softmax.T, z[begin:end])  # (M, c) @ (c, D)
+                done += end - begin
         grad.index_add_(0, rows, z[positives] * -scale)  # the positive logits' own terms (no host sync)
         grad.index_add_(0, positives, z[rows] * -scale)
         return grad, None, None, None
+
+
+def _float32(z: torch.Tensor) -> torch.autocast:
+    """Autocast off: called inside one (a caller's bf16 forward pass), the logits' matmuls would run in
+    bf16 while the positive logits stay float32, and the loss would be off by a fifth at tau = 0.1."""
+    return torch.autocast(z.device.type, enabled=False)
 
 
 def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:

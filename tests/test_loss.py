@@ -72,6 +72,20 @@ def test_stable_at_low_temperature_with_large_and_bf16_inputs():
     assert bf16.dtype == torch.float32 and math.isfinite(bf16.item())
 
 
+def test_float32_inside_a_callers_bf16_autocast():
+    """Called within a bf16 forward pass, the loss and its gradients stay those of float32."""
+    torch.manual_seed(0)
+    z_a = torch.randn(256, 128)
+    z_b = (z_a + 0.3 * torch.randn(256, 128)).requires_grad_()  # near-positive views: logits near 1 / tau
+    expected = nt_xent(z_a, z_b, 0.1)
+    (expected_grad,) = torch.autograd.grad(expected, z_b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nt_xent(z_a, z_b, 0.1)
+        (grad,) = torch.autograd.grad(loss, z_b)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_uniform_random_projections_give_about_log_of_candidates():
     # With independent high-dimensional random views every similarity is near 0, so each row is a
     # near-uniform choice among 2N - 1 candidates.
