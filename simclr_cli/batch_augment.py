@@ -33,7 +33,7 @@ FLIP, JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, BLUR, SIGMA = 
 PARAMS = 13  # ORDER takes four columns: the permutation of the four jitter operations
 JITTER_P, GRAY_P, BLUR_P, FLIP_P = 0.8, 0.2, 0.5, 0.5
 SIGMA_RANGE = (0.1, 2.0)
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision and Pillow
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision (Pillow rounds 0.2989 to 0.299)
 
 
 class ViewSampler:

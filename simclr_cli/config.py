@@ -263,9 +263,10 @@ class PretrainConfig:
 
     @property
     def resolved_lr(self) -> float:
-        """--lr, or the paper's rules for LARS and SGD (SimCLR Appendix B.1): sqrt, 0.075 x sqrt(batch),
-        which it finds better at small batches and short runs; linear, 0.3 x batch / 256 (section 2.3).
-        Both give 4.8 at batch 4096; at 256, 1.2 and 0.3. AdamW: 1e-3 at 256, scaled the same way."""
+        """--lr, or the paper's rules for LARS (SimCLR Appendix B.1): sqrt, 0.075 x sqrt(batch), which
+        it finds better at small batches and short runs; linear, 0.3 x batch / 256 (section 2.3). Both
+        give 4.8 at batch 4096; at 256, 1.2 and 0.3. SGD reuses LARS's rules (the paper gives none of
+        its own). AdamW: 1e-3 at 256, scaled the same way."""
         if self.lr is not None:
             return self.lr
         ratio = self.batch_size / 256  # resolved first (resolved_batch_size): the rule needs the real batch
