@@ -10,7 +10,7 @@ from torchvision.transforms.v2 import functional as TF
 from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, blur_kernel_size, simclr_augmentation
 from simclr_cli.batch_augment import (BLUR, BRIGHTNESS, CONTRAST, FLIP, GRAY, HUE, JITTER, ORDER, PARAMS, SATURATION,
                                       SIGMA, AugmentInLoader, BatchAugment, ViewSampler, adjust_brightness,
-                                      adjust_contrast, adjust_hue, adjust_saturation, gaussian_blur,
+                                      adjust_contrast, adjust_hue, adjust_saturation, augment_chunk, gaussian_blur,
                                       resolve_augment_on)
 from simclr_cli.config import AugmentConfig
 from simclr_cli.data import ImageDataset, collate, make_loader
@@ -181,9 +181,16 @@ def test_auto_picks_the_device_on_a_gpu_and_the_loader_on_a_cpu():
     assert resolve_augment_on("per-image", torch.device("cuda", 0)) == "per-image"
 
 
+def test_a_gpu_augments_a_large_batch_in_bounded_chunks():
+    assert augment_chunk(224 * 224, on_cpu=False) == 512  # 8,192 views of batch 4096 go 512 at a time
+    assert augment_chunk(32 * 32, on_cpu=False) == 25088
+    assert augment_chunk(4096 * 4096, on_cpu=False) == 1
+    assert augment_chunk(224 * 224, on_cpu=True) == 8
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_the_batch_equals_the_cpu_batch():
-    config = AugmentConfig(image_size=64)
+    config = AugmentConfig(image_size=64, blur=True, jitter=1.0)  # every operation, the blur's convolution too
     torch.manual_seed(1)
     sampler = ViewSampler(config)
     pairs = [sampler(photo(80, 70, seed=i)) for i in range(16)]
