@@ -14,9 +14,10 @@ from torch import nn
 from simclr_cli import __version__
 from simclr_cli.config import SavedTypeError, replace
 from simclr_cli.errors import ConfigError, ModelFileError
-from simclr_cli.files import (PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path, read_json,
-                              read_metadata, resolve_model_path)
+from simclr_cli.files import (PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path, is_temporary, read_json,
+                              read_metadata, remove_temporaries, resolve_model_path)
 from simclr_cli.models import build_backbone
+from simclr_cli.runtime import is_main
 
 CHECKPOINT_FORMAT = "simclr-checkpoint"
 HEAD_FILE = "head.safetensors"
@@ -31,8 +32,12 @@ def check_run_dir(run_dir: Path, resume: bool, product: str) -> bool:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; pass a folder (new or empty) for the run")
     check_output_path(run_dir, "--out", folder=True)
-    # Another process's check_output_path may have its probe in the folder this instant (--devices: every rank checks).
-    if not resume and run_dir.exists() and any(not p.name.startswith(PROBE_PREFIX) for p in run_dir.iterdir()):
+    if run_dir.exists() and is_main():  # held by this process: a temporary here is a killed write's
+        remove_temporaries(run_dir)
+    # Another process's check_output_path may have its probe in the folder this instant (--devices: every rank checks),
+    # and a temporary of a killed write be still there for the other ranks.
+    if not resume and run_dir.exists() and any(not p.name.startswith(PROBE_PREFIX) and not is_temporary(p.name)
+                                               for p in run_dir.iterdir()):
         # A run stopped before its first checkpoint has its config.json, and --resume starts it again.
         started = checkpoint.is_file() or (run_dir / "config.json").is_file()
         hint = f"resume it with --resume {run_dir}" if started else "choose an empty folder"

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 PROBE_PREFIX = ".simclr-probe-"  # check_output_path's file, there for an instant
+# What a write killed half way leaves: atomic_path's temporary (.NAME.XXXXXXXX.tmp, mkstemp's 8 characters)
+# and the one safetensors writes and renames over it (.tmpXXXXXX), as large as a checkpoint.
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is that of a temporary an interrupted atomic write left."""
+    return _TEMPORARY.fullmatch(name) is not None
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporaries of writes killed half way (kill -9, a lost machine) in a folder this process holds."""
+    for entry in os.scandir(folder):
+        if is_temporary(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
 
 
 _HELD: set[int] = set()  # the descriptors held() locks with

@@ -207,6 +207,27 @@ def test_an_empty_out_is_new_whatever_another_process_checks_in_it_meanwhile(tmp
         export.check_run_dir(run_dir, resume=False, product="encoder.safetensors")
 
 
+def test_the_temporaries_of_killed_writes_are_removed_and_leave_a_folder_empty(tmp_path):
+    """kill -9 during a write leaves atomic_path's temporary and safetensors' own (as large as a checkpoint):
+    nothing removed them, and a folder holding only them was refused as not empty."""
+    from simclr_cli.files import atomic_path
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(run_dir / "config.json") as tmp:
+            left = tmp.name  # its real name; a kill -9 runs no except clause, so the file stays (made again below)
+            raise KeyboardInterrupt
+    (run_dir / left).write_text("{")
+    (run_dir / ".tmpAb3xZ9").write_bytes(b"\0" * 100)  # safetensors' save_file writes this, then renames it
+    (run_dir / ".keep.tmp").touch()  # not a name either writer makes
+    export.check_run_dir(run_dir, resume=True, product="encoder.safetensors")
+    assert not (run_dir / left).exists() and not (run_dir / ".tmpAb3xZ9").exists()
+    assert (run_dir / ".keep.tmp").exists()
+    (run_dir / ".keep.tmp").unlink()
+    (run_dir / ".tmpQ7w2Lk").touch()
+    assert export.check_run_dir(run_dir, resume=False, product="encoder.safetensors") is False  # empty, as it is
+
+
 def test_a_held_folder_is_let_go_with_its_process_not_its_forked_children(tmp_path):
     """A loader worker forked inside held() outlives a parent killed outright by seconds: it must not keep the
     lock (the next --resume was refused meanwhile)."""
