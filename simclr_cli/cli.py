@@ -66,6 +66,10 @@ def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
         except Interrupted as stop:  # --devices N: the processes saved their progress
             err_console.print(str(stop))
             raise typer.Exit(130) from None
+        except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM, or one where nothing is saved: typer says nothing
+            err_console.print("stopped at once; what was saved before is kept (an interrupted pretrain, finetune "
+                              "or embed continues from its last save with --resume)")
+            raise typer.Exit(130) from None
         except SimclrError as error:
             err_console.print(labelled("error:", "red", str(error)))
             raise typer.Exit(1) from None
@@ -96,7 +100,9 @@ def _root(
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps. auto picks a GPU when there is one.")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
     help="Image-loading processes. Default: one fewer than the CPU cores, at most 8.", show_default=False)]
-SeedOpt = Annotated[int, typer.Option(help="Random seed: same seed, same data, same CPU run.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed: the same seed, data, CPU and thread count give the "
+                                             "same run (unless less free memory shrinks the batch or chunk, "
+                                             "said in a warning).")]
 PrecisionOpt = Annotated[str, typer.Option(
     help=f"{', '.join(PRECISIONS)}. auto: bf16 on CUDA and on CPUs with bf16 instructions, fp32 elsewhere.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only warnings, errors and the result.")]

@@ -24,6 +24,11 @@ HEAD_FILE = "head.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
+# A run is also checkpointed in the middle of an epoch this long after its last save: a crash or a lost machine
+# costs at most this much training, not an epoch (hours, on a large folder).
+CHECKPOINT_SECONDS = 600.0
+
+
 def check_run_dir(run_dir: Path, resume: bool, product: str) -> bool:
     """A new run needs an empty (or new) --out. Return whether to restore the checkpoint: a resumed run (its
     config.json read already) that stopped before writing its first one has none, and starts again. One that

@@ -23,8 +23,8 @@ from simclr_cli.data import ImageDataset, epoch_order, make_loader
 from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_confusion, knn_report, report_data,
                                  split_features)
-from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_encoder,
-                               load_optimizer, read_run_config, save_checkpoint, save_tensors)
+from simclr_cli.export import (CHECKPOINT_FILE, CHECKPOINT_SECONDS, HEAD_FILE, check_run_dir, load_checkpoint,
+                               load_encoder, load_optimizer, read_run_config, save_checkpoint, save_tensors)
 from simclr_cli.features import compute_features, eval_dataset
 from simclr_cli.files import (EncoderInfo, claimed, held, read_json, read_json_lines, read_metadata, shareable,
                               resolve_model_path, write_json, write_text)
@@ -349,6 +349,9 @@ class FinetuneRun:
             last = now
             if stop.signal is not None:
                 break
+            if now - self._saved_at >= CHECKPOINT_SECONDS:
+                self.save_checkpoint()
+                self._saved_at = now
 
     @torch.inference_mode()
     def predict(self, dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -446,6 +449,7 @@ class FinetuneRun:
 
         self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs)
         interrupted = False
+        self._saved_at = clock()
         with StopFlag() as stop:
             while state.epoch < self.config.epochs:
                 self.train_one_epoch(stop, clock)
@@ -456,12 +460,15 @@ class FinetuneRun:
                     self.end_epoch()
                 interrupted = stop.signal is not None and state.epoch < self.config.epochs
                 self.save_checkpoint()
+                self._saved_at = clock()
                 if interrupted:
                     break
-        self.report("done")
-        if interrupted:
-            return FinetuneResult(self.run_dir, None, state, skipped=list(self.skipped.values()), interrupted=True)
-        results = self.final_report()
+            self.report("done")
+            if interrupted:
+                return FinetuneResult(self.run_dir, None, state, skipped=list(self.skipped.values()), interrupted=True)
+            # Still inside: a signal now is too late to stop anything, and would leave the model without its report
+            # (a second one stops at once).
+            results = self.final_report()
         return FinetuneResult(self.run_dir, self.run_dir / FINETUNED_FILE, state, results,
                               list(self.skipped.values()))
 

@@ -23,8 +23,8 @@ from simclr_cli.config import PretrainConfig, check_saved_types, replace
 from simclr_cli.curves import CurvesWriter, KnnMonitor
 from simclr_cli.data import ImageDataset, collate, epoch_order, even_batch, make_loader, to_device_ahead
 from simclr_cli.errors import ConfigError, DataError, ModelFileError, SimclrError
-from simclr_cli.export import (CHECKPOINT_FILE, HEAD_FILE, check_run_dir, load_checkpoint, load_optimizer,
-                               read_run_config, save_checkpoint, save_encoder, save_tensors)
+from simclr_cli.export import (CHECKPOINT_FILE, CHECKPOINT_SECONDS, HEAD_FILE, check_run_dir, load_checkpoint,
+                               load_optimizer, read_run_config, save_checkpoint, save_encoder, save_tensors)
 from simclr_cli.files import (ENCODER_FILE, EncoderInfo, claimed, held, read_json, read_json_lines, write_json,
                               write_text)
 from simclr_cli.gradcache import cached_backward, chunk_count, paired_chunks
@@ -346,6 +346,10 @@ class PretrainRun:
             last = now
             if distributed.any_rank(stop.signal is not None) or state.step >= self.total_steps:
                 break
+            if now - self._saved_at >= CHECKPOINT_SECONDS:  # rank 0's clock: every rank saves at the same step
+                self._flush(pending)
+                self.save_checkpoint()
+                self._saved_at = now
         self._flush(pending)
         seconds = max(clock() - epoch_start, 1e-9)
         # The epoch's mean loss, over the steps it took before an interrupt too.
@@ -461,6 +465,7 @@ class PretrainRun:
                     epochs=self.config.epochs, steps_per_epoch=self.steps_per_epoch, max_time=self.config.max_time)
         final_loss: float | None = None
         interrupted = False
+        self._saved_at = clock()
         with StopFlag() as stop:
             while not state.finished:
                 metrics = self.train_one_epoch(stop, clock)
@@ -489,15 +494,18 @@ class PretrainRun:
                 if distributed.any_rank(stop.signal is not None) and not state.finished:
                     interrupted = True
                 self.save_checkpoint()
+                self._saved_at = clock()
                 if is_main():
                     self.curves.draw()  # at most once a minute; always at the end
                 if interrupted:
                     break
-        if is_main():
-            self.curves.draw(final=True)
-        if state.finished and final_loss is None and state.step:
-            self.report("message", text=f"{self.run_dir} had already finished; exporting its encoder again")
-        encoder = None if interrupted else self.export()
+            # Still inside: a signal now is too late to stop anything, and would leave an encoder without its head
+            # (a second one stops at once).
+            if is_main():
+                self.curves.draw(final=True)
+            if state.finished and final_loss is None and state.step:
+                self.report("message", text=f"{self.run_dir} had already finished; exporting its encoder again")
+            encoder = None if interrupted else self.export()
         if not interrupted:
             self.report("done", encoder=str(encoder), steps=state.step, images_seen=state.images_seen,
                         elapsed=state.elapsed, loss=final_loss)

@@ -107,6 +107,42 @@ def _config(data, model, out, **changes):
     return FinetuneConfig(**{**settings, **changes})
 
 
+def test_a_crash_mid_epoch_resumes_from_the_last_timed_checkpoint(tiny_encoder, small_digits_folder, tmp_path,
+                                                                  monkeypatch):
+    """A checkpoint is also written every CHECKPOINT_SECONDS (here: after every step), not only at epoch ends."""
+    from simclr_cli import finetune as finetune_module
+
+    finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "straight", epochs=1))
+    monkeypatch.setattr(finetune_module, "CHECKPOINT_SECONDS", 0.0)
+
+    def crash_at_step_3(kind, **fields):
+        if kind == "step" and fields["step"] == 3:
+            raise MemoryError("out of memory")
+
+    with pytest.raises(MemoryError):
+        finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "crashed", epochs=1), crash_at_step_3)
+    saved = load_checkpoint(tmp_path / "crashed" / "checkpoint.safetensors").progress["state"]
+    assert saved["step"] == saved["step_in_epoch"] == 2
+    resume_finetune(tmp_path / "crashed")
+    a = load_file(str(tmp_path / "straight" / FINETUNED_FILE))
+    b = load_file(str(tmp_path / "crashed" / FINETUNED_FILE))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_during_the_final_report_lets_it_finish(tiny_encoder, small_digits_folder, tmp_path, monkeypatch):
+    """Ctrl-C during the last kNN came too late to stop the training, and left the model without finetune.json,
+    silently: the report now finishes, and the run with it."""
+    from simclr_cli import finetune as finetune_module
+
+    def interrupted_features(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return compute_features(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "compute_features", interrupted_features)
+    result = finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "run", epochs=1))
+    assert not result.interrupted and (tmp_path / "run" / "finetune.json").is_file()
+
+
 def test_interrupted_finetune_resumes_to_the_same_model(tiny_encoder, small_digits_folder, tmp_path, monkeypatch):
     # fp16 (CUDA) scales the loss: a CPU GradScaler that doubles every step stands in, to check that a resumed run
     # goes on from the scale it had reached

@@ -382,6 +382,55 @@ def test_a_repeated_sigterm_is_one_request_and_a_later_one_stops_at_once(monkeyp
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_a_crash_mid_epoch_resumes_from_the_last_timed_checkpoint(small_digits_folder, tmp_path, monkeypatch):
+    """Checkpoints came only at the end of an epoch (or on a signal), so a crash or a lost machine lost the whole
+    epoch, hours on a large folder. One is also written every CHECKPOINT_SECONDS (here: after every step)."""
+    straight = tmp_path / "straight"
+    pretrain(_config(small_digits_folder, straight, epochs=1))
+    monkeypatch.setattr(train, "CHECKPOINT_SECONDS", 0.0)
+
+    def crash_at_step_3(kind, **fields):
+        if kind == "step" and fields["step"] == 3:
+            raise MemoryError("out of memory")
+
+    crashed = tmp_path / "crashed"
+    with pytest.raises(MemoryError):
+        pretrain(_config(small_digits_folder, crashed, epochs=1), crash_at_step_3)
+    saved = load_checkpoint(crashed / "checkpoint.safetensors").progress["state"]
+    assert saved["step"] == saved["step_in_epoch"] == 2 and saved["epoch"] == 0
+    result = resume_pretrain(crashed)
+    assert result.state.step == 6 and losses(crashed) == losses(straight)
+    a, b = load_file(str(straight / "encoder.safetensors")), load_file(str(crashed / "encoder.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_during_the_export_lets_it_finish(small_digits_folder, tmp_path, monkeypatch):
+    """Ctrl-C while the encoder is written came too late to stop the training, and left an encoder without its
+    head.safetensors, silently (exit 130 and no word): the export now finishes, and the run with it."""
+    save_encoder = train.save_encoder
+
+    def interrupted_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return save_encoder(*args, **kwargs)
+
+    monkeypatch.setattr(train, "save_encoder", interrupted_save)
+    out = tmp_path / "run"
+    result = pretrain(_config(small_digits_folder, out, epochs=1))
+    assert not result.interrupted and result.encoder_path == out / "encoder.safetensors"
+    assert (out / "encoder.safetensors").is_file() and (out / "head.safetensors").is_file()
+
+
+def test_a_second_signal_stops_at_once_and_says_so(monkeypatch, tmp_path):
+    def stopped_at_once(*args, **kwargs):
+        raise KeyboardInterrupt  # what StopFlag raises on a second signal
+
+    monkeypatch.setattr(train, "PretrainRun", stopped_at_once)
+    (tmp_path / "images").mkdir()
+    result = runner.invoke(app, ["pretrain", str(tmp_path / "images"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 130
+    assert "stopped at once" in result.output and "--resume" in result.output
+
+
 @pytest.mark.parametrize("group", [False, True], ids=["process", "process-group"])
 def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path, group):
     """SIGTERM to the main process, or to its whole process group (Slurm's scancel, `kill -- -PGID`), loader
