@@ -109,6 +109,7 @@ class PretrainRun:
                                 f"{', '.join(str(count) for count, _ in listings)}); give every process the same "
                                 f"files")
         self.paths = scan.paths
+        self.listing = _relative_listing(config.data_dir, self.paths)  # the same when the folder has moved
         self.skipped: dict[str, Skipped] = {s.path: s for s in scan.skipped}
         aug = config.augment
         self.batch_size = min(config.batch_size, len(self.paths))
@@ -238,6 +239,15 @@ class PretrainRun:
         if saved.get("num_images") != len(self.paths):
             self.report("warning", text=f"the folder now holds {len(self.paths)} images, not "
                                         f"{saved.get('num_images')}: the data order differs from the first run")
+            # The epochs done kept their steps; the rest have this folder's. Counted all in this folder's steps, the
+            # schedule would end before (or after) the last epoch, not at it: the learning rate never reached zero.
+            steps_before = max(1, saved["num_images"] // self.batch_size) if saved.get("num_images") else 0
+            if steps_before:
+                self.total_steps = (self.state.epoch * steps_before
+                                    + (self.config.epochs - self.state.epoch) * self.steps_per_epoch)
+        elif saved.get("listing", self.listing) != self.listing:  # from checkpoints that record it
+            self.report("warning", text=f"{self.config.data_dir} holds other images than the run's first session, as "
+                                        f"many: the rest of the run trains on these")
         # Files skipped in an earlier session that the scan now finds readable and that decode have been mended:
         # this session trains on them, so they leave skipped.json (a truncated file passes the scan's header check).
         # A folder that could not be listed is this session's scan's to report, or not.
@@ -423,7 +433,7 @@ class PretrainRun:
             self.cache.flush()
         if not is_main():
             return
-        progress = {"state": asdict(self.state), "num_images": len(self.paths),
+        progress = {"state": asdict(self.state), "num_images": len(self.paths), "listing": self.listing,
                     "skipped": [s.to_json() for s in self.skipped.values()],
                     "scaler": self.scaler.state_dict() if self.scaler is not None else None}
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, {"backbone": self.model.backbone, "head": self.model.head},
@@ -522,6 +532,13 @@ def _decodes(path: str) -> bool:
 
 def _listing_digest(paths: Sequence[str | Path]) -> str:
     return hashlib.blake2b("\n".join(map(str, paths)).encode(errors="surrogateescape"), digest_size=8).hexdigest()
+
+
+def _relative_listing(root: str, paths: Sequence[str | Path]) -> str:
+    """_listing_digest of the paths below `root`."""
+    root = os.path.join(root, "")
+    relative = [p[len(root):] if p.startswith(root) else os.path.relpath(p, root) for p in map(str, paths)]
+    return _listing_digest(relative)
 
 
 _PIPELINES = {

@@ -685,6 +685,47 @@ def test_a_folder_smaller_than_the_batch_trains_at_the_learning_rate_of_its_real
     assert len(rates["default"]) == 2 and rates["default"] == pytest.approx(rates["explicit"]), rates
 
 
+def test_a_resume_on_a_folder_that_grew_still_ends_its_schedule_at_the_last_step(small_digits_folder, tmp_path):
+    """The steps were all counted in the new folder's epochs, the first (done) included: the run ended at its
+    last epoch with the schedule short of its end, the learning rate far from zero."""
+    data = tmp_path / "data"
+    shutil.copytree(small_digits_folder, data)
+
+    def interrupt_at_step_8(kind, **fields):  # in the second epoch: 6 steps of 32 a first one
+        if kind == "step" and fields["step"] == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "run"
+    config = _config(data, run, epochs=2)
+    assert pretrain(config, interrupt_at_step_8).interrupted
+    for path in sorted(data.rglob("*.png"))[:64]:  # two more steps an epoch
+        shutil.copy(path, path.with_name(f"more-{path.name}"))
+    warnings = []
+    result = resume_pretrain(run, lambda kind, **fields: kind == "warning" and warnings.append(fields["text"]))
+    assert any("data order differs" in text for text in warnings)
+    assert result.state.step == 6 + 8
+    rates = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rates[-1] < 0.01 * config.resolved_lr, "the schedule ends with the run"
+
+
+def test_a_resume_on_other_images_as_many_warns(small_digits_folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small_digits_folder, data)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(data), "--out", str(run), "--epochs", "1", "--batch-size", "64",
+                                 *FAST])
+    assert result.exit_code == 0, result.output
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    result = runner.invoke(app, ["pretrain", "--resume", str(run), str(moved), "--workers", "0"])
+    assert result.exit_code == 0 and "other images" not in result.output, result.output  # moved, not changed
+    first = sorted(moved.rglob("*.png"))[0]
+    first.rename(first.with_name(f"renamed-{first.name}"))
+    result = runner.invoke(app, ["pretrain", "--resume", str(run), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "holds other images than the run's first session" in " ".join(result.output.split())
+
+
 def test_a_data_folder_given_on_resume_is_kept_for_the_next_one(small_digits_folder, tmp_path):
     """`--resume RUN DATA_DIR` for data that moved: config.json now names the new folder, so the next
     `--resume RUN` finds it (it looked in the old place)."""
