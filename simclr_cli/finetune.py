@@ -33,8 +33,8 @@ from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, check_
 from simclr_cli.memory import batch_shortfall
 from simclr_cli.models import build_backbone
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
-from simclr_cli.runtime import (StopFlag, default_workers, resolve_device, resolve_precision, rng_state,
-                                seed_everything, set_rng_state)
+from simclr_cli.runtime import (StopFlag, default_workers, precision_change, resolve_device, resolve_precision,
+                                rng_state, seed_everything, set_rng_state)
 from simclr_cli.train import Report, TrainingDiverged, silent, use_even_batch
 
 FINETUNED_FILE = "finetuned.safetensors"
@@ -296,6 +296,8 @@ class FinetuneRun:
             raise ModelFileError(f"{path}: does not fit the run's config.json and {SPLIT_FILE} (edited?) or is "
                                  f"damaged; restore the files as the run wrote them, or start a new run with another "
                                  f"--out") from None
+        if (change := precision_change(checkpoint.progress.get("precision"), self.precision)) is not None:
+            self.report("warning", text=change)
         log = self.run_dir / "metrics.jsonl"
         write_text(log, "".join(json.dumps(record) + "\n" for record in read_json_lines(log)
                                 if record["epoch"] <= self.state.epoch))
@@ -393,6 +395,7 @@ class FinetuneRun:
 
     def save_checkpoint(self) -> None:
         progress = {"state": asdict(self.state), "skipped": [s.to_json() for s in self.skipped.values()],
+                    "precision": self.precision.name,
                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                     # enough to rebuild the model without MODEL, which a resume may no longer find
                     "encoder": {"metadata": self.info.to_metadata(),

@@ -73,6 +73,14 @@ class Precision:
         return None
 
 
+def precision_change(saved: str | None, precision: Precision) -> str | None:
+    """The warning for a resumed run that computes otherwise than its earlier sessions (None: the same, or unknown)."""
+    if saved is None or saved == precision.name:
+        return None
+    return (f"this session computes in {precision.name}, the run's earlier ones in {saved} (--precision auto "
+            f"decides by the device): the run goes on, but not as an uninterrupted one would have")
+
+
 def resolve_precision(spec: str, device: torch.device) -> Precision:
     """Return the Precision for --precision auto|fp32|bf16|fp16 on this device.
 

@@ -34,8 +34,8 @@ from simclr_cli.memory import batch_shortfall
 from simclr_cli.models import SimCLR
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
 from simclr_cli.run_state import LoopState, PretrainResult
-from simclr_cli.runtime import (StopFlag, default_workers, is_main, resolve_device, resolve_precision, rng_state,
-                                seed_everything, set_rng_state, world_size)
+from simclr_cli.runtime import (StopFlag, default_workers, is_main, precision_change, resolve_device,
+                                resolve_precision, rng_state, seed_everything, set_rng_state, world_size)
 
 Report = Callable[..., None]  # report(kind, **fields): the CLI draws these; the engine never prints
 
@@ -236,6 +236,8 @@ class PretrainRun:
             raise ModelFileError(f"{path}: does not fit the run's config.json (an --arch or head edited in it?) or "
                                  f"is damaged; restore both files as the run wrote them, or start a new run with "
                                  f"another --out") from None
+        if (change := precision_change(saved.get("precision"), self.precision)) is not None:
+            self.report("warning", text=change)
         if saved.get("num_images") != len(self.paths):
             self.report("warning", text=f"the folder now holds {len(self.paths)} images, not "
                                         f"{saved.get('num_images')}: the data order differs from the first run")
@@ -434,6 +436,7 @@ class PretrainRun:
         if not is_main():
             return
         progress = {"state": asdict(self.state), "num_images": len(self.paths), "listing": self.listing,
+                    "precision": self.precision.name,
                     "skipped": [s.to_json() for s in self.skipped.values()],
                     "scaler": self.scaler.state_dict() if self.scaler is not None else None}
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, {"backbone": self.model.backbone, "head": self.model.head},

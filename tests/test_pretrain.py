@@ -708,6 +708,25 @@ def test_a_resume_on_a_folder_that_grew_still_ends_its_schedule_at_the_last_step
     assert rates[-1] < 0.01 * config.resolved_lr, "the schedule ends with the run"
 
 
+def test_a_resume_that_computes_in_another_precision_says_so(small_digits_folder, tmp_path, monkeypatch):
+    """--precision auto is decided per session, by the device: a run resumed on a machine with bf16 switched from
+    fp32 without a word (config.json keeps "auto")."""
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+
+    def interrupt_at_step_2(kind, **fields):
+        if kind == "step" and fields["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "run"
+    assert pretrain(_config(small_digits_folder, run, epochs=1), interrupt_at_step_2).interrupted
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    warnings = []
+    resume_pretrain(run, lambda kind, **fields: kind == "warning" and warnings.append(fields["text"]))
+    assert [text for text in warnings if "precision" in text] == [
+        "this session computes in bf16, the run's earlier ones in fp32 (--precision auto decides by the device): "
+        "the run goes on, but not as an uninterrupted one would have"]
+
+
 def test_a_resume_on_other_images_as_many_warns(small_digits_folder, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(small_digits_folder, data)
