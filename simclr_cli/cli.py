@@ -579,6 +579,10 @@ def similar(
     err_console.print(f"index {result.index} ({result.size:,} images), from {result.source}")
     for item in result.skipped:
         err_console.print(labelled("warning:", "yellow", f"skipped query {item.path}: {item.reason}"))
+    if grid is not None:  # first: a reader of the results that stops early (`| head`) must not cost the file
+        contact_sheet([(q, [(hit.path, hit.score) for hit in hits]) for q, hits in zip(result.queries, result.hits)],
+                      grid)
+        err_console.print(f"contact sheet written to {grid}")
     if as_json:
         typer.echo(json.dumps({"index": str(result.index), "results": [
             {"query": q, "hits": [vars(hit) for hit in hits]} for q, hits in zip(result.queries, result.hits)]},
@@ -592,10 +596,6 @@ def similar(
             for hit in hits:
                 table.add_row(str(hit.rank), f"{hit.score:.4f}", _shown(hit.path))
             console.print(table)
-    if grid is not None:
-        contact_sheet([(q, [(hit.path, hit.score) for hit in hits]) for q, hits in zip(result.queries, result.hits)],
-                      grid)
-        err_console.print(f"contact sheet written to {grid}")
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from rich.console import Console
@@ -10,8 +11,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.text import Text
 
 # Long paths stay on one line; no markup, so that a path like "photo [edited].jpg" prints as it is.
-console = Console(highlight=False, soft_wrap=True, markup=False)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """A reader that went away (`simclr similar ... | head`, a `tee` killed) silences the output and the work
+        goes on: rich's own exits with 1, in the middle of a training run too."""
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.file.fileno())
+
+
+console = _Console(highlight=False, soft_wrap=True, markup=False)
+err_console = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 def labelled(label: str, style: str, text: str) -> Text:

@@ -431,6 +431,30 @@ def test_a_second_signal_stops_at_once_and_says_so(monkeypatch, tmp_path):
     assert "stopped at once" in result.output and "--resume" in result.output
 
 
+def test_a_reader_of_the_output_that_goes_away_does_not_stop_the_run(small_digits_folder, tmp_path):
+    """`simclr pretrain ... | head -1`: rich exited with 1 at the first line it could not write, ending the run
+    without an encoder. The output now goes nowhere and the run goes on."""
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "simclr_cli", "pretrain", str(small_digits_folder), "--out",
+                                str(out), "--epochs", "1", "--batch-size", "64", *FAST],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert process.stdout.readline()  # the first line, then the reader is gone
+    process.stdout.close()
+    assert process.wait(timeout=300) == 0
+    assert (out / "encoder.safetensors").is_file()
+
+
+def test_the_console_goes_quiet_when_its_reader_goes_away():
+    from simclr_cli.progress import console
+
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w") as stream:
+        quiet = type(console)(file=stream)
+        quiet.print("a result")  # rich's own Console raised SystemExit(1) here
+        assert quiet.quiet
+
+
 @pytest.mark.parametrize("group", [False, True], ids=["process", "process-group"])
 def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path, group):
     """SIGTERM to the main process, or to its whole process group (Slurm's scancel, `kill -- -PGID`), loader
