@@ -123,6 +123,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the indexes (default: a temp dir)")
     args = parser.parse_args()
+    if args.dir is not None and not args.dir.is_dir():
+        parser.error(f"--dir {args.dir}: no such folder; make it first, or leave --dir out for a temporary one")
     if args.threads:
         torch.set_num_threads(args.threads)
 
