@@ -301,7 +301,11 @@ class FinetuneRun:
         log = self.run_dir / "metrics.jsonl"
         write_text(log, "".join(json.dumps(record) + "\n" for record in read_json_lines(log)
                                 if record["epoch"] <= self.state.epoch))
-        self.report("message", text=f"resuming {self.run_dir} at epoch {self.state.epoch + 1}, step {self.state.step}")
+        if self.state.epoch >= self.config.epochs:  # "at epoch 4" of 3 said nothing true
+            self.report("message", text=f"{self.run_dir} had finished training; writing its model and report again")
+        else:
+            self.report("message", text=f"resuming {self.run_dir} at epoch {self.state.epoch + 1}, "
+                                        f"step {self.state.step}")
 
     # -- the loop ---------------------------------------------------------------------------
 
