@@ -26,6 +26,9 @@ class LoopState:
     time_progress: float = 0.0
     loss_sum: float = 0.0  # the current epoch's losses and their steps, kept across an interrupt
     loss_steps: int = 0
+    # Steps of the epochs completed, each in its own session's steps per epoch: a folder that gained or lost images
+    # since gives the epochs left other steps, and the schedule's length follows.
+    past_epoch_steps: int = 0
 
 
 @dataclass

@@ -238,15 +238,16 @@ class PretrainRun:
                                  f"another --out") from None
         if (change := precision_change(saved.get("precision"), self.precision)) is not None:
             self.report("warning", text=change)
+        if "past_epoch_steps" not in saved["state"]:  # an older checkpoint: its epochs had its folder's steps
+            images = saved.get("num_images") or len(self.paths)
+            self.state.past_epoch_steps = self.state.epoch * max(1, images // min(self.config.batch_size, images))
+        # The epochs done keep their steps and the rest have this folder's: counted all in this folder's steps, the
+        # schedule of a folder that gained or lost images ended before (or after) the last epoch, not at it.
+        epochs_left = self.config.epochs - self.state.epoch
+        self.total_steps = self.state.past_epoch_steps + epochs_left * self.steps_per_epoch
         if saved.get("num_images") != len(self.paths):
             self.report("warning", text=f"the folder now holds {len(self.paths)} images, not "
                                         f"{saved.get('num_images')}: the data order differs from the first run")
-            # The epochs done kept their steps; the rest have this folder's. Counted all in this folder's steps, the
-            # schedule would end before (or after) the last epoch, not at it: the learning rate never reached zero.
-            steps_before = max(1, saved["num_images"] // self.batch_size) if saved.get("num_images") else 0
-            if steps_before:
-                self.total_steps = (self.state.epoch * steps_before
-                                    + (self.config.epochs - self.state.epoch) * self.steps_per_epoch)
         elif saved.get("listing", self.listing) != self.listing:  # from checkpoints that record it
             self.report("warning", text=f"{self.config.data_dir} holds other images than the run's first session, as "
                                         f"many: the rest of the run trains on these")
@@ -491,6 +492,7 @@ class PretrainRun:
                                     f"others in its batch; fix or replace the images, then run again with --resume")
                 if epoch_done:
                     state.epoch += 1
+                    state.past_epoch_steps += self.steps_per_epoch
                     state.step_in_epoch, state.loss_sum, state.loss_steps = 0, 0.0, 0
                     self.report("epoch", epoch=state.epoch, epochs=self.config.epochs, **metrics)
                     if self.monitor is not None:

@@ -310,24 +310,25 @@ def test_the_progress_bar_counts_the_steps_the_time_budget_leaves():
 
 
 def test_a_run_resumed_on_fewer_images_than_its_steps_need_ends_there(small_digits_folder, tmp_path, capsys):
-    """Stopped at step 6 of 12 (epoch 1 done), resumed on 64 of its 200 images (4 steps in 2 epochs): it said
-    "training for -2 steps", took one more at lr 0 and ended. It now exports at once, and says why."""
-    def interrupt_at_step_6(kind, **fields):
-        if kind == "step" and fields["step"] == 6:
+    """Stopped at step 9 of 12 (the second epoch's third), resumed on 64 of its 200 images (the first epoch's 6
+    steps and 2 for the second): it said "training for -2 steps", took one more at lr 0 and ended. It now exports
+    at once, and says why."""
+    def interrupt_at_step_9(kind, **fields):
+        if kind == "step" and fields["step"] == 9:
             os.kill(os.getpid(), signal.SIGINT)
 
     out, fewer = tmp_path / "run", tmp_path / "fewer"
     fewer.mkdir()
     for path in sorted(small_digits_folder.rglob("*.png"))[:64]:
         shutil.copy(path, fewer / f"{path.parent.name}_{path.name}")
-    assert pretrain(_config(small_digits_folder, out), interrupt_at_step_6).interrupted
+    assert pretrain(_config(small_digits_folder, out), interrupt_at_step_9).interrupted
     capsys.readouterr()
     result = runner.invoke(app, ["pretrain", "--resume", str(out), str(fewer), "--workers", "0"])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
-    assert f"{fewer} now gives 4 steps in 2 epochs, and the run has taken 6: it ends here" in output
-    assert "training for 0 steps" in output and "(6 steps," in output
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 6
+    assert f"{fewer} now gives 8 steps in 2 epochs, and the run has taken 9: it ends here" in output
+    assert "training for 0 steps" in output and "(9 steps," in output
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 9
     assert (out / "encoder.safetensors").is_file()
 
 
@@ -715,18 +716,22 @@ def test_a_resume_on_a_folder_that_grew_still_ends_its_schedule_at_the_last_step
     data = tmp_path / "data"
     shutil.copytree(small_digits_folder, data)
 
-    def interrupt_at_step_8(kind, **fields):  # in the second epoch: 6 steps of 32 a first one
-        if kind == "step" and fields["step"] == 8:
-            os.kill(os.getpid(), signal.SIGINT)
+    def interrupt_at(step):
+        def report(kind, **fields):
+            if kind == "step" and fields["step"] == step:
+                os.kill(os.getpid(), signal.SIGINT)
+        return report
 
     run = tmp_path / "run"
     config = _config(data, run, epochs=2)
-    assert pretrain(config, interrupt_at_step_8).interrupted
+    assert pretrain(config, interrupt_at(8)).interrupted  # in the second epoch: 6 steps of 32 a first one
     for path in sorted(data.rglob("*.png"))[:64]:  # two more steps an epoch
         shutil.copy(path, path.with_name(f"more-{path.name}"))
     warnings = []
-    result = resume_pretrain(run, lambda kind, **fields: kind == "warning" and warnings.append(fields["text"]))
+    assert resume_pretrain(run, lambda kind, **fields: (kind == "warning" and warnings.append(fields["text"]),
+                                                        interrupt_at(10)(kind, **fields))).interrupted
     assert any("data order differs" in text for text in warnings)
+    result = resume_pretrain(run)  # the second resume sees no change, and must not count the first epoch in 8 steps
     assert result.state.step == 6 + 8
     rates = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rates[-1] < 0.01 * config.resolved_lr, "the schedule ends with the run"
