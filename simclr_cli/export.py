@@ -37,8 +37,6 @@ def check_run_dir(run_dir: Path, resume: bool, product: str) -> bool:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; pass a folder (new or empty) for the run")
     check_output_path(run_dir, "--out", folder=True)
-    if run_dir.exists() and is_main():  # held by this process: a temporary here is a killed write's
-        remove_temporaries(run_dir)
     # Another process's check_output_path may have its probe in the folder this instant (--devices: every rank checks),
     # and a temporary of a killed write be still there for the other ranks.
     if not resume and run_dir.exists() and any(not p.name.startswith(PROBE_PREFIX) and not is_temporary(p.name)
@@ -47,6 +45,8 @@ def check_run_dir(run_dir: Path, resume: bool, product: str) -> bool:
         started = checkpoint.is_file() or (run_dir / "config.json").is_file()
         hint = f"resume it with --resume {run_dir}" if started else "choose an empty folder"
         raise ConfigError(f"--out {run_dir} already holds files; {hint}, or pass another --out")
+    if run_dir.exists() and is_main():  # the run's, and held by this process: a temporary here is a killed write's
+        remove_temporaries(run_dir)
     if resume and not checkpoint.is_file() and (run_dir / product).is_file():
         raise ConfigError(f"--resume {run_dir}: the run finished ({product} is there) and its {CHECKPOINT_FILE} is "
                           f"gone, so there is nothing to resume from; it needs no --resume (to train on, start a "

@@ -70,9 +70,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 PROBE_PREFIX = ".simclr-probe-"  # check_output_path's file, there for an instant
-# What a write killed half way leaves: atomic_path's temporary (.NAME.XXXXXXXX.tmp, mkstemp's 8 characters)
-# and the one safetensors writes and renames over it (.tmpXXXXXX), as large as a checkpoint.
-_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
+# What a write killed half way leaves in a run folder: atomic_path's temporary of one of its files
+# (.NAME.XXXXXXXX.tmp, mkstemp's 8 characters) and the one safetensors writes and renames over it (.tmpXXXXXX,
+# the Rust tempfile crate's name), as large as a checkpoint.
+_TEMPORARY = re.compile(r"\.[^/]+\.(json|jsonl|safetensors|png)\.[a-z0-9_]{8}\.tmp|\.tmp[A-Za-z0-9]{6}")
 
 
 def is_temporary(name: str) -> bool:

@@ -226,6 +226,18 @@ def test_the_temporaries_of_killed_writes_are_removed_and_leave_a_folder_empty(t
     (run_dir / ".keep.tmp").unlink()
     (run_dir / ".tmpQ7w2Lk").touch()
     assert export.check_run_dir(run_dir, resume=False, product="encoder.safetensors") is False  # empty, as it is
+    assert not (run_dir / ".tmpQ7w2Lk").exists()
+
+
+def test_a_folder_refused_as_not_empty_keeps_every_file(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    names = ["notes.txt", ".tmpAb3xZ9", ".draft.2024_q01.tmp", ".config.json.abcd1234.tmp"]
+    for name in names:
+        (folder / name).touch()
+    with pytest.raises(ConfigError, match="already holds files"):
+        export.check_run_dir(folder, resume=False, product="encoder.safetensors")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)
 
 
 def test_a_held_folder_is_let_go_with_its_process_not_its_forked_children(tmp_path):
