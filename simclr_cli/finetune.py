@@ -355,9 +355,10 @@ class FinetuneRun:
             last = now
             if stop.signal is not None:
                 break
-            if now - self._saved_at >= CHECKPOINT_SECONDS:
+            # Not at the epoch's end, saved next anyway; and the save is no step's time.
+            if now - self._saved_at >= CHECKPOINT_SECONDS and state.step_in_epoch < self.steps_per_epoch:
                 self.save_checkpoint()
-                self._saved_at = now
+                self._saved_at = last = clock()
 
     @torch.inference_mode()
     def predict(self, dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:

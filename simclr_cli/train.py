@@ -359,10 +359,12 @@ class PretrainRun:
             last = now
             if distributed.any_rank(stop.signal is not None) or state.step >= self.total_steps:
                 break
-            if now - self._saved_at >= CHECKPOINT_SECONDS:  # rank 0's clock: every rank saves at the same step
+            # Rank 0's clock: every rank saves at the same step. Not at the epoch's end, saved next anyway; and the
+            # save is no step's time.
+            if now - self._saved_at >= CHECKPOINT_SECONDS and state.step_in_epoch < self.steps_per_epoch:
                 self._flush(pending)
                 self.save_checkpoint()
-                self._saved_at = now
+                self._saved_at = last = clock()
         self._flush(pending)
         seconds = max(clock() - epoch_start, 1e-9)
         # The epoch's mean loss, over the steps it took before an interrupt too.

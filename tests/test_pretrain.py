@@ -405,6 +405,29 @@ def test_a_crash_mid_epoch_resumes_from_the_last_timed_checkpoint(small_digits_f
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_timed_checkpoints_are_no_step_time_and_not_doubled_at_an_epoch_end(small_digits_folder, tmp_path,
+                                                                            monkeypatch):
+    """The step after a timed save counted the save as its time (its images/s dropped every 10 minutes), and a
+    timed save on an epoch's last step was followed at once by the epoch's own."""
+    clock = SteadyClock()
+    monkeypatch.setattr(train, "time", clock)
+    monkeypatch.setattr(train, "CHECKPOINT_SECONDS", 0.0)
+    saves = []
+    save_checkpoint = train.PretrainRun.save_checkpoint
+
+    def slow_save(run):  # a save of 100 s, on a slow disk
+        saves.append(run.state.step)
+        clock.now += 100.0
+        save_checkpoint(run)
+
+    monkeypatch.setattr(train.PretrainRun, "save_checkpoint", slow_save)
+    out = tmp_path / "run"
+    pretrain(_config(small_digits_folder, out, epochs=2))
+    assert saves == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]  # once a step: the epoch's own at 6 and 12
+    speeds = [json.loads(line)["images_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert min(speeds) > 0.5 * sorted(speeds)[len(speeds) // 2], speeds
+
+
 def test_a_signal_during_the_export_lets_it_finish(small_digits_folder, tmp_path, monkeypatch):
     """Ctrl-C while the encoder is written came too late to stop the training, and left an encoder without its
     head.safetensors, silently (exit 130 and no word): the export now finishes, and the run with it."""
