@@ -67,8 +67,8 @@ def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
             err_console.print(str(stop))
             raise typer.Exit(130) from None
         except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM, or one where nothing is saved: typer says nothing
-            err_console.print("stopped at once; what was saved before is kept (an interrupted pretrain, finetune "
-                              "or embed continues from its last save with --resume)")
+            err_console.print("stopped at once; whatever was saved before is kept (a pretrain, finetune or embed "
+                              "that had saved progress continues from it with --resume)")
             raise typer.Exit(130) from None
         except SimclrError as error:
             err_console.print(labelled("error:", "red", str(error)))

@@ -181,6 +181,22 @@ def test_auto_picks_the_device_on_a_gpu_and_the_loader_on_a_cpu():
     assert resolve_augment_on("per-image", torch.device("cuda", 0)) == "per-image"
 
 
+def test_the_batch_is_augmented_in_the_chunks_augment_chunk_gives(monkeypatch):
+    from simclr_cli import batch_augment
+
+    config = AugmentConfig(image_size=32)
+    sampler = ViewSampler(config)
+    pairs = [sampler(photo(40, 36, seed=i)) for i in range(5)]
+    crops, params = torch.stack([c for c, _ in pairs]), torch.stack([p for _, p in pairs])  # 10 views
+    whole = BatchAugment(config)(crops, params)
+    sizes = []
+    augment = BatchAugment._augment
+    monkeypatch.setattr(batch_augment, "augment_chunk", lambda pixels, on_cpu: 3)
+    monkeypatch.setattr(BatchAugment, "_augment", lambda self, c, t: sizes.append(len(c)) or augment(self, c, t))
+    assert torch.equal(BatchAugment(config)(crops, params), whole)
+    assert sizes == [3, 3, 3, 1]
+
+
 def test_a_gpu_augments_a_large_batch_in_bounded_chunks():
     assert augment_chunk(224 * 224, on_cpu=False) == 512  # 8,192 views of batch 4096 go 512 at a time
     assert augment_chunk(32 * 32, on_cpu=False) == 25088

@@ -109,7 +109,8 @@ def _compare_with_one_process() -> list[dict[str, float]]:
     parallel = distributed.wrap_ddp(model, torch.device("cpu"))
     samples = torch.randn(8, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # same on every rank
     errors = {"rank": rank()}
-    for case, batch_size, chunk_size in [("even", 8, None), ("uneven", 7, None), ("chunked", 8, 3)]:
+    for case, batch_size, chunk_size in [("even", 8, None), ("uneven", 7, None), ("chunked", 8, 3),
+                                         ("uneven chunked", 7, 2)]:  # ranks of 4 and 3 images, 2 chunks each
         batch = samples[:batch_size]
         model.zero_grad()
         expected_loss = nt_xent(*_embed(model, batch).unbind(1), TEMPERATURE)  # one process, no collectives
