@@ -102,14 +102,14 @@ class PretrainRun:
                             f"its batch, so it needs at least 2 (a few hundred to learn anything)")
         # Every process scans for itself; ones that found other files would batch differently, and wait
         # for each other's steps for ever.
+        self.listing = _listing_digest(config.data_dir, scan.paths)  # the same when the folder has moved
         if world_size() > 1:
-            listings = distributed.gather_objects([(len(scan.paths), _listing_digest(scan.paths))])
+            listings = distributed.gather_objects([(len(scan.paths), self.listing)])
             if len(set(listings)) > 1:
                 raise DataError(f"{config.data_dir}: the processes found different images (by rank: "
                                 f"{', '.join(str(count) for count, _ in listings)}); give every process the same "
                                 f"files")
         self.paths = scan.paths
-        self.listing = _relative_listing(config.data_dir, self.paths)  # the same when the folder has moved
         self.skipped: dict[str, Skipped] = {s.path: s for s in scan.skipped}
         aug = config.augment
         self.batch_size = min(config.batch_size, len(self.paths))
@@ -537,15 +537,11 @@ def _decodes(path: str) -> bool:
     return True
 
 
-def _listing_digest(paths: Sequence[str | Path]) -> str:
-    return hashlib.blake2b("\n".join(map(str, paths)).encode(errors="surrogateescape"), digest_size=8).hexdigest()
-
-
-def _relative_listing(root: str, paths: Sequence[str | Path]) -> str:
-    """_listing_digest of the paths below `root`."""
+def _listing_digest(root: str, paths: Sequence[str | Path]) -> str:
+    """A digest of the paths below `root`: the same for the same files in a folder that has moved."""
     root = os.path.join(root, "")
     relative = [p[len(root):] if p.startswith(root) else os.path.relpath(p, root) for p in map(str, paths)]
-    return _listing_digest(relative)
+    return hashlib.blake2b("\n".join(relative).encode(errors="surrogateescape"), digest_size=8).hexdigest()
 
 
 _PIPELINES = {
