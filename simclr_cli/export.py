@@ -14,8 +14,8 @@ from torch import nn
 from simclr_cli import __version__
 from simclr_cli.config import SavedTypeError, replace
 from simclr_cli.errors import ConfigError, ModelFileError
-from simclr_cli.files import (PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path, is_temporary, read_json,
-                              read_metadata, remove_temporaries, resolve_model_path)
+from simclr_cli.files import (NOT_BACKBONE, PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path, is_temporary,
+                              read_json, read_metadata, remove_temporaries, resolve_model_path)
 from simclr_cli.models import build_backbone
 from simclr_cli.runtime import is_main
 
@@ -97,7 +97,7 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     with torch.device("meta"):  # no random initialisation of weights about to be replaced (0.1 s for resnet18)
         backbone = build_backbone(info.arch, info.stem, initialise=False, width=info.width)
     tensors = load_file(str(path))
-    state = {k: v for k, v in tensors.items() if not k.startswith(("head.", "classifier."))}
+    state = {k: v for k, v in tensors.items() if not k.startswith(NOT_BACKBONE)}
     expected = backbone.state_dict()  # meta tensors: each weight's dtype, no data
     for key, value in state.items():
         # assign=True keeps the file's dtype: a half copy of the weights would meet float32 images.

@@ -24,6 +24,7 @@ from simclr_cli.errors import ConfigError, ModelFileError
 
 ENCODER_FORMAT = "simclr-encoder"
 ENCODER_FILE = "encoder.safetensors"
+NOT_BACKBONE = ("head.", "classifier.")  # key prefixes of an encoder file's other tensors: g, a fine-tuned classifier
 
 
 def sync_file(path: str | Path) -> None:

@@ -8,6 +8,7 @@ chunks, so an index never has to fit in RAM.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import mmap
@@ -585,13 +586,15 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
         raise ModelFileError(f"{manifest.model} changed since {index_path} was built (SHA-256 differs), so its "
                              f"embeddings would not match; restore the file, or run `simclr embed` again")
     paths, skipped = query_paths(queries)
+    features = None
     if device == "cpu" and manifest.precision == "fp32":
         # Rows computed in fp32 (where the CPU has no bf16, the default): numpy gives the same features
         # without importing PyTorch, which takes longer than everything else here.
-        from simclr_cli.numpy_encoder import embed_queries as embed_on_cpu
+        from simclr_cli.numpy_encoder import NotInNumpy, embed_queries as embed_on_cpu
 
-        features, positions, unreadable = embed_on_cpu(manifest.model, paths)  # (M, D)
-    else:
+        with contextlib.suppress(NotInNumpy):  # weights numpy cannot read (float8): PyTorch embeds them
+            features, positions, unreadable = embed_on_cpu(manifest.model, paths)  # (M, D)
+    if features is None:
         from simclr_cli.embed import embed_queries
         from simclr_cli.runtime import resolve_device
 

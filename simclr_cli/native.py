@@ -117,7 +117,10 @@ def cache_dir() -> Path:
 
 def compiler() -> list[str] | None:
     """The C compiler's command ($CC, which may carry flags or a wrapper such as ccache, else cc), if found."""
-    command = shlex.split(os.environ.get("CC") or "") or ["cc"]
+    try:
+        command = shlex.split(os.environ.get("CC") or "") or ["cc"]
+    except ValueError:  # unbalanced quotes: no compiler, as for one that is not installed
+        return None
     found = shutil.which(command[0])
     return [found, *command[1:]] if found else None
 
@@ -183,4 +186,6 @@ def _compile(command: list[str], source: Path, out: Path) -> str | None:
             process.kill()
         process.communicate()
         return f"{shlex.join(arguments)}\nstopped after {BUILD_SECONDS} s\n"
-    return None if process.returncode == 0 else f"{shlex.join(arguments)}\n{output}"
+    if process.returncode != 0:
+        return f"{shlex.join(arguments)}\n{output}"
+    return None if out.is_file() else f"{shlex.join(arguments)}\nexited 0 but wrote no {out.name}\n{output}"

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from simclr_cli.augment import preprocessing
 from simclr_cli.config import RESNETS, channels, cpu_cores
-from simclr_cli.files import EncoderInfo, read_metadata, resolve_model_path
+from simclr_cli.files import NOT_BACKBONE, EncoderInfo, read_metadata, resolve_model_path
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb
 
 BATCH_NORM_EPS = 1e-5  # nn.BatchNorm2d's default, which models.py keeps
@@ -128,7 +128,7 @@ class NumpyEncoder:
 
     def __init__(self, tensors: dict[str, np.ndarray], info: EncoderInfo):
         """Fold the weights of a state dict (torchvision key names); ValueError if they are not `info`'s ResNet."""
-        tensors = {key: value for key, value in tensors.items() if not key.startswith(("head.", "classifier."))}
+        tensors = {key: value for key, value in tensors.items() if not key.startswith(NOT_BACKBONE)}
         block_kind, depths = RESNETS[info.arch]
         planes = [channels(base, info.width) for base in (64, 128, 256, 512)]  # as models.ResNet
         stem_kernel, stem_stride = (7, 2) if info.stem == "imagenet" else (3, 1)
@@ -179,14 +179,21 @@ class NumpyEncoder:
         return x.mean(axis=(1, 2))  # (B, feature_dim): global average pool
 
 
+class NotInNumpy(Exception):
+    """The encoder's weights are in a dtype numpy does not read (float8): PyTorch's encoder computes the features."""
+
+
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors file, bfloat16 ones (which numpy lacks, and PyTorch loads) widened to float32."""
+    """The backbone's tensors of a safetensors file (the head's and classifier's are never used), bfloat16 ones
+    (which numpy lacks, and PyTorch loads) widened to float32; NotInNumpy for other dtypes numpy lacks."""
     tensors, widen = {}, []
     with safe_open(str(path), framework="numpy") as handle:
         for key in handle.keys():
+            if key.startswith(NOT_BACKBONE):
+                continue
             try:
                 tensors[key] = handle.get_tensor(key)
-            except TypeError:  # a dtype numpy does not have
+            except (TypeError, AttributeError):  # a dtype numpy does not have (float8: AttributeError)
                 widen.append(key)
     if widen:
         with open(path, "rb") as handle:  # safetensors: 8 bytes of header size, the JSON header, the data
@@ -194,7 +201,7 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
             header = json.loads(handle.read(size))
             for key in widen:
                 if header[key]["dtype"] != "BF16":
-                    raise TypeError(f"{key} holds {header[key]['dtype']}, which numpy does not read")
+                    raise NotInNumpy(f"{key} holds {header[key]['dtype']}")
                 begin, end = header[key]["data_offsets"]
                 handle.seek(8 + size + begin)
                 halves = np.frombuffer(handle.read(end - begin), dtype="<u2")

@@ -142,6 +142,18 @@ def test_a_compiler_that_hangs_is_stopped_with_what_it_started_and_remembered(ca
     assert build(native.SOURCE) is None and len(cache) == 1
 
 
+def test_a_compiler_that_succeeds_without_output_is_remembered_as_failed(cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "true")
+    assert build(native.SOURCE) is None and build(native.SOURCE) is None and len(cache) == 1
+    [failed] = native.cache_dir().iterdir()
+    assert failed.suffix == ".failed" and "exited 0 but wrote no" in failed.read_text()
+
+
+def test_a_cc_that_cannot_be_parsed_is_no_compiler(cache, monkeypatch):
+    monkeypatch.setenv("CC", 'gcc "')
+    assert native.compiler() is None and search_kernels() is None and cache == []
+
+
 @pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
 def test_cc_may_carry_flags_and_a_relative_cache_home_is_ignored(cache, monkeypatch, tmp_path):
     monkeypatch.setenv("CC", f"{native.compiler()[0]} -Wall")

@@ -133,6 +133,28 @@ def test_damaged_weights_are_one_line_errors_as_with_torch(tmp_path, change, mes
         load_encoder(path)
 
 
+@pytest.mark.parametrize("head", [torch.full((4, 512), float("nan")), torch.ones(4, 512).to(torch.float8_e4m3fn)])
+def test_the_head_is_never_read_as_by_torch(tmp_path, head):
+    """g's weights (kept beside f's in a run's head.safetensors, or by a user in one file) play no part in h:
+    numpy refused a NaN head and failed on a float8 one with a traceback, where PyTorch loads the file."""
+    path = tmp_path / "encoder.safetensors"
+    write_encoder(path, size=32)
+    images = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    expected = load_numpy_encoder(path)[0](images)
+    damage(path, lambda t, m: t.update({"head.layers.0.weight": head, "classifier.weight": head.clone()}))
+    np.testing.assert_array_equal(load_numpy_encoder(path)[0](images), expected)
+    load_encoder(path)
+
+
+def test_weights_in_a_dtype_numpy_lacks_are_left_to_torch(tmp_path):
+    path = tmp_path / "encoder.safetensors"
+    write_encoder(path, size=32)
+    damage(path, lambda t, m: t.update({"bn1.bias": t["bn1.bias"].to(torch.float8_e5m2)}))
+    with pytest.raises(numpy_encoder.NotInNumpy, match="bn1.bias holds F8_E5M2"):
+        load_numpy_encoder(path)
+    load_encoder(path)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_weights_saved_in_another_float_dtype_load_as_float32(tmp_path, dtype):
     """A user's half (or double) copy of an encoder, metadata unchanged: both loaders compute in float32, on

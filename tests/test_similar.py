@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from simclr_cli.cli import _shown, app
 from simclr_cli.embed import EmbedConfig, embed_folder
 from simclr_cli.export import load_encoder, save_encoder
+from simclr_cli.files import read_metadata
 import simclr_cli.index as index_module
 from simclr_cli.index import (Manifest, ManifestPaths, NaNRow, choose_index, find_rows, manifest_path, open_index,
                               read_manifest, remember_index, top_k, write_manifest)
@@ -269,6 +271,24 @@ def test_query_finds_itself_then_its_near_duplicates(indexes, photos):
         assert hits[2]["score"] > hits[3]["score"]
         without_self = similar_json(photos / name, "--index", indexes["float32"], "-k", "2", "--exclude-self")
         assert [hit["path"] for hit in without_self["results"][0]["hits"]] == [hit["path"] for hit in hits[1:3]]
+
+
+def test_weights_numpy_cannot_read_are_embedded_by_torch_and_the_head_is_never_read(tiny_encoder, photos, tmp_path):
+    """Weights PyTorch loads but numpy lacks a dtype for (float8), and a head numpy would refuse (NaN, float8):
+    `similar` on the CPU used to stop with a traceback, or refuse a file that `embed` had taken."""
+    model = tmp_path / "model.safetensors"
+    backbone, info = load_encoder(tiny_encoder / "encoder.safetensors")
+    save_encoder(model, backbone, info)
+    tensors, metadata = load_file(str(model)), read_metadata(model, "encoder")
+    tensors["layer4.1.bn2.bias"] = tensors["layer4.1.bn2.bias"].to(torch.float8_e4m3fn)
+    tensors["head.layers.0.weight"] = torch.full((4, 512), float("nan"))
+    tensors["head.layers.1.weight"] = torch.ones(4, 4).to(torch.float8_e5m2)
+    save_file(tensors, str(model), metadata=metadata)
+    index = tmp_path / "index.npy"
+    embed_folder(EmbedConfig(model=str(model), images=str(photos), out=str(index), device="cpu", precision="fp32",
+                             workers=0))
+    hits = similar_json(photos / ORIGINALS[0], "--index", index, "-k", "1")["results"][0]["hits"]
+    assert Path(hits[0]["path"]) == (photos / ORIGINALS[0]).absolute() and hits[0]["score"] > 0.9999
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
