@@ -6,12 +6,16 @@ resolution (shorter side 1.15x the training size, longer side at most 4/3 of tha
 elongated than 4:3 are brought down further, whole, since a random resized crop may sit anywhere on
 them) and stores it in a fixed-size slot of one memory-mapped file; later epochs read the slot
 instead of the file. Loader workers write their own slots, so filling the cache costs no extra pass.
+They write with pwrite, not through the map: a disk that fills up then fails a write (the images
+left are decoded every epoch, with a warning) instead of killing the worker with SIGBUS.
 
 Files, beside each other in the run folder or in --cache-dir (`decoded-<side>px-<folder hash>`):
   .u8     the pixels: one slot of side x ceil(4/3 side) x 3 bytes per image, in scan order
-  .slots  (images, 3) int32: state (0 empty, 1 stored, 2 unreadable), height, width
+  .slots  (images, 4) uint32: state (0 empty, 1 stored, 2 unreadable), height, width, CRC-32 of the pixels
   .json   the manifest: side, and every image's path, size and mtime
-A slot is used only while its file's size and mtime match the manifest; changed files are
+  .lock   held while a run checks or creates the cache, so that runs sharing --cache-dir take turns
+A slot is used only while its file's size and mtime match the manifest and its pixels their CRC-32
+(a damaged file, or pixels a crash kept from the disk, are decoded again); changed files are
 decoded again, and a different list of files starts a new cache (a run still reading the one it
 replaced, from a shared --cache-dir, notices and decodes its files itself: `DecodedCache.mapped`).
 
@@ -23,13 +27,17 @@ to the training size, so its views differ slightly from those with the cache.)
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
+import sys
+import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -41,9 +49,10 @@ from simclr_cli.images import UnreadableImage, load_rgb
 WORKING_SCALE = 1.15
 MAX_ASPECT = 4 / 3
 EMPTY, STORED, UNREADABLE = 0, 1, 2
+SLOT_FIELDS = 4  # a .slots row: state, height, width, CRC-32
 FORMAT = "simclr-decoded-cache"
-VERSION = 4  # 1 kept only the central 4:3 of wider images; 2 kept PNG colour keys as colours; 3 those of
-# bilevel, 2-, 4- and 16-bit grey images
+VERSION = 5  # 1 kept only the central 4:3 of wider images; 2 kept PNG colour keys as colours; 3 those of
+# bilevel, 2-, 4- and 16-bit grey images; 4 had no checksums
 
 
 def working_side(image_size: int) -> int:
@@ -89,6 +98,40 @@ def _stats(path: str) -> list[int] | None:
     return [info.st_size, info.st_mtime_ns, info.st_ctime_ns]
 
 
+def _size(nbytes: int | float) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.1f} {unit}"
+    return f"{nbytes / 1024:.1f} KiB"
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock on `path` (made if missing) while the block runs, waiting for it: two runs that
+    start at once on a shared --cache-dir would otherwise both create the cache, each recording the
+    other's files as its own. A file system that locks nothing, or a lock file that cannot be opened,
+    is done without."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # the lock goes with it
+
+
+def _write_at(fd: int, data: np.ndarray, offset: int) -> None:
+    """All of `data`'s bytes at `offset`; OSError (ENOSPC: the disk is full) if they cannot be."""
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
 def _identity(base: Path) -> tuple[int, ...] | None:
     """Which files the cache's names point to now (None: not there): a run that starts the cache over, for
     another list of files, replaces them."""
@@ -112,13 +155,19 @@ class DecodedCache:
     def __init__(self, base: Path, count: int, side: int):
         self.base, self.count, self.side = base, count, side
         self.slot = slot_shape(side)
-        self._pixels: np.memmap | None = None
+        self._pixels: np.memmap | None = None  # read-only maps; writes go through the descriptors below
         self._slots: np.memmap | None = None
+        self._files: tuple[int, int] | None = None  # (.u8, .slots) opened for writing
         self._identity = _identity(base)  # the files the slots below belong to
+        self._store = True  # False once a write failed (a full disk): images are decoded, not stored
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.slot[0] * self.slot[1] * 3
 
     @property
     def nbytes(self) -> int:
-        return self.count * self.slot[0] * self.slot[1] * 3
+        return self.count * self.slot_bytes
 
     @classmethod
     def locate(cls, directory: str | Path, root: str | Path, count: int, side: int) -> "DecodedCache":
@@ -134,36 +183,45 @@ class DecodedCache:
         cache = cls.locate(directory, root, len(paths), side)
         paths = [str(p) for p in paths]
         stats = [_stats(p) for p in paths]
-        manifest = cache._read_manifest()
-        if manifest is None or manifest.get("paths") != paths or not cache._files_exist():
-            cache._create(directory)
-            summary = f"decoded cache {cache.base}.u8 created ({cache.nbytes / 2**30:.2f} GiB for {len(paths)} images)"
-        else:
-            slots = np.memmap(f"{cache.base}.slots", dtype=np.int32, mode="r+", shape=(cache.count, 3))
-            changed = [i for i, (old, new) in enumerate(zip(manifest["stats"], stats)) if old != new]
-            slots[changed, 0] = EMPTY
-            slots.flush()
-            stored = int((slots[:, 0] == STORED).sum())
-            del slots
-            summary = (f"decoded cache {cache.base}.u8: {stored} of {len(paths)} images stored"
-                       + (f", {len(changed)} changed since and decoded again" if changed else ""))
-        write_json(f"{cache.base}.json", {"format": FORMAT, "version": VERSION, "side": side, "slot": list(cache.slot),
-                                          "paths": paths, "stats": stats})
-        cache._identity = _identity(cache.base)
+        directory.mkdir(parents=True, exist_ok=True)
+        with _locked(f"{cache.base}.lock"):
+            manifest = cache._read_manifest()
+            if manifest is None or manifest["paths"] != paths or not cache._files_exist():
+                cache._create(directory)
+                summary = f"decoded cache {cache.base}.u8 created ({_size(cache.nbytes)} for {len(paths)} images)"
+            else:
+                slots = np.memmap(f"{cache.base}.slots", dtype=np.uint32, mode="r+", shape=(cache.count, SLOT_FIELDS))
+                changed = [i for i, (old, new) in enumerate(zip(manifest["stats"], stats)) if old != new]
+                slots[changed, 0] = EMPTY
+                slots.flush()
+                stored = int((slots[:, 0] == STORED).sum())
+                del slots
+                summary = (f"decoded cache {cache.base}.u8: {stored} of {len(paths)} images stored"
+                           + (f", {len(changed)} changed since and decoded again" if changed else ""))
+            write_json(f"{cache.base}.json", {"format": FORMAT, "version": VERSION, "side": side,
+                                              "slot": list(cache.slot), "paths": paths, "stats": stats})
+            cache._identity = _identity(cache.base)
         return cache, summary
 
     def _read_manifest(self) -> dict | None:
+        """The manifest, if it is one of this version and side (a damaged one is None: the cache starts over)."""
         try:
             manifest = json.loads(Path(f"{self.base}.json").read_text())
         except (OSError, ValueError):
             return None
+        if not isinstance(manifest, dict):
+            return None
         if (manifest.get("format"), manifest.get("version"), manifest.get("side")) != (FORMAT, VERSION, self.side):
+            return None
+        paths, stats = manifest.get("paths"), manifest.get("stats")
+        if not (isinstance(paths, list) and isinstance(stats, list) and len(paths) == len(stats) == self.count):
             return None
         return manifest
 
     def _files_exist(self) -> bool:
-        return (Path(f"{self.base}.u8").is_file() and Path(f"{self.base}.u8").stat().st_size == self.nbytes
-                and Path(f"{self.base}.slots").is_file())
+        sizes = {".u8": self.nbytes, ".slots": self.count * SLOT_FIELDS * 4}
+        return all(Path(f"{self.base}{suffix}").is_file() and Path(f"{self.base}{suffix}").stat().st_size == size
+                   for suffix, size in sizes.items())
 
     def _create(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -171,10 +229,10 @@ class DecodedCache:
         reusable = old.stat().st_size if old.is_file() else 0
         free = shutil.disk_usage(directory).free + reusable
         if self.nbytes > free:
-            raise DataError(f"--cache needs {self.nbytes / 2**30:.1f} GiB in {directory} but only {free / 2**30:.1f} "
-                            f"GiB is free; pass --cache-dir on a larger disk, or --no-cache")
+            raise DataError(f"--cache needs {_size(self.nbytes)} in {directory} but only {_size(free)} is free; "
+                            f"pass --cache-dir on a larger disk, or --no-cache")
         Path(f"{self.base}.json").unlink(missing_ok=True)  # no manifest: half-made files are never trusted
-        for suffix, size in ((".slots", self.count * 3 * 4), (".u8", self.nbytes)):
+        for suffix, size in ((".slots", self.count * SLOT_FIELDS * 4), (".u8", self.nbytes)):
             with atomic_path(f"{self.base}{suffix}") as tmp:
                 with open(tmp, "wb") as handle:
                     handle.truncate(size)  # sparse: zero slots, all EMPTY
@@ -185,10 +243,9 @@ class DecodedCache:
         if self._pixels is None:
             if self._identity is None or _identity(self.base) != self._identity:
                 return False
-            short, long = self.slot
-            self._pixels = np.memmap(f"{self.base}.u8", dtype=np.uint8, mode="r+",
-                                     shape=(self.count, short * long * 3))
-            self._slots = np.memmap(f"{self.base}.slots", dtype=np.int32, mode="r+", shape=(self.count, 3))
+            self._pixels = np.memmap(f"{self.base}.u8", dtype=np.uint8, mode="r", shape=(self.count, self.slot_bytes))
+            self._slots = np.memmap(f"{self.base}.slots", dtype=np.uint32, mode="r", shape=(self.count, SLOT_FIELDS))
+            self._files = (os.open(f"{self.base}.u8", os.O_WRONLY), os.open(f"{self.base}.slots", os.O_WRONLY))
         return True
 
     def _map(self) -> None:
@@ -196,32 +253,40 @@ class DecodedCache:
             raise DataError(f"{self.base}.u8: the decoded cache was started over by another run on the same folder")
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pixels": None, "_slots": None}
+        return {**self.__dict__, "_pixels": None, "_slots": None, "_files": None}
 
     def get(self, index: int) -> np.ndarray | None:
-        """The stored image (H, W, 3) uint8 (a copy), None when not stored; raises UnreadableImage."""
+        """The stored image (H, W, 3) uint8 (a copy), None when not stored or damaged; raises UnreadableImage."""
         self._map()
-        state, height, width = (int(v) for v in self._slots[index])
+        state, height, width, checksum = (int(v) for v in self._slots[index])
         if state == UNREADABLE:
             raise UnreadableImage("unreadable (recorded in the decoded cache when it was first read)")
-        if state != STORED:
+        if state != STORED or not (height > 0 and width > 0 and height * width * 3 <= self.slot_bytes):
             return None
-        return np.array(self._pixels[index, :height * width * 3]).reshape(height, width, 3)
+        pixels = np.array(self._pixels[index, :height * width * 3])
+        if zlib.crc32(pixels) != checksum:  # damaged, or never reached the disk before a crash: decoded again
+            return None
+        return pixels.reshape(height, width, 3)
 
     def put(self, index: int, image: np.ndarray | None) -> None:
         """Store an image (H, W, 3) uint8, or None to record the file as unreadable."""
         self._map()
-        if image is None:
-            self._slots[index] = (UNREADABLE, 0, 0)
+        if not self._store:
             return
-        height, width, _ = image.shape
-        self._pixels[index, :image.size] = image.reshape(-1)
-        self._slots[index] = (STORED, height, width)  # after the pixels: a half-written slot stays EMPTY
-
-    def flush(self) -> None:
-        if self._pixels is not None:
-            self._pixels.flush()
-            self._slots.flush()
+        pixels_fd, slots_fd = self._files
+        try:
+            if image is None:
+                row = (UNREADABLE, 0, 0, 0)
+            else:
+                pixels = np.ascontiguousarray(image).reshape(-1)
+                _write_at(pixels_fd, pixels, index * self.slot_bytes)
+                row = (STORED, image.shape[0], image.shape[1], zlib.crc32(pixels))
+            _write_at(slots_fd, np.array(row, dtype=np.uint32), index * SLOT_FIELDS * 4)  # after the pixels
+        except OSError as error:  # a full disk or quota: this process stops storing, and says so once
+            self._store = False
+            print(f"warning: the decoded cache {self.base}.u8 cannot grow ({error.strerror or error}): images "
+                  f"not stored yet are decoded every epoch; free some space, or pass --cache-dir on a larger disk",
+                  file=sys.stderr)
 
 
 class WorkingImages:

@@ -434,8 +434,6 @@ class PretrainRun:
     def save_checkpoint(self) -> None:
         for item in distributed.gather_objects(list(self.skipped.values())):  # other ranks' unreadable files
             self.skipped.setdefault(item.path, item)
-        if self.cache is not None:
-            self.cache.flush()
         if not is_main():
             return
         progress = {"state": asdict(self.state), "num_images": len(self.paths), "listing": self.listing,

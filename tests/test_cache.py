@@ -1,9 +1,11 @@
 """The decoded cache: working resolution, slots filled once, stale files decoded again, same views."""
 
 import copy
+import errno
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from simclr_cli import cache as cache_module
-from simclr_cli.cache import DecodedCache, WorkingImages, slot_shape, to_working_resolution, working_side
+from simclr_cli.cache import (DecodedCache, WorkingImages, load_working, slot_shape, to_working_resolution,
+                               working_side)
 from simclr_cli.cli import app
 from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
 from simclr_cli.errors import DataError
@@ -136,6 +139,98 @@ def test_a_run_whose_shared_cache_another_run_started_over_decodes_its_own_files
     assert all(np.array_equal(np.asarray(worker(i, str(p))), expected[i]) for i, p in enumerate(paths))
 
 
+def test_runs_starting_together_on_a_shared_cache_take_turns(tmp_path, monkeypatch):
+    """The second run's prepare ran between the first's creating the files and recording them: both recorded
+    the second's files, so the first read the second's images as its own (one image off, in every slot)."""
+    paths = write_folder(tmp_path / "images", [(120, 90)] * 3)
+    added = tmp_path / "images" / "000-added.png"
+    gradient(120, 90, seed=99).save(added)
+    second = []
+    real_write_json = cache_module.write_json
+
+    def write_json(*args):  # the first run, about to write its manifest: the second run starts
+        if not second:
+            thread = threading.Thread(target=lambda: second.append(
+                DecodedCache.prepare(tmp_path / "shared", tmp_path / "images", [added, *paths], 37)[0]))
+            second.append(thread)
+            thread.start()
+            thread.join(1.0)  # it waits for the first run's lock (before, it ran through meanwhile)
+        real_write_json(*args)
+
+    monkeypatch.setattr(cache_module, "write_json", write_json)
+    first, _ = DecodedCache.prepare(tmp_path / "shared", tmp_path / "images", paths, 37)
+    second[0].join()
+    for cache, files in ((first, paths), (second[1], [added, *paths])):
+        decode = WorkingImages(37, copy.deepcopy(cache))
+        for i, path in enumerate(files):
+            assert np.array_equal(np.asarray(decode(i, str(path))), np.asarray(WorkingImages(37)(i, str(path))))
+
+
+def _filled(tmp_path) -> tuple[DecodedCache, list[Path]]:
+    paths = write_folder(tmp_path / "images", [(120, 90), (90, 120)])
+    cache, _ = DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
+    decode = WorkingImages(37, copy.deepcopy(cache))
+    [decode(i, str(p)) for i, p in enumerate(paths)]
+    return cache, paths
+
+
+@pytest.mark.parametrize("damage", ["pixels", "slot sides", "short slots file"])
+def test_damaged_slots_are_decoded_again_never_read_as_pixels(tmp_path, monkeypatch, damage):
+    """A crash of the machine can keep written pixels from the disk and not their slot's state; a damaged
+    .slots gave a ZeroDivisionError or a reshape error in the loader; damaged pixels were trained on."""
+    cache, paths = _filled(tmp_path)
+    expected = [np.asarray(WorkingImages(37)(i, str(p))) for i, p in enumerate(paths)]
+    if damage == "pixels":
+        with open(f"{cache.base}.u8", "r+b") as handle:
+            handle.seek(cache.slot_bytes + 100)
+            handle.write(bytes(500))
+    elif damage == "slot sides":
+        slots = np.memmap(f"{cache.base}.slots", dtype=np.uint32, mode="r+", shape=(2, cache_module.SLOT_FIELDS))
+        slots[1, 1:3] = (400, 400)
+        slots.flush()
+    else:
+        os.truncate(f"{cache.base}.slots", 20)
+    again, summary = DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
+    assert ("created" in summary) == (damage == "short slots file"), summary
+    decoded = []
+    monkeypatch.setattr(cache_module, "load_working", lambda *args: decoded.append(args) or load_working(*args))
+    decode = WorkingImages(37, copy.deepcopy(again))
+    assert all(np.array_equal(np.asarray(decode(i, str(p))), expected[i]) for i, p in enumerate(paths))
+    assert len(decoded) == (2 if damage == "short slots file" else 1)
+
+
+@pytest.mark.parametrize("manifest", [None, [], {"stats": "missing"}, {"paths": "not a list"}])
+def test_a_manifest_of_another_shape_starts_the_cache_over(tmp_path, manifest):
+    cache, paths = _filled(tmp_path)
+    if isinstance(manifest, dict):
+        old = json.loads(Path(f"{cache.base}.json").read_text())
+        manifest = {**old, "paths": manifest["paths"]} if "paths" in manifest else {k: v for k, v in old.items()
+                                                                                   if k != "stats"}
+    Path(f"{cache.base}.json").write_text(json.dumps(manifest))
+    _, summary = DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
+    assert "created" in summary
+
+
+def test_a_full_disk_stops_storing_with_one_warning_not_the_worker(tmp_path, monkeypatch, capsys):
+    """The pixels were written through the memory map: a page the disk had no room for killed the loader
+    worker with SIGBUS. Writes now fail as writes, and the images are decoded instead."""
+    paths = write_folder(tmp_path / "images", [(120, 90)] * 3)
+    cache, _ = DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
+    decode = WorkingImages(37, copy.deepcopy(cache))
+    decode(0, str(paths[0]))
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_module.os, "pwrite", no_space)
+    assert all(np.array_equal(np.asarray(decode(i, str(p))), np.asarray(WorkingImages(37)(i, str(p))))
+               for i, p in enumerate(paths))
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and "cannot grow (No space left on device)" in warnings[0], warnings
+    _, summary = DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
+    assert "1 of 3 images stored" in summary
+
+
 def test_a_file_gone_since_the_scan_is_skipped_not_fatal(tmp_path):
     paths = write_folder(tmp_path / "images", [(64, 64)] * 2)
     paths[1].unlink()  # a sync tool, while a big folder was scanned
@@ -177,7 +272,7 @@ def test_unreadable_files_are_recorded_and_not_read_again(tmp_path):
 def test_not_enough_disk_space_is_a_clear_error(tmp_path, monkeypatch):
     paths = write_folder(tmp_path / "images", [(64, 64)])
     monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10})())
-    with pytest.raises(DataError, match="--cache needs .* GiB in .* pass --cache-dir on a larger disk"):
+    with pytest.raises(DataError, match=r"--cache needs 5.4 KiB in .* but only 0.0 KiB is free; pass --cache-dir on "):
         DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
 
 
