@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from simclr_cli.errors import DataError
-from simclr_cli.files import atomic_path, write_json
+from simclr_cli.files import atomic_path, format_bytes, write_json
 from simclr_cli.images import UnreadableImage, load_rgb
 
 WORKING_SCALE = 1.15
@@ -96,13 +96,6 @@ def _stats(path: str) -> list[int] | None:
     except OSError:
         return None
     return [info.st_size, info.st_mtime_ns, info.st_ctime_ns]
-
-
-def _size(nbytes: int | float) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20)):
-        if nbytes >= 1 << shift:
-            return f"{nbytes / (1 << shift):.1f} {unit}"
-    return f"{nbytes / 1024:.1f} KiB"
 
 
 @contextlib.contextmanager
@@ -188,7 +181,8 @@ class DecodedCache:
             manifest = cache._read_manifest()
             if manifest is None or manifest["paths"] != paths or not cache._files_exist():
                 cache._create(directory)
-                summary = f"decoded cache {cache.base}.u8 created ({_size(cache.nbytes)} for {len(paths)} images)"
+                summary = (f"decoded cache {cache.base}.u8 created ({format_bytes(cache.nbytes)} for {len(paths)} "
+                           f"images)")
             else:
                 slots = np.memmap(f"{cache.base}.slots", dtype=np.uint32, mode="r+", shape=(cache.count, SLOT_FIELDS))
                 changed = [i for i, (old, new) in enumerate(zip(manifest["stats"], stats)) if old != new]
@@ -229,8 +223,8 @@ class DecodedCache:
         reusable = old.stat().st_size if old.is_file() else 0
         free = shutil.disk_usage(directory).free + reusable
         if self.nbytes > free:
-            raise DataError(f"--cache needs {_size(self.nbytes)} in {directory} but only {_size(free)} is free; "
-                            f"pass --cache-dir on a larger disk, or --no-cache")
+            raise DataError(f"--cache needs {format_bytes(self.nbytes)} in {directory} but only {format_bytes(free)} "
+                            f"is free; pass --cache-dir on a larger disk, or --no-cache")
         Path(f"{self.base}.json").unlink(missing_ok=True)  # no manifest: half-made files are never trusted
         for suffix, size in ((".slots", self.count * SLOT_FIELDS * 4), (".u8", self.nbytes)):
             with atomic_path(f"{self.base}{suffix}") as tmp:

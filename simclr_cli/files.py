@@ -229,6 +229,14 @@ def xdg_home(variable: str, default: str) -> Path:
     return Path(base) if os.path.isabs(base) else Path.home() / default
 
 
+def format_bytes(nbytes: int | float) -> str:
+    """A size for people: 1.5 GiB, 310.2 MiB, 5.4 KiB."""
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.1f} {unit}"
+    return f"{nbytes / 1024:.1f} KiB"
+
+
 def sha256_file(path: str | Path) -> str:
     """The SHA-256 of a file (a model's, in index manifests and feature cache keys), read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from simclr_cli.files import format_bytes
 from simclr_cli.gradcache import batchnorm_buffers_kept
 from simclr_cli.runtime import Precision
 
@@ -25,8 +26,17 @@ STATE_COPIES = 4  # weights, gradients and up to two optimiser buffers (LARS mom
 
 
 def activation_bytes(model: nn.Module, image_size: int, precision: Precision, views: int = 2) -> int:
-    """The bytes that a forward pass keeps for the backward pass, per view: measured on `views` blank
-    views (the tensors autograd saves, each storage counted once, the parameters left out)."""
+    """The bytes that a forward pass keeps for the backward pass, per view: what `2 * views` blank views keep
+    beyond what `views` keep, over `views`. What does not grow with the batch drops out: under autocast, the
+    low-precision copies of the weights that each layer keeps (counted as a bf16 resnet18's activations, they
+    made the estimate 8-19 times what a step took)."""
+    return math.ceil((_saved_bytes(model, image_size, precision, 2 * views)
+                      - _saved_bytes(model, image_size, precision, views)) / views)
+
+
+def _saved_bytes(model: nn.Module, image_size: int, precision: Precision, views: int) -> int:
+    """The bytes of the tensors autograd saves in a forward pass of `views` blank views, each storage counted
+    once, the parameters left out."""
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -46,17 +56,46 @@ def activation_bytes(model: nn.Module, image_size: int, precision: Precision, vi
     finally:
         for module, training in modes.items():
             module.training = training
-    return math.ceil(sum(saved.values()) / views)
+    return sum(saved.values())
 
 
 def available_memory() -> int | None:
-    """Bytes the kernel can give this process without swapping (Linux's MemAvailable), or None if unknown."""
+    """Bytes the kernel can give this process without swapping (Linux's MemAvailable), or within its container's
+    memory limit if that leaves less; None if unknown."""
+    known = [value for value in (_meminfo_available(), _cgroup_available()) if value is not None]
+    return min(known) if known else None
+
+
+def _meminfo_available() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+CGROUP = Path("/sys/fs/cgroup")  # a container's own hierarchy is mounted here
+CGROUP_FILES = (("memory.max", "memory.current", "inactive_file"),  # cgroup v2: (limit, usage, memory.stat key)
+                ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "total_inactive_file"))  # v1
+
+
+def _cgroup_available() -> int | None:
+    """Bytes left under the memory limit of this process's cgroup (Docker's --memory, a Kubernetes limit), the
+    file cache the kernel can drop not counted as used; None without a limit. MemAvailable is the machine's:
+    inside a container it can be many times what the limit lets the process have before it is killed."""
+    for limit_file, usage_file, inactive_key in CGROUP_FILES:
+        try:
+            limit = (CGROUP / limit_file).read_text().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as the largest page-aligned number
+                return None
+            usage = int((CGROUP / usage_file).read_text())
+            stats = (CGROUP / limit_file).with_name("memory.stat").read_text().split("\n")
+            inactive = next((int(line.split()[1]) for line in stats if line.startswith(inactive_key + " ")), 0)
+        except (OSError, ValueError, IndexError):
+            continue
+        return max(0, int(limit) - (usage - inactive))
     return None
 
 
@@ -80,8 +119,8 @@ class Shortfall:
     available: float  # bytes free
 
     def describe(self, batch_size: int) -> str:
-        return (f"a batch of {batch_size} images needs about {self.needed / 2**30:.1f} GiB here and "
-                f"{self.available / 2**30:.1f} GiB is free")
+        return (f"a batch of {batch_size} images needs about {format_bytes(self.needed)} here and "
+                f"{format_bytes(self.available)} is free")
 
 
 def batch_shortfall(model: nn.Module, image_size: int, precision: Precision, batch_size: int,
