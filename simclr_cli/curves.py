@@ -30,39 +30,51 @@ class KnnMonitor:
     every epoch, and it needs no training, so it moves only when the representation does.
     """
 
-    def __init__(self, folder: str | Path, device, precision, seed: int = 0, workers: int = 0):
+    def __init__(self, folder: str | Path, device, precision, seed: int = 0, workers: int = 0,
+                 report: Callable[..., None] = lambda kind, **fields: None):
+        from simclr_cli.evaluate import report_data
         from simclr_cli.labels import load_labelled
 
         self.folder = Path(folder)
         self.data = load_labelled(self.folder, seed=seed, flag="--monitor")  # one-line errors, before training
-        self.device, self.precision = device, precision
+        self.device, self.precision, self.report = device, precision, report
         self.paths = self.data.train.paths + self.data.val.paths
         self.workers = workers if len(self.paths) > MONITOR_WORKERS_ABOVE else 0
-
-    def describe(self) -> str:
-        return (f"kNN monitor: {len(self.data.classes)} classes in {self.folder}, {len(self.data.train)} "
-                f"reference and {len(self.data.val)} query images")
+        self._skipped: set[str] = set()  # files found unreadable when decoded, reported once
+        report_data(self.data, report, "kNN monitor: ", ("reference", "query"))
 
     def measure(self, backbone, info) -> float:
-        """kNN top-1 accuracy in [0, 1] of the held-out images, with `backbone`'s current features."""
+        """kNN top-1 accuracy in [0, 1] of the held-out images, with `backbone`'s current features; DataError
+        when no reference or no query image could be decoded."""
         from simclr_cli.evaluate import knn_scores, split_features
         from simclr_cli.features import compute_features
 
         was_training = backbone.training
-        features, kept, _ = compute_features(backbone, info, self.paths, self.device, self.precision,
-                                             workers=self.workers)
+        features, kept, skipped = compute_features(backbone, info, self.paths, self.device, self.precision,
+                                                   workers=self.workers)
         backbone.train(was_training)
+        for item in skipped:  # the scan reads headers only: a truncated file fails here, the first time
+            if item.path not in self._skipped:
+                self._skipped.add(item.path)
+                self.report("warning", text=f"kNN monitor: skipped {item.path}: {item.reason}")
         train_x, train_y, val_x, val_y = split_features(self.data, features, kept)
         scores = knn_scores(train_x, train_y, val_x, len(self.data.classes), MONITOR_K)  # (Q, C)
         return (scores.argmax(1) == val_y).double().mean().item()
 
-    def log_epoch(self, run_dir: Path, backbone, info, epoch: int, step: int) -> float:
-        """Measure, append {"step", "epoch", "knn_top1"} to the run's metrics.jsonl, and return the accuracy.
+    def log_epoch(self, run_dir: Path, backbone, info, epoch: int, step: int) -> float | None:
+        """Measure, append {"step", "epoch", "knn_top1"} to the run's metrics.jsonl, and return the accuracy;
+        None, with a warning, when the folder gave nothing to measure (the run goes on without the monitor).
 
         The record carries the step at which it was taken, so a resumed run's log is cut at the
         checkpoint's step like the step records.
         """
-        accuracy = self.measure(backbone, info)
+        from simclr_cli.errors import DataError
+
+        try:
+            accuracy = self.measure(backbone, info)
+        except DataError as error:  # a monitor must never cost a run its epoch or its encoder
+            self.report("warning", text=f"kNN monitor: {self.folder}: {error}; the run goes on without it")
+            return None
         with open(Path(run_dir) / "metrics.jsonl", "a") as log:
             log.write(json.dumps({"step": step, "epoch": epoch, "knn_top1": accuracy}) + "\n")
         return accuracy
@@ -79,8 +91,8 @@ def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str,
     return steps, epochs
 
 
-def draw_curves(metrics: str | Path, out: str | Path) -> Path:
-    """Write curves.png: loss and learning rate per step, kNN top-1 per epoch (when monitored)."""
+def draw_curves(metrics: str | Path, out: str | Path, monitored: bool = False) -> Path:
+    """Write curves.png: loss and learning rate per step, kNN top-1 per epoch (when `monitored`)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -93,9 +105,10 @@ def draw_curves(metrics: str | Path, out: str | Path) -> Path:
     figure = Figure(figsize=(CURVES_SIZE[0] / _DPI, CURVES_SIZE[1] / _DPI), dpi=_DPI, layout="constrained")
     loss_axes, lr_axes, knn_axes = figure.subplots(1, 3)
     step_numbers = [record["step"] for record in steps]
-    loss_axes.plot(step_numbers, [record["loss"] for record in steps], linewidth=1)
+    marker = "o" if len(steps) == 1 else None  # a line of one point is not drawn
+    loss_axes.plot(step_numbers, [record["loss"] for record in steps], linewidth=1, marker=marker)
     loss_axes.set(title="NT-Xent loss", xlabel="step")
-    lr_axes.plot(step_numbers, [record["lr"] for record in steps], linewidth=1, color="tab:orange")
+    lr_axes.plot(step_numbers, [record["lr"] for record in steps], linewidth=1, color="tab:orange", marker=marker)
     lr_axes.set(title="learning rate", xlabel="step")
     for axes in (loss_axes, lr_axes):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -106,8 +119,8 @@ def draw_curves(metrics: str | Path, out: str | Path) -> Path:
         knn_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     else:
         knn_axes.set(title="kNN top-1", xticks=[], yticks=[])
-        knn_axes.text(0.5, 0.5, "pass --monitor DIR\n(a small labelled folder)", ha="center", va="center",
-                      transform=knn_axes.transAxes, color="grey")
+        text = "no epoch measured yet" if monitored else "pass --monitor DIR\n(a small labelled folder)"
+        knn_axes.text(0.5, 0.5, text, ha="center", va="center", transform=knn_axes.transAxes, color="grey")
     for axes in (loss_axes, lr_axes, knn_axes):
         axes.grid(alpha=0.3)
     out = Path(out)
@@ -119,8 +132,9 @@ def draw_curves(metrics: str | Path, out: str | Path) -> Path:
 class CurvesWriter:
     """Draws a run's curves.png at the end of the run, and at checkpoints at most every `interval` seconds."""
 
-    def __init__(self, run_dir: str | Path, report: Callable[..., None], interval: float = 60.0):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str | Path, report: Callable[..., None], interval: float = 60.0,
+                 monitored: bool = False):
+        self.run_dir, self.monitored = Path(run_dir), monitored
         self.report = report
         self.interval = interval
         self._last = time.monotonic()
@@ -129,7 +143,7 @@ class CurvesWriter:
         if not final and time.monotonic() - self._last < self.interval:
             return
         try:
-            draw_curves(self.run_dir / "metrics.jsonl", self.run_dir / CURVES_FILE)
+            draw_curves(self.run_dir / "metrics.jsonl", self.run_dir / CURVES_FILE, self.monitored)
         except Exception as error:  # a plot must never cost a run its encoder
             self.report("warning", text=f"could not draw {self.run_dir / CURVES_FILE}: {error}")
         self._last = time.monotonic()

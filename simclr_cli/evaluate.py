@@ -297,13 +297,14 @@ def split_features(data: LabelledData, features: torch.Tensor, kept: torch.Tenso
     return features[is_train], labels[is_train], features[~is_train], labels[~is_train]
 
 
-def report_data(data: LabelledData, report: Report) -> None:
+def report_data(data: LabelledData, report: Report, prefix: str = "",
+                sets: tuple[str, str] = ("training", "validation")) -> None:
     for note in data.notes:
-        report("warning", text=note)
+        report("warning", text=prefix + note)
     for skipped in data.skipped:
-        report("warning", text=f"skipped {skipped.path}: {skipped.reason}")
-    report("message", text=f"{len(data.classes)} classes, {len(data.train)} training and {len(data.val)} "
-                           f"validation images")
+        report("warning", text=f"{prefix}skipped {skipped.path}: {skipped.reason}")
+    report("message", text=f"{prefix}{len(data.classes)} classes, {len(data.train)} {sets[0]} and {len(data.val)} "
+                           f"{sets[1]} images")
 
 
 def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult:

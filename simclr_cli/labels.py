@@ -332,6 +332,7 @@ def load_labelled(train_dir: str | Path, labels_csv: str | Path | None = None, v
     fraction = DEFAULT_VAL_SPLIT if val_split is None else val_split
     kept, held = stratified_split(train.labels, fraction, seed)
     if not held:
-        raise DataError(f"{train_dir}: too few images to hold out a validation set (every class has one "
-                        f"image); add images or pass --val DIR")
+        where, or_val = (train_dir, " or pass --val DIR") if flag == "TRAIN" else (f"{flag} {train_dir}", "")
+        raise DataError(f"{where}: too few images to hold out a validation set (every class has one image); add "
+                        f"images{or_val}")
     return LabelledData(classes, train.subset(kept), train.subset(held), skipped, notes)

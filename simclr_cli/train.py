@@ -156,14 +156,13 @@ class PretrainRun:
                                        f"the whole batch; BatchNorm statistics per chunk); --chunk-size sets it")
         # The --monitor folder is read before the decoded cache goes into the run folder: a refused folder
         # leaves --out as it was, free for the corrected command.
-        self.monitor = (KnnMonitor(config.monitor, self.device, self.precision, config.runtime.seed, self.workers)
-                        if config.monitor and is_main() else None)
-        if self.monitor is not None:
-            report("message", text=self.monitor.describe())
+        self.monitor = (KnnMonitor(config.monitor, self.device, self.precision, config.runtime.seed, self.workers,
+                                   report) if config.monitor and is_main() else None)
+        self._monitor_seconds = 0.0  # the latest measurement's, as rank 0 counts them: kept free in a time budget
         self.cache = self._prepare_cache(scan.root) if config.cache else None
         self.augment_on = resolve_augment_on(config.augment_on, self.device)
         self.dataset, self.collate, self.batch_augment = self._pipeline()
-        self.curves = CurvesWriter(self.run_dir, report)
+        self.curves = CurvesWriter(self.run_dir, report, monitored=bool(config.monitor))
         if resume:
             self._restore()
             saved = read_json(self.run_dir / "config.json", "run configuration")
@@ -278,16 +277,17 @@ class PretrainRun:
         """
         by_steps = (self.state.step + 0.5) / self.total_steps
         # By the typical step alone (a first step's compilation counted here would push the schedule ahead for
-        # good); as that changes, never let it move the schedule backwards.
-        reserve = max(1.0, 2 * self.state.step_seconds)
+        # good), and the monitor's measurement; as that changes, never let it move the schedule backwards.
+        reserve = max(1.0, 2 * self.state.step_seconds) + self._monitor_seconds
         by_time = (elapsed + reserve) / self.config.max_time if self.config.max_time else 0.0
         self.state.time_progress = max(self.state.time_progress, by_time)
         return min(1.0, max(by_steps, self.state.time_progress))
 
     def _reserve(self) -> float:
-        """Seconds to keep free at the end of a time budget: one more step and the export, by the typical step,
-        or until one is measured, by this session's first (the budget is not to be overrun on a guess)."""
-        return max(1.0, 2 * (self.state.step_seconds or self._first_step or 0.0))
+        """Seconds to keep free at the end of a time budget: one more step, the monitor's measurement at the end of
+        an epoch, and the export, by the typical step, or until one is measured, by this session's first (the
+        budget is not to be overrun on a guess)."""
+        return max(1.0, 2 * (self.state.step_seconds or self._first_step or 0.0)) + self._monitor_seconds
 
     def _note_step(self, seconds: float) -> None:
         """Set the typical step time, the lower median of the latest RECENT_STEPS, leaving out each session's
@@ -419,15 +419,21 @@ class PretrainRun:
         lines = []
         for (record, _), value in zip(pending, losses):
             if not math.isfinite(value):
+                if is_main():  # the steps before it, and their curves, are what the user needs to see
+                    self._log(lines)
+                    self.curves.draw(final=True)
                 raise TrainingDiverged.at(value, record["step"], self.run_dir, "Lower --lr or raise --temperature")
             record["loss"] = value
             lines.append(json.dumps(record) + "\n")
         self.state.loss_sum += sum(losses)
         self.state.loss_steps += len(losses)
         if is_main():
-            with open(self.run_dir / "metrics.jsonl", "a") as log:
-                log.writelines(lines)
+            self._log(lines)
         pending.clear()
+
+    def _log(self, lines: list[str]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as log:
+            log.writelines(lines)
 
     # -- outputs ----------------------------------------------------------------------------
 
@@ -495,11 +501,17 @@ class PretrainRun:
                     state.past_epoch_steps += self.steps_per_epoch
                     state.step_in_epoch, state.loss_sum, state.loss_steps = 0, 0.0, 0
                     self.report("epoch", epoch=state.epoch, epochs=self.config.epochs, **metrics)
-                    if self.monitor is not None:
-                        knn = self.monitor.log_epoch(self.run_dir, self.model.backbone, self.encoder_info(),
-                                                     state.epoch, state.step)
-                        self.report("message", text=f"epoch {state.epoch}: kNN top-1 {knn:.1%} on "
-                                                    f"{self.config.monitor}")
+                    if self.config.monitor:  # measured on rank 0; every rank reserves its time alike
+                        started = clock()
+                        if self.monitor is not None:
+                            knn = self.monitor.log_epoch(self.run_dir, self.model.backbone, self.encoder_info(),
+                                                         state.epoch, state.step)
+                            if knn is None:  # nothing to measure (warned): not tried again in this session
+                                self.monitor = None
+                            else:
+                                self.report("message", text=f"epoch {state.epoch}: kNN top-1 {knn:.1%} on "
+                                                            f"{self.config.monitor}")
+                        self._monitor_seconds = clock() - started
                 state.finished = (state.epoch >= self.config.epochs or state.step >= self.total_steps
                                   or distributed.any_rank(self._out_of_time(clock())))
                 if state.finished and state.step == 0:  # the budget went on set-up: the encoder would be random

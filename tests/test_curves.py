@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from simclr_cli.cli import app
 from simclr_cli.curves import CURVES_FILE, CURVES_SIZE, MONITOR_K, KnnMonitor, draw_curves, read_metrics
+from simclr_cli.errors import DataError
 from simclr_cli.export import load_encoder
 from simclr_cli.features import compute_features
 from simclr_cli.runtime import resolve_precision
@@ -134,3 +136,49 @@ def test_a_refused_monitor_folder_leaves_out_free_for_the_corrected_command(tmp_
     corrected = runner.invoke(app, command)
     assert corrected.exit_code == 0, corrected.output
     assert (out / "encoder.safetensors").is_file()
+
+
+def test_a_monitor_folder_that_gives_nothing_to_measure_costs_the_run_nothing(tmp_path, small_digits_folder,
+                                                                              cut_image):
+    """Truncated files pass the scan (it reads headers only) and failed when first decoded, at the end of epoch
+    1: the run stopped there with a misleading error, before its checkpoint, leaving no encoder."""
+    monitor = tmp_path / "monitor"
+    for name in ("a", "b"):
+        (monitor / name).mkdir(parents=True)
+        for seed in range(3):
+            cut_image(monitor / name / f"{seed}.png", seed)
+    (monitor / "loose.png").write_bytes((monitor / "a" / "0.png").read_bytes())
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "2",
+                                 "--batch-size", "64", "--monitor", str(monitor), *FAST])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "kNN monitor: 1 image(s) directly in" in text, "the folder's notes are reported"
+    assert text.count("kNN monitor: skipped") == 6 and "the run goes on without it" in text
+    assert text.count("the run goes on without it") == 1, "not tried again every epoch"
+    assert (out / "encoder.safetensors").is_file() and not any("knn_top1" in r for r in _records(out))
+
+
+def test_curves_of_a_monitored_run_before_its_first_epoch_say_so(tmp_path, monkeypatch):
+    """A monitored run stopped within its first epoch was told to pass --monitor DIR; a single step was no line."""
+    from matplotlib.axes import Axes
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "epoch": 1, "loss": 5.0, "lr": 0.1, "time": 1.0}) + "\n")
+    texts, markers = [], []
+    real_text, real_plot = Axes.text, Axes.plot
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, **kw: texts.append(s) or real_text(self, x, y, s, **kw))
+    monkeypatch.setattr(Axes, "plot",
+                        lambda self, *a, **kw: markers.append(kw.get("marker")) or real_plot(self, *a, **kw))
+    draw_curves(metrics, tmp_path / "monitored.png", monitored=True)
+    draw_curves(metrics, tmp_path / "plain.png")
+    assert texts == ["no epoch measured yet", "pass --monitor DIR\n(a small labelled folder)"]
+    assert markers == ["o", "o", "o", "o"], "a step drawn as a point"
+
+
+def test_a_monitor_folder_of_one_image_a_class_is_refused_naming_the_flag(tmp_path, small_digits_folder):
+    for label in range(3):
+        (tmp_path / "one" / str(label)).mkdir(parents=True)
+        shutil.copy(next((small_digits_folder / str(label)).iterdir()), tmp_path / "one" / str(label))
+    with pytest.raises(DataError, match=r"^--monitor .*one: too few images .* add images$"):
+        KnnMonitor(tmp_path / "one", torch.device("cpu"), resolve_precision("fp32", torch.device("cpu")))

@@ -292,6 +292,36 @@ def test_the_loaders_start_is_not_counted_in_a_steps_time(small_digits_folder, t
     assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] < 0.1 * rates[0], rates
 
 
+def test_a_time_budget_keeps_the_monitors_time_free_and_ends_annealed(small_digits_folder, tmp_path, monkeypatch):
+    """A kNN monitor taking 20 s of a 100 s budget ran past it at the last epoch's end (48 s of a 30 s budget in
+    the review), and the schedule, blind to it, ended the run at a rate far from annealed."""
+    from simclr_cli.curves import KnnMonitor
+
+    clock = SteadyClock()
+    monkeypatch.setattr(train, "time", clock)
+    monitor = tmp_path / "monitor"
+    for label in range(2):
+        (monitor / str(label)).mkdir(parents=True)
+        for image in sorted((small_digits_folder / str(label)).iterdir())[:3]:
+            shutil.copy(image, monitor / str(label))
+    measured_at = []
+
+    def slow_measure(self, backbone, info):
+        clock.now += 20.0
+        measured_at.append(clock.now)
+        return 0.5
+
+    monkeypatch.setattr(KnnMonitor, "measure", slow_measure)
+    out = tmp_path / "budget"
+    config = dataclasses.replace(_config(small_digits_folder, out, epochs=1000), max_time=100.0, warmup_epochs=0.0,
+                                 monitor=str(monitor))
+    pretrain(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["lr"] for r in records if "lr" in r]
+    assert len(measured_at) >= 2 and max(measured_at) <= 100.0, measured_at
+    assert rates[-1] < 0.15 * max(rates), rates
+
+
 def test_the_progress_bar_counts_the_steps_the_time_budget_leaves():
     """At 30 s of a 40 s budget, step 6 of 900: the bar said 6/900, with an hour to go."""
     from simclr_cli.progress import Reporter
@@ -358,6 +388,9 @@ def test_non_finite_loss_stops_with_a_clear_message(small_digits_folder, tmp_pat
     assert "run again with another --out" in result.output  # this --out holds the diverged run's files
     assert "no checkpoint had been written yet" in result.output
     assert "Traceback" not in result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(math.isfinite(r["loss"]) for r in records), "the steps before it are kept"
+    assert (out / "curves.png").is_file(), "and drawn"
     assert not (out / "encoder.safetensors").exists()
 
 
