@@ -195,7 +195,8 @@ def pretrain(
     monitor: Annotated[Optional[Path], typer.Option(
         parser=_path,
         help="A small folder of labelled images (one subfolder per class): kNN top-1 on it after every epoch, "
-             "in metrics.jsonl and curves.png.", show_default=False)] = None,
+             "in metrics.jsonl and curves.png (with --resume: the folder's new place, if it moved).",
+        show_default=False)] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     workers: WorkersOpt = None,
@@ -207,8 +208,9 @@ def pretrain(
 
     config, resumed = None, None
     if resume is not None:
-        _refuse_changes_on_resume(ctx, resume, {"data_dir", "device", "workers", "devices", "quiet"})
+        _refuse_changes_on_resume(ctx, resume, {"data_dir", "monitor", "device", "workers", "devices", "quiet"})
         resumed = {"run_dir": resume, "data_dir": str(data_dir) if data_dir else None,
+                   "monitor": str(monitor) if monitor else None,
                    "device": _given(ctx, "device", device), "workers": workers}
     else:
         if data_dir is None:

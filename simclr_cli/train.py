@@ -166,8 +166,10 @@ class PretrainRun:
         if resume:
             self._restore()
             saved = read_json(self.run_dir / "config.json", "run configuration")
-            if is_main() and saved.get("data_dir") != config.data_dir:  # DATA_DIR given to --resume: data moved
-                write_json(self.run_dir / "config.json", {**saved, "data_dir": config.data_dir})
+            moved = {key: getattr(config, key) for key in ("data_dir", "monitor")
+                     if saved.get(key) != getattr(config, key)}
+            if is_main() and moved:  # DATA_DIR or --monitor given to --resume: the folder moved
+                write_json(self.run_dir / "config.json", {**saved, **moved})
         elif is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", config.to_json())
@@ -575,10 +577,11 @@ def pretrain(config: PretrainConfig, report: Report = silent) -> PretrainResult:
 
 
 def resume_pretrain(run_dir: str | Path, report: Report = silent, data_dir: str | None = None,
-                    device: str | None = None, workers: int | None = None) -> PretrainResult:
+                    device: str | None = None, workers: int | None = None,
+                    monitor: str | None = None) -> PretrainResult:
     """Continue the run in `run_dir` from its checkpoint, with its saved configuration."""
     run_dir = Path(run_dir)
-    config = read_run_config(PretrainConfig, run_dir, "pretrain", device=device, workers=workers,
-                             **({"data_dir": data_dir} if data_dir else {}))  # the images moved
+    moved = {name: path for name, path in (("data_dir", data_dir), ("monitor", monitor)) if path}  # new places
+    config = read_run_config(PretrainConfig, run_dir, "pretrain", device=device, workers=workers, **moved)
     with held(run_dir, "--resume") if is_main() else contextlib.nullcontext():  # rank 0 holds it for the others
         return PretrainRun(config, report, resume=True).run()

@@ -830,20 +830,23 @@ def test_a_resume_on_other_images_as_many_warns(small_digits_folder, tmp_path):
     assert "holds other images than the run's first session" in " ".join(result.output.split())
 
 
-def test_a_data_folder_given_on_resume_is_kept_for_the_next_one(small_digits_folder, tmp_path):
+@pytest.mark.parametrize("moving", ["data_dir", "monitor"])
+def test_a_folder_given_on_resume_is_kept_for_the_next_one(small_digits_folder, tmp_path, moving):
     """`--resume RUN DATA_DIR` for data that moved: config.json now names the new folder, so the next
-    `--resume RUN` finds it (it looked in the old place)."""
+    `--resume RUN` finds it (it looked in the old place). The --monitor folder likewise (a resume of a run
+    whose monitor folder had moved was refused whatever was given)."""
     old, new = tmp_path / "old", tmp_path / "new"
     shutil.copytree(small_digits_folder, old)
     run = tmp_path / "run"
-    result = runner.invoke(app, ["pretrain", str(old), "--out", str(run), "--epochs", "1", "--batch-size", "64",
-                                 *FAST])
+    data, monitor = (old, small_digits_folder) if moving == "data_dir" else (small_digits_folder, old)
+    result = runner.invoke(app, ["pretrain", str(data), "--out", str(run), "--epochs", "1", "--batch-size", "64",
+                                 "--monitor", str(monitor), *FAST])
     assert result.exit_code == 0, result.output
     old.rename(new)
-    for args in ([str(new)], []):
+    for args in ([str(new)] if moving == "data_dir" else ["--monitor", str(new)], []):
         result = runner.invoke(app, ["pretrain", "--resume", str(run), *args, "--workers", "0"])
         assert result.exit_code == 0, (args, result.output)
-    assert json.loads((run / "config.json").read_text())["data_dir"] == str(new)
+    assert json.loads((run / "config.json").read_text())[moving] == str(new)
 
 
 def test_a_run_started_with_relative_paths_resumes_from_another_working_directory(small_digits_folder, tmp_path,
