@@ -357,7 +357,9 @@ def main() -> None:
                *workers, *shlex.split(args.pretrain_args))
     else:
         simclr_dir = args.simclr_run
+    from simclr_cli.errors import ModelFileError
     from simclr_cli.export import load_checkpoint, load_encoder
+    from simclr_cli.files import read_json
 
     _, info = load_encoder(simclr_dir)
     if args.simclr_run is not None:  # an earlier run is comparable only with the same budget and data
@@ -365,9 +367,14 @@ def main() -> None:
         if max_time != budget:
             sys.exit(f"error: --simclr-run {simclr_dir} was pretrained with --max-time {max_time:g} s, not the "
                      f"{budget:g} s of --budget {args.budget}; pass the same budget")
-        if Path(info.config.get("data_dir", "")).resolve() != data["train"].resolve():
-            sys.exit(f"error: --simclr-run {simclr_dir} was pretrained on {info.config.get('data_dir')}, not "
-                     f"{data['train']}; pass the same --subset and --data")
+        # The run's config.json, not the model file: that names the data folder by its last name only ("train").
+        try:
+            data_dir = read_json(simclr_dir / "config.json", "run configuration").get("data_dir") or ""
+        except ModelFileError as error:
+            sys.exit(f"error: --simclr-run {simclr_dir}: {error}; pass the simclr/ folder of an earlier run")
+        if Path(data_dir).resolve() != data["train"].resolve():
+            sys.exit(f"error: --simclr-run {simclr_dir} was pretrained on {data_dir}, not {data['train']}; pass the "
+                     f"same --subset and --data")
     batch_size = info.config["batch_size"]  # as pretrain resolved it: the supervised baseline uses the same
     state = load_checkpoint(simclr_dir / "checkpoint.safetensors").progress["state"]
     width = "" if info.width == 1 else f" {info.width:g}x"

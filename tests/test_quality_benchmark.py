@@ -84,3 +84,15 @@ def test_quality_benchmark_measures_simclr_and_every_baseline(package, tmp_path,
     with pytest.raises(SystemExit, match="pass the same budget"):
         run(monkeypatch, "--budget", "6s", "--simclr-run", str(out / "simclr"), "--out", str(tmp_path / "again"),
             "--skip", "raw,random,supervised", *common)
+
+    # With the same budget and data it is measured again: model files name the data folder by its last name
+    # only, so the check reads the run's config.json, which holds the full path.
+    again = tmp_path / "again"
+    run(monkeypatch, "--budget", "5s", "--simclr-run", str(out / "simclr"), "--out", str(again),
+        "--skip", "raw,random,supervised", *common)
+    rows = json.loads((again / "results.json").read_text())["rows"]
+    assert [row["name"].split(" (")[0] for row in rows] == ["SimCLR"]
+    assert rows[0]["images_seen"] == results["rows"][0]["images_seen"]
+    with pytest.raises(SystemExit, match="pass the same --subset and --data"):
+        run(monkeypatch, "--budget", "5s", "--simclr-run", str(out / "simclr"), "--out", str(tmp_path / "other"),
+            "--skip", "raw,random,supervised", *common[:2], "--data", str(tmp_path / "other-data"), *common[4:])
