@@ -1,7 +1,8 @@
 """Pretraining images per second end to end: `simclr pretrain --cache` against a plain reference loop.
 
 It writes --images smooth random JPEG photos of --photo-size pixels, then trains the same model
-(ResNet-18 with the SimCLR projection head), batch and resolution for --epochs with:
+(--arch, default ResNet-18, with pretrain's projection head and initialisation), batch and resolution
+for --epochs with:
   plain    torchvision's per-image pipeline (full-size Pillow decode, augment.simclr_augmentation
            twice per image) in a DataLoader, the model in channels_last, the textbook NT-Xent
            (one (2N, 2N) matmul, eye mask, cross-entropy), SGD with momentum
@@ -26,34 +27,49 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from simclr_cli.config import PretrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loss import straightforward  # noqa: E402
 from bench_views import TorchvisionViews, write_photos  # noqa: E402
 
 
-def plain_loop(paths, image_size: int, batch_size: int, epochs: int, workers: int) -> list[float]:
-    """The reference: images/s of each epoch."""
+def pretrain_config(folder: Path, out: Path, args: argparse.Namespace, workers: int) -> PretrainConfig:
+    """The settings of the simclr run; the plain loop builds its model from the same ones."""
+    from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
+
+    return PretrainConfig(data_dir=str(folder), out_dir=str(out), epochs=args.epochs, batch_size=args.batch_size,
+                          arch=args.arch, stem="imagenet", cache=True, warmup_epochs=0, augment_on=args.augment_on,
+                          augment=AugmentConfig(image_size=args.image_size),
+                          runtime=RuntimeConfig(device="cpu", precision=args.precision, workers=workers))
+
+
+def plain_loop(paths, config: PretrainConfig) -> list[float]:
+    """The reference: images/s of each epoch, for the model that `config` trains."""
     from simclr_cli.augment import TwoViews, simclr_augmentation
-    from simclr_cli.config import AugmentConfig
     from simclr_cli.models import SimCLR
 
     torch.manual_seed(0)
-    model = SimCLR("resnet18", "imagenet", 2, 128).to(memory_format=torch.channels_last).train()
+    model = SimCLR(config.arch, config.stem, config.proj_layers, config.proj_dim, config.width,
+                   zero_init_residual=config.zero_init_residual, proj_out_bn=config.proj_out_bn)
+    model = model.to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
-    dataset = TorchvisionViews(paths, TwoViews(simclr_augmentation(AugmentConfig(image_size=image_size))))
+    dataset = TorchvisionViews(paths, TwoViews(simclr_augmentation(config.augment)))
     rates = []
-    for _ in range(epochs):
+    for _ in range(config.epochs):
         start, images = time.perf_counter(), 0
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                             num_workers=workers)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                             num_workers=config.runtime.workers)
         for views in loader:  # (N, 2, 3, S, S)
             n = len(views)
             batch = views.transpose(0, 1).reshape(2 * n, *views.shape[2:])  # (2N, 3, S, S)
             projections = model(batch.contiguous(memory_format=torch.channels_last))  # (2N, 128)
-            loss = straightforward(projections[:n], projections[n:], 0.1)
+            loss = straightforward(projections[:n], projections[n:], config.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -62,10 +78,8 @@ def plain_loop(paths, image_size: int, batch_size: int, epochs: int, workers: in
     return rates
 
 
-def simclr_run(folder: Path, out: Path, image_size: int, batch_size: int, epochs: int, workers: int,
-               augment_on: str, precision: str) -> tuple[list[float], float]:
+def simclr_run(config: PretrainConfig) -> tuple[list[float], float]:
     """train.pretrain with the cache: images/s of each epoch and of the whole call."""
-    from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
     from simclr_cli.train import pretrain
 
     rates = []
@@ -74,19 +88,19 @@ def simclr_run(folder: Path, out: Path, image_size: int, batch_size: int, epochs
         if kind == "epoch":
             rates.append(fields["images_per_s"])
 
-    config = PretrainConfig(data_dir=str(folder), out_dir=str(out), epochs=epochs, batch_size=batch_size,
-                            stem="imagenet", cache=True, warmup_epochs=0, augment_on=augment_on,
-                            augment=AugmentConfig(image_size=image_size),
-                            runtime=RuntimeConfig(device="cpu", precision=precision, workers=workers))
     start = time.perf_counter()
     result = pretrain(config, report)
     return rates, result.state.images_seen / (time.perf_counter() - start)
 
 
 def main() -> None:
+    from simclr_cli.config import ARCHITECTURES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--photo-size", type=int, nargs=2, default=[2400, 1800], metavar=("WIDTH", "HEIGHT"))
+    parser.add_argument("--arch", default="resnet18", choices=ARCHITECTURES,
+                        help="the encoder both train (default resnet18)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2)
@@ -104,18 +118,18 @@ def main() -> None:
         folder = Path(tmp) / "photos"
         write_photos(folder, args.images, tuple(args.photo_size))
         print(f"{platform.machine()}, {os.cpu_count()} CPU core(s) (shared: other jobs may be running), "
-              f"{torch.get_num_threads()} torch threads, {workers} loader worker(s); resnet18 at {args.image_size} "
+              f"{torch.get_num_threads()} torch threads, {workers} loader worker(s); {args.arch} at {args.image_size} "
               f"px, batch {args.batch_size}, simclr in {resolve_precision(args.precision, torch.device('cpu')).name}, "
               f"{args.images} photos of "
               f"{args.photo_size[0] * args.photo_size[1] / 1e6:.1f} MP, {args.epochs} epochs")
-        ours, ours_total = simclr_run(folder, Path(tmp) / "run", args.image_size, args.batch_size, args.epochs,
-                                      workers, args.augment_on, args.precision)
+        config = pretrain_config(folder, Path(tmp) / "run", args, workers)
+        ours, ours_total = simclr_run(config)
         if args.skip_plain:
             print(f"simclr --cache --augment-on {args.augment_on}: " + ", ".join(
                 f"epoch {e + 1}: {r:.1f} images/s" for e, r in enumerate(ours)) + f"; whole run {ours_total:.1f}")
             return
         start = time.perf_counter()
-        plain = plain_loop(sorted(folder.glob("*.jpg")), args.image_size, args.batch_size, args.epochs, workers)
+        plain = plain_loop(sorted(folder.glob("*.jpg")), config)
         plain_total = (args.images // args.batch_size) * args.batch_size * args.epochs / (time.perf_counter() - start)
         for name, rates, total in (("plain", plain, plain_total), ("simclr --cache", ours, ours_total)):
             print(f"{name:15s} " + ", ".join(f"epoch {e + 1}: {r:.1f} images/s" for e, r in enumerate(rates))
