@@ -77,9 +77,14 @@ def write_index(path: Path, rows: int, dim: int, dtype: str, model: Path, precis
 
 
 def read_floor(rows: np.ndarray, chunk: int = 65536) -> None:
-    as_words = rows.reshape(len(rows), -1).view(np.int64)
-    for start in range(0, len(rows), chunk):
-        torch.from_numpy(as_words[start:start + chunk]).sum()
+    """Read every byte of `rows` as int64 words, `chunk` rows' worth at a time. Words of the whole array, not
+    of each row: a row of float16 is not a whole number of words unless --dim is a multiple of 4 (the few bytes
+    past the last whole word, at most 7, are left out)."""
+    as_bytes = rows.reshape(-1).view(np.uint8)
+    as_words = as_bytes[:len(as_bytes) // 8 * 8].view(np.int64)
+    words = max(1, chunk * rows.shape[1] * rows.itemsize // 8)
+    for start in range(0, len(as_words), words):
+        torch.from_numpy(as_words[start:start + words]).sum()
 
 
 def numpy_search(rows: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
