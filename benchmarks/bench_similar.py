@@ -150,7 +150,7 @@ def main() -> None:
             sys.exit(f"error: --arch {args.arch} gives {width}-d features, not --dim {args.dim}; pass --dim {width}")
         query = np.random.default_rng(1).standard_normal(args.dim).astype(np.float32)
         query /= np.linalg.norm(query)
-        largest = None
+        largest, largest_rows = None, 0
         for count in args.rows:
             for dtype in args.dtypes:
                 path = folder / f"index_{count}_{dtype}.npy"
@@ -173,10 +173,14 @@ def main() -> None:
                           f"{floor * 1e3:>9.1f} {ours * 1e3:>10.1f} {plain * 1e3:>9.1f} {ours / floor:>12.2f}x "
                           f"{plain / ours:>12.2f}x")
                 rows = None  # unmapped before the file is deleted
-                if largest is not None and largest != path:
-                    largest.unlink()
-                    manifest_path(largest).unlink()
-                largest = path
+                # Only the index --end-to-end runs on is kept: the one of the most rows (of those, the last written).
+                if count >= largest_rows:
+                    spare, largest, largest_rows = largest, path, count
+                else:
+                    spare = path
+                if spare is not None:
+                    spare.unlink()
+                    manifest_path(spare).unlink()
         if args.end_to_end and largest is not None:
             simclr = Path(sys.executable).with_name("simclr")
             command = [str(simclr), "similar", str(query_image), "--index", str(largest), "-k", str(args.k)]
