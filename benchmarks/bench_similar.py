@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npy_format
 
+from simclr_cli.config import cpu_cores
 from simclr_cli.index import Manifest, manifest_path, open_index, sha256_file, top_k, write_manifest
 from simclr_cli.native import search_kernels
 
@@ -125,22 +126,32 @@ def main() -> None:
                              "numpy, bf16 with PyTorch (auto: what `simclr embed` on this CPU would record)")
     parser.add_argument("--arch", default="resnet18", help="encoder for --end-to-end; its features must be --dim "
                                                            "wide (512 for resnet18 and 34, 2048 for resnet50 and up)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="run on this many cores, each library with one thread a core: simclr's search "
+                             "threads, numpy's BLAS, PyTorch (default: every core this process may use)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the indexes (default: a temp dir)")
     args = parser.parse_args()
     if args.dir is not None and not args.dir.is_dir():
         parser.error(f"--dir {args.dir}: no such folder; make it first, or leave --dir out for a temporary one")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and not (hasattr(os, "sched_setaffinity") and 1 <= args.threads <= cpu_cores()):
+        parser.error(f"--threads {args.threads}: this process may run on 1 to {cpu_cores()} cores, and the flag needs "
+                     f"Linux (it sets the cores with sched_setaffinity)")
+    if args.threads and (cpu_cores() != args.threads or os.environ.get("OPENBLAS_NUM_THREADS") != str(args.threads)):
+        # numpy's BLAS and PyTorch took their thread counts when they loaded, before the flags were read: start
+        # again with them in the environment, on that many cores (simclr's search has one thread a core, and
+        # `simclr similar` in --end-to-end inherits both)
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+        threads = {name: str(args.threads) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **threads})
 
     precision = args.precision
     if precision == "auto":
         from simclr_cli.runtime import resolve_precision
 
         precision = resolve_precision("auto", torch.device("cpu")).name
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch "
-          f"{torch.__version__} with {torch.get_num_threads()} threads; one query, k={args.k}, best of "
-          f"{args.repeats}, page cache warm")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), {cpu_cores()} for this "
+          f"run (simclr's search threads), torch {torch.__version__} with {torch.get_num_threads()} threads; one "
+          f"query, k={args.k}, best of {args.repeats}, page cache warm")
     print(f"{'rows':>9} {'dtype':>8} {'kernel':>7} {'MiB':>6} {'floor ms':>9} {'simclr ms':>10} {'plain ms':>9} "
           f"{'simclr/floor':>13} {'plain/simclr':>13}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -184,11 +195,10 @@ def main() -> None:
         if args.end_to_end and largest is not None:
             simclr = Path(sys.executable).with_name("simclr")
             command = [str(simclr), "similar", str(query_image), "--index", str(largest), "-k", str(args.k)]
-            env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
 
             def wall() -> float:
                 start = time.perf_counter()
-                subprocess.run(command, check=True, capture_output=True, env=env)
+                subprocess.run(command, check=True, capture_output=True)
                 return time.perf_counter() - start
 
             # The first run after writing gigabytes of indexes may find PyTorch's libraries pushed out of
@@ -196,7 +206,7 @@ def main() -> None:
             first = wall()
             walls = [wall() for _ in range(args.repeats)]
             startup = best_of(args.repeats, lambda: subprocess.run([str(simclr), "--version"], check=True,
-                                                                   capture_output=True, env=env))
+                                                                   capture_output=True))
             print(f"end to end: `simclr similar` on {largest.name} ({args.image_size} px {args.arch}, queries at "
                   f"{precision}), {args.repeats} "
                   f"runs: best {min(walls):.2f} s, worst {max(walls):.2f} s (target < 3 s); the first run before "
