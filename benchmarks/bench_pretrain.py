@@ -110,6 +110,8 @@ def main() -> None:
                         help="simclr's --precision (auto: bf16 on CPUs with bf16 instructions; the plain loop is fp32)")
     parser.add_argument("--skip-plain", action="store_true", help="time simclr alone (to compare --augment-on)")
     args = parser.parse_args()
+    if args.images < args.batch_size:
+        parser.error(f"--images {args.images} is fewer than --batch-size {args.batch_size}: no whole batch to time")
 
     from simclr_cli.runtime import default_workers, resolve_precision
 

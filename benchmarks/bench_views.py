@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=None, help="loader processes (default: simclr's default)")
     args = parser.parse_args()
+    if args.images < args.batch_size:
+        parser.error(f"--images {args.images} is fewer than --batch-size {args.batch_size}: no whole batch to time")
 
     from simclr_cli.augment import TwoViews, simclr_augmentation
     from simclr_cli.batch_augment import AugmentInLoader, BatchAugment, ViewSampler
