@@ -31,7 +31,12 @@ class _Group(TyperGroup):
             result = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                                   standalone_mode=False, **extra)
         except _UsageError as error:
-            command = error.ctx.command_path if error.ctx else "simclr"
+            if type(error).__name__ == "NoArgsIsHelpError":  # a bare `simclr`: the help, as --help prints it
+                typer.echo(error.format_message())
+                sys.exit(0)
+            # An option's missing value fails before its command has a context: the command is the first word.
+            first = (sys.argv[1:] if args is None else list(args))[:1]
+            command = error.ctx.command_path if error.ctx else " ".join(["simclr", *set(first) & set(self.commands)])
             err_console.print(labelled("error:", "red", f"{error.format_message()} (see `{command} --help`)"))
             sys.exit(1)
         except typer.Abort:
@@ -575,7 +580,7 @@ def similar(
 
     if grid is not None:
         check_grid_path(grid)
-    result = search(query, index, top_k, exclude_self, device)
+    result = search(query, index, top_k, exclude_self, device, grid)
     if grid is not None:  # refused before the results are printed, as above
         check_grid_path(grid, len(result.queries), max(len(hits) for hits in result.hits))
     err_console.print(f"index {result.index} ({result.size:,} images), from {result.source}")

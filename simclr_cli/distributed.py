@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from simclr_cli import errors as simclr_errors
+from simclr_cli.config import check_sizes
 from simclr_cli.errors import ConfigError, SimclrError
 from simclr_cli.runtime import is_distributed, local_rank, rank, resolve_device, world_size
 
@@ -39,6 +40,7 @@ def launched() -> bool:
 
 def check_devices(devices: int, device_spec: str) -> None:
     """Fail early, in the launching process, when --devices cannot be honoured here."""
+    check_sizes(devices=devices)  # again here: a --resume's config is not validated before the launch
     if device_spec.startswith("cuda:"):  # each process takes GPU LOCAL_RANK: an index would put all on one
         raise ConfigError(f"--device {device_spec} with --devices {devices}: the processes take GPUs 0 to "
                           f"{devices - 1}, one each; pass --device cuda, or --devices 1 to use {device_spec} alone")

@@ -532,7 +532,8 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
                             simclr_version=__version__)
         write_manifest(out, manifest)
         shutil.rmtree(work, ignore_errors=True)
-        remember_index(out)
+        if (warning := remember_index(out)) is not None:
+            report("warning", text=warning)
         report("embed_done", rows=written)
         return result
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,8 +20,8 @@ from simclr_cli.config import LinearEvalConfig
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.export import load_encoder, save_tensors
 from simclr_cli.features import compute_features
-from simclr_cli.files import (EncoderInfo, atomic_path, check_output_path, read_metadata, resolve_model_path,
-                              sha256_file, write_json)
+from simclr_cli.files import (PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path, is_temporary, read_metadata,
+                              resolve_model_path, sha256_file, write_json)
 from simclr_cli.images import Skipped
 from simclr_cli.labels import LabelledData, check_decoded, load_labelled, stratified_split
 from simclr_cli.runtime import Precision, resolve_device, resolve_precision, seed_everything
@@ -307,6 +308,12 @@ def report_data(data: LabelledData, report: Report, prefix: str = "",
                            f"{sets[1]} images")
 
 
+def _written_here(name: str) -> bool:
+    """Whether linear-eval writes files of this name (its report, probe, plot and features cache)."""
+    return (name in (RESULTS_FILE, LINEAR_FILE, CONFUSION_FILE) or name.startswith(PROBE_PREFIX) or is_temporary(name)
+            or re.fullmatch(r"features-[0-9a-f]{16}\.safetensors", name) is not None)
+
+
 def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult:
     """Features of the frozen encoder, a linear probe and kNN on them; write the report to config.out_dir."""
     config.validate()
@@ -322,6 +329,11 @@ def linear_eval(config: LinearEvalConfig, report: Report = silent) -> EvalResult
     d = config.data
     data = load_labelled(d.train_dir, d.labels_csv, d.val_dir, d.val_split, config.runtime.seed,
                          out_dir=out_dir)
+    others = sorted(p.name for p in out_dir.iterdir() if not _written_here(p.name)) if out_dir.is_dir() else []
+    if others:  # a folder of photos (whose next scan would train on the plot), another command's run
+        raise ConfigError(f"--out {out_dir} holds files linear-eval does not write ({others[0]}"
+                          f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}); choose an empty folder, or "
+                          f"one an earlier linear-eval wrote (its features are reused)")
     report_data(data, report)
     out_dir.mkdir(parents=True, exist_ok=True)
 

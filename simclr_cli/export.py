@@ -13,7 +13,7 @@ from torch import nn
 
 from simclr_cli import __version__
 from simclr_cli.config import SavedTypeError, replace
-from simclr_cli.errors import ConfigError, ModelFileError
+from simclr_cli.errors import ConfigError, ModelFileError, SimclrError
 from simclr_cli.files import (NOT_BACKBONE, PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path, is_temporary,
                               read_json, read_metadata, remove_temporaries, resolve_model_path)
 from simclr_cli.models import build_backbone
@@ -29,10 +29,11 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINT_SECONDS = 600.0
 
 
-def check_run_dir(run_dir: Path, resume: bool, product: str) -> bool:
+def check_run_dir(run_dir: Path, resume: bool, product: str, config_class: Any) -> bool:
     """A new run needs an empty (or new) --out. Return whether to restore the checkpoint: a resumed run (its
     config.json read already) that stopped before writing its first one has none, and starts again. One that
-    finished (its `product` written) and lost its checkpoint since is refused, not trained again over it."""
+    finished (its `product` written) and lost its checkpoint since is refused, not trained again over it.
+    `config_class`: the command's settings, which a folder of one of its runs holds in its config.json."""
     checkpoint = run_dir / CHECKPOINT_FILE
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; pass a folder (new or empty) for the run")
@@ -41,9 +42,9 @@ def check_run_dir(run_dir: Path, resume: bool, product: str) -> bool:
     # and a temporary of a killed write be still there for the other ranks.
     if not resume and run_dir.exists() and any(not p.name.startswith(PROBE_PREFIX) and not is_temporary(p.name)
                                                for p in run_dir.iterdir()):
-        # A run stopped before its first checkpoint has its config.json, and --resume starts it again.
-        started = checkpoint.is_file() or (run_dir / "config.json").is_file()
-        hint = f"resume it with --resume {run_dir}" if started else "choose an empty folder"
+        # A run stopped before its first checkpoint has its config.json, and --resume starts it again; another
+        # command's run (a pretrain run given to finetune's --out) cannot be resumed by this one.
+        hint = f"resume it with --resume {run_dir}" if _holds_run(run_dir, config_class) else "choose an empty folder"
         raise ConfigError(f"--out {run_dir} already holds files; {hint}, or pass another --out")
     if run_dir.exists() and is_main():  # the run's, and held by this process: a temporary here is a killed write's
         remove_temporaries(run_dir)
@@ -73,6 +74,15 @@ def read_run_config(config_class: Any, run_dir: Path, command: str, **changes: A
         raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr {command}` "
                           f"run{detail}; pass the folder of a run that `simclr {command}` started, or restore its "
                           f"config.json as the run wrote it") from None
+
+
+def _holds_run(run_dir: Path, config_class: Any) -> bool:
+    """Whether run_dir/config.json holds `config_class`'s settings."""
+    try:
+        config_class.from_json(read_json(run_dir / "config.json", "run configuration"))
+    except (SimclrError, TypeError, KeyError, ValueError, AttributeError):
+        return False
+    return True
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

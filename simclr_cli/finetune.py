@@ -155,7 +155,7 @@ class FinetuneRun:
         self.config = config = config.with_absolute_paths()
         self.report = report
         self.run_dir = Path(config.out_dir)
-        restore = check_run_dir(self.run_dir, resume, FINETUNED_FILE)
+        restore = check_run_dir(self.run_dir, resume, FINETUNED_FILE, FinetuneConfig)
         if resume and not restore:  # stopped in its first epoch (a crash, a lost machine): start it again as saved
             report("message", text=f"{self.run_dir} stopped before its first checkpoint: starting it again")
         settled, resume = resume, restore  # settled: the batch below was decided when the run began

@@ -229,7 +229,8 @@ def open_index(index_path: str | Path, source: str = "--index") -> tuple[np.ndar
         raise ConfigError(f"{index_path} (from {source}): not a .npy file; pass the OUT.npy that `simclr embed` "
                           f"wrote")
     if not index_path.is_file():
-        raise ModelFileError(f"{index_path}: no such index; run `simclr embed MODEL IMAGES {index_path}` first")
+        where = "" if source == "--index" else f" (from {source})"
+        raise ModelFileError(f"{index_path}{where}: no such index; run `simclr embed MODEL IMAGES {index_path}` first")
     manifest = read_manifest(manifest_path(index_path))
     try:
         # Copy-on-write: the file is never written, and torch.from_numpy gets the writable array it wants.
@@ -250,11 +251,15 @@ def state_dir() -> Path:
     return xdg_home("XDG_STATE_HOME", ".local/state") / "simclr"
 
 
-def remember_index(index_path: str | Path) -> None:
+def remember_index(index_path: str | Path) -> str | None:
+    """Record the index for `simclr similar` without --index; the warning to print if it cannot be (a read-only
+    home must not fail an embed that succeeded, but `similar` would then say there is no index)."""
     try:
         write_json(state_dir() / "last_index.json", {"index": str(Path(index_path).absolute())})
-    except OSError:  # a read-only home must not fail an embed that succeeded
-        pass
+    except OSError as error:
+        return (f"could not remember {index_path} as the last index in {state_dir()} ({error.strerror or error}); "
+                f"pass --index {index_path} to `simclr similar`")
+    return None
 
 
 def choose_index(explicit: str | Path | None) -> tuple[Path, str]:
@@ -573,8 +578,9 @@ def query_paths(queries: Sequence[str | Path]) -> tuple[list[str], list[Any]]:
 
 
 def search(queries: Sequence[str | Path], index: str | Path | None = None, k: int = 10,
-           exclude_self: bool = False, device: str = "cpu") -> SearchResult:
-    """Embed the query images with the index's own model and return their exact cosine top-k."""
+           exclude_self: bool = False, device: str = "cpu", grid: str | Path | None = None) -> SearchResult:
+    """Embed the query images with the index's own model and return their exact cosine top-k; `grid`, where the
+    contact sheet will go, must not be one of the images searched."""
     if k < 1:
         raise ConfigError(f"-k {k} must be at least 1")
     index_path, source = choose_index(index)
@@ -586,6 +592,11 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
         raise ModelFileError(f"{manifest.model} changed since {index_path} was built (SHA-256 differs), so its "
                              f"embeddings would not match; restore the file, or run `simclr embed` again")
     paths, skipped = query_paths(queries)
+    if grid is not None:
+        target = os.path.abspath(grid)  # as the manifest's paths are kept
+        if any(os.path.abspath(path) == target for path in paths) or find_rows(manifest.paths, [target])[0] is not None:
+            raise ConfigError(f"--grid {grid} is one of the images searched (a query, or a row of the index): the "
+                              f"contact sheet would replace it; pass another file name")
     features = None
     if device == "cpu" and manifest.precision == "fp32":
         # Rows computed in fp32 (where the CPU has no bf16, the default): numpy gives the same features

@@ -25,8 +25,8 @@ from simclr_cli.data import ImageDataset, collate, epoch_order, even_batch, make
 from simclr_cli.errors import ConfigError, DataError, ModelFileError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, CHECKPOINT_SECONDS, HEAD_FILE, check_run_dir, load_checkpoint,
                                load_optimizer, read_run_config, save_checkpoint, save_encoder, save_tensors)
-from simclr_cli.files import (ENCODER_FILE, EncoderInfo, claimed, held, read_json, read_json_lines, write_json,
-                              write_text)
+from simclr_cli.files import (ENCODER_FILE, EncoderInfo, check_output_path, claimed, held, read_json, read_json_lines,
+                              write_json, write_text)
 from simclr_cli.gradcache import cached_backward, chunk_count, paired_chunks
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb, note_skipped, require_images, scan_images
 from simclr_cli.loss import global_nt_xent
@@ -88,7 +88,9 @@ class PretrainRun:
         self.state = LoopState()
         self._recent_steps: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
         self._first_step: float | None = None  # seconds of this session's first step, once made
-        restore = check_run_dir(self.run_dir, resume, ENCODER_FILE)
+        restore = check_run_dir(self.run_dir, resume, ENCODER_FILE, PretrainConfig)
+        if config.cache_dir:  # refused now, by its flag, not by an OSError once the folder is scanned
+            check_output_path(config.cache_dir, "--cache-dir", folder=True)
         if resume and not restore:  # stopped in its first epoch (a crash, a lost machine): start it again as saved
             report("message", text=f"{self.run_dir} stopped before its first checkpoint: starting it again")
         settled, resume = resume, restore  # settled: the batch below was decided when the run began

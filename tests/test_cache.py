@@ -319,6 +319,7 @@ def test_a_cached_run_on_the_device_path_resumes_to_the_plain_runs_curve(small_d
     (["--augment-on", "gpu"], "--augment-on 'gpu' is not one of auto, device, cpu, per-image"),
     (["--cache", "--cache-dir", "{file}"], "or a folder on its path, is a file"),
     (["--cache", "--cache-dir", "{file}/cache"], "or a folder on its path, is a file"),
+    (["--cache", "--cache-dir", "/proc/simclr-cache"], "--cache-dir /proc/simclr-cache: cannot write it, /proc takes"),
 ])
 def test_bad_cache_and_augment_flags_are_one_line_errors(small_digits_folder, tmp_path, args, message):
     (tmp_path / "file").write_text("not a folder")

@@ -203,3 +203,18 @@ def test_an_empty_path_is_refused_by_the_engine_too(make, flag):
 def test_an_empty_optional_path_is_off_as_it_always_was():
     """A run started through the API with monitor="" could not be resumed once empty paths were refused."""
     assert PretrainConfig(data_dir="photos", out_dir="run", monitor="").validate().monitor == ""
+
+
+def test_a_bare_command_prints_the_help_and_usage_errors_point_to_their_commands_help():
+    """A bare `simclr` printed its whole help as an `error:` line with exit 1; an option missing its value pointed
+    to the top-level help (its command had no context yet)."""
+    import subprocess
+    import sys
+
+    bare = subprocess.run([sys.executable, "-m", "simclr_cli"], capture_output=True, text=True)
+    assert bare.returncode == 0 and bare.stdout.startswith("Usage:") and "pretrain" in bare.stdout, bare
+    assert bare.stderr == ""
+    missing = subprocess.run([sys.executable, "-m", "simclr_cli", "pretrain", "x", "--epochs"], capture_output=True,
+                             text=True)
+    assert missing.returncode == 1 and missing.stderr.strip() == (
+        "error: Option '--epochs' requires an argument. (see `simclr pretrain --help`)")

@@ -261,6 +261,8 @@ def test_a_second_evaluation_reuses_the_cached_features(evaluated, tiny_encoder,
     (["{encoder}", "{two}", "--val", "{link}"], "--val {link} is TRAIN itself"),  # reported 100% as validation
     (["{encoder}", "{two}", "--val", "{shared}"], "--val {shared} shares 1 of its 1 images with TRAIN"),
     (["{encoder}", "{two}", "--out", "{two}"], "is TRAIN {two} itself"),
+    (["{encoder}", "{two}", "--out", "{val}"], "--out {val} holds files linear-eval does not write (a and 1 more); "
+                                               "choose an empty folder, or one an earlier linear-eval wrote"),
 ])
 def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, tmp_path, args, message):
     folders = {"one_class": {"a": 2}, "empty_class": {"a": 2, "b": 0}, "two": {"a": 2, "b": 2}, "val": {"a": 1, "b": 1}}

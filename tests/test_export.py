@@ -14,6 +14,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from simclr_cli import export
+from simclr_cli.config import PretrainConfig
 from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.export import load_checkpoint, load_encoder, save_checkpoint, save_encoder
 from simclr_cli.files import PROBE_PREFIX, EncoderInfo, atomic_path, claimed, held
@@ -201,10 +202,10 @@ def test_an_empty_out_is_new_whatever_another_process_checks_in_it_meanwhile(tmp
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / f"{PROBE_PREFIX}abc123").touch()
-    assert export.check_run_dir(run_dir, resume=False, product="encoder.safetensors") is False
+    assert export.check_run_dir(run_dir, False, "encoder.safetensors", PretrainConfig) is False
     (run_dir / "config.json").touch()
     with pytest.raises(ConfigError, match="already holds files"):
-        export.check_run_dir(run_dir, resume=False, product="encoder.safetensors")
+        export.check_run_dir(run_dir, False, "encoder.safetensors", PretrainConfig)
 
 
 def test_the_temporaries_of_killed_writes_are_removed_and_leave_a_folder_empty(tmp_path):
@@ -220,12 +221,13 @@ def test_the_temporaries_of_killed_writes_are_removed_and_leave_a_folder_empty(t
     (run_dir / left).write_text("{")
     (run_dir / ".tmpAb3xZ9").write_bytes(b"\0" * 100)  # safetensors' save_file writes this, then renames it
     (run_dir / ".keep.tmp").touch()  # not a name either writer makes
-    export.check_run_dir(run_dir, resume=True, product="encoder.safetensors")
+    export.check_run_dir(run_dir, True, "encoder.safetensors", PretrainConfig)
     assert not (run_dir / left).exists() and not (run_dir / ".tmpAb3xZ9").exists()
     assert (run_dir / ".keep.tmp").exists()
     (run_dir / ".keep.tmp").unlink()
     (run_dir / ".tmpQ7w2Lk").touch()
-    assert export.check_run_dir(run_dir, resume=False, product="encoder.safetensors") is False  # empty, as it is
+    # empty, as it is
+    assert export.check_run_dir(run_dir, False, "encoder.safetensors", PretrainConfig) is False
     assert not (run_dir / ".tmpQ7w2Lk").exists()
 
 
@@ -236,7 +238,7 @@ def test_a_folder_refused_as_not_empty_keeps_every_file(tmp_path):
     for name in names:
         (folder / name).touch()
     with pytest.raises(ConfigError, match="already holds files"):
-        export.check_run_dir(folder, resume=False, product="encoder.safetensors")
+        export.check_run_dir(folder, False, "encoder.safetensors", PretrainConfig)
     assert sorted(p.name for p in folder.iterdir()) == sorted(names)
 
 

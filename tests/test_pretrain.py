@@ -555,6 +555,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path, gro
     (["pretrain", "{one}"], "only one image; SimCLR contrasts"),
     (["pretrain", "--resume", "{empty}"], "no config.json"),
     (["pretrain", "--resume", "{finetuned}"], "not the settings of a `simclr pretrain` run"),
+    (["pretrain", "{two}", "--out", "{finetuned}"], "already holds files; choose an empty folder, or pass another"),
+    (["pretrain", "--resume", "{empty}", "--devices", "5000"], "--devices 5000 is too many; use at most 1024"),
     (["pretrain", "--resume", "{empty}", "--epochs", "200", "--lr", "0.1"],
      "--epochs, --lr with --resume: the run keeps the settings it started with"),
     (["pretrain"], "give the folder of images"),

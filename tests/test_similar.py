@@ -341,6 +341,9 @@ def test_an_index_from_the_environment_or_the_state_is_named_so_in_errors(photos
     monkeypatch.setenv("SIMCLR_INDEX", str(tmp_path / "index.json"))
     result = runner.invoke(app, ["similar", query])
     assert result.exit_code == 1 and f"{tmp_path / 'index.json'} (from $SIMCLR_INDEX): not a .npy" in result.output
+    monkeypatch.setenv("SIMCLR_INDEX", str(tmp_path / "gone.npy"))
+    result = runner.invoke(app, ["similar", query])
+    assert result.exit_code == 1 and "gone.npy (from $SIMCLR_INDEX): no such index" in result.output, result.output
     monkeypatch.delenv("SIMCLR_INDEX")
     remember_index(tmp_path / "index.txt")
     result = runner.invoke(app, ["similar", query])
@@ -352,6 +355,20 @@ def test_an_index_from_the_environment_or_the_state_is_named_so_in_errors(photos
     result = runner.invoke(app, ["similar", query, "--index", str(tmp_path / "rows.npy")])
     assert result.exit_code == 1 and "no such index manifest; if `simclr embed` was stopped as it finished, run the " \
         "same command with --resume" in " ".join(result.output.split()), result.output
+
+
+def test_an_index_that_cannot_be_remembered_is_a_warning_naming_the_state_folder(tiny_encoder, photos, tmp_path,
+                                                                                  monkeypatch):
+    """A state home that cannot be written (a file, a read-only home) was passed over in silence: the embed
+    succeeded, and `similar` without --index then said there was no index."""
+    (tmp_path / "state").write_text("a file")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    result = runner.invoke(app, ["embed", str(tiny_encoder), str(photos), str(tmp_path / "out.npy"), "--device", "cpu",
+                                 "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"could not remember {tmp_path / 'out.npy'} as the last index in {tmp_path / 'state' / 'simclr'}" in text
+    assert "pass --index" in text
 
 
 @pytest.mark.parametrize("value", ["relative/state", ""])
@@ -667,6 +684,17 @@ def test_a_grid_that_cannot_be_written_is_a_one_line_error(indexes, photos, tmp_
                                  "--grid", str(tmp_path / where), "--json"])
     assert result.exit_code == 1 and "cannot write it" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output  # before the search, not after it
+
+
+@pytest.mark.parametrize("image", ["query", "indexed"])
+def test_a_grid_over_an_image_searched_is_refused(indexes, photos, image):
+    """`--grid` naming the query (or another image of the index) replaced the photo with the contact sheet."""
+    target = photos / (ORIGINALS[0] if image == "query" else ORIGINALS[1])
+    before = target.read_bytes()
+    result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(indexes["float32"]),
+                                 "--grid", str(target)])
+    assert result.exit_code == 1 and "is one of the images searched" in result.output, result.output
+    assert target.read_bytes() == before
 
 
 def test_a_grid_too_large_for_its_format_is_refused_before_the_results(indexes, photos, tmp_path, monkeypatch):
