@@ -69,6 +69,9 @@ def read_run_config(config_class: Any, run_dir: Path, command: str, **changes: A
                           workers=workers if workers is not None else config.runtime.workers)
         # validate() in the try: an edited value of the right type may still trip a check
         return replace(config, out_dir=str(run_dir), runtime=runtime, **changes).validate()
+    except ConfigError as error:  # its message names the flag, which --resume refuses: say where the value is
+        raise ConfigError(f"--resume {run_dir}: {error} (a setting saved in its config.json, or one given with "
+                          f"--resume)") from None
     except (TypeError, KeyError, ValueError, AttributeError) as error:  # another command's run, or an edited file
         detail = f" ({error})" if isinstance(error, SavedTypeError) else ""
         raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr {command}` "

@@ -935,6 +935,8 @@ def _add_state_key(text: str) -> str:
      "(epochs is '5', not a whole number); pass the folder of a run"),
     (lambda run: _edit_json(run / "config.json", lambda c: c.update(arch="resnet34")),
      "checkpoint.safetensors: does not fit the run's config.json"),
+    (lambda run: _edit_json(run / "config.json", lambda c: c.update(temperature=0)),
+     "run: --temperature 0 is out of range; use 0.01 to 10 (the paper uses 0.1 to 0.5) (a setting saved in its"),
     (lambda run: _edit_progress(run / "checkpoint.safetensors", _add_state_key),
      "checkpoint.safetensors: does not fit the run's config.json"),
     (lambda run: _edit_progress(run / "checkpoint.safetensors", _step_as_text),
@@ -943,8 +945,8 @@ def _add_state_key(text: str) -> str:
      "checkpoint.safetensors: its 'progress' entry is missing or not JSON"),
     (lambda run: (run / "checkpoint.safetensors").unlink(),  # was taken for a run stopped in its first epoch
      "the run finished (encoder.safetensors is there) and its checkpoint.safetensors is gone"),
-], ids=["max-time-text", "epochs-text", "arch-changed", "unknown-state-key", "state-step-text", "progress-not-json",
-        "finished-without-checkpoint"])
+], ids=["max-time-text", "epochs-text", "arch-changed", "temperature-zero", "unknown-state-key", "state-step-text",
+        "progress-not-json", "finished-without-checkpoint"])
 def test_resuming_a_damaged_or_edited_run_folder_is_a_one_line_error(tiny_encoder, tmp_path, damage, message):
     run = shutil.copytree(tiny_encoder, tmp_path / "run")
     damage(run)
