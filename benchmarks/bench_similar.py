@@ -189,7 +189,7 @@ def main() -> None:
                     spare, largest, largest_rows = largest, path, count
                 else:
                     spare = path
-                if spare is not None:
+                if spare is not None and spare != largest:  # --rows 2000 2000 writes the same file twice
                     spare.unlink()
                     manifest_path(spare).unlink()
         if args.end_to_end and largest is not None:

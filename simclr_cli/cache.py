@@ -11,11 +11,12 @@ left are decoded every epoch, with a warning) instead of killing the worker with
 
 Files, beside each other in the run folder or in --cache-dir (`decoded-<side>px-<folder hash>`):
   .u8     the pixels: one slot of side x ceil(4/3 side) x 3 bytes per image, in scan order
-  .slots  (images, 4) uint32: state (0 empty, 1 stored, 2 unreadable), height, width, CRC-32 of the pixels
+  .slots  (images, 4) uint32: state (0 empty, 1 stored, 2 unreadable), height, width, CRC-32 of the
+          three before it and the pixels
   .json   the manifest: side, and every image's path, size and mtime
-  .lock   held while a run checks or creates the cache, so that runs sharing --cache-dir take turns
-A slot is used only while its file's size and mtime match the manifest and its pixels their CRC-32
-(a damaged file, or pixels a crash kept from the disk, are decoded again); changed files are
+  .lock   in a --cache-dir, held while a run checks or creates the cache: runs sharing it take turns
+A slot is used only while its file's size and mtime match the manifest and its row and pixels their
+CRC-32 (a damaged file, or pixels a crash kept from the disk, are decoded again); changed files are
 decoded again, and a different list of files starts a new cache (a run still reading the one it
 replaced, from a shared --cache-dir, notices and decodes its files itself: `DecodedCache.mapped`).
 
@@ -35,6 +36,7 @@ import math
 import os
 import shutil
 import sys
+import weakref
 import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -125,6 +127,17 @@ def _write_at(fd: int, data: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def _checksum(state: int, height: int, width: int, pixels: np.ndarray | bytes = b"") -> int:
+    """The CRC-32 a slot's row ends with: of its state and sides, and its pixels."""
+    return zlib.crc32(pixels, zlib.crc32(np.array([state, height, width], dtype=np.uint32).tobytes()))
+
+
+def _close(files: tuple[int, ...]) -> None:
+    for fd in files:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def _identity(base: Path) -> tuple[int, ...] | None:
     """Which files the cache's names point to now (None: not there): a run that starts the cache over, for
     another list of files, replaces them."""
@@ -170,26 +183,31 @@ class DecodedCache:
 
     @classmethod
     def prepare(cls, directory: str | Path, root: str | Path, paths: Sequence[str | Path],
-                side: int) -> tuple["DecodedCache", str]:
-        """Open the cache for these files, creating or refreshing it; return it and a one-line summary."""
+                side: int, shared: bool = True) -> tuple["DecodedCache", str]:
+        """Open the cache for these files, creating or refreshing it; return it and a one-line summary. `shared`:
+        other runs may use `directory` at the same time (a --cache-dir, not the run's own folder, which the run
+        holds: there a lock file would be one more file a failed run leaves in it)."""
         directory = Path(directory)
         cache = cls.locate(directory, root, len(paths), side)
         paths = [str(p) for p in paths]
         stats = [_stats(p) for p in paths]
         directory.mkdir(parents=True, exist_ok=True)
-        with _locked(f"{cache.base}.lock"):
+        with _locked(f"{cache.base}.lock") if shared else contextlib.nullcontext():
             manifest = cache._read_manifest()
             if manifest is None or manifest["paths"] != paths or not cache._files_exist():
                 cache._create(directory)
                 summary = (f"decoded cache {cache.base}.u8 created ({format_bytes(cache.nbytes)} for {len(paths)} "
                            f"images)")
             else:
-                slots = np.memmap(f"{cache.base}.slots", dtype=np.uint32, mode="r+", shape=(cache.count, SLOT_FIELDS))
                 changed = [i for i, (old, new) in enumerate(zip(manifest["stats"], stats)) if old != new]
-                slots[changed, 0] = EMPTY
-                slots.flush()
+                fd = os.open(f"{cache.base}.slots", os.O_WRONLY)
+                try:  # written, not through a map: a page of a sparse file the disk has no room for is a SIGBUS
+                    for index in changed:
+                        _write_at(fd, np.zeros(SLOT_FIELDS, dtype=np.uint32), index * SLOT_FIELDS * 4)
+                finally:
+                    os.close(fd)
+                slots = np.fromfile(f"{cache.base}.slots", dtype=np.uint32).reshape(cache.count, SLOT_FIELDS)
                 stored = int((slots[:, 0] == STORED).sum())
-                del slots
                 summary = (f"decoded cache {cache.base}.u8: {stored} of {len(paths)} images stored"
                            + (f", {len(changed)} changed since and decoded again" if changed else ""))
             write_json(f"{cache.base}.json", {"format": FORMAT, "version": VERSION, "side": side,
@@ -240,6 +258,7 @@ class DecodedCache:
             self._pixels = np.memmap(f"{self.base}.u8", dtype=np.uint8, mode="r", shape=(self.count, self.slot_bytes))
             self._slots = np.memmap(f"{self.base}.slots", dtype=np.uint32, mode="r", shape=(self.count, SLOT_FIELDS))
             self._files = (os.open(f"{self.base}.u8", os.O_WRONLY), os.open(f"{self.base}.slots", os.O_WRONLY))
+            weakref.finalize(self, _close, self._files)  # a run in a process that lives on (the API, tests)
         return True
 
     def _map(self) -> None:
@@ -253,12 +272,12 @@ class DecodedCache:
         """The stored image (H, W, 3) uint8 (a copy), None when not stored or damaged; raises UnreadableImage."""
         self._map()
         state, height, width, checksum = (int(v) for v in self._slots[index])
-        if state == UNREADABLE:
+        if state == UNREADABLE and _checksum(state, 0, 0) == checksum:
             raise UnreadableImage("unreadable (recorded in the decoded cache when it was first read)")
         if state != STORED or not (height > 0 and width > 0 and height * width * 3 <= self.slot_bytes):
-            return None
+            return None  # empty, or a damaged row: decoded again
         pixels = np.array(self._pixels[index, :height * width * 3])
-        if zlib.crc32(pixels) != checksum:  # damaged, or never reached the disk before a crash: decoded again
+        if _checksum(state, height, width, pixels) != checksum:  # damaged, or lost to a crash: decoded again
             return None
         return pixels.reshape(height, width, 3)
 
@@ -270,11 +289,11 @@ class DecodedCache:
         pixels_fd, slots_fd = self._files
         try:
             if image is None:
-                row = (UNREADABLE, 0, 0, 0)
+                row = (UNREADABLE, 0, 0, _checksum(UNREADABLE, 0, 0))
             else:
                 pixels = np.ascontiguousarray(image).reshape(-1)
                 _write_at(pixels_fd, pixels, index * self.slot_bytes)
-                row = (STORED, image.shape[0], image.shape[1], zlib.crc32(pixels))
+                row = (STORED, image.shape[0], image.shape[1], _checksum(STORED, *image.shape[:2], pixels))
             _write_at(slots_fd, np.array(row, dtype=np.uint32), index * SLOT_FIELDS * 4)  # after the pixels
         except OSError as error:  # a full disk or quota: this process stops storing, and says so once
             self._store = False

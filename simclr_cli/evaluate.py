@@ -20,8 +20,8 @@ from simclr_cli.config import LinearEvalConfig
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
 from simclr_cli.export import load_encoder, save_tensors
 from simclr_cli.features import compute_features
-from simclr_cli.files import (PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path, is_temporary, read_metadata,
-                              resolve_model_path, sha256_file, write_json)
+from simclr_cli.files import (EncoderInfo, atomic_path, check_output_path, read_metadata, resolve_model_path,
+                              sha256_file, write_json)
 from simclr_cli.images import Skipped
 from simclr_cli.labels import LabelledData, check_decoded, load_labelled, stratified_split
 from simclr_cli.runtime import Precision, resolve_device, resolve_precision, seed_everything
@@ -309,8 +309,9 @@ def report_data(data: LabelledData, report: Report, prefix: str = "",
 
 
 def _written_here(name: str) -> bool:
-    """Whether linear-eval writes files of this name (its report, probe, plot and features cache)."""
-    return (name in (RESULTS_FILE, LINEAR_FILE, CONFUSION_FILE) or name.startswith(PROBE_PREFIX) or is_temporary(name)
+    """Whether linear-eval writes files of this name (its report, probe, plot and features cache), or they may be
+    there anyway: hidden files (a .DS_Store; temporaries of a killed write, probes of check_output_path)."""
+    return (name in (RESULTS_FILE, LINEAR_FILE, CONFUSION_FILE) or name.startswith(".")
             or re.fullmatch(r"features-[0-9a-f]{16}\.safetensors", name) is not None)
 
 

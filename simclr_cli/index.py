@@ -593,8 +593,10 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
                              f"embeddings would not match; restore the file, or run `simclr embed` again")
     paths, skipped = query_paths(queries)
     if grid is not None:
-        target = os.path.abspath(grid)  # as the manifest's paths are kept
-        if any(os.path.abspath(path) == target for path in paths) or find_rows(manifest.paths, [target])[0] is not None:
+        # Absolute, as the manifest keeps its paths, and through any links, as the index may have been built.
+        spellings = list(dict.fromkeys([os.path.abspath(grid), os.path.realpath(grid)]))
+        queries = {os.path.realpath(path) for path in paths}
+        if spellings[-1] in queries or any(row is not None for row in find_rows(manifest.paths, spellings)):
             raise ConfigError(f"--grid {grid} is one of the images searched (a query, or a row of the index): the "
                               f"contact sheet would replace it; pass another file name")
     features = None

@@ -76,27 +76,47 @@ def _meminfo_available() -> int | None:
     return None
 
 
-CGROUP = Path("/sys/fs/cgroup")  # a container's own hierarchy is mounted here
-CGROUP_FILES = (("memory.max", "memory.current", "inactive_file"),  # cgroup v2: (limit, usage, memory.stat key)
-                ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "total_inactive_file"))  # v1
+CGROUP = Path("/sys/fs/cgroup")  # where the cgroup hierarchies are mounted
+PROC_CGROUP = Path("/proc/self/cgroup")  # this process's cgroup in each of them
+CGROUP_FILES = (("", "memory.max", "memory.current", "inactive_file"),  # v2: (where, limit, usage, memory.stat key)
+                ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))  # v1
 
 
 def _cgroup_available() -> int | None:
-    """Bytes left under the memory limit of this process's cgroup (Docker's --memory, a Kubernetes limit), the
-    file cache the kernel can drop not counted as used; None without a limit. MemAvailable is the machine's:
-    inside a container it can be many times what the limit lets the process have before it is killed."""
-    for limit_file, usage_file, inactive_key in CGROUP_FILES:
-        try:
-            limit = (CGROUP / limit_file).read_text().strip()
-            if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as the largest page-aligned number
-                return None
-            usage = int((CGROUP / usage_file).read_text())
-            stats = (CGROUP / limit_file).with_name("memory.stat").read_text().split("\n")
-            inactive = next((int(line.split()[1]) for line in stats if line.startswith(inactive_key + " ")), 0)
-        except (OSError, ValueError, IndexError):
-            continue
-        return max(0, int(limit) - (usage - inactive))
-    return None
+    """Bytes left under the tightest memory limit of this process's cgroup and the ones above it (Docker's
+    --memory, a Kubernetes limit, Slurm's or systemd's MemoryMax), the file cache the kernel can drop not
+    counted as used; None without a limit. MemAvailable is the machine's: under a limit it can be many
+    times what the process may have before it is killed."""
+    left = []
+    for where, limit_file, usage_file, inactive_key in CGROUP_FILES:
+        for folder in _cgroup_folders(CGROUP / where, v1=bool(where)):
+            try:
+                limit = (folder / limit_file).read_text().strip()
+                if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as the largest page-aligned number
+                    continue
+                usage = int((folder / usage_file).read_text())
+                stats = (folder / "memory.stat").read_text().split("\n")
+                inactive = next((int(line.split()[1]) for line in stats if line.startswith(inactive_key + " ")), 0)
+            except (OSError, ValueError, IndexError):
+                continue
+            left.append(max(0, int(limit) - (usage - inactive)))
+    return min(left) if left else None
+
+
+def _cgroup_folders(root: Path, v1: bool) -> list[Path]:
+    """This process's cgroup folder under `root` and those above it, up to `root`; `root` alone where the
+    process's path is not there (a container sees its own cgroup as the root)."""
+    try:
+        lines = PROC_CGROUP.read_text().splitlines()
+    except OSError:
+        return [root]
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
+        if ("memory" in controllers.split(",")) if v1 else controllers == "":
+            folder = root / path.lstrip("/")
+            if folder.is_dir() and folder != root:
+                return [folder, *[parent for parent in folder.parents if root in (parent, *parent.parents)]]
+    return [root]
 
 
 def fitting_chunk(per_view: int, state_bytes: int, batch_size: int, available: float,

@@ -204,7 +204,8 @@ class PretrainRun:
         directory = self.config.cache_dir or self.run_dir
         side = working_side(self.config.augment.image_size)
         if is_main():
-            cache, summary = DecodedCache.prepare(directory, root, self.paths, side)
+            cache, summary = DecodedCache.prepare(directory, root, self.paths, side,
+                                                  shared=self.config.cache_dir is not None)
             self.report("message", text=summary)
         distributed.barrier()
         return cache if is_main() else DecodedCache.locate(directory, root, len(self.paths), side)

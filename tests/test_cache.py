@@ -2,6 +2,7 @@
 
 import copy
 import errno
+import gc
 import json
 import os
 import shutil
@@ -174,7 +175,7 @@ def _filled(tmp_path) -> tuple[DecodedCache, list[Path]]:
     return cache, paths
 
 
-@pytest.mark.parametrize("damage", ["pixels", "slot sides", "short slots file"])
+@pytest.mark.parametrize("damage", ["pixels", "slot sides", "short slots file", "state unreadable"])
 def test_damaged_slots_are_decoded_again_never_read_as_pixels(tmp_path, monkeypatch, damage):
     """A crash of the machine can keep written pixels from the disk and not their slot's state; a damaged
     .slots gave a ZeroDivisionError or a reshape error in the loader; damaged pixels were trained on."""
@@ -184,9 +185,12 @@ def test_damaged_slots_are_decoded_again_never_read_as_pixels(tmp_path, monkeypa
         with open(f"{cache.base}.u8", "r+b") as handle:
             handle.seek(cache.slot_bytes + 100)
             handle.write(bytes(500))
-    elif damage == "slot sides":
+    elif damage in ("slot sides", "state unreadable"):  # a good image skipped for good, in the second case
         slots = np.memmap(f"{cache.base}.slots", dtype=np.uint32, mode="r+", shape=(2, cache_module.SLOT_FIELDS))
-        slots[1, 1:3] = (400, 400)
+        if damage == "slot sides":
+            slots[1, 1:3] = (400, 400)
+        else:
+            slots[1, 0] = cache_module.UNREADABLE
         slots.flush()
     else:
         os.truncate(f"{cache.base}.slots", 20)
@@ -197,6 +201,33 @@ def test_damaged_slots_are_decoded_again_never_read_as_pixels(tmp_path, monkeypa
     decode = WorkingImages(37, copy.deepcopy(again))
     assert all(np.array_equal(np.asarray(decode(i, str(p))), expected[i]) for i, p in enumerate(paths))
     assert len(decoded) == (2 if damage == "short slots file" else 1)
+
+
+def test_the_files_of_a_cache_are_closed_with_it(tmp_path):
+    """Its writes go through descriptors, which nothing closed: a process running one pretrain after another
+    (the API, the tests) kept two more open for each."""
+    cache, paths = _filled(tmp_path)
+    open_files = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        again, _ = DecodedCache.prepare(tmp_path / "cache", tmp_path / "images", paths, 37)
+        WorkingImages(37, again)(0, str(paths[0]))
+        del again
+        gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == open_files
+
+
+def test_a_run_refused_for_its_cache_leaves_its_out_free_for_the_next(small_digits_folder, tmp_path, monkeypatch):
+    """The cache's lock file stayed in the run folder after "--cache needs ... free": the same command with
+    --no-cache was then refused, --out holding files."""
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10})())
+    out = tmp_path / "run"
+    args = ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1", "--batch-size", "64",
+            "--arch", "resnet18", "--image-size", "32", "--workers", "0", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--cache"])
+    assert result.exit_code == 1 and "--cache needs" in result.output, result.output
+    assert not out.exists()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("manifest", [None, [], {"stats": "missing"}, {"paths": "not a list"}])

@@ -221,6 +221,7 @@ def test_linear_probe_agrees_with_scikit_learn_on_the_same_features(evaluated):
 
 def test_a_second_evaluation_reuses_the_cached_features(evaluated, tiny_encoder, digits_folder):
     results, out = evaluated
+    (out / ".DS_Store").write_bytes(b"\0")  # a file browser's, beside the earlier evaluation's own
     again = runner.invoke(app, ["linear-eval", str(tiny_encoder), str(digits_folder), "--out", str(out),
                                 "--l2", "0.01", *FAST])
     assert again.exit_code == 0, again.output

@@ -38,18 +38,26 @@ def test_activation_bytes_per_view_leave_out_autocasts_copies_of_the_weights():
 
 
 @pytest.mark.parametrize("version", [2, 1])
-def test_free_memory_is_what_the_containers_limit_leaves(tmp_path, monkeypatch, version):
-    """MemAvailable is the machine's: in a container limited to 1 GiB it said 23 GB, and a batch planned on it
-    would get the process killed. The limit less the usage counts, the file cache the kernel drops not used."""
-    limit_file, usage_file, inactive_key = memory.CGROUP_FILES[0 if version == 2 else 1]
-    (tmp_path / limit_file).parent.mkdir(parents=True, exist_ok=True)
-    (tmp_path / limit_file).write_text(f"{1 << 30}\n")
-    (tmp_path / usage_file).write_text(f"{600 << 20}\n")
-    (tmp_path / limit_file).with_name("memory.stat").write_text(f"anon 1\n{inactive_key} {100 << 20}\nfile 2\n")
+def test_free_memory_is_what_the_tightest_cgroup_limit_leaves(tmp_path, monkeypatch, version):
+    """MemAvailable is the machine's: under a 1 GiB limit (a container's, a Slurm job's on its parent cgroup) it
+    said 23 GB, and a batch planned on it would get the process killed. The tightest limit less the usage
+    counts, the file cache the kernel drops not used."""
+    where, limit_file, usage_file, inactive_key = memory.CGROUP_FILES[0 if version == 2 else 1]
+    root = tmp_path / where
+    job = root / "slurm" / "job_7" / "step_0"  # the process's cgroup: no limit of its own, its parent's applies
+    job.mkdir(parents=True)
+    (tmp_path / "cgroup").write_text("0::/slurm/job_7/step_0\n" if version == 2 else
+                                     "12:pids:/slurm\n5:memory:/slurm/job_7/step_0\n")
+    for folder, limit, usage in ((job, "max" if version == 2 else f"{(1 << 63) - 4096}", 1),
+                                 (job.parent, f"{1 << 30}", 600 << 20), (root / "slurm", f"{4 << 30}", 700 << 20)):
+        (folder / limit_file).write_text(limit + "\n")
+        (folder / usage_file).write_text(f"{usage}\n")
+        (folder / "memory.stat").write_text(f"anon 1\n{inactive_key} {100 << 20}\nfile 2\n")
     monkeypatch.setattr(memory, "CGROUP", tmp_path)
+    monkeypatch.setattr(memory, "PROC_CGROUP", tmp_path / "cgroup")
     monkeypatch.setattr(memory, "_meminfo_available", lambda: 20 << 30)
     assert memory.available_memory() == (1 << 30) - (500 << 20)
-    (tmp_path / limit_file).write_text("max\n" if version == 2 else f"{(1 << 63) - 4096}\n")  # no limit
+    (tmp_path / "cgroup").write_text("0::/elsewhere\n5:memory:/elsewhere\n")  # a container's view: its root only
     assert memory.available_memory() == 20 << 30
 
 

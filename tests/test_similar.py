@@ -686,13 +686,15 @@ def test_a_grid_that_cannot_be_written_is_a_one_line_error(indexes, photos, tmp_
     assert len(result.output.strip().splitlines()) == 1, result.output  # before the search, not after it
 
 
-@pytest.mark.parametrize("image", ["query", "indexed"])
-def test_a_grid_over_an_image_searched_is_refused(indexes, photos, image):
+@pytest.mark.parametrize("image", ["query", "indexed", "indexed, through a link"])
+def test_a_grid_over_an_image_searched_is_refused(indexes, photos, tmp_path, image):
     """`--grid` naming the query (or another image of the index) replaced the photo with the contact sheet."""
     target = photos / (ORIGINALS[0] if image == "query" else ORIGINALS[1])
     before = target.read_bytes()
+    (tmp_path / "link").symlink_to(photos)
+    grid = tmp_path / "link" / target.name if "link" in image else target
     result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(indexes["float32"]),
-                                 "--grid", str(target)])
+                                 "--grid", str(grid)])
     assert result.exit_code == 1 and "is one of the images searched" in result.output, result.output
     assert target.read_bytes() == before
 
