@@ -53,8 +53,8 @@ MAX_ASPECT = 4 / 3
 EMPTY, STORED, UNREADABLE = 0, 1, 2
 SLOT_FIELDS = 4  # a .slots row: state, height, width, CRC-32
 FORMAT = "simclr-decoded-cache"
-VERSION = 5  # 1 kept only the central 4:3 of wider images; 2 kept PNG colour keys as colours; 3 those of
-# bilevel, 2-, 4- and 16-bit grey images; 4 had no checksums
+VERSION = 6  # 1 kept only the central 4:3 of wider images; 2 kept PNG colour keys as colours; 3 those of
+# bilevel, 2-, 4- and 16-bit grey images; 4 had no checksums; 5 summed the pixels alone
 
 
 def working_side(image_size: int) -> int:
@@ -200,13 +200,14 @@ class DecodedCache:
                            f"images)")
             else:
                 changed = [i for i, (old, new) in enumerate(zip(manifest["stats"], stats)) if old != new]
-                fd = os.open(f"{cache.base}.slots", os.O_WRONLY)
-                try:  # written, not through a map: a page of a sparse file the disk has no room for is a SIGBUS
-                    for index in changed:
-                        _write_at(fd, np.zeros(SLOT_FIELDS, dtype=np.uint32), index * SLOT_FIELDS * 4)
-                finally:
-                    os.close(fd)
                 slots = np.fromfile(f"{cache.base}.slots", dtype=np.uint32).reshape(cache.count, SLOT_FIELDS)
+                if changed:  # written whole (16 bytes an image), not through a map: a SIGBUS on a full disk
+                    slots[changed] = EMPTY
+                    fd = os.open(f"{cache.base}.slots", os.O_WRONLY)
+                    try:
+                        _write_at(fd, slots, 0)
+                    finally:
+                        os.close(fd)
                 stored = int((slots[:, 0] == STORED).sum())
                 summary = (f"decoded cache {cache.base}.u8: {stored} of {len(paths)} images stored"
                            + (f", {len(changed)} changed since and decoded again" if changed else ""))

@@ -131,7 +131,10 @@ class ManifestPaths(Sequence[str]):
         """Whether the paths may hold "/./" or "/../": an index written before paths were normalised kept
         them as IMAGES was spelt. All its paths begin with that folder, and scans skip hidden names, so
         the first path tells (searching the text for "/." took 0.8 s at 10M rows)."""
-        return len(self) > 0 and "/." in self[0]
+        if len(self) == 0:
+            return False
+        first = self[0]  # "/." alone is any hidden folder above the images (~/.local/share/photos)
+        return "/./" in first or "/../" in first
 
     def __deepcopy__(self, memo: dict) -> list[str]:  # dataclasses.asdict, as in Manifest.to_json
         return list(self)
@@ -577,6 +580,19 @@ def query_paths(queries: Sequence[str | Path]) -> tuple[list[str], list[Any]]:
     return paths, skipped
 
 
+def _spellings(path: str | Path, images: str) -> list[str]:
+    """The ways an index's manifest may spell the file that writing `path` would replace, the file's real path
+    last: absolute as given (manifests keep absolute paths), through the links to its folder (the rename replaces a
+    link named `path` itself, not its target), and the real path as seen from `images`, the folder embedded,
+    which may have been given through a link."""
+    real = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+    spellings = [os.path.abspath(path)]
+    images_real = os.path.realpath(images) if images else ""
+    if images_real and real.startswith(images_real.rstrip(os.sep) + os.sep):
+        spellings.append(os.path.join(images, os.path.relpath(real, images_real)))
+    return list(dict.fromkeys([*spellings, real]))
+
+
 def search(queries: Sequence[str | Path], index: str | Path | None = None, k: int = 10,
            exclude_self: bool = False, device: str = "cpu", grid: str | Path | None = None) -> SearchResult:
     """Embed the query images with the index's own model and return their exact cosine top-k; `grid`, where the
@@ -593,10 +609,9 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
                              f"embeddings would not match; restore the file, or run `simclr embed` again")
     paths, skipped = query_paths(queries)
     if grid is not None:
-        # Absolute, as the manifest keeps its paths, and through any links, as the index may have been built.
-        spellings = list(dict.fromkeys([os.path.abspath(grid), os.path.realpath(grid)]))
-        queries = {os.path.realpath(path) for path in paths}
-        if spellings[-1] in queries or any(row is not None for row in find_rows(manifest.paths, spellings)):
+        spellings = _spellings(grid, manifest.images)
+        searched = {os.path.realpath(path) for path in paths}
+        if spellings[-1] in searched or any(row is not None for row in find_rows(manifest.paths, spellings)):
             raise ConfigError(f"--grid {grid} is one of the images searched (a query, or a row of the index): the "
                               f"contact sheet would replace it; pass another file name")
     features = None

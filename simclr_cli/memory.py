@@ -113,6 +113,8 @@ def _cgroup_folders(root: Path, v1: bool) -> list[Path]:
     for line in lines:
         _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
         if ("memory" in controllers.split(",")) if v1 else controllers == "":
+            if ".." in path.split("/"):  # outside this namespace's root: only the root can be read
+                return [root]
             folder = root / path.lstrip("/")
             if folder.is_dir() and folder != root:
                 return [folder, *[parent for parent in folder.parents if root in (parent, *parent.parents)]]

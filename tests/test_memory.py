@@ -59,6 +59,8 @@ def test_free_memory_is_what_the_tightest_cgroup_limit_leaves(tmp_path, monkeypa
     assert memory.available_memory() == (1 << 30) - (500 << 20)
     (tmp_path / "cgroup").write_text("0::/elsewhere\n5:memory:/elsewhere\n")  # a container's view: its root only
     assert memory.available_memory() == 20 << 30
+    (tmp_path / "cgroup").write_text("0::/slurm/../slurm/job_7\n5:memory:/slurm/../slurm/job_7\n")
+    assert memory.available_memory() == 20 << 30, "a path outside the namespace's root: the root alone is read"
 
 
 def test_activation_bytes_grow_with_the_pixels_and_leave_batchnorm_statistics_alone():

@@ -845,6 +845,10 @@ def test_a_folder_given_on_resume_is_kept_for_the_next_one(small_digits_folder, 
                                  "--monitor", str(monitor), *FAST])
     assert result.exit_code == 0, result.output
     old.rename(new)
+    if moving == "data_dir":  # said plainly, with the fix
+        result = runner.invoke(app, ["pretrain", "--resume", str(run), "--workers", "0"])
+        assert result.exit_code == 1 and f"the run's images ({old}, saved in its config.json) are not there; if " \
+            f"they moved, pass their new place" in " ".join(result.output.split()), result.output
     for args in ([str(new)] if moving == "data_dir" else ["--monitor", str(new)], []):
         result = runner.invoke(app, ["pretrain", "--resume", str(run), *args, "--workers", "0"])
         assert result.exit_code == 0, (args, result.output)

@@ -514,6 +514,15 @@ def test_manifest_paths_find_each_row_by_its_text(tmp_path, monkeypatch, block):
     assert find_rows(manifest.paths, wanted) == find_rows(paths, wanted) == [150, None, 0]
 
 
+@pytest.mark.parametrize("folder, dots", [("/home/u/.local/share/photos", False), ("/data/./photos", True),
+                                          ("/data/x/../photos", True)])
+def test_only_paths_spelt_with_dots_are_looked_up_by_parsing_every_row(tmp_path, folder, dots):
+    """A hidden folder above the images ("/." in every path) sent each lookup of a path not in the index (every
+    --grid) through a dictionary of all the rows: 3.9 s and 100 MB more at 2M rows."""
+    write_manifest(tmp_path / "index.npy", _manifest([f"{folder}/{i}.png" for i in range(3)]))
+    assert read_manifest(manifest_path(tmp_path / "index.npy")).paths.may_hold_dots() == dots
+
+
 def test_a_manifest_in_another_layout_is_parsed_whole(tmp_path):
     paths = AWKWARD_PATHS
     manifest_file = manifest_path(tmp_path / "index.npy")
@@ -686,15 +695,20 @@ def test_a_grid_that_cannot_be_written_is_a_one_line_error(indexes, photos, tmp_
     assert len(result.output.strip().splitlines()) == 1, result.output  # before the search, not after it
 
 
-@pytest.mark.parametrize("image", ["query", "indexed", "indexed, through a link"])
-def test_a_grid_over_an_image_searched_is_refused(indexes, photos, tmp_path, image):
-    """`--grid` naming the query (or another image of the index) replaced the photo with the contact sheet."""
+@pytest.mark.parametrize("image", ["query", "indexed", "indexed, through a link", "indexed through a link"])
+def test_a_grid_over_an_image_searched_is_refused(indexes, photos, tmp_path, tiny_encoder, image):
+    """`--grid` naming the query (or another image of the index, however either path is spelt) replaced the
+    photo with the contact sheet."""
     target = photos / (ORIGINALS[0] if image == "query" else ORIGINALS[1])
     before = target.read_bytes()
     (tmp_path / "link").symlink_to(photos)
-    grid = tmp_path / "link" / target.name if "link" in image else target
-    result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(indexes["float32"]),
-                                 "--grid", str(grid)])
+    grid = tmp_path / "link" / target.name if image == "indexed, through a link" else target
+    index = indexes["float32"]
+    if image == "indexed through a link":  # the manifest spells the images through the link, the grid does not
+        index = tmp_path / "linked.npy"
+        embed_folder(EmbedConfig(model=str(tiny_encoder), images=str(tmp_path / "link"), out=str(index),
+                                 device="cpu", precision="fp32", workers=0))
+    result = runner.invoke(app, ["similar", str(photos / ORIGINALS[0]), "--index", str(index), "--grid", str(grid)])
     assert result.exit_code == 1 and "is one of the images searched" in result.output, result.output
     assert target.read_bytes() == before
 
