@@ -586,7 +586,7 @@ def resume_pretrain(run_dir: str | Path, report: Report = silent, data_dir: str 
     run_dir = Path(run_dir)
     moved = {name: path for name, path in (("data_dir", data_dir), ("monitor", monitor)) if path}  # new places
     config = read_run_config(PretrainConfig, run_dir, "pretrain", device=device, workers=workers, **moved)
-    if not Path(config.data_dir).is_dir():
+    if data_dir is None and not Path(config.data_dir).is_dir():
         raise DataError(f"--resume {run_dir}: the run's images ({config.data_dir}, saved in its config.json) are not "
                         f"there; if they moved, pass their new place: simclr pretrain NEW_DIR --resume {run_dir}")
     with held(run_dir, "--resume") if is_main() else contextlib.nullcontext():  # rank 0 holds it for the others
