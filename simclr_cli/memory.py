@@ -113,11 +113,10 @@ def _cgroup_folders(root: Path, v1: bool) -> list[Path]:
     for line in lines:
         _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
         if ("memory" in controllers.split(",")) if v1 else controllers == "":
-            if ".." in path.split("/"):  # outside this namespace's root: only the root can be read
+            relative = Path(path.lstrip("/"))
+            if ".." in relative.parts or not (root / relative).is_dir():  # outside this namespace's root, or unseen
                 return [root]
-            folder = root / path.lstrip("/")
-            if folder.is_dir() and folder != root:
-                return [folder, *[parent for parent in folder.parents if root in (parent, *parent.parents)]]
+            return [root / relative, *(root / parent for parent in relative.parents)]  # the last parent is "."
     return [root]
 
 
