@@ -18,6 +18,7 @@ CURVES_SIZE = (1200, 360)  # pixels (width, height) of curves.png: three panels 
 _DPI = 100
 MONITOR_K = 20  # neighbours that vote in the monitor's kNN (evaluate.KNN_KS[0], as linear-eval reports)
 MONITOR_WORKERS_ABOVE = 1000  # loader processes only pay off for monitor folders larger than this
+MONITOR_SETS = ("reference", "query")  # its two halves, as its messages call them: kNN votes, then the voted-on
 
 
 class KnnMonitor:
@@ -41,7 +42,7 @@ class KnnMonitor:
         self.paths = self.data.train.paths + self.data.val.paths
         self.workers = workers if len(self.paths) > MONITOR_WORKERS_ABOVE else 0
         self._skipped: set[str] = set()  # files found unreadable when decoded, reported once
-        report_data(self.data, report, "kNN monitor: ", ("reference", "query"))
+        report_data(self.data, report, "kNN monitor: ", MONITOR_SETS)
 
     def measure(self, backbone, info) -> float:
         """kNN top-1 accuracy in [0, 1] of the held-out images, with `backbone`'s current features; DataError
@@ -57,7 +58,7 @@ class KnnMonitor:
             if item.path not in self._skipped:
                 self._skipped.add(item.path)
                 self.report("warning", text=f"kNN monitor: skipped {item.path}: {item.reason}")
-        train_x, train_y, val_x, val_y = split_features(self.data, features, kept)
+        train_x, train_y, val_x, val_y = split_features(self.data, features, kept, MONITOR_SETS)
         scores = knn_scores(train_x, train_y, val_x, len(self.data.classes), MONITOR_K)  # (Q, C)
         return (scores.argmax(1) == val_y).double().mean().item()
 

@@ -288,12 +288,14 @@ def from_sorted(paths: Sequence[Path], features: torch.Tensor, kept: torch.Tenso
     return features[kept.argsort()], kept.sort().values
 
 
-def split_features(data: LabelledData, features: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(train features, train labels, val features, val labels) from features of train + val paths."""
+def split_features(data: LabelledData, features: torch.Tensor, kept: torch.Tensor,
+                   sets: tuple[str, str] = ("training", "validation")) -> tuple[torch.Tensor, ...]:
+    """(train features, train labels, val features, val labels) from features of train + val paths; `sets`
+    names the two in the error when one has no readable image."""
     labels = torch.tensor(data.train.labels + data.val.labels, dtype=torch.long)[kept]  # (M,)
     is_train = kept < len(data.train)
     if not is_train.any() or is_train.all():
-        which = "training" if not is_train.any() else "validation"
+        which = sets[0] if not is_train.any() else sets[1]
         raise DataError(f"no readable {which} image; every file was skipped (see the warnings above)")
     return features[is_train], labels[is_train], features[~is_train], labels[~is_train]
 

@@ -156,6 +156,7 @@ def test_a_monitor_folder_that_gives_nothing_to_measure_costs_the_run_nothing(tm
     assert "kNN monitor: 1 image(s) directly in" in text, "the folder's notes are reported"
     assert text.count("kNN monitor: skipped") == 6 and "the run goes on without it" in text
     assert text.count("the run goes on without it") == 1, "not tried again every epoch"
+    assert "no readable reference image" in text, "the monitor's halves named as its other messages name them"
     assert (out / "encoder.safetensors").is_file() and not any("knn_top1" in r for r in _records(out))
 
 
