@@ -365,4 +365,7 @@ def resolve_model_path(path: str | Path) -> Path:
                 return path / name
         raise ModelFileError(f"{path}: this folder holds no {ENCODER_FILE}; pass a run folder of "
                              f"`simclr pretrain` or the .safetensors file itself")
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such encoder file; pass the {ENCODER_FILE} of a `simclr pretrain` run, "
+                             f"or its run folder")
     return path

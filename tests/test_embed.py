@@ -328,7 +328,7 @@ def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupt
     folder = mixed_folder[0]
     other_precision = "fp32" if resolve_precision("auto", torch.device("cpu")).name == "bf16" else "bf16"
     cases = [
-        ((tmp_path / "missing.safetensors", folder, out), "no such encoder file"),
+        ((tmp_path / "missing.safetensors", folder, out), "no such encoder file; pass the encoder.safetensors"),
         ((foreign, folder, out), "not a simclr encoder"),
         ((tmp_path, folder, out), "holds no encoder.safetensors"),
         ((tiny_encoder, tmp_path / "nowhere", out), "no such folder"),
