@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -89,10 +93,16 @@ def _holds_run(run_dir: Path, config_class: Any) -> bool:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically (tensors made contiguous and unshared)."""
+    """Write a safetensors file atomically (tensors made contiguous and unshared); a failed write (a full disk)
+    is an OSError naming `path`, as Python's own writes give."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as error:  # the Rust writer's: "I/O error: No space left on device (os error 28)"
+            found = re.search(r"os error (\d+)", str(error))
+            code = int(found.group(1)) if found else errno.EIO
+            raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def save_encoder(path: str | Path, backbone: nn.Module, info: EncoderInfo,

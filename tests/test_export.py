@@ -1,9 +1,12 @@
 """Encoder files load into torchvision; checkpoints round-trip; writes are atomic; nothing is unpickled."""
 
 import contextlib
+import errno
 import multiprocessing
 import os
 import stat
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -169,6 +172,26 @@ def test_atomic_path_syncs_the_data_before_the_rename_and_the_folder_after(tmp_p
         tmp.write_text("new")
     assert events == [("fsync", str(tmp)), ("replace", str(tmp), str(target)), ("fsync", str(tmp_path))]
     assert target.read_text() == "new"
+
+
+def test_a_full_disk_while_writing_safetensors_is_an_oserror_naming_the_file(tmp_path):
+    """safetensors' writer raises its own SafetensorError on ENOSPC, which the CLI showed as a traceback. A
+    file-size limit makes the real writer fail the same way (EFBIG), in a process of its own."""
+    path = tmp_path / "checkpoint.safetensors"
+    script = f"""
+import resource, signal, torch
+from simclr_cli.export import save_tensors
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+    save_tensors({str(path)!r}, {{"w": torch.zeros(10000)}}, {{}})
+except OSError as error:
+    print(error.errno, error.filename)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(errno.EFBIG), str(path)]
+    assert list(tmp_path.iterdir()) == [], "the temporary is removed"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
