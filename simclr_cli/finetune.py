@@ -35,7 +35,7 @@ from simclr_cli.models import build_backbone
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
 from simclr_cli.runtime import (StopFlag, default_workers, precision_change, resolve_device, resolve_precision,
                                 rng_state, seed_everything, set_rng_state)
-from simclr_cli.train import Report, TrainingDiverged, silent, use_even_batch
+from simclr_cli.train import Report, TrainingDiverged, finite_weights, silent, use_even_batch
 
 FINETUNED_FILE = "finetuned.safetensors"
 FINETUNED_FORMAT = "simclr-finetuned"
@@ -399,6 +399,8 @@ class FinetuneRun:
     # -- outputs ----------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
+        if not finite_weights(self.model):
+            raise TrainingDiverged.in_weights(self.state.step, self.run_dir, "Lower --lr")
         progress = {"state": asdict(self.state), "skipped": [s.to_json() for s in self.skipped.values()],
                     "precision": self.precision.name,
                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,

@@ -51,10 +51,27 @@ class TrainingDiverged(SimclrError):
     def at(cls, value: float, step: int, run_dir: Path, fix: str) -> "TrainingDiverged":
         """The error, saying whether a checkpoint was kept. A resume would keep the settings that diverged,
         so `fix` says what to change for a new run."""
+        return cls._saying(f"the loss became {value} at step {step}", run_dir, fix)
+
+    @classmethod
+    def in_weights(cls, step: int, run_dir: Path, fix: str) -> "TrainingDiverged":
+        """The error for weights found NaN or infinite as they were about to be saved."""
+        return cls._saying(f"the weights became NaN or infinite by step {step} (each loss is taken before its "
+                           f"step's update)", run_dir, fix)
+
+    @classmethod
+    def _saying(cls, what: str, run_dir: Path, fix: str) -> "TrainingDiverged":
         checkpoint = run_dir / CHECKPOINT_FILE
         kept = (f"the last good checkpoint is kept in {checkpoint}" if checkpoint.is_file()
                 else "no checkpoint had been written yet")
-        return cls(f"the loss became {value} at step {step}; {kept}. {fix} and run again with another --out")
+        return cls(f"{what}; {kept}. {fix} and run again with another --out")
+
+
+def finite_weights(model: torch.nn.Module) -> bool:
+    """Whether every parameter is finite. A loss is taken before its step's update, so the last update before a
+    save can make the weights NaN or infinite with every logged loss finite: such weights are never saved."""
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 RECENT_STEPS = 5  # steps whose times set the time budget's reserve
@@ -443,6 +460,10 @@ class PretrainRun:
     # -- outputs ----------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
+        if distributed.any_rank(not finite_weights(self.model)):
+            if is_main():
+                self.curves.draw(final=True)
+            raise TrainingDiverged.in_weights(self.state.step, self.run_dir, "Lower --lr or raise --temperature")
         for item in distributed.gather_objects(list(self.skipped.values())):  # other ranks' unreadable files
             self.skipped.setdefault(item.path, item)
         if not is_main():

@@ -307,6 +307,28 @@ def test_a_diverging_run_says_to_lower_the_lr_not_to_resume(tiny_encoder, small_
     assert "Traceback" not in result.output and not (out / "checkpoint.safetensors").exists()
 
 
+def test_a_fine_tune_never_saves_non_finite_weights(tiny_encoder, small_digits_folder, tmp_path, monkeypatch):
+    """As in pretrain: the loss is read before the update, so weights an epoch's last update made infinite were
+    checkpointed, and the next step's error called that checkpoint good."""
+    from simclr_cli import finetune as finetune_module
+
+    train_one_epoch = finetune_module.FinetuneRun.train_one_epoch
+
+    def and_break_a_weight(self, *args, **kwargs):
+        train_one_epoch(self, *args, **kwargs)
+        with torch.no_grad():
+            next(self.model.parameters()).fill_(float("inf"))
+
+    monkeypatch.setattr(finetune_module.FinetuneRun, "train_one_epoch", and_break_a_weight)
+    out = tmp_path / "broken"
+    result = runner.invoke(app, ["finetune", str(tiny_encoder), str(small_digits_folder), "--out", str(out),
+                                 "--epochs", "1", "--batch-size", "80", *FAST])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "the weights became NaN or infinite by step 2" in text and "Lower --lr" in text, text
+    assert not (out / "checkpoint.safetensors").exists() and not (out / FINETUNED_FILE).exists()
+
+
 def test_batches_without_two_readable_images_are_skipped_and_the_run_ends(tiny_encoder, tmp_path, cut_image):
     """Batches of 2 that hold a file that fails to decode (a PNG cut in half) are skipped, and the epochs
     still end (the run looped for ever on a skipped last batch). Each class keeps an image that decodes."""

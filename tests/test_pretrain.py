@@ -394,6 +394,26 @@ def test_non_finite_loss_stops_with_a_clear_message(small_digits_folder, tmp_pat
     assert not (out / "encoder.safetensors").exists()
 
 
+def test_weights_made_non_finite_by_the_last_update_are_never_saved(tmp_path):
+    """A step's loss is taken before its update: at --lr 3e38 the first step logs a finite loss and leaves
+    infinite weights, which were checkpointed and exported as a good encoder (exit 0)."""
+    data = tmp_path / "images"
+    data.mkdir()
+    for seed in range(16):
+        pixels = np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(data / f"{seed}.png")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "16",
+                                 "--optimizer", "sgd", "--lr", "3e38", *FAST])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "the weights became NaN or infinite by step 1" in text and "no checkpoint had been written yet" in text
+    assert "Lower --lr" in text and "Traceback" not in text
+    assert all(math.isfinite(r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
+    assert not (out / "checkpoint.safetensors").exists() and not (out / "encoder.safetensors").exists()
+    assert (out / "curves.png").is_file()
+
+
 def test_a_repeated_sigterm_is_one_request_and_a_later_one_stops_at_once(monkeypatch):
     """A group's SIGTERM reaches a --devices process from the sender and again from its launcher: one request
     to save. Later, or Ctrl-C twice however quickly, the second signal stops at once."""
