@@ -32,12 +32,13 @@ class KnnMonitor:
     """
 
     def __init__(self, folder: str | Path, device, precision, seed: int = 0, workers: int = 0,
-                 report: Callable[..., None] = lambda kind, **fields: None):
+                 report: Callable[..., None] = lambda kind, **fields: None, run_dir: str | Path | None = None):
         from simclr_cli.evaluate import report_data
         from simclr_cli.labels import load_labelled
 
         self.folder = Path(folder)
-        self.data = load_labelled(self.folder, seed=seed, flag="--monitor")  # one-line errors, before training
+        # One-line errors, before training. The run's own folder, new and maybe inside the folder, is no class.
+        self.data = load_labelled(self.folder, seed=seed, flag="--monitor", exclude=run_dir)
         self.device, self.precision, self.report = device, precision, report
         self.paths = self.data.train.paths + self.data.val.paths
         self.workers = workers if len(self.paths) > MONITOR_WORKERS_ABOVE else 0

@@ -82,22 +82,30 @@ def _is_run(folder: Path) -> bool:
         return False
 
 
-def read_class_folders(root: str | Path, classes: list[str] | None = None,
-                       flag: str = "TRAIN") -> tuple[list[str], LabelledSet, list[Skipped], list[str]]:
+def read_class_folders(root: str | Path, classes: list[str] | None = None, flag: str = "TRAIN",
+                       exclude: Path | None = None) -> tuple[list[str], LabelledSet, list[Skipped], list[str]]:
     """Read the ImageFolder layout root/<class>/**/<image>; return (classes, set, skipped, notes).
 
-    With `classes` given (the training classes), every subfolder must be one of them.
+    With `classes` given (the training classes), every subfolder must be one of them. `exclude` is the folder of
+    the run reading them (a pretrain's, for --monitor): new, it does not look like a run's yet.
     """
     root = Path(root)
     scan = scan_images(root, check=False)  # existence errors, as for pretrain
     subfolders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    ours = exclude.resolve() if exclude is not None else None
+
+    def holds_ours(folder: Path) -> bool:
+        return ours is not None and ours.is_relative_to(folder.resolve())
+
     # The folders of simclr runs are no classes: a run's own (`simclr pretrain .`), or one that holds only runs
     # (its runs/). Their plots would be a class's images.
-    found = {name: scan_images(root / name) for name in subfolders if not _is_run(root / name)}
+    found = {name: scan_images(root / name, exclude=exclude) for name in subfolders
+             if not _is_run(root / name) and (root / name).resolve() != ours}
     runs = [root / name for name in subfolders if name not in found]
-    runs += [root / name for name, scan_of in found.items() if scan_of.runs and not scan_of.paths
-             and not scan_of.skipped]
+    runs += [root / name for name, scan_of in found.items() if (scan_of.runs or holds_ours(root / name))
+             and not scan_of.paths and not scan_of.skipped]
     subfolders = [name for name in subfolders if root / name not in runs]
+    runs = [run for run in runs if not holds_ours(run)]  # the note names other runs' folders
     for name in subfolders:  # "no readable images" would hide why
         unlisted = [s for s in found[name].skipped if s.path == str(root / name)]
         if unlisted:
@@ -301,10 +309,11 @@ def _check_held_out(train: LabelledSet, val: LabelledSet, val_dir: str | Path, f
 
 def load_labelled(train_dir: str | Path, labels_csv: str | Path | None = None, val_dir: str | Path | None = None,
                   val_split: float | None = None, seed: int = 0, flag: str = "TRAIN",
-                  out_dir: str | Path | None = None) -> LabelledData:
+                  out_dir: str | Path | None = None, exclude: str | Path | None = None) -> LabelledData:
     """Read the training images and their labels, and the validation set (--val DIR or a seeded,
     stratified --val-split of the training images); errors name the folder as `flag`. `out_dir`, the run's
-    output folder, must not be inside a folder of class subfolders."""
+    output folder, must not be inside a folder of class subfolders; `exclude`, a run's folder that may be (a
+    pretrain's, reading its --monitor), is passed over."""
     if val_dir is not None and val_split is not None:
         raise ConfigError("--val and --val-split both given; use --val DIR for a separate validation folder "
                           "or --val-split F to hold out part of TRAIN, not both")
@@ -319,7 +328,8 @@ def load_labelled(train_dir: str | Path, labels_csv: str | Path | None = None, v
     if labels_csv is not None:
         classes, train, skipped = read_label_csv(labels_csv, train_dir)
     else:
-        classes, train, skipped, notes = read_class_folders(train_dir, flag=flag)
+        classes, train, skipped, notes = read_class_folders(train_dir, flag=flag,
+                                                            exclude=exclude and Path(exclude))
     source = f"--labels {labels_csv}" if labels_csv else f"{flag} {train_dir}"
     train, repeated = _one_row_per_file(train, classes, source)
     notes += [repeated] if repeated else []

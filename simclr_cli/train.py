@@ -176,7 +176,7 @@ class PretrainRun:
         # The --monitor folder is read before the decoded cache goes into the run folder: a refused folder
         # leaves --out as it was, free for the corrected command.
         self.monitor = (KnnMonitor(config.monitor, self.device, self.precision, config.runtime.seed, self.workers,
-                                   report) if config.monitor and is_main() else None)
+                                   report, self.run_dir) if config.monitor and is_main() else None)
         self._monitor_seconds = 0.0  # the latest measurement's, as rank 0 counts them: kept free in a time budget
         self.cache = self._prepare_cache(scan.root) if config.cache else None
         self.augment_on = resolve_augment_on(config.augment_on, self.device)

@@ -138,6 +138,20 @@ def test_a_refused_monitor_folder_leaves_out_free_for_the_corrected_command(tmp_
     assert (out / "encoder.safetensors").is_file()
 
 
+def test_a_run_inside_its_monitor_folder_is_no_class_of_it(tmp_path, small_digits_folder, monkeypatch):
+    """`simclr pretrain . --monitor .` in a folder of classes: the run's new runs/pretrain-<time>, not yet
+    looking like a run's folder, was a class with no images, and every try failed."""
+    folder = tmp_path / "digits"
+    shutil.copytree(small_digits_folder, folder)
+    monkeypatch.chdir(folder)
+    result = runner.invoke(app, ["pretrain", ".", "--monitor", ".", "--epochs", "1", "--batch-size", "64", *FAST])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "kNN monitor: 10 classes" in text and "passed over" not in text, text
+    (run,) = (folder / "runs").iterdir()
+    assert [r["epoch"] for r in _records(run) if "knn_top1" in r] == [1]
+
+
 def test_a_monitor_folder_that_gives_nothing_to_measure_costs_the_run_nothing(tmp_path, small_digits_folder,
                                                                               cut_image):
     """Truncated files pass the scan (it reads headers only) and failed when first decoded, at the end of epoch
