@@ -39,8 +39,13 @@ MAX_BATCH_SIZE = 2**20
 MAX_PROJ_DIM = 65536
 MAX_WORKERS = 1024
 MAX_DEVICES = 1024
+MAX_EPOCHS = 10**6  # SimCLR's longest run is 3200 epochs
+MAX_RATE = 1e6  # learning rates and L2 strengths: far above any that trains, far below float32's overflow
 
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+# Hours, minutes and seconds, each with its unit, or a bare number of seconds alone ("1h30" is refused: 90 minutes
+# or 30 seconds?).
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
+_SECONDS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*$")
 
 
 def channels(base: int, width: float) -> int:
@@ -55,10 +60,16 @@ def cpu_cores() -> int:
 
 def parse_duration(text: str, flag: str = "--max-time") -> float:
     """Return seconds for '90s', '10m', '2h', '1h30m' or a bare number of seconds."""
+    bare = _SECONDS.match(text or "")
     match = _DURATION.match(text or "")
-    if not match or not any(match.groups()):
+    if bare:
+        hours, minutes, seconds = 0.0, 0.0, float(bare.group(1))
+    elif match and any(match.groups()):
+        hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    elif re.match(r"^\s*[\d.hm\s]*[hm]\s*\d+(?:\.\d+)?\s*$", text or ""):
+        raise ConfigError(f"{flag} {text!r} leaves the unit of its last number out; write it, as in 1h30m or 1m30s")
+    else:
         raise ConfigError(f"{flag} {text!r} is not a duration; use e.g. 90s, 10m, 2h or 1h30m")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
     total = hours * 3600 + minutes * 60 + seconds
     if total <= 0:
         raise ConfigError(f"{flag} {text!r} must be longer than zero; use e.g. 10m")
@@ -69,6 +80,8 @@ def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
+
+NOT_FLAGS = {"lr_per_256"}  # settings a --preset sets, which no flag does
 
 # The settings that name local files or folders, and their flags.
 PATH_SETTINGS = {"data_dir": "DATA_DIR", "out_dir": "--out", "cache_dir": "--cache-dir", "monitor": "--monitor",
@@ -90,11 +103,17 @@ def check_paths(config: Any) -> None:
 
 def _check_finite(config: Any) -> None:
     """Every number among a command's settings is finite: `--l2 inf` or `--lr inf` pass the range checks
-    below and train to NaN."""
+    below and train to NaN, and a whole number too large for a float (a 400-digit --epochs) fails mid-run."""
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
-        _check(not isinstance(value, float) or math.isfinite(value),
-               f"--{item.name.replace('_', '-')} {value} must be a finite number")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            finite = abs(value) < 1e308 if isinstance(value, int) else math.isfinite(value)  # an int: float() fits
+            _check(finite, f"{_setting(item.name)} {value} must be a finite number")
+
+
+def _setting(name: str) -> str:
+    """How messages name a setting: its flag, or its config.json key for one no flag sets."""
+    return f"{name} (in config.json)" if name in NOT_FLAGS else f"--{name.replace('_', '-')}"
 
 
 _JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
@@ -292,7 +311,7 @@ class PretrainConfig:
     def validate(self) -> "PretrainConfig":
         _check_finite(self)
         check_paths(self)
-        _check(self.epochs >= 1, f"--epochs {self.epochs} must be at least 1")
+        _check(1 <= self.epochs <= MAX_EPOCHS, f"--epochs {self.epochs} must be 1 to {MAX_EPOCHS}")
         _check(self.batch_size is None or self.batch_size >= 2,
                f"--batch-size {self.batch_size} must be at least 2 (SimCLR needs negatives)")
         check_sizes(self.batch_size)
@@ -307,7 +326,11 @@ class PretrainConfig:
         _check(0.01 <= self.temperature <= 10,
                f"--temperature {self.temperature} is out of range; use 0.01 to 10 (the paper uses 0.1 to 0.5)")
         _check(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        _check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be positive")
+        _check(self.lr is None or 0 < self.lr <= MAX_RATE, f"--lr {self.lr} must be positive, at most {MAX_RATE:g}")
+        _check(self.lr_per_256 is None or 0 < self.lr_per_256 <= MAX_RATE,
+               f"{_setting('lr_per_256')} {self.lr_per_256} must be positive, at most {MAX_RATE:g}")
+        _check(self.max_time is None or self.max_time > 0,
+               f"--max-time {self.max_time} must be longer than zero; use e.g. 10m (or leave it out)")
         _check(self.lr_scaling in LR_SCALINGS, f"--lr-scaling {self.lr_scaling!r} is not one of "
                                                f"{', '.join(LR_SCALINGS)}")
         _check(self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0")
@@ -397,7 +420,8 @@ class LinearEvalConfig:
     def validate(self) -> "LinearEvalConfig":
         _check_finite(self)
         check_paths(self)
-        _check(self.l2 is None or self.l2 >= 0, f"--l2 {self.l2} must be >= 0 (or leave it out to search)")
+        _check(self.l2 is None or 0 <= self.l2 <= MAX_RATE,
+               f"--l2 {self.l2} must be 0 to {MAX_RATE:g} (or leave it out to search)")
         _check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1")
         check_sizes(self.batch_size)
         self.data.validate()
@@ -451,10 +475,10 @@ class FinetuneConfig:
                f"--label-fraction {self.label_fraction} must be in (0, 1]; the papers use 0.01, 0.1 or 1.0")
         _check(self.from_head_layer in (0, 1),
                f"--from-head-layer {self.from_head_layer} must be 0 (the encoder) or 1 (SimCLRv2)")
-        _check(self.epochs >= 1, f"--epochs {self.epochs} must be at least 1")
+        _check(1 <= self.epochs <= MAX_EPOCHS, f"--epochs {self.epochs} must be 1 to {MAX_EPOCHS}")
         _check(self.batch_size >= 2, f"--batch-size {self.batch_size} must be at least 2 (BatchNorm needs it)")
         check_sizes(self.batch_size)
-        _check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be positive")
+        _check(self.lr is None or 0 < self.lr <= MAX_RATE, f"--lr {self.lr} must be positive, at most {MAX_RATE:g}")
         _check(self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0")
         _check(self.crop_min_scale is None or 0 < self.crop_min_scale <= 1,
                f"--crop-min-scale {self.crop_min_scale} must be in (0, 1]")
@@ -509,7 +533,7 @@ def apply_preset(config: PretrainConfig, name: str, given: set[str] | frozenset[
     _check(name in PRESETS, f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
     values = {key: value for key, value in PRESETS[name].items() if key not in given}
     lr_per_256 = values.pop("lr_per_256")
-    if "optimizer" in given:  # the preset's rate and weight decay are LARS's: another optimiser keeps its own
+    if "optimizer" in given and config.optimizer != PRESETS[name]["optimizer"]:  # the rate and decay are LARS's
         values.pop("weight_decay", None)
     elif "lr" not in given and values.get("lr_scaling", config.lr_scaling) == "linear":
         values["lr_per_256"] = lr_per_256  # resolved_lr: x batch / 256, once the batch that trains is known

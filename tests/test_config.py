@@ -1,3 +1,4 @@
+import math
 import re
 
 import pytest
@@ -17,6 +18,13 @@ def test_parse_duration(text, seconds):
 @pytest.mark.parametrize("text", ["", "ten minutes", "10x", "0s", "-5m"])
 def test_bad_durations_name_the_flag(text):
     with pytest.raises(ConfigError, match="--max-time"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["1h30", "2h5", "1m30", "1h30m20"])
+def test_a_number_after_a_unit_needs_its_own(text):
+    """'1h30' was read as 1 hour 30 seconds; 90 minutes is what it most likely meant."""
+    with pytest.raises(ConfigError, match=re.escape(f"--max-time {text!r} leaves the unit of its last number out")):
         parse_duration(text)
 
 
@@ -77,8 +85,20 @@ HUGE = 99999999999999999999
     (lambda: _embed(batch_size=HUGE), f"--batch-size {HUGE} is too large"),
     (lambda: _embed(workers=HUGE), f"--workers {HUGE} is too many"),
     (lambda: _embed(devices=HUGE), f"--devices {HUGE} is too many"),
+    (lambda: _pretrain(epochs=10**400), "--epochs 1000000000000"),  # a float overflowed mid-run
+    (lambda: _pretrain(epochs=10**7), "--epochs 10000000 must be 1 to 1000000"),
+    (lambda: _finetune(epochs=10**7), "--epochs 10000000 must be 1 to 1000000"),
+    (lambda: _pretrain(warmup_epochs=10**400), "--warmup-epochs 1000000000000"),
+    (lambda: _pretrain(lr=1e39), "--lr 1e+39 must be positive, at most 1e+06"),  # over float32's largest
+    (lambda: _finetune(lr=1e39), "--lr 1e+39 must be positive, at most 1e+06"),
+    (lambda: _linear_eval(l2=1e308), "--l2 1e+308 must be 0 to 1e+06"),
+    (lambda: _pretrain(lr_per_256=-1.0), "lr_per_256 (in config.json) -1.0 must be positive"),  # no flag sets it
+    (lambda: _pretrain(lr_per_256=math.nan), "lr_per_256 (in config.json) nan must be a finite number"),
+    (lambda: _pretrain(max_time=-5.0), "--max-time -5.0 must be longer than zero"),
+    (lambda: _pretrain(max_time=0.0), "--max-time 0.0 must be longer than zero"),
 ], ids=["pretrain-batch", "chunk", "proj-dim", "pretrain-devices", "workers", "linear-eval-batch", "finetune-batch",
-        "embed-batch", "embed-workers", "embed-devices"])
+        "embed-batch", "embed-workers", "embed-devices", "epochs-overflow", "epochs", "finetune-epochs",
+        "warmup-overflow", "lr", "finetune-lr", "l2", "lr-per-256", "lr-per-256-nan", "max-time", "max-time-0"])
 def test_sizes_past_any_real_use_name_the_flag(config, message):
     """islice refuses a batch over sys.maxsize, and a 10**11-wide head fails to allocate, both mid-run."""
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -86,8 +106,9 @@ def test_sizes_past_any_real_use_name_the_flag(config, message):
 
 
 def test_the_largest_sizes_in_real_use_are_accepted():
-    _pretrain(batch_size=65536, chunk_size=65536, proj_dim=8192, devices=64,
-              runtime=RuntimeConfig(workers=64)).validate()
+    _pretrain(batch_size=65536, chunk_size=65536, proj_dim=8192, devices=64, epochs=3200, lr=100.0, lr_per_256=10.0,
+              max_time=7 * 86400.0, runtime=RuntimeConfig(workers=64)).validate()
+    _linear_eval(l2=1e3).validate()
     _finetune(batch_size=65536).validate()
     _linear_eval(batch_size=65536).validate()
     _embed(batch_size=65536, workers=64, devices=8).validate()

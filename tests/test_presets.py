@@ -79,6 +79,14 @@ def test_another_optimizer_keeps_its_own_lr_and_weight_decay_not_the_presets_lar
             1e-3 * config.batch_size / 256), "AdamW's defaults, by the preset's linear rule"
 
 
+def test_naming_the_presets_own_optimizer_changes_nothing():
+    """Any --optimizer counted as another one: `--preset cifar --optimizer lars` trained at 1.2, not 4.0."""
+    base = PretrainConfig(data_dir="x", out_dir="y", optimizer="lars")
+    for name in PRESETS:
+        assert apply_preset(base, name, {"optimizer"}) == apply_preset(base, name)
+    assert apply_preset(base, "cifar", {"optimizer"}).resolved_lr == pytest.approx(4.0)
+
+
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"--preset 'resnet' is unknown; choose one of imagenet, cifar"):
         apply_preset(PretrainConfig(data_dir="x", out_dir="y"), "resnet")
