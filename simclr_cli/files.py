@@ -356,6 +356,17 @@ class EncoderInfo:
         return None
 
 
+def _unfinished_run(folder: Path) -> str | None:
+    """The command ("pretrain" or "finetune") whose run `folder` is, if it holds its checkpoint; else None."""
+    if not (folder / "checkpoint.safetensors").is_file():
+        return None
+    try:
+        config = read_json(folder / "config.json", "run configuration")
+    except ModelFileError:
+        return None
+    return None if not isinstance(config, dict) else "finetune" if "model" in config else "pretrain"
+
+
 def resolve_model_path(path: str | Path) -> Path:
     """An encoder file, or a run folder holding one (a fine-tuned model first, if present)."""
     path = Path(path)
@@ -363,6 +374,9 @@ def resolve_model_path(path: str | Path) -> Path:
         for name in ("finetuned.safetensors", ENCODER_FILE):
             if (path / name).is_file():
                 return path / name
+        if (command := _unfinished_run(path)) is not None:
+            raise ModelFileError(f"{path}: this run has not finished, so it holds no model yet; finish it with "
+                                 f"`simclr {command} --resume {path}` (it exports the model), or pass another")
         raise ModelFileError(f"{path}: this folder holds no {ENCODER_FILE}; pass a run folder of "
                              f"`simclr pretrain` or the .safetensors file itself")
     if not path.exists():

@@ -2,8 +2,10 @@
 
 import contextlib
 import errno
+import json
 import multiprocessing
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -85,6 +87,22 @@ def test_foreign_and_broken_files_are_clear_errors(tmp_path):
     save_file({"a": torch.zeros(1)}, str(incomplete), metadata={"format": "simclr-encoder", "arch": "resnet18"})
     with pytest.raises(ModelFileError, match="incomplete"):
         load_encoder(incomplete)
+
+
+@pytest.mark.parametrize("config, command", [({"data_dir": "photos"}, "pretrain"),
+                                             ({"model": "encoder.safetensors"}, "finetune")])
+def test_an_unfinished_run_as_model_says_how_to_finish_it(tmp_path, config, command):
+    """After Ctrl-C, or a kill during export, a run's folder holds no model yet: "pass a run folder of
+    `simclr pretrain`" was no help, since it is one."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match="holds no encoder"):  # no checkpoint: no run to finish
+        load_encoder(run)
+    (run / "checkpoint.safetensors").write_bytes(b"")
+    with pytest.raises(ModelFileError, match=re.escape(f"this run has not finished, so it holds no model yet; "
+                                                       f"finish it with `simclr {command} --resume {run}`")):
+        load_encoder(run)
 
 
 @pytest.mark.parametrize("key, value, message", [
