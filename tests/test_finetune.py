@@ -269,7 +269,7 @@ def test_a_head_of_another_width_is_refused_before_the_run_writes_anything(tiny_
     (["{encoder}", "{digits}", "--label-fraction", "0"], "--label-fraction 0.0 must be in (0, 1]"),
     (["{encoder}", "{digits}", "--from-head-layer", "2"], "--from-head-layer 2 must be 0"),
     (["{bare}", "{digits}", "--from-head-layer", "1"], "no head.safetensors beside"),
-    (["{encoder}", "{digits}", "--epochs", "0"], "--epochs 0 must be at least 1"),
+    (["{encoder}", "{digits}", "--epochs", "0"], "--epochs 0 must be 1 to 1000000"),
     (["{encoder}", "{digits}", "--lr", "inf"], "--lr inf must be a finite number"),
     (["{encoder}", "{digits}", "--out", "{encoder}"], "already holds files"),
     (["{encoder}", "{digits}", "--out", "{encoder}/encoder.safetensors"], "is a file; pass a folder"),
