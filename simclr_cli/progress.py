@@ -28,6 +28,21 @@ def labelled(label: str, style: str, text: str) -> Text:
     return Text.assemble((label, style), " ", text)
 
 
+def draws_live(console: Console) -> bool:
+    """Whether a live bar can redraw itself on `console`: an interactive terminal, and one for real.
+
+    On a dumb terminal (TERM=dumb: Emacs' shell, IDE consoles) rich's Live never refreshes, so a bar showed nothing
+    until the end; and FORCE_COLOR=1 (set in many CIs) makes a log file pass for a terminal, where the bar wrote its
+    cursor codes into the log ten times a second.
+    """
+    if not console.is_interactive:  # False on a dumb terminal
+        return False
+    try:
+        return os.isatty(console.file.fileno())
+    except (AttributeError, OSError, ValueError):  # no descriptor (io.StringIO, a test runner's capture), or closed
+        return False
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -40,7 +55,7 @@ class Reporter:
 
     def __init__(self, quiet: bool = False, plain_every: int = 50):
         self.quiet = quiet
-        self.live = console.is_terminal and not quiet
+        self.live = draws_live(console) and not quiet
         self.plain_every = plain_every
         self.progress: Progress | None = None
         self.task: TaskID | None = None

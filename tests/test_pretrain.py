@@ -339,6 +339,31 @@ def test_the_progress_bar_counts_the_steps_the_time_budget_leaves():
         reporter.close()
 
 
+@pytest.mark.parametrize("env, tty, live", [
+    ({"TERM": "xterm-256color"}, True, True),
+    ({"TERM": "dumb"}, True, False),
+    ({"TERM": "xterm-256color", "FORCE_COLOR": "1"}, False, False),
+], ids=["terminal", "dumb-terminal", "force-color-into-a-file"])
+def test_the_live_bar_only_where_it_redraws(monkeypatch, tmp_path, env, tty, live):
+    """TERM=dumb (Emacs' shell, IDE consoles): rich's Live never redraws there, and no progress showed all run.
+    FORCE_COLOR=1 (many CIs) with the output in a file: the bar wrote cursor codes into the log 10 times a second."""
+    from simclr_cli import progress
+
+    for name in ("TERM", "FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    leader, follower = os.openpty() if tty else (None, os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT))
+    try:
+        with os.fdopen(follower, "w") as stream:  # built as progress.py builds its console, on this stream
+            monkeypatch.setattr(progress, "console", type(progress.console)(file=stream, highlight=False,
+                                                                            soft_wrap=True, markup=False))
+            assert progress.Reporter().live is live
+    finally:
+        if leader is not None:
+            os.close(leader)
+
+
 def test_a_run_resumed_on_fewer_images_than_its_steps_need_ends_there(small_digits_folder, tmp_path, capsys):
     """Stopped at step 9 of 12 (the second epoch's third), resumed on 64 of its 200 images (the first epoch's 6
     steps and 2 for the second): it said "training for -2 steps", took one more at lr 0 and ended. It now exports
