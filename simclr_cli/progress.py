@@ -28,6 +28,11 @@ def labelled(label: str, style: str, text: str) -> Text:
     return Text.assemble((label, style), " ", text)
 
 
+# The window rich estimates the speed over, far longer than any step: with rich's default of 30 s it kept one sample
+# per window, so steps longer than that (resnet50 at 224 px on a small CPU) had no speed, and no time remaining all run.
+SPEED_WINDOW_SECONDS = 4 * 3600.0
+
+
 def draws_live(console: Console) -> bool:
     """Whether a live bar can redraw itself on `console`: an interactive terminal, and one for real.
 
@@ -101,6 +106,7 @@ class Reporter:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            speed_estimate_period=SPEED_WINDOW_SECONDS,
         )
         self.progress.start()
         self.task = self.progress.add_task("pretrain", total=total_steps, completed=start_step, stats="")

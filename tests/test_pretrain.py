@@ -364,6 +364,28 @@ def test_the_live_bar_only_where_it_redraws(monkeypatch, tmp_path, env, tty, liv
             os.close(leader)
 
 
+def test_the_time_remaining_shows_with_steps_longer_than_half_a_minute(monkeypatch):
+    """rich estimates the speed over a window of 30 s by default, keeping one sample per window: at 60 s a step
+    (resnet50 at 224 px on a small CPU) it had no speed, and the time remaining stayed -:--:-- all run."""
+    from rich.progress import TimeRemainingColumn
+
+    from simclr_cli import progress
+
+    clock = SteadyClock(0.0)
+    monkeypatch.setattr(progress.console, "get_time", clock.monotonic)
+    reporter = progress.Reporter()
+    reporter.live = True  # a terminal
+    reporter.on_start(total_steps=100)
+    try:
+        for step in range(1, 4):
+            clock.now += 31.0
+            reporter.on_step(step=step, epoch=1, lr=0.1, images_per_s=8.0, total_steps=100,
+                             progress=(step + 0.5) / 100)
+        assert TimeRemainingColumn().render(reporter.progress.tasks[0]).plain == "0:50:07"  # 97 steps of 31 s
+    finally:
+        reporter.close()
+
+
 def test_a_run_resumed_on_fewer_images_than_its_steps_need_ends_there(small_digits_folder, tmp_path, capsys):
     """Stopped at step 9 of 12 (the second epoch's third), resumed on 64 of its 200 images (the first epoch's 6
     steps and 2 for the second): it said "training for -2 steps", took one more at lr 0 and ended. It now exports
