@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -28,6 +29,9 @@ def labelled(label: str, style: str, text: str) -> Text:
     return Text.assemble((label, style), " ", text)
 
 
+# Without a live bar, a log gets a progress line at most this often: one line per epoch made 800 of them for
+# `--epochs 800` on a small folder.
+PLAIN_SECONDS = 30.0
 # The window rich estimates the speed over, far longer than any step: with rich's default of 30 s it kept one sample
 # per window, so steps longer than that (resnet50 at 224 px on a small CPU) had no speed, and no time remaining all run.
 SPEED_WINDOW_SECONDS = 4 * 3600.0
@@ -48,6 +52,12 @@ def draws_live(console: Console) -> bool:
         return False
 
 
+def _expected_total(step: int, total_steps: int, progress: float) -> int:
+    """The steps the run will take: `total_steps`, or under a time budget, fewer at the pace so far (progress is
+    (step + 0.5) / total_steps when the steps are further along than the time)."""
+    return min(total_steps, max(step, round((step + 0.5) / max(progress, 1e-9))))
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -58,13 +68,16 @@ def _duration(seconds: float) -> str:
 class Reporter:
     """A `report(kind, **fields)` callable for the engine. `quiet` keeps errors and warnings only."""
 
-    def __init__(self, quiet: bool = False, plain_every: int = 50):
+    def __init__(self, quiet: bool = False):
         self.quiet = quiet
         self.live = draws_live(console) and not quiet
-        self.plain_every = plain_every
         self.progress: Progress | None = None
         self.task: TaskID | None = None
         self.loss: float | None = None
+        self._line_at = -math.inf  # when plain output last printed a progress line
+        self._epoch_at = -math.inf  # when the epoch under way started: a long epoch always gets its line
+        self._held: str | None = None  # the latest epoch line left out, printed at the end if no line came after it
+        self._epochs_seen = 0
 
     def __call__(self, kind: str, **fields: Any) -> None:
         getattr(self, f"on_{kind}", self.on_other)(**fields)
@@ -73,6 +86,8 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+        if self._held is not None:  # the last epoch a time budget, an interrupt or an error ended on
+            self._line(self._held)
 
     def __enter__(self) -> "Reporter":
         return self
@@ -82,6 +97,14 @@ class Reporter:
 
     def _print(self, text: str) -> None:
         (self.progress.console if self.progress else console).print(text)
+
+    def _line(self, text: str) -> None:
+        """A progress line of plain output; `console.get_time` (time.monotonic) times them."""
+        console.print(text)
+        self._line_at, self._held = console.get_time(), None
+
+    def _waited(self, since: float) -> bool:
+        return console.get_time() - since >= PLAIN_SECONDS
 
     def on_other(self, **fields: Any) -> None:
         pass
@@ -99,9 +122,12 @@ class Reporter:
     def on_start(self, total_steps: int, start_step: int = 0, max_time: float | None = None, **_: Any) -> None:
         if self.quiet:
             return
-        budget = f" (time budget {_duration(max_time)})" if max_time else ""
         if not self.live:
-            console.print(f"training for {total_steps - start_step} steps{budget}")
+            # A time budget ends most runs before their step count: that is only the most they could take.
+            steps = f"up to {total_steps - start_step} steps (time budget {_duration(max_time)})" if max_time \
+                else f"{total_steps - start_step} steps"
+            self._line(f"training for {steps}")
+            self._epoch_at = self._line_at
             return
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -119,17 +145,25 @@ class Reporter:
             return
         loss_text = f"loss {self.loss:.4f}" if self.loss is not None else "loss …"
         stats = f"epoch {epoch}  {loss_text}  lr {lr:.3g}  {images_per_s:,.0f} img/s"
+        total = _expected_total(step, total_steps, progress)  # with a time budget, the steps it leaves at this pace
         if self.progress is not None and self.task is not None:
-            # With a time budget the run ends before its step count: the steps it will take at this pace
-            # (progress is (step + 0.5) / total_steps when the steps are further along than the time).
-            total = min(total_steps, max(step, round((step + 0.5) / max(progress, 1e-9))))
             self.progress.update(self.task, completed=step, total=total, stats=stats)
-        elif step % self.plain_every == 0:
-            console.print(f"step {step}/{total_steps}  {stats}")
+        elif self._waited(max(self._line_at, self._epoch_at)):  # in an epoch too long for its line to be enough
+            self._line(f"step {step}/{total_steps}  {stats}" if total == total_steps
+                       else f"step {step} of about {total}  {stats}")
 
     def on_epoch(self, epoch: int, epochs: int, loss: float, images_per_s: float, **_: Any) -> None:
-        if not self.quiet:
-            self._print(f"epoch {epoch}/{epochs}: loss {loss:.4f}, {images_per_s:,.1f} images/s")
+        if self.quiet:
+            return
+        text = f"epoch {epoch}/{epochs}: loss {loss:.4f}, {images_per_s:,.1f} images/s"
+        self._epochs_seen += 1
+        if self.live:
+            self._print(text)
+        elif self._epochs_seen == 1 or epoch >= epochs or self._waited(min(self._line_at, self._epoch_at)):
+            self._line(text)
+        else:
+            self._held = text
+        self._epoch_at = console.get_time()
 
     def on_done(self, **_: Any) -> None:
         self.close()

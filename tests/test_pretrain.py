@@ -386,6 +386,49 @@ def test_the_time_remaining_shows_with_steps_longer_than_half_a_minute(monkeypat
         reporter.close()
 
 
+@pytest.mark.parametrize("epochs", [800, 1000], ids=["to-the-last-epoch", "ended-by-a-time-budget"])
+def test_plain_progress_prints_a_line_a_half_minute_however_short_the_epochs(monkeypatch, capsys, epochs):
+    """--epochs 800 on a small folder printed 800 lines into a log. Now: the first epoch, one line per 30 s, and
+    the last epoch, the one a time budget ended on too."""
+    from simclr_cli import progress
+
+    clock = SteadyClock(0.0)
+    monkeypatch.setattr(progress.console, "get_time", clock.monotonic)
+    with progress.Reporter() as reporter:
+        reporter.live = False  # as in a log file
+        reporter.on_start(total_steps=2 * epochs)
+        for epoch in range(1, 801):  # epochs of 2 steps of 0.1 s: 160 s in all
+            for step in (2 * epoch - 1, 2 * epoch):
+                clock.now += 0.1
+                reporter.on_step(step=step, epoch=epoch, lr=0.1, loss=1.0, images_per_s=80.0,
+                                 total_steps=2 * epochs, progress=(step + 0.5) / (2 * epochs))
+            reporter.on_epoch(epoch=epoch, epochs=epochs, loss=1.0, images_per_s=80.0)
+        reporter.on_done()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"training for {2 * epochs} steps"
+    assert lines[1].startswith(f"epoch 1/{epochs}:") and lines[-1].startswith(f"epoch 800/{epochs}:"), lines
+    assert len(lines) <= 3 + 160 // 30 and all(line.startswith("epoch") for line in lines[1:]), lines
+
+
+def test_plain_progress_under_a_time_budget_counts_the_steps_at_its_pace(monkeypatch, capsys):
+    """--max-time on a folder of 300 steps printed "training for 300 steps (time budget ...)", then "step 50/300"
+    for a run that ended after a few steps."""
+    from simclr_cli import progress
+
+    clock = SteadyClock(0.0)
+    monkeypatch.setattr(progress.console, "get_time", clock.monotonic)
+    with progress.Reporter() as reporter:
+        reporter.live = False  # as in a log file
+        reporter.on_start(total_steps=300, max_time=120.0)
+        for step in range(1, 5):  # steps of 20 s; two more steps' time kept in reserve
+            clock.now += 20.0
+            reporter.on_step(step=step, epoch=1, lr=0.1, loss=1.0, images_per_s=8.0, total_steps=300,
+                             progress=min(1.0, (clock.now + 40.0) / 120.0))
+        reporter.on_done()
+    lines = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert lines == ["training for up to 300 steps (time budget 2m00s)", "step 2 of about 4", "step 4 of about 4"]
+
+
 def test_a_run_resumed_on_fewer_images_than_its_steps_need_ends_there(small_digits_folder, tmp_path, capsys):
     """Stopped at step 9 of 12 (the second epoch's third), resumed on 64 of its 200 images (the first epoch's 6
     steps and 2 for the second): it said "training for -2 steps", took one more at lr 0 and ended. It now exports
