@@ -279,7 +279,9 @@ class PretrainRun:
         self.skipped.update({s.path: s for s in earlier if not os.path.isdir(s.path)
                              and (s.path not in readable or not _decodes(s.path))})
         self._truncate_metrics(self.state.step)
-        self.report("message", text=f"resuming {self.run_dir} at epoch {self.state.epoch + 1}, step {self.state.step}")
+        if not self.state.finished:  # a finished run is only exported again: run() says so
+            self.report("message", text=f"resuming {self.run_dir} at epoch {self.state.epoch + 1}, "
+                                        f"step {self.state.step}")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop log lines written after the checkpoint, so a resumed log has no duplicates."""
@@ -507,8 +509,13 @@ class PretrainRun:
                                         f"{self.config.epochs} epochs, and the run has taken {state.step}: it "
                                         f"ends here")
             state.finished = True
-        self.report("start", total_steps=self.total_steps, start_step=min(state.step, self.total_steps),
-                    epochs=self.config.epochs, steps_per_epoch=self.steps_per_epoch, max_time=self.config.max_time)
+        elif state.finished:
+            self.report("message", text=f"{self.run_dir} had already finished; exporting its encoder again")
+        # Nothing to train: no "training for 0 steps", nor a time budget's count of steps it will not take.
+        nothing_to_train = state.finished
+        if not nothing_to_train:
+            self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs,
+                        steps_per_epoch=self.steps_per_epoch, max_time=self.config.max_time)
         final_loss: float | None = None
         interrupted = False
         self._saved_at = clock()
@@ -556,7 +563,7 @@ class PretrainRun:
             # (a second one stops at once).
             if is_main():
                 self.curves.draw(final=True)
-            if state.finished and final_loss is None and state.step:
+            if state.finished and final_loss is None and state.step and not nothing_to_train:
                 self.report("message", text=f"{self.run_dir} had already finished; exporting its encoder again")
             encoder = None if interrupted else self.export()
         if not interrupted:

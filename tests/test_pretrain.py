@@ -429,6 +429,27 @@ def test_plain_progress_under_a_time_budget_counts_the_steps_at_its_pace(monkeyp
     assert lines == ["training for up to 300 steps (time budget 2m00s)", "step 2 of about 4", "step 4 of about 4"]
 
 
+@pytest.mark.parametrize("budget", [False, True], ids=["epochs", "time-budget"])
+def test_resuming_a_finished_run_says_only_that_it_exports_again(small_digits_folder, tmp_path, monkeypatch, budget):
+    """It said "resuming r13 at epoch 2, step 3", "training for 0 steps" (or under --max-time "training for 93
+    steps"), then "r13 had already finished"."""
+    out = tmp_path / "done"
+    if budget:  # steps of about 6 s: the budget ends the run after a few
+        monkeypatch.setattr(train, "time", SteadyClock(2.0))
+    length = ["--epochs", "100", "--max-time", "20s"] if budget else ["--epochs", "1"]
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--batch-size", "64",
+                                 *length, *FAST])
+    assert result.exit_code == 0, result.output
+    steps = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert steps < 100 * 3 if budget else steps == 3
+    result = runner.invoke(app, ["pretrain", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert f"{out} had already finished; exporting its encoder again" in output
+    assert f"resuming {out}" not in output and "training for" not in output, output
+    assert f"encoder saved to {out / 'encoder.safetensors'} ({steps} steps" in output
+
+
 def test_a_run_resumed_on_fewer_images_than_its_steps_need_ends_there(small_digits_folder, tmp_path, capsys):
     """Stopped at step 9 of 12 (the second epoch's third), resumed on 64 of its 200 images (the first epoch's 6
     steps and 2 for the second): it said "training for -2 steps", took one more at lr 0 and ended. It now exports
@@ -447,7 +468,7 @@ def test_a_run_resumed_on_fewer_images_than_its_steps_need_ends_there(small_digi
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
     assert f"{fewer} now gives 8 steps in 2 epochs, and the run has taken 9: it ends here" in output
-    assert "training for 0 steps" in output and "(9 steps," in output
+    assert "training for" not in output and "(9 steps," in output, "nothing to train: no count of steps"
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 9
     assert (out / "encoder.safetensors").is_file()
 
