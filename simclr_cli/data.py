@@ -132,6 +132,9 @@ def even_batch(images: int, batch: int) -> int:
 # DataLoader stopping a slow worker, multiprocessing at exit) ends it, as PyTorch's own handler does. A SIGTERM is
 # blocked from before the worker starts (PyTorch's handler would end the worker) until a thread waits for it.
 SIGNALS_BY_SENDER = hasattr(signal, "sigwaitinfo")  # Linux; elsewhere PyTorch's handler stays
+# All of that needs the workers forked from this thread: with its signal mask, and this process as their parent. Started
+# by a forkserver (Python 3.14's default on Linux) they were the forkserver's children, and SIGTERM was not blocked.
+_START = torch.multiprocessing.get_context("fork") if SIGNALS_BY_SENDER else None
 
 
 def _quiet_worker(_: int) -> None:
@@ -175,6 +178,7 @@ def make_loader(dataset: ImageDataset, batch_size: int, order: Sequence[int] | N
         drop_last=drop_last,
         pin_memory=pin_memory,
         worker_init_fn=_quiet_worker if workers > 0 else None,
+        multiprocessing_context=_START if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )

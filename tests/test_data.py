@@ -427,3 +427,37 @@ def test_a_loader_worker_whose_parent_was_killed_obeys_anyones_sigterm(tmp_path)
     if not gone:
         os.kill(worker, signal.SIGKILL)
     assert gone
+
+
+FORKSERVER_SCRIPT = """
+import multiprocessing, os, signal, torch
+from simclr_cli import data
+
+class Parent(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+    def __getitem__(self, index):
+        return os.getppid(), signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+def first(items):
+    return items[0]
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("forkserver", force=True)  # Python 3.14's default on Linux
+    print(os.getpid(), *next(iter(data.make_loader(Parent(), 1, None, workers=1, collate_fn=first))))
+"""
+
+
+@needs_sigwaitinfo
+def test_loader_workers_are_forked_whatever_the_default_start_method(tmp_path):
+    """Started by a forkserver, a worker was the forkserver's child with SIGTERM not blocked: `kill -- -PGID` ended it
+    and the run with a traceback, no checkpoint."""
+    script = tmp_path / "forkserver.py"  # a file: a forkserver imports the main module from it
+    script.write_text(FORKSERVER_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr
+    main, parent, blocked = done.stdout.split()
+    assert parent == main, "the worker's parent is the main process"
+    assert blocked == "True", "SIGTERM blocked in the worker from its start"
