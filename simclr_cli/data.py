@@ -6,6 +6,7 @@ import hashlib
 import os
 import signal
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -160,6 +161,12 @@ class _Loader(torch.utils.data.DataLoader):
             return super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# PyTorch warns, in two multi-line warnings naming its own files, when the workers outnumber the cores it counts.
+# --workers is the user's to choose (loading from a network disk may want more), and pretrain's and embed's first lines
+# say how many there are. (Set here, not per call: warning filters are global.)
+warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes", category=UserWarning)
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, order: Sequence[int] | None, workers: int,

@@ -461,3 +461,15 @@ def test_loader_workers_are_forked_whatever_the_default_start_method(tmp_path):
     main, parent, blocked = done.stdout.split()
     assert parent == main, "the worker's parent is the main process"
     assert blocked == "True", "SIGTERM blocked in the worker from its start"
+
+
+def test_more_workers_than_cores_are_not_warned_of_in_pytorchs_words():
+    """PyTorch's two multi-line warnings ("This DataLoader will create 2 worker processes in total. Our suggested
+    max number ...") with its site-packages paths said nothing the user had not chosen."""
+    script = ("import torch._utils\n"
+              "torch._utils.cpu_count = lambda: 1  # one core, two workers\n"
+              "from simclr_cli import data\n"
+              "print(list(data.make_loader(list(range(4)), 2, None, workers=2, collate_fn=sum)))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.strip() == "[1, 5]"
