@@ -19,7 +19,7 @@ from torchvision import transforms as T
 from simclr_cli import __version__
 from simclr_cli.augment import preprocessing
 from simclr_cli.config import FinetuneConfig, check_saved_types, replace
-from simclr_cli.data import ImageDataset, epoch_order, make_loader
+from simclr_cli.data import ImageDataset, epoch_order, in_flight_bytes, make_loader
 from simclr_cli.errors import ConfigError, ModelFileError
 from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_confusion, knn_report, report_data,
                                  split_features)
@@ -180,8 +180,9 @@ class FinetuneRun:
                                    f"instead of {config.batch_size}")
         if self.device.type == "cpu" and not resume:  # a resumed run keeps the batch its steps were counted in
             # A batch whose activations do not fit in free memory would get the process killed mid-step.
+            batch_bytes = self.batch_size * 3 * self.info.image_size ** 2 * 4  # as the loader yields it: float32
             shortfall = batch_shortfall(self.model, self.info.image_size, self.precision, self.batch_size,
-                                        views_per_image=1)
+                                        views_per_image=1, loader_bytes=in_flight_bytes(self.workers, batch_bytes))
             if shortfall is not None:
                 fitting = max(2, shortfall.images)  # BatchNorm needs two
                 report("warning", text=f"{shortfall.describe(self.batch_size)}: using batch size {fitting} "

@@ -121,10 +121,11 @@ def _cgroup_folders(root: Path, v1: bool) -> list[Path]:
 
 
 def fitting_chunk(per_view: int, state_bytes: int, batch_size: int, available: float,
-                  views_per_image: int = 2) -> int | None:
+                  views_per_image: int = 2, loader_bytes: int = 0) -> int | None:
     """None if a batch of `batch_size` images fits in MEMORY_SHARE of `available` bytes; otherwise the most
-    images whose activations fit beside the model's state (at least 1)."""
-    budget = MEMORY_SHARE * available - STATE_COPIES * state_bytes
+    images whose activations fit beside the model's state and the `loader_bytes` of batches that the loader
+    workers hold ready (at least 1)."""
+    budget = MEMORY_SHARE * available - STATE_COPIES * state_bytes - loader_bytes
     per_image = views_per_image * per_view * TRANSIENT
     if batch_size * per_image <= budget:
         return None
@@ -145,15 +146,18 @@ class Shortfall:
 
 
 def batch_shortfall(model: nn.Module, image_size: int, precision: Precision, batch_size: int,
-                    views_per_image: int = 2) -> Shortfall | None:
-    """How a training batch overflows this CPU's free memory, or None if it fits (or the free memory is unknown)."""
+                    views_per_image: int = 2, loader_bytes: int = 0) -> Shortfall | None:
+    """How a training batch overflows this CPU's free memory, or None if it fits (or the free memory is unknown).
+
+    `loader_bytes`: what the loader workers hold ready (data.in_flight_bytes), for a batch of `batch_size`; a
+    smaller batch chosen for the shortfall holds less, so it leaves some room to spare."""
     available = available_memory()
     if available is None:
         return None
     per_view = activation_bytes(model, image_size, precision)
     state = sum(p.numel() * p.element_size() for p in model.parameters())
-    images = fitting_chunk(per_view, state, batch_size, available, views_per_image)
+    images = fitting_chunk(per_view, state, batch_size, available, views_per_image, loader_bytes)
     if images is None:
         return None
-    needed = views_per_image * batch_size * per_view * TRANSIENT + STATE_COPIES * state
+    needed = views_per_image * batch_size * per_view * TRANSIENT + STATE_COPIES * state + loader_bytes
     return Shortfall(images, needed, available)

@@ -21,7 +21,8 @@ from simclr_cli.batch_augment import AugmentInLoader, BatchAugment, ViewSampler,
 from simclr_cli.cache import DecodedCache, WorkingImages, working_side
 from simclr_cli.config import PretrainConfig, check_saved_types, replace
 from simclr_cli.curves import CurvesWriter, KnnMonitor
-from simclr_cli.data import ImageDataset, collate, epoch_order, even_batch, make_loader, to_device_ahead
+from simclr_cli.data import (ImageDataset, collate, epoch_order, even_batch, in_flight_bytes, make_loader,
+                             to_device_ahead)
 from simclr_cli.errors import ConfigError, DataError, ModelFileError, SimclrError
 from simclr_cli.export import (CHECKPOINT_FILE, CHECKPOINT_SECONDS, HEAD_FILE, check_run_dir, load_checkpoint,
                                load_optimizer, read_run_config, save_checkpoint, save_encoder, save_tensors)
@@ -165,9 +166,12 @@ class PretrainRun:
         self.optimizer = build_optimizer(config.optimizer, self.model, config.resolved_lr,
                                          config.resolved_weight_decay)
         self.scaler = self.precision.grad_scaler()
+        self.augment_on = resolve_augment_on(config.augment_on, self.device)
         if config.chunk_size is None and self.device.type == "cpu" and world_size() == 1:
             # A batch whose activations do not fit in free memory would get the process killed mid-step.
-            shortfall = batch_shortfall(self.model, config.augment.image_size, self.precision, self.batch_size)
+            loader_bytes = in_flight_bytes(self.workers, self.batch_size * self._loader_image_bytes())
+            shortfall = batch_shortfall(self.model, config.augment.image_size, self.precision, self.batch_size,
+                                        loader_bytes=loader_bytes)
             if shortfall is not None:
                 self.config = config = replace(config, chunk_size=shortfall.images)  # config.json records it
                 report("warning", text=f"{shortfall.describe(self.batch_size)}: gradient caching, "
@@ -179,7 +183,6 @@ class PretrainRun:
                                    report, self.run_dir) if config.monitor and is_main() else None)
         self._monitor_seconds = 0.0  # the latest measurement's, as rank 0 counts them: kept free in a time budget
         self.cache = self._prepare_cache(scan.root) if config.cache else None
-        self.augment_on = resolve_augment_on(config.augment_on, self.device)
         self.dataset, self.collate, self.batch_augment = self._pipeline()
         self.curves = CurvesWriter(self.run_dir, report, monitored=bool(config.monitor))
         if resume:
@@ -226,6 +229,12 @@ class PretrainRun:
             self.report("message", text=summary)
         distributed.barrier()
         return cache if is_main() else DecodedCache.locate(directory, root, len(self.paths), side)
+
+    def _loader_image_bytes(self) -> int:
+        """The bytes of an image's two views as the loader yields them: uint8 crops where the training device
+        augments them, float32 views otherwise (the parameter table, 52 bytes a view, left out)."""
+        size = self.config.augment.image_size
+        return 2 * 3 * size * size * (1 if self.augment_on == "device" else 4)
 
     def _pipeline(self) -> tuple[ImageDataset, Callable[[list], Any], BatchAugment | None]:
         """The dataset, the loader's collate function, and the augmentation left for the device."""

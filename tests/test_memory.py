@@ -94,6 +94,14 @@ def test_fitting_chunk_is_the_most_images_that_fit_beside_the_state():
     assert fitting_chunk(per_view, state, 256, available=1) == 1  # the smallest chunk, whatever is free
 
 
+def test_the_batches_the_loader_holds_ready_count_against_the_budget():
+    """Each worker holds data.PREFETCH batches ready, in shared memory the activations' budget did not count."""
+    per_view, state = 1000, 500
+    fits = (100 * 2 * per_view * TRANSIENT + STATE_COPIES * state) / MEMORY_SHARE
+    assert fitting_chunk(per_view, state, 100, available=fits + 10) is None
+    assert fitting_chunk(per_view, state, 100, available=fits + 10, loader_bytes=2 * per_view * TRANSIENT) == 99
+
+
 @pytest.fixture
 def images(tmp_path, small_digits_folder):
     folder = tmp_path / "images"
@@ -122,6 +130,18 @@ def test_a_batch_too_large_for_memory_trains_in_chunks_and_says_so(tmp_path, ima
     assert "a batch of 16 images needs about" in text and "gradient caching, 5 images' activations" in text
     assert json.loads((out / "config.json").read_text())["chunk_size"] == 5  # a resume keeps it
     assert (out / "encoder.safetensors").is_file()
+
+
+def test_the_batches_that_loader_workers_hold_ready_take_memory_from_the_batch(tmp_path, images, monkeypatch):
+    """Memory for 16 images' activations and not a byte more: a loader worker's batches ready (PREFETCH of them,
+    two float32 32 px views an image) leave room for fewer."""
+    _squeezed_memory(monkeypatch, images=16)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(images), "--out", str(out), "--epochs", "1", "--batch-size", "16",
+                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "a batch of 16 images needs about" in " ".join(result.output.split())
+    assert json.loads((out / "config.json").read_text())["chunk_size"] == 15  # 0.8 MB of batches ready, 1.1 MB an image
 
 
 def test_a_batch_that_fits_or_a_chunk_size_given_is_left_alone(tmp_path, images, monkeypatch):
