@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 from simclr_cli import __version__
 from simclr_cli.config import (ARCHITECTURES, OPTIMIZERS, PRECISIONS, PRESETS, STEMS, AugmentConfig, PretrainConfig,
                                RuntimeConfig, apply_preset, default_run_dir, parse_duration)
-from simclr_cli.errors import ConfigError, Interrupted, SimclrError
+from simclr_cli.errors import ConfigError, Interrupted, SimclrError, WorkerDied
 from simclr_cli.progress import Reporter, console, err_console, labelled
 
 
@@ -61,8 +61,8 @@ app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, rich_m
 
 
 def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The one place where a SimclrError, or an OSError no check foresaw (a folder this user cannot write, a
-    full disk), becomes a red line on stderr and exit code 1."""
+    """The one place where a SimclrError, an OSError no check foresaw (a folder this user cannot write, a full
+    disk), or a dead loader worker, becomes a red line on stderr and exit code 1."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -77,6 +77,14 @@ def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
         except SimclrError as error:
             err_console.print(labelled("error:", "red", str(error)))
+            raise typer.Exit(1) from None
+        except RuntimeError as error:  # a loader worker killed where no loop saves and says so (features, a monitor)
+            how = WorkerDied.how(error)
+            if how is None:
+                raise
+            then = ("run the command again with fewer --workers (a pretrain, finetune or embed continues from what it "
+                    "saved with --resume)")
+            err_console.print(labelled("error:", "red", str(WorkerDied.saying(how, then))))
             raise typer.Exit(1) from None
         except OSError as error:
             where = f"{error.filename}: " if error.filename else ""

@@ -70,12 +70,18 @@ class KnnMonitor:
         The record carries the step at which it was taken, so a resumed run's log is cut at the
         checkpoint's step like the step records.
         """
-        from simclr_cli.errors import DataError
+        from simclr_cli.errors import DataError, WorkerDied
 
         try:
             accuracy = self.measure(backbone, info)
         except DataError as error:  # a monitor must never cost a run its epoch or its encoder
             self.report("warning", text=f"kNN monitor: {self.folder}: {error}; the run goes on without it")
+            return None
+        except RuntimeError as error:
+            if (how := WorkerDied.how(error)) is None:
+                raise
+            self.report("warning", text=f"kNN monitor: a loader worker died ({how}), perhaps out of memory; the run "
+                                        f"goes on without the monitor")
             return None
         with open(Path(run_dir) / "metrics.jsonl", "a") as log:
             log.write(json.dumps({"step": step, "epoch": epoch, "knn_top1": accuracy}) + "\n")

@@ -9,11 +9,12 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
+from simclr_cli.errors import WorkerDied
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb
 
 
@@ -200,6 +201,61 @@ def make_loader(dataset: ImageDataset, batch_size: int, order: Sequence[int] | N
         prefetch_factor=PREFETCH if workers > 0 else None,
         persistent_workers=False,
     )
+
+
+class UntilWorkerDies:
+    """Iterates `batches` until they end or a loader worker dies (the kernel's OOM killer, a crash); `died` then
+    says how (WorkerDied.how), where the loop can save the steps it finished and stop with one line.
+
+    PyTorch learns of a dead worker from SIGCHLD, and its handler raises wherever the main thread is: in the middle
+    of a training step (some parameters updated, some not), which a checkpoint then saved as the step before. The
+    handler waits while the loop's body runs, and raises as the next batch is asked for, between steps.
+    """
+
+    def __init__(self, batches: Iterable[Batch]):
+        self.batches = batches
+        self.died: str | None = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches, held = iter(self.batches), None
+        while True:
+            try:
+                if held is not None:
+                    held.replay()
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as error:
+                self.died = WorkerDied.how(error)
+                if self.died is None:
+                    raise
+                return
+            with _HeldChildSignals() as held:
+                yield batch
+
+
+class _HeldChildSignals:
+    """SIGCHLD's handler set aside (where there is one, and this is the main thread): the signals are noted, and
+    `replay` hands them to it."""
+
+    def __enter__(self) -> "_HeldChildSignals":
+        held = hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread()
+        self.handler = signal.getsignal(signal.SIGCHLD) if held else None
+        self.noted = False
+        if callable(self.handler):
+            signal.signal(signal.SIGCHLD, self._note)
+        return self
+
+    def _note(self, signum: int, frame) -> None:
+        self.noted = True
+
+    def __exit__(self, *exc) -> None:
+        if callable(self.handler):
+            signal.signal(signal.SIGCHLD, self.handler)
+
+    def replay(self) -> None:
+        if self.noted and callable(self.handler):
+            self.handler(signal.SIGCHLD, None)
 
 
 def to_device_ahead(batches: Iterable[Batch], device: torch.device) -> Iterable[Batch]:

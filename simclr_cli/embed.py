@@ -21,7 +21,7 @@ import shlex
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +33,8 @@ from numpy.lib import format as npy_format
 from simclr_cli import __version__
 from simclr_cli.augment import preprocessing
 from simclr_cli.config import PRECISIONS, check_paths, check_sizes
-from simclr_cli.errors import ConfigError, DataError, ModelFileError
+from simclr_cli.data import UntilWorkerDies
+from simclr_cli.errors import ConfigError, DataError, ModelFileError, WorkerDied
 from simclr_cli.export import load_encoder
 from simclr_cli.features import iter_features
 from simclr_cli.files import (EncoderInfo, check_output_path, held, read_json, read_metadata, replace_durably,
@@ -353,8 +354,9 @@ def _embed_process(config: EmbedConfig, work: Path, report: Report = silent, sto
     with StopFlag() as stop:  # Ctrl-C or SIGTERM: finish the batch, save progress, stop
         try:
             for block in blocks:
-                for batch in iter_features(backbone, info, paths, device, precision, config.batch_size, workers,
-                                           order=range(block.done, block.end)):
+                loaded = UntilWorkerDies(iter_features(backbone, info, paths, device, precision, config.batch_size,
+                                                       workers, order=range(block.done, block.end)))
+                for batch in loaded:
                     features = F.normalize(batch.features, dim=1) if config.normalize else batch.features  # (n, D)
                     start = block.begin + block.rows
                     rows[start:start + len(features)] = features.numpy().astype(config.dtype)
@@ -370,6 +372,10 @@ def _embed_process(config: EmbedConfig, work: Path, report: Report = silent, sto
                         save()
                     if stop.signal is not None or (stop_after_batches is not None and batches >= stop_after_batches):
                         return
+                if loaded.died:
+                    fewer = replace(config, workers=workers // 2)
+                    raise WorkerDied.saying(loaded.died, f"progress is saved. Continue with fewer workers: "
+                                                         f"{fewer.resume_command()}")
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, keeping the rows of finished batches
             return
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
@@ -19,8 +20,8 @@ from torchvision import transforms as T
 from simclr_cli import __version__
 from simclr_cli.augment import preprocessing
 from simclr_cli.config import FinetuneConfig, check_saved_types, replace
-from simclr_cli.data import ImageDataset, epoch_order, in_flight_bytes, make_loader
-from simclr_cli.errors import ConfigError, ModelFileError
+from simclr_cli.data import ImageDataset, UntilWorkerDies, epoch_order, in_flight_bytes, make_loader
+from simclr_cli.errors import ConfigError, ModelFileError, WorkerDied
 from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_confusion, knn_report, report_data,
                                  split_features)
 from simclr_cli.export import (CHECKPOINT_FILE, CHECKPOINT_SECONDS, HEAD_FILE, check_run_dir, load_checkpoint,
@@ -162,6 +163,7 @@ class FinetuneRun:
         self.device = resolve_device(config.runtime.device)
         self.precision = resolve_precision(config.runtime.precision, self.device)
         self.workers = config.runtime.workers if config.runtime.workers is not None else default_workers()
+        self._worker_died: str | None = None  # how a loader worker died, which stops the run as a signal does
         seed_everything(config.runtime.seed)
         self.checkpoint = load_checkpoint(self.run_dir / CHECKPOINT_FILE) if resume else None
         backbone, head, self.info = self._encoder()
@@ -320,7 +322,8 @@ class FinetuneRun:
         loader = make_loader(self.train_set, self.batch_size, order[start:], self.workers, drop_last=True,
                              pin_memory=device.type == "cuda")
         last = clock()
-        for batch in loader:
+        batches = UntilWorkerDies(loader)
+        for batch in batches:
             note_skipped(self.skipped, batch.skipped, self.report)
             if batch.samples is None or len(batch) < 2:  # BatchNorm needs two images
                 state.step_in_epoch += 1  # past it, or the epoch never ends
@@ -360,6 +363,7 @@ class FinetuneRun:
             if now - self._saved_at >= CHECKPOINT_SECONDS and state.step_in_epoch < self.steps_per_epoch:
                 self.save_checkpoint()
                 self._saved_at = last = clock()
+        self._worker_died = batches.died
 
     @torch.inference_mode()
     def predict(self, dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -469,12 +473,18 @@ class FinetuneRun:
                 check_decoded(self.data.classes, decoded, ", then run again with another --out")
                 if state.step_in_epoch >= self.steps_per_epoch:
                     self.end_epoch()
-                interrupted = stop.signal is not None and state.epoch < self.config.epochs
+                stopped = stop.signal is not None or self._worker_died is not None
+                interrupted = stopped and state.epoch < self.config.epochs
                 self.save_checkpoint()
                 self._saved_at = clock()
                 if interrupted:
                     break
             self.report("done")
+            if interrupted and self._worker_died:
+                raise WorkerDied.saying(self._worker_died, f"the run is saved at step {state.step}. Continue with "
+                                                           f"fewer workers: simclr finetune --resume "
+                                                           f"{shlex.quote(str(self.run_dir))} --workers "
+                                                           f"{self.workers // 2}")
             if interrupted:
                 return FinetuneResult(self.run_dir, None, state, skipped=list(self.skipped.values()), interrupted=True)
             # Still inside: a signal now is too late to stop anything, and would leave the model without its report

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,9 +22,9 @@ from simclr_cli.batch_augment import AugmentInLoader, BatchAugment, ViewSampler,
 from simclr_cli.cache import DecodedCache, WorkingImages, working_side
 from simclr_cli.config import PretrainConfig, check_saved_types, replace
 from simclr_cli.curves import CurvesWriter, KnnMonitor
-from simclr_cli.data import (ImageDataset, collate, epoch_order, even_batch, in_flight_bytes, make_loader,
-                             to_device_ahead)
-from simclr_cli.errors import ConfigError, DataError, ModelFileError, SimclrError
+from simclr_cli.data import (ImageDataset, UntilWorkerDies, collate, epoch_order, even_batch, in_flight_bytes,
+                             make_loader, to_device_ahead)
+from simclr_cli.errors import ConfigError, DataError, ModelFileError, SimclrError, WorkerDied
 from simclr_cli.export import (CHECKPOINT_FILE, CHECKPOINT_SECONDS, HEAD_FILE, check_run_dir, load_checkpoint,
                                load_optimizer, read_run_config, save_checkpoint, save_encoder, save_tensors)
 from simclr_cli.files import (ENCODER_FILE, EncoderInfo, check_output_path, claimed, held, read_json, read_json_lines,
@@ -106,6 +107,7 @@ class PretrainRun:
         self.state = LoopState()
         self._recent_steps: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
         self._first_step: float | None = None  # seconds of this session's first step, once made
+        self._worker_died: str | None = None  # how a loader worker died, which stops the run as a signal does
         restore = check_run_dir(self.run_dir, resume, ENCODER_FILE, PretrainConfig)
         if config.cache_dir:  # refused now, by its flag, not by an OSError once the folder is scanned
             check_output_path(config.cache_dir, "--cache-dir", folder=True)
@@ -355,7 +357,8 @@ class PretrainRun:
         steps, images = 0, 0
         pending: list[tuple[dict[str, Any], torch.Tensor]] = []
         epoch_start, last = clock(), None
-        for batch in to_device_ahead(loader, device):
+        batches = UntilWorkerDies(to_device_ahead(loader, device))
+        for batch in batches:
             arrived = clock()
             if distributed.any_rank(self._out_of_time(arrived)):  # ranks stop together, or deadlock
                 break
@@ -399,6 +402,10 @@ class PretrainRun:
                 self.save_checkpoint()
                 self._saved_at = last = clock()
         self._flush(pending)
+        self._worker_died = batches.died
+        if batches.died and world_size() > 1:  # the others wait in this step's collectives: no saving together
+            raise WorkerDied.saying(batches.died, f"what the run last saved is kept. Continue with fewer workers: "
+                                                  f"{self._resume_command()}")
         seconds = max(clock() - epoch_start, 1e-9)
         # The epoch's mean loss, over the steps it took before an interrupt too.
         return {"loss": state.loss_sum / max(state.loss_steps, 1), "images_per_s": images / seconds, "steps": steps}
@@ -487,6 +494,10 @@ class PretrainRun:
                         self.optimizer, rng_state(), progress)
         write_json(self.run_dir / "skipped.json", [s.to_json() for s in self.skipped.values()])
 
+    def _resume_command(self) -> str:
+        """The command that continues this run with half its loader workers."""
+        return f"simclr pretrain --resume {shlex.quote(str(self.run_dir))} --workers {self.workers // 2}"
+
     def encoder_info(self) -> EncoderInfo:
         return EncoderInfo(arch=self.config.arch, stem=self.config.stem, width=self.config.width,
                            feature_dim=self.model.backbone.feature_dim, image_size=self.config.augment.image_size,
@@ -560,7 +571,7 @@ class PretrainRun:
                     raise ConfigError(f"--max-time {self.config.max_time:g}s was spent before the first step "
                                       f"(set-up took {clock():.0f} s: the scan, the model, the loader); give a "
                                       f"longer --max-time, with another --out or after deleting {self.run_dir}")
-                if distributed.any_rank(stop.signal is not None) and not state.finished:
+                if (distributed.any_rank(stop.signal is not None) or self._worker_died) and not state.finished:
                     interrupted = True
                 self.save_checkpoint()
                 self._saved_at = clock()
@@ -575,6 +586,9 @@ class PretrainRun:
             if state.finished and final_loss is None and state.step and not nothing_to_train:
                 self.report("message", text=f"{self.run_dir} had already finished; exporting its encoder again")
             encoder = None if interrupted else self.export()
+        if interrupted and self._worker_died:
+            raise WorkerDied.saying(self._worker_died, f"the run is saved at step {state.step}. Continue with fewer "
+                                                       f"workers: {self._resume_command()}")
         if not interrupted:
             self.report("done", encoder=str(encoder), steps=state.step, images_seen=state.images_seen,
                         elapsed=state.elapsed, loss=final_loss)

@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -171,6 +173,31 @@ def test_a_monitor_folder_that_gives_nothing_to_measure_costs_the_run_nothing(tm
     assert text.count("kNN monitor: skipped") == 6 and "the run goes on without it" in text
     assert text.count("the run goes on without it") == 1, "not tried again every epoch"
     assert "no readable reference image" in text, "the monitor's halves named as its other messages name them"
+    assert (out / "encoder.safetensors").is_file() and not any("knn_top1" in r for r in _records(out))
+
+
+def test_a_killed_monitor_loader_worker_costs_the_run_nothing(tmp_path, small_digits_folder, monkeypatch):
+    """A monitor's loader worker killed (out of memory) at the end of epoch 1 ended the run with PyTorch's traceback,
+    before the epoch's checkpoint; as any monitor failure, it now costs a warning and the monitor."""
+    from simclr_cli import curves
+    from simclr_cli.data import ImageDataset
+
+    monkeypatch.setattr(curves, "MONITOR_WORKERS_ABOVE", 0)
+    real = ImageDataset.__getitem__
+
+    def getitem(dataset, index):
+        if dataset.seed is None and torch.utils.data.get_worker_info() is not None:  # the monitor's, not training's
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(dataset, index)
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", getitem)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "2",
+                                 "--batch-size", "64", "--monitor", str(small_digits_folder), *FAST, "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert text.count("kNN monitor: a loader worker died (killed by signal: Killed), perhaps out of memory; the run "
+                      "goes on without the monitor") == 1
     assert (out / "encoder.safetensors").is_file() and not any("knn_top1" in r for r in _records(out))
 
 

@@ -473,3 +473,48 @@ def test_more_workers_than_cores_are_not_warned_of_in_pytorchs_words():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert done.stdout.strip() == "[1, 5]"
+
+
+class _DiesOnCue(torch.utils.data.Dataset):
+    """Item 0 is its worker's pid; item 1 waits for the file `cue`, then its worker is killed, as by the kernel's
+    OOM killer. `raises`: item 1 raises instead (its own error)."""
+
+    def __init__(self, cue: Path, raises: bool = False):
+        self.cue, self.raises = cue, raises
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        if index == 0:
+            return os.getpid()
+        if self.raises:
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed.")  # its words, not PyTorch's
+        while not self.cue.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc to see the worker end")
+def test_a_killed_worker_ends_the_batches_between_two_not_in_the_middle_of_one(tmp_path):
+    """PyTorch's SIGCHLD handler raised its "killed by signal" error wherever the main thread was: in the middle
+    of a training step, some parameters updated and some not, saved as the step before. It now waits until the
+    next batch is asked for, and ends the batches there, saying how the worker died."""
+    cue = tmp_path / "cue"
+    batches = data.UntilWorkerDies(data.make_loader(_DiesOnCue(cue), 1, None, workers=1,
+                                                    collate_fn=lambda items: items[0]))
+    seen = []
+    for worker in batches:
+        seen.append(worker)
+        cue.touch()  # the worker dies now, in the middle of this "step"
+        deadline = time.monotonic() + 30
+        while not _gone(worker) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # its SIGCHLD is handled meanwhile
+        seen.append("step done")
+    assert seen == [worker, "step done"] and batches.died == "killed by signal: Killed"
+
+    raising = data.UntilWorkerDies(data.make_loader(_DiesOnCue(cue, raises=True), 1, None, workers=1,
+                                                    collate_fn=lambda items: items[0]))
+    with pytest.raises(RuntimeError, match="Caught RuntimeError in DataLoader worker"):
+        list(raising)  # a worker's own error is no death: it goes on to the caller as it was

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shlex
+import signal
 import shutil
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
+from simclr_cli.data import ImageDataset
 from simclr_cli.embed import (Block, EmbedConfig, Progress, _finished_rows, _rows_in, _truncate_rows, embed_folder,
                               read_progress, share_out, work_dir)
 from simclr_cli.errors import ModelFileError
@@ -144,6 +147,34 @@ def test_resume_gives_the_same_file(tiny_encoder, mixed_folder, tmp_path):
     assert manifests[0] == manifests[1]
     assert (result := run_embed(tiny_encoder, root, resumed, "--resume")).exit_code == 0, result.output
     assert "already complete" in result.output
+
+
+def test_a_killed_loader_worker_saves_progress_and_names_the_resume(tiny_encoder, gappy_folder, tmp_path, monkeypatch):
+    """A loader worker killed (out of memory) ended the embed with PyTorch's traceback; now one line names the
+    command that continues it, and that command finishes the same file."""
+    whole, killed = tmp_path / "whole.npy", tmp_path / "killed.npy"
+    assert (result := run_embed(tiny_encoder, gappy_folder, whole)).exit_code == 0, result.output
+    served, real = [], ImageDataset.__getitem__
+
+    def getitem(dataset, index):
+        if torch.utils.data.get_worker_info() is not None:  # the worker's own copy of `served`
+            served.append(index)
+            if len(served) > 8:  # its third batch of 4: killed, as by the kernel's OOM killer
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(dataset, index)
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", getitem)
+    result = runner.invoke(app, ["embed", "--device", "cpu", "--workers", "1", "--batch-size", "4", str(tiny_encoder),
+                                 str(gappy_folder), str(killed)])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    resume = shlex.join(["simclr", "embed", str(tiny_encoder), str(gappy_folder), str(killed), "--batch-size", "4",
+                         "--device", "cpu", "--workers", "0", "--resume"])
+    assert text.endswith(f"error: a loader worker died (killed by signal: Killed), perhaps out of memory; progress is "
+                         f"saved. Continue with fewer workers: {resume}"), text
+    assert "Traceback" not in result.output and not killed.exists()
+    assert (result := runner.invoke(app, shlex.split(resume)[1:])).exit_code == 0, result.output
+    assert whole.read_bytes() == killed.read_bytes()
 
 
 def test_an_embed_interrupted_before_devices_existed_resumes(tiny_encoder, gappy_folder, tmp_path):

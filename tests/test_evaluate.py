@@ -4,6 +4,7 @@ to end on the digits (features cached, results consistent, user errors)."""
 import json
 import math
 import os
+import signal
 import time
 
 import numpy as np
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from simclr_cli import evaluate
 from simclr_cli.cli import app
+from simclr_cli.data import ImageDataset
 from simclr_cli.evaluate import (KNN_TEMPERATURE, L2_GRID, MAX_DRAWN_CLASSES, UNSEARCHED_L2, classification_report,
                                  draw_confusion, fit_logistic, from_sorted, knn_report, knn_scores, split_features,
                                  train_linear_probe)
@@ -148,6 +150,30 @@ def test_the_last_line_lists_the_confusion_matrix_only_where_it_was_drawn(tiny_e
     last = " ".join(result.output.split()).rsplit("results in", 1)[1]
     assert "linear_eval.json" in last and "confusion_matrix.png" not in last, last
     assert not (tmp_path / "eval" / "confusion_matrix.png").exists()
+
+
+def test_a_killed_loader_worker_is_one_line_and_other_runtime_errors_are_not(tiny_encoder, small_digits_folder,
+                                                                             tmp_path, monkeypatch):
+    """Outside the loops that save and say how to go on (pretrain, finetune, embed), a killed loader worker still
+    ends the command with one line, not PyTorch's 290-line traceback; any other RuntimeError is no such death."""
+    real = ImageDataset.__getitem__
+
+    def getitem(dataset, index):
+        if torch.utils.data.get_worker_info() is None:
+            raise RuntimeError("a bug")
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+        return real(dataset, index)
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", getitem)
+    command = ["linear-eval", str(tiny_encoder), str(small_digits_folder), "--device", "cpu", "--l2", "0.01"]
+    result = runner.invoke(app, [*command, "--out", str(tmp_path / "killed"), "--workers", "1"])
+    assert result.exit_code == 1, result.output
+    assert " ".join(result.output.split()).endswith(
+        "error: a loader worker died (killed by signal: Killed), perhaps out of memory; run the command again with "
+        "fewer --workers (a pretrain, finetune or embed continues from what it saved with --resume)"), result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, [*command, "--out", str(tmp_path / "bug"), "--workers", "0"])
+    assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug"
 
 
 def test_confusion_image_shades_the_diagonal(tmp_path):

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from simclr_cli.cli import app
 from simclr_cli.config import FinetuneConfig, LabelledDataConfig, RuntimeConfig
+from simclr_cli.data import ImageDataset
 from simclr_cli.errors import ConfigError
 from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.features import compute_features
@@ -187,6 +188,36 @@ def test_interrupted_finetune_resumes_to_the_same_model(tiny_encoder, small_digi
     (tmp_path / "stopped" / "metrics.jsonl").write_text(log + '{"epoch": 3, "lo')  # a crash in the middle of a write
     assert resume_finetune(tmp_path / "stopped").results["top1"] == straight.results["top1"]
     assert (tmp_path / "stopped" / "metrics.jsonl").read_text() == log, "the cut line is dropped"
+
+
+def test_a_killed_loader_worker_saves_the_run_and_says_how_to_go_on(tiny_encoder, small_digits_folder, tmp_path,
+                                                                    monkeypatch):
+    """A loader worker killed (out of memory) ended the run with PyTorch's traceback and no checkpoint: the steps
+    since the last one were lost. Now they are saved, and one line says how to go on."""
+    served, real = [], ImageDataset.__getitem__
+
+    def getitem(dataset, index):
+        if torch.utils.data.get_worker_info() is not None:  # the worker's own copy of `served`
+            served.append(index)
+            if len(served) > 16:  # its second batch: killed, as by the kernel's OOM killer
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(dataset, index)
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", getitem)
+    out = tmp_path / "killed"
+    result = runner.invoke(app, ["finetune", str(tiny_encoder), str(small_digits_folder), "--out", str(out),
+                                 "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--workers", "1"])
+    assert result.exit_code == 1, result.output
+    step = load_checkpoint(out / "checkpoint.safetensors").progress["state"]["step"]
+    assert step <= 1
+    text = " ".join(result.output.split())
+    assert text.endswith(f"error: a loader worker died (killed by signal: Killed), perhaps out of memory; the run is "
+                         f"saved at step {step}. Continue with fewer workers: simclr finetune --resume {out} "
+                         f"--workers 0"), text
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["finetune", "--resume", str(out), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert (out / FINETUNED_FILE).is_file()
 
 
 def test_a_resume_needs_no_model_file_the_checkpoint_holds_the_model(tiny_encoder, small_digits_folder, tmp_path):

@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 from simclr_cli import runtime, train
 from simclr_cli.cli import app
 from simclr_cli.config import AugmentConfig, FinetuneConfig, LabelledDataConfig, PretrainConfig, RuntimeConfig
-from simclr_cli.data import epoch_order
-from simclr_cli.errors import ConfigError
+from simclr_cli.data import ImageDataset, epoch_order
+from simclr_cli.errors import ConfigError, WorkerDied
 from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.files import held, read_metadata
 from simclr_cli.images import scan_images
@@ -667,6 +667,53 @@ def test_sigterm_saves_a_checkpoint_and_exits(small_digits_folder, tmp_path, gro
     assert "simclr pretrain --resume" in stderr and "Traceback" not in stderr
     state = load_checkpoint(out / "checkpoint.safetensors").progress["state"]
     assert state["step"] >= 2 and not state["finished"]
+
+
+def _killed_at(monkeypatch, index: int) -> None:
+    """The loader worker that reaches image `index` is killed, as by the kernel's OOM killer (the main process, with no
+    workers, reads it)."""
+    real = ImageDataset.__getitem__
+
+    def getitem(dataset, at):
+        if at == index and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(dataset, at)
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", getitem)
+
+
+def test_a_killed_loader_worker_saves_the_last_step_and_says_how_to_go_on(small_digits_folder, tmp_path, monkeypatch):
+    """A loader worker killed (out of memory) ended the run with PyTorch's 290-line traceback, sometimes in the middle
+    of a step, and without a checkpoint. The run now saves its last whole step and says in one line what to do; the
+    resumed run trains as if nothing had happened."""
+    straight = tmp_path / "straight"
+    pretrain(_config(small_digits_folder, straight, epochs=1))
+    _killed_at(monkeypatch, epoch_order(200, 3, 0)[3 * 32])  # the fourth of 6 batches of 32
+    killed = tmp_path / "killed"
+    with pytest.raises(WorkerDied) as stop:
+        pretrain(_config(small_digits_folder, killed, workers=1, epochs=1))
+    step = load_checkpoint(killed / "checkpoint.safetensors").progress["state"]["step"]
+    assert 1 <= step <= 3 and len(losses(killed)) == step, "saved after the steps it took, as many as it logged"
+    assert str(stop.value) == (f"a loader worker died (killed by signal: Killed), perhaps out of memory; the run is "
+                               f"saved at step {step}. Continue with fewer workers: simclr pretrain --resume "
+                               f"{killed} --workers 0")
+    cli = runner.invoke(app, ["pretrain", "--resume", str(killed), "--workers", "0"])
+    assert cli.exit_code == 0, cli.output
+    assert losses(killed) == losses(straight)
+    a, b = load_file(str(straight / "encoder.safetensors")), load_file(str(killed / "encoder.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_loader_worker_is_one_line_and_exit_code_1(small_digits_folder, tmp_path, monkeypatch):
+    _killed_at(monkeypatch, epoch_order(200, 0, 0)[32])  # the second batch
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(tmp_path / "run"), "--epochs", "1",
+                                 "--batch-size", "32", "--seed", "0", *FAST, "--workers", "1"])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert re.search(r"error: a loader worker died \(killed by signal: Killed\), perhaps out of memory; the run is "
+                     r"saved at step [01]\. Continue with fewer workers: simclr pretrain --resume .* --workers 0$",
+                     text), text
+    assert result.output.count("error:") == 1 and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("args,message", [
