@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import shlex
 import sys
 from pathlib import Path
@@ -64,6 +65,9 @@ def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
     """The one place where a SimclrError, an OSError no check foresaw (a folder this user cannot write, a full
     disk), or a dead loader worker, becomes a red line on stderr and exit code 1."""
 
+    fewer = ("with fewer --workers " if "workers" in inspect.signature(command).parameters
+             else "")  # `similar` has no --workers to lower
+
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -82,8 +86,8 @@ def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
             how = WorkerDied.how(error)
             if how is None:
                 raise
-            then = ("run the command again with fewer --workers (a pretrain, finetune or embed continues from what it "
-                    "saved with --resume)")
+            then = (f"run the command again {fewer}(a pretrain, finetune or embed continues from what it saved "
+                    f"with --resume)")
             err_console.print(labelled("error:", "red", str(WorkerDied.saying(how, then))))
             raise typer.Exit(1) from None
         except OSError as error:

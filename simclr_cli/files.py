@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,8 +376,9 @@ def resolve_model_path(path: str | Path) -> Path:
             if (path / name).is_file():
                 return path / name
         if (command := _unfinished_run(path)) is not None:
-            raise ModelFileError(f"{path}: this run has not finished, so it holds no model yet; finish it with "
-                                 f"`simclr {command} --resume {path}` (it exports the model), or pass another")
+            raise ModelFileError(f"{path}: this run's folder holds no model (the run has not finished, or its model "
+                                 f"was removed); `simclr {command} --resume {shlex.quote(str(path))}` finishes it "
+                                 f"and exports the model")
         raise ModelFileError(f"{path}: this folder holds no {ENCODER_FILE}; pass a run folder of "
                              f"`simclr pretrain` or the .safetensors file itself")
     if not path.exists():

@@ -31,7 +31,7 @@ from simclr_cli.files import (NOT_BACKBONE, EncoderInfo, claimed, held, read_jso
                               resolve_model_path, shareable, write_json, write_text)
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb, note_skipped
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, check_decoded, load_labelled
-from simclr_cli.memory import batch_shortfall
+from simclr_cli.memory import batch_shortfall, fitting_workers
 from simclr_cli.models import build_backbone
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
 from simclr_cli.runtime import (StopFlag, default_workers, precision_change, resolve_device, resolve_precision,
@@ -183,6 +183,7 @@ class FinetuneRun:
         if self.device.type == "cpu" and not resume:  # a resumed run keeps the batch its steps were counted in
             # A batch whose activations do not fit in free memory would get the process killed mid-step.
             batch_bytes = self.batch_size * 3 * self.info.image_size ** 2 * 4  # as the loader yields it: float32
+            self.workers = fitting_workers(self.workers, in_flight_bytes(1, batch_bytes), report)
             shortfall = batch_shortfall(self.model, self.info.image_size, self.precision, self.batch_size,
                                         views_per_image=1, loader_bytes=in_flight_bytes(self.workers, batch_bytes))
             if shortfall is not None:
@@ -385,11 +386,12 @@ class FinetuneRun:
         return torch.cat(logits), torch.cat(labels)  # (N, C), (N,)
 
     def end_epoch(self) -> None:
-        """Validate, log, and reset the running sums."""
+        """Validate, log, and reset the running sums. The epoch is counted once validated: a loader worker that dies
+        validating leaves a state that a checkpoint saves, and a resume validates again."""
         state = self.state
+        logits, labels = self.predict(self.val_set)
         state.epoch += 1
         state.step_in_epoch = 0
-        logits, labels = self.predict(self.val_set)
         top1 = (logits.argmax(1) == labels).double().mean().item() if len(labels) else 0.0
         record = {"epoch": state.epoch, "step": state.step, "loss": state.loss_sum / max(state.seen, 1),
                   "train_top1": state.correct / max(state.seen, 1), "val_top1": top1,
@@ -472,7 +474,12 @@ class FinetuneRun:
                 decoded = [label for path, label in zip(train.paths, train.labels) if str(path) not in self.skipped]
                 check_decoded(self.data.classes, decoded, ", then run again with another --out")
                 if state.step_in_epoch >= self.steps_per_epoch:
-                    self.end_epoch()
+                    try:
+                        self.end_epoch()
+                    except RuntimeError as error:  # a loader worker died validating: the epoch's steps are saved
+                        if (how := WorkerDied.how(error)) is None:
+                            raise
+                        self._worker_died = how
                 stopped = stop.signal is not None or self._worker_died is not None
                 interrupted = stopped and state.epoch < self.config.epochs
                 self.save_checkpoint()

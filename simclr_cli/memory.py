@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from simclr_cli.runtime import Precision
 MEMORY_SHARE = 0.8  # of the memory free at the start, what a run may plan to use
 TRANSIENT = 1.25  # the backward pass's own buffers, on top of the activations it frees as it goes
 STATE_COPIES = 4  # weights, gradients and up to two optimiser buffers (LARS momentum, AdamW's two)
+# Of the memory share, the most that the batches loader workers hold ready may take: counted against the batch
+# alone, 16 workers' float32 views at 224 px took all of it and left chunks of one image, which free none of theirs.
+LOADER_SHARE = 0.25
 
 
 def activation_bytes(model: nn.Module, image_size: int, precision: Precision, views: int = 2) -> int:
@@ -143,6 +147,20 @@ class Shortfall:
     def describe(self, batch_size: int) -> str:
         return (f"a batch of {batch_size} images needs about {format_bytes(self.needed)} here and "
                 f"{format_bytes(self.available)} is free")
+
+
+def fitting_workers(workers: int, worker_bytes: int, report: Callable[..., None]) -> int:
+    """The most of `workers` loader processes whose ready batches (`worker_bytes` each) fit in LOADER_SHARE of
+    this CPU's memory share, with a warning when that is fewer; all of them if the free memory is unknown."""
+    available = available_memory()
+    if available is None or worker_bytes <= 0:
+        return workers
+    fitting = min(workers, int(LOADER_SHARE * MEMORY_SHARE * available // worker_bytes))
+    if fitting < workers:
+        report("warning", text=f"{workers} loader workers would hold {format_bytes(workers * worker_bytes)} of "
+                               f"batches ready, and {format_bytes(available)} is free: using {fitting} (--workers "
+                               f"sets it)")
+    return fitting
 
 
 def batch_shortfall(model: nn.Module, image_size: int, precision: Precision, batch_size: int,

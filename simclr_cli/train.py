@@ -32,7 +32,7 @@ from simclr_cli.files import (ENCODER_FILE, EncoderInfo, check_output_path, clai
 from simclr_cli.gradcache import cached_backward, chunk_count, paired_chunks
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb, note_skipped, require_images, scan_images
 from simclr_cli.loss import global_nt_xent
-from simclr_cli.memory import batch_shortfall
+from simclr_cli.memory import batch_shortfall, fitting_workers
 from simclr_cli.models import SimCLR
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
 from simclr_cli.run_state import LoopState, PretrainResult
@@ -169,6 +169,9 @@ class PretrainRun:
                                          config.resolved_weight_decay)
         self.scaler = self.precision.grad_scaler()
         self.augment_on = resolve_augment_on(config.augment_on, self.device)
+        if self.device.type == "cpu" and world_size() == 1:
+            batch_bytes = self.batch_size * self._loader_image_bytes()
+            self.workers = fitting_workers(self.workers, in_flight_bytes(1, batch_bytes), report)
         if config.chunk_size is None and self.device.type == "cpu" and world_size() == 1:
             # A batch whose activations do not fit in free memory would get the process killed mid-step.
             loader_bytes = in_flight_bytes(self.workers, self.batch_size * self._loader_image_bytes())

@@ -176,6 +176,26 @@ def test_a_killed_loader_worker_is_one_line_and_other_runtime_errors_are_not(tin
     assert isinstance(result.exception, RuntimeError) and str(result.exception) == "a bug"
 
 
+@pytest.mark.parametrize("workers", [True, False])
+def test_a_worker_death_names_workers_only_for_a_command_that_has_them(capsys, workers):
+    """`similar` embeds many queries with loader workers but has no --workers: the advice failed as given."""
+    import typer
+
+    from simclr_cli.cli import _fail_cleanly
+
+    def with_workers(workers: int = 2):
+        raise RuntimeError("DataLoader worker (pid 12) is killed by signal: Killed. ")
+
+    def without_workers():
+        raise RuntimeError("DataLoader worker (pid 12) is killed by signal: Killed. ")
+
+    with pytest.raises(typer.Exit):
+        _fail_cleanly(with_workers if workers else without_workers)()
+    text = " ".join(capsys.readouterr().err.split())
+    assert text.startswith("error: a loader worker died (killed by signal: Killed)"), text
+    assert ("fewer --workers" in text) == workers, text
+
+
 def test_confusion_image_shades_the_diagonal(tmp_path):
     draw_confusion(tmp_path / "c.png", [[9, 1], [0, 10]], ["cat", "dog"])
     image = Image.open(tmp_path / "c.png").convert("RGB")

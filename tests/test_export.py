@@ -94,14 +94,15 @@ def test_foreign_and_broken_files_are_clear_errors(tmp_path):
 def test_an_unfinished_run_as_model_says_how_to_finish_it(tmp_path, config, command):
     """After Ctrl-C, or a kill during export, a run's folder holds no model yet: "pass a run folder of
     `simclr pretrain`" was no help, since it is one."""
-    run = tmp_path / "run"
+    run = tmp_path / "my run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFileError, match="holds no encoder"):  # no checkpoint: no run to finish
         load_encoder(run)
     (run / "checkpoint.safetensors").write_bytes(b"")
-    with pytest.raises(ModelFileError, match=re.escape(f"this run has not finished, so it holds no model yet; "
-                                                       f"finish it with `simclr {command} --resume {run}`")):
+    with pytest.raises(ModelFileError, match=re.escape(f"this run's folder holds no model (the run has not finished, "
+                                                       f"or its model was removed); `simclr {command} --resume "
+                                                       f"'{run}'` finishes it")):
         load_encoder(run)
 
 

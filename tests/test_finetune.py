@@ -220,6 +220,32 @@ def test_a_killed_loader_worker_saves_the_run_and_says_how_to_go_on(tiny_encoder
     assert (out / FINETUNED_FILE).is_file()
 
 
+def test_a_loader_worker_killed_validating_keeps_the_epochs_steps(tiny_encoder, small_digits_folder, tmp_path,
+                                                                  monkeypatch):
+    """Validation's loader had no such care: the run ended with nothing saved, its epoch's steps lost."""
+    real = ImageDataset.__getitem__
+
+    def getitem(dataset, index):
+        if torch.utils.data.get_worker_info() is not None and len(dataset) == 40:  # the validation set's worker
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(dataset, index)
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", getitem)
+    out = tmp_path / "killed"
+    result = runner.invoke(app, ["finetune", str(tiny_encoder), str(small_digits_folder), "--out", str(out),
+                                 "--epochs", "1", "--batch-size", "80", "--device", "cpu", "--workers", "1"])
+    assert result.exit_code == 1, result.output
+    state = load_checkpoint(out / "checkpoint.safetensors").progress["state"]
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (2, 0, 2), "trained, not yet validated"
+    assert "the run is saved at step 2" in " ".join(result.output.split())
+    monkeypatch.setattr(ImageDataset, "__getitem__", real)
+    result = runner.invoke(app, ["finetune", "--resume", str(out), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records if "val_top1" in r] == [(1, 2)], "validated once, on resume"
+    assert (out / FINETUNED_FILE).is_file()
+
+
 def test_a_resume_needs_no_model_file_the_checkpoint_holds_the_model(tiny_encoder, small_digits_folder, tmp_path):
     """The pretraining run may be moved or deleted while a fine-tuning run from it is stopped."""
     pretrained = tmp_path / "pretrained"

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from simclr_cli import memory
 from simclr_cli.cli import app
+from simclr_cli.data import in_flight_bytes
 from simclr_cli.memory import MEMORY_SHARE, STATE_COPIES, TRANSIENT, activation_bytes, fitting_chunk
 from simclr_cli.models import SimCLR
 from simclr_cli.runtime import resolve_precision
@@ -109,6 +110,25 @@ def images(tmp_path, small_digits_folder):
     for path in sorted(small_digits_folder.rglob("*.png"))[:16]:
         shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
     return folder
+
+
+def test_loader_workers_are_capped_where_their_ready_batches_would_take_the_memory(monkeypatch):
+    """Counted against the batch alone, 16 workers' ready batches of float32 224 px views (9.2 GiB) took all of
+    12 GiB's share and left chunks of one image, which free none of it."""
+    said = []
+
+    def report(kind, **fields):
+        said.append(fields["text"])
+
+    monkeypatch.setattr(memory, "available_memory", lambda: 12 * 2**30)
+    worker = in_flight_bytes(1, 256 * 2 * 3 * 224 * 224 * 4)  # batch 256, two float32 views an image
+    assert memory.fitting_workers(16, worker, report) == 4  # a quarter of 80% of 12 GiB: 2.4 GiB, 0.57 GiB each
+    assert said == ["16 loader workers would hold 9.2 GiB of batches ready, and 12.0 GiB is free: using 4 "
+                    "(--workers sets it)"]
+    said.clear()
+    assert memory.fitting_workers(4, worker, report) == 4 and not said
+    monkeypatch.setattr(memory, "available_memory", lambda: None)
+    assert memory.fitting_workers(16, worker, report) == 16 and not said
 
 
 def _squeezed_memory(monkeypatch, images: int) -> None:
