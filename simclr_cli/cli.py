@@ -250,11 +250,12 @@ def pretrain(
         config = config.validate()
     job = (config, resumed, quiet)
     if distributed.launched():  # started by torchrun: this process is one of many
-        result = distributed.run_in_group(_pretrain_process, *job)
+        result = distributed.run_in_group(_pretrain_process, *job, device=_run_device(config, resumed))
     elif devices > 1:
-        distributed.check_devices(devices, device)
+        run_device = _run_device(config, resumed)
+        distributed.check_devices(devices, run_device)
         run_dir = resumed["run_dir"] if resumed else config.out_dir
-        result = distributed.launch(_pretrain_process, job, devices,
+        result = distributed.launch(_pretrain_process, job, devices, run_device,
                                     resume=f"simclr pretrain --resume {shlex.quote(str(run_dir))}")
     elif devices < 1:
         raise typer.BadParameter(f"{devices} must be at least 1", param_hint="--devices")
@@ -296,6 +297,15 @@ def _refuse_changes_on_resume(ctx: typer.Context, resume: Path, allowed: set[str
         raise ConfigError(f"{', '.join(names)} with --resume: the run keeps the settings it started with "
                           f"({resume / 'config.json'}); leave {'it' if len(names) == 1 else 'them'} out, or start "
                           f"a new run with another --out")
+
+
+def _run_device(config: PretrainConfig | None, resumed: dict[str, Any] | None) -> str:
+    """The run's --device: the one given, or the one a resumed run saved (a `--device cpu` run stays on the CPU)."""
+    if config is not None:
+        return config.runtime.device
+    from simclr_cli.export import read_run_config
+
+    return read_run_config(PretrainConfig, resumed["run_dir"], "pretrain", device=resumed["device"]).runtime.device
 
 
 def _pretrain_process(config: PretrainConfig | None, resume: dict[str, Any] | None, quiet: bool) -> Any:

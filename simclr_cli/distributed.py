@@ -53,11 +53,12 @@ def check_devices(devices: int, device_spec: str) -> None:
                           f"--devices {torch.cuda.device_count()} (or use torchrun for several machines)")
 
 
-def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, resume: str = "") -> Any:
+def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, device: str = "auto",
+           resume: str = "") -> Any:
     """Run entrypoint(*args) in `devices` processes on this machine; return rank 0's result.
 
     Uses torch's elastic launcher (standalone rendezvous on a free local port, no restarts).
-    Each process joins the process group before the call and leaves it after. A SimclrError in any
+    Each process joins the process group for `device` (the run's --device) before the call and leaves it after. A SimclrError in any
     process comes back as the same one-line error here; other failures raise the launcher's
     ChildFailedError, whose message holds the worker's traceback (the launcher's own log is muted).
 
@@ -105,7 +106,7 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, re
         log.setLevel(logging.CRITICAL)
     saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(error_dir)  # where a failing worker's error file goes
     try:
-        results = elastic_launch(config, _in_group)(entrypoint, tuple(args), str(error_dir))
+        results = elastic_launch(config, _in_group)(entrypoint, tuple(args), device, str(error_dir))
         return results[0]
     except SignalException as stop:
         raise simclr_errors.Interrupted(f"stopped by {stop.sigval.name}: the workers were stopped at once; what "
@@ -129,10 +130,10 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, re
         shutil.rmtree(error_dir, ignore_errors=True)
 
 
-def _in_group(entrypoint: Callable[..., Any], args: tuple, error_dir: str) -> Any:
+def _in_group(entrypoint: Callable[..., Any], args: tuple, device: str, error_dir: str) -> Any:
     """A launched worker: join the group, run, leave; leave a SimclrError's message for the launcher."""
     try:
-        return run_in_group(entrypoint, *args)
+        return run_in_group(entrypoint, *args, device=device)
     except SimclrError as error:
         Path(error_dir, _ERROR_FILE.format(rank())).write_text(f"{type(error).__name__}\n{error}")
         raise
@@ -144,9 +145,10 @@ def _in_group(entrypoint: Callable[..., Any], args: tuple, error_dir: str) -> An
         gc.freeze()
 
 
-def run_in_group(entrypoint: Callable[..., Any], *args: Any) -> Any:
-    """Join the process group described by the environment, call entrypoint(*args), then leave it."""
-    init_process_group()
+def run_in_group(entrypoint: Callable[..., Any], *args: Any, device: str = "auto") -> Any:
+    """Join the process group described by the environment for `device` (a --device), call entrypoint(*args),
+    then leave it."""
+    init_process_group(device)
     try:
         return entrypoint(*args)
     finally:
@@ -154,15 +156,17 @@ def run_in_group(entrypoint: Callable[..., Any], *args: Any) -> Any:
             dist.destroy_process_group()
 
 
-def init_process_group() -> None:
-    """Join the group from torchrun's variables: NCCL for CUDA tensors and gloo for CPU ones.
+def init_process_group(device: str = "auto") -> None:
+    """Join the group from torchrun's variables for a run on `device` (a --device): NCCL for CUDA tensors and
+    gloo for CPU ones.
 
-    Pins this process to GPU LOCAL_RANK when there are GPUs; on the CPU, splits the cores between
-    the processes of this machine, so two processes do not each start a thread per core.
+    Pins this process to GPU LOCAL_RANK on GPUs; on the CPU, splits the cores between the processes of
+    this machine, so two processes do not each start a thread per core. The run's device decides, not
+    the machine's: `--device cpu` on a machine with one GPU pinned process 1 to a GPU that is not there.
     """
     if is_distributed():
         return
-    cuda = torch.cuda.is_available() and dist.is_nccl_available()
+    cuda = resolve_device(device).type == "cuda" and dist.is_nccl_available()
     if cuda:
         torch.cuda.set_device(local_rank())
     else:

@@ -69,6 +69,28 @@ def test_helpers_are_neutral_without_a_process_group():
     assert distributed.wrap_ddp(model, torch.device("cpu")) is model
 
 
+@pytest.mark.parametrize("device,backend,pinned", [("cpu", "gloo", []), ("cuda", "cpu:gloo,cuda:nccl", [1])])
+def test_the_runs_device_decides_the_backend_not_the_machines(monkeypatch, device, backend, pinned):
+    """`--device cpu --devices 2` on a machine with one GPU pinned process 1 to GPU 1 (invalid ordinal), joined
+    with NCCL, and left every process a thread per core."""
+    calls: dict[str, list] = {"set_device": [], "backends": []}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", calls["set_device"].append)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls["backends"].append(backend))
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    threads = torch.get_num_threads()
+    try:
+        distributed.init_process_group(device)
+        assert calls == {"set_device": pinned, "backends": [backend]}
+        assert torch.get_num_threads() == (4 if device == "cpu" else threads)  # the cores split on the CPU
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bad_values_are_one_line_errors(tiny_folder, tmp_path):
     with pytest.raises(ConfigError, match="--devices 0"):
         PretrainConfig(data_dir=str(tiny_folder), out_dir=str(tmp_path / "r"), devices=0).validate()
