@@ -34,8 +34,13 @@ _ERROR_FILE = "error-rank{}.txt"
 
 
 def launched() -> bool:
-    """Whether this process was started by torchrun or the elastic launcher (it should join a group)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    """Whether this process was started by torchrun or the elastic launcher (it should join a group).
+
+    RANK and WORLD_SIZE alone are not enough: other tools (and other jobs' environments) set them, and a
+    plain `simclr pretrain` then failed with torch's traceback over a missing MASTER_ADDR.
+    """
+    return "TORCHELASTIC_RUN_ID" in os.environ or all(
+        name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def check_devices(devices: int, device_spec: str) -> None:
@@ -172,7 +177,13 @@ def init_process_group(device: str = "auto") -> None:
     else:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
-    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
+    try:
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
+    except (ValueError, RuntimeError) as error:  # a variable missing or wrong, the address unreachable
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ConfigError(f"this process was started as one of several (RANK {os.environ.get('RANK')} of WORLD_SIZE "
+                          f"{os.environ.get('WORLD_SIZE')}) but could not join their group: {reason}; start it "
+                          f"with torchrun, or without those variables (--devices N for several processes)") from None
 
 
 # -- collectives; each one is the identity (or the neutral value) without a process group ---------

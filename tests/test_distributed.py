@@ -91,6 +91,26 @@ def test_the_runs_device_decides_the_backend_not_the_machines(monkeypatch, devic
         torch.set_num_threads(threads)
 
 
+def test_only_torchruns_own_variables_make_a_process_join_a_group(monkeypatch):
+    """RANK and WORLD_SIZE alone (set by other tools) made a plain pretrain fail with torch's traceback over
+    MASTER_ADDR, and embed refuse to run "under torchrun"."""
+    for name in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not distributed.launched()
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert distributed.launched()
+    monkeypatch.delenv("MASTER_ADDR")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
+    assert distributed.launched()
+    # A group that cannot be joined (here: MASTER_ADDR missing) is one line.
+    with pytest.raises(ConfigError, match=r"RANK 0 of WORLD_SIZE 1\) but could not join their group: .*MASTER_ADDR "
+                                          r"expected, but not set; start it with torchrun"):
+        distributed.init_process_group("cpu")
+
+
 def test_bad_values_are_one_line_errors(tiny_folder, tmp_path):
     with pytest.raises(ConfigError, match="--devices 0"):
         PretrainConfig(data_dir=str(tiny_folder), out_dir=str(tmp_path / "r"), devices=0).validate()

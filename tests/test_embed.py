@@ -388,7 +388,8 @@ def test_user_errors_exit_1_with_a_message(tiny_encoder, mixed_folder, interrupt
         assert message in " ".join(result.output.split()), (args, result.output)
         assert "Traceback" not in result.output
     assert not out.exists()
-    monkeypatch.setenv("RANK", "0")  # as torchrun would start it: each process would embed everything
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")  # as torchrun starts it: each process would embed everything
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = run_embed(tiny_encoder, folder, out)
     assert result.exit_code == 1 and "run it without torchrun, with --devices N" in " ".join(result.output.split())
