@@ -145,8 +145,11 @@ class PretrainRun:
             # the learning-rate rule and config.json follow the batch that trains, not the one asked for
             self.config = config = replace(config, batch_size=self.batch_size)
         if self.batch_size < world_size():
+            # --resume refuses --batch-size: a resumed run can only take fewer processes
+            fix = (f"resume with --devices {self.batch_size} or fewer" if settled
+                   else f"use --batch-size {world_size()} or more, or fewer --devices")
             raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {world_size()} processes: each "
-                              f"needs an image per step; use --batch-size {world_size()} or more, or fewer --devices")
+                              f"needs an image per step; {fix}")
         self.steps_per_epoch = max(1, len(self.paths) // self.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
         if aug.small:

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from simclr_cli import distributed
 from simclr_cli.cli import app
-from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig
+from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig, replace
 from simclr_cli.errors import ConfigError
 from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.gradcache import cached_backward, chunk_count, paired_chunks
@@ -121,6 +121,27 @@ def test_bad_values_are_one_line_errors(tiny_folder, tmp_path):
     result = runner.invoke(app, ["pretrain", str(tiny_folder), "--devices", "2", "--device", "cuda:0", "--out",
                                  str(tmp_path / "r")])
     assert result.exit_code == 1 and "pass --device cuda, or --devices 1" in " ".join(result.output.split())
+
+
+def _stop_after_first_step(kind, **fields):
+    if kind == "step" and fields["step"] == 1:
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: checkpoint after this step and stop
+
+
+def test_a_batch_smaller_than_the_processes_says_what_a_resume_can_change(tiny_folder, tmp_path, monkeypatch):
+    """A resumed run refuses --batch-size, which the error told it to raise."""
+    from simclr_cli import train
+
+    config = PretrainConfig(data_dir=str(tiny_folder), out_dir=str(tmp_path / "b2"), epochs=1, batch_size=2,
+                            arch="resnet18", stem="imagenet", augment=AugmentConfig(image_size=32),
+                            runtime=RuntimeConfig(device="cpu", workers=0, seed=0))
+    assert train.pretrain(config, _stop_after_first_step).interrupted
+    monkeypatch.setattr(train, "world_size", lambda: 3)  # as one of three processes (collectives stay neutral)
+    with pytest.raises(ConfigError, match=r"--batch-size 2 is smaller than the 3 processes: each needs an image per "
+                                          r"step; resume with --devices 2 or fewer$"):
+        train.resume_pretrain(tmp_path / "b2")
+    with pytest.raises(ConfigError, match=r"; use --batch-size 3 or more, or fewer --devices$"):
+        train.pretrain(replace(config, out_dir=str(tmp_path / "new")))
 
 
 # -- two processes on the CPU ------------------------------------------------------------------
@@ -226,15 +247,11 @@ def test_pretrain_on_two_cpu_processes_exports_an_encoder(tiny_folder, tmp_path,
 def test_a_run_resumes_on_another_number_of_processes(tiny_folder, tmp_path):
     from simclr_cli.train import pretrain
 
-    def stop_after_first_step(kind, **fields):
-        if kind == "step" and fields["step"] == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: checkpoint after this step and stop
-
     run_dir = tmp_path / "run"
     config = PretrainConfig(data_dir=str(tiny_folder), out_dir=str(run_dir), epochs=1, batch_size=8,
                             arch="resnet18", stem="imagenet", augment=AugmentConfig(image_size=32),
                             runtime=RuntimeConfig(device="cpu", workers=0, seed=0))
-    first = pretrain(config, stop_after_first_step)
+    first = pretrain(config, _stop_after_first_step)
     assert first.interrupted and first.state.step == 1
 
     result = runner.invoke(app, ["pretrain", "--resume", str(run_dir), "--devices", "2", "--device", "cpu",
