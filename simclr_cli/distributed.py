@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -31,6 +32,7 @@ from simclr_cli.errors import ConfigError, SimclrError
 from simclr_cli.runtime import is_distributed, local_rank, rank, resolve_device, world_size
 
 _ERROR_FILE = "error-rank{}.txt"
+_STOPPED = "stopped at once"  # a report's kind for a worker that a signal stopped without saving
 
 
 def launched() -> bool:
@@ -63,16 +65,18 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
     """Run entrypoint(*args) in `devices` processes on this machine; return rank 0's result.
 
     Uses torch's elastic launcher (standalone rendezvous on a free local port, no restarts).
-    Each process joins the process group for `device` (the run's --device) before the call and leaves it after. A SimclrError in any
-    process comes back as the same one-line error here; other failures raise the launcher's
-    ChildFailedError, whose message holds the worker's traceback (the launcher's own log is muted).
+    Each process joins the process group for `device` (the run's --device) before the call and leaves
+    it after. A SimclrError in any process comes back as the same one-line error here; other failures
+    raise the launcher's ChildFailedError, whose message holds the worker's traceback (the launcher's
+    own log is muted).
 
     Ctrl-C: this process ignores SIGINT while the workers run, so the terminal's Ctrl-C reaches the
     workers alone and they checkpoint and stop together (the launcher would otherwise send them a
     second signal, which stops a worker at once). SIGTERM sent to this process is passed on to the
     workers, which save and return as for Ctrl-C (the launcher's own handling waited 30 s for them to
     return, then killed them, on a CPU before a long step ended). A second SIGTERM, SIGHUP or SIGQUIT
-    is the launcher's: the workers are stopped at once. Stopped before the workers return, the
+    is the launcher's: the workers are stopped at once, as they are by a second Ctrl-C or SIGTERM sent
+    to them. Stopped before the workers return, the
     Interrupted error (exit code 130) names `resume`, the command that continues.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
@@ -120,6 +124,9 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
         reports = sorted(error_dir.glob("error-rank*.txt"))
         if reports:
             kind, message = reports[0].read_text().split("\n", 1)
+            if kind == _STOPPED:  # a second Ctrl-C or SIGTERM in a worker (the others may have failed of it)
+                raise simclr_errors.Interrupted(f"stopped at once: the workers stopped without saving; what they "
+                                                f"saved before is kept{hint}") from None
             error_class = getattr(simclr_errors, kind, SimclrError)
             raise (error_class if issubclass(error_class, SimclrError) else SimclrError)(message) from None
         if passed_on:  # a worker ended by the SIGTERM outside its loop, where it is not caught (while starting)
@@ -136,18 +143,31 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
 
 
 def _in_group(entrypoint: Callable[..., Any], args: tuple, device: str, error_dir: str) -> Any:
-    """A launched worker: join the group, run, leave; leave a SimclrError's message for the launcher."""
+    """A launched worker: join the group, run, leave; leave a SimclrError's message, or word of a stop, for the
+    launcher."""
     try:
         return run_in_group(entrypoint, *args, device=device)
     except SimclrError as error:
-        Path(error_dir, _ERROR_FILE.format(rank())).write_text(f"{type(error).__name__}\n{error}")
+        _report(error_dir, type(error).__name__, str(error))
         raise
+    except KeyboardInterrupt:
+        # A second Ctrl-C or SIGTERM. torch's wrapper of the process takes a KeyboardInterrupt for its parent's death
+        # and ends the process with code 0 and no result, which the launcher waited for for ever. The other
+        # processes fail in their next collective: the report says why.
+        _report(error_dir, _STOPPED, "")
+        sys.exit(130)
     finally:
         # Done: a SIGTERM passed on by the launcher now would kill the process before it hands back its result.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # The process ends next. Python collects garbage as it exits, over every object PyTorch made: frozen,
         # they are left out, and a 2-process CPU run ended 6 s sooner.
         gc.freeze()
+
+
+def _report(error_dir: str, kind: str, message: str) -> None:
+    """Leave the launcher this process's reason to stop: an error class's name and its message."""
+    number = os.environ.get("RANK", "0")  # the group is left by now: runtime.rank() would say 0
+    Path(error_dir, _ERROR_FILE.format(number)).write_text(f"{kind}\n{message}")
 
 
 def run_in_group(entrypoint: Callable[..., Any], *args: Any, device: str = "auto") -> Any:

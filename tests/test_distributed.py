@@ -221,6 +221,36 @@ def test_a_user_error_in_one_process_is_one_line_in_the_launcher(tmp_path, monke
     assert tempfile.tempdir == str(tmp_path)
 
 
+def _launch_apart(function: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """distributed.launch(this module's `function`, devices=2) in a process of its own, ended (with its workers)
+    after `timeout`; a SimclrError is its stderr's last line, "ErrorClass: message"."""
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_distributed\n"
+              f"from simclr_cli import distributed\nfrom simclr_cli.errors import SimclrError\n"
+              f"try:\n    distributed.launch(test_distributed.{function}, (), devices=2)\n"
+              f"except SimclrError as error:\n    sys.exit(f'{{type(error).__name__}}: {{error}}')\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _second_signal() -> None:
+    raise KeyboardInterrupt  # what StopFlag raises in every process on a second Ctrl-C or SIGTERM, mid-step
+
+
+def test_a_second_signal_in_the_processes_stops_the_command_at_once():
+    """torch's wrapper of each process took the KeyboardInterrupt for its parent's death and ended the process
+    with code 0 and no result: the launcher waited for them for ever, and ignored the Ctrl-C that followed."""
+    result = _launch_apart("_second_signal")
+    assert result.stderr.strip().splitlines()[-1:] == ["Interrupted: stopped at once: the workers stopped without "
+                                                       "saving; what they saved before is kept"], result.stderr
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
