@@ -10,6 +10,7 @@ process group, so single-process runs never touch torch.distributed.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -18,9 +19,10 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,7 @@ from simclr_cli.runtime import is_distributed, local_rank, rank, resolve_device,
 
 _ERROR_FILE = "error-rank{}.txt"
 _STOPPED = "stopped at once"  # a report's kind for a worker that a signal stopped without saving
+_OTHER_SIGNAL = {signal.SIGINT: signal.SIGTERM, signal.SIGTERM: signal.SIGINT}
 
 
 def launched() -> bool:
@@ -70,14 +73,14 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
     raise the launcher's ChildFailedError, whose message holds the worker's traceback (the launcher's
     own log is muted).
 
-    Ctrl-C: this process ignores SIGINT while the workers run, so the terminal's Ctrl-C reaches the
-    workers alone and they checkpoint and stop together (the launcher would otherwise send them a
-    second signal, which stops a worker at once). SIGTERM sent to this process is passed on to the
-    workers, which save and return as for Ctrl-C (the launcher's own handling waited 30 s for them to
-    return, then killed them, on a CPU before a long step ended). A second SIGTERM, SIGHUP or SIGQUIT
-    is the launcher's: the workers are stopped at once, as they are by a second Ctrl-C or SIGTERM sent
-    to them. Stopped before the workers return, the
-    Interrupted error (exit code 130) names `resume`, the command that continues.
+    Ctrl-C and SIGTERM sent to this process are passed on to the workers, which checkpoint at the end
+    of their step and return together (the launcher's own handling sent a Ctrl-C's workers a second
+    signal, which stops a worker at once, and waited 30 s for a SIGTERM's workers to return, then
+    killed them, on a CPU before a long step ended). A worker takes the copy passed on and the
+    terminal's own (or the group kill's) as one request. A second SIGINT or SIGTERM to this process,
+    or SIGHUP or SIGQUIT (the launcher's), stops the workers at once, as a second one sent to them
+    does. Stopped before the workers return, the Interrupted error (exit code 130) names `resume`,
+    the command that continues.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -99,8 +102,12 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
     passed_on: list[int] = []
 
     def pass_on(signum: int, frame: Any) -> None:
+        received = signal.Signals(signum)
         if passed_on or not multiprocessing.active_children():  # a second one, or no worker started yet
-            raise SignalException(signal.Signals(signum).name, sigval=signal.Signals(signum))
+            # The launcher stops the workers with the signal other than their request to save: the same one,
+            # within StopFlag.REPEAT_SECONDS, would be taken for that request again.
+            stopping = _OTHER_SIGNAL[signal.Signals(passed_on[0])] if passed_on else received
+            raise SignalException(received.name, sigval=stopping)
         passed_on.append(signum)
         for worker in multiprocessing.active_children():  # the launcher's, spawned from this process
             try:
@@ -108,17 +115,19 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, pass_on)
     signal.signal(signal.SIGTERM, pass_on)
     hint = f"; continue with `{resume}`" if resume else ""
     for log in launcher_logs:
         log.setLevel(logging.CRITICAL)
     saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(error_dir)  # where a failing worker's error file goes
     try:
-        results = elastic_launch(config, _in_group)(entrypoint, tuple(args), device, str(error_dir))
+        with _sigint_held_for_workers():
+            results = elastic_launch(config, _in_group)(entrypoint, tuple(args), device, str(error_dir))
         return results[0]
     except SignalException as stop:
-        raise simclr_errors.Interrupted(f"stopped by {stop.sigval.name}: the workers were stopped at once; what "
+        name = str(stop) if str(stop) in ("SIGINT", "SIGTERM") else stop.sigval.name  # pass_on's, or the launcher's
+        raise simclr_errors.Interrupted(f"stopped by {name}: the workers were stopped at once; what "
                                         f"they last saved is kept{hint}") from None
     except Exception:
         reports = sorted(error_dir.glob("error-rank*.txt"))
@@ -130,8 +139,9 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
             error_class = getattr(simclr_errors, kind, SimclrError)
             raise (error_class if issubclass(error_class, SimclrError) else SimclrError)(message) from None
         if passed_on:  # a worker ended by the SIGTERM outside its loop, where it is not caught (while starting)
-            raise simclr_errors.Interrupted(f"stopped by SIGTERM: the workers were stopped at once, before they "
-                                            f"could save; what they last saved is kept{hint}") from None
+            raise simclr_errors.Interrupted(f"stopped by {signal.Signals(passed_on[0]).name}: the workers were "
+                                            f"stopped at once, before they could save; what they last saved is "
+                                            f"kept{hint}") from None
         raise
     finally:
         tempfile.tempdir = saved_tempdir
@@ -142,10 +152,39 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
         shutil.rmtree(error_dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _sigint_held_for_workers() -> Iterator[None]:
+    """Start the workers with SIGINT blocked, held until _in_group takes it: they inherit this thread's mask.
+
+    A Ctrl-C while a worker starts (seconds of imports) printed its traceback, or, under an ignored
+    SIGINT, was lost. This process takes SIGINT on a thread kept for it (Python runs the handler here).
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    # Started now: started with the workers, it would unblock SIGINT here (CPython's resource tracker does).
+    resource_tracker.ensure_running()
+    done = threading.Event()
+    threading.Thread(target=done.wait, daemon=True, name="simclr-sigint").start()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        done.set()
+
+
 def _in_group(entrypoint: Callable[..., Any], args: tuple, device: str, error_dir: str) -> Any:
     """A launched worker: join the group, run, leave; leave a SimclrError's message, or word of a stop, for the
     launcher."""
+    # Ctrl-C stops the process until the run's StopFlag takes it as a request to save (a worker started with
+    # SIGINT ignored, or held: a Ctrl-C while it set up was lost, the run trained to its end).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one held while it started is taken here
         return run_in_group(entrypoint, *args, device=device)
     except SimclrError as error:
         _report(error_dir, type(error).__name__, str(error))
@@ -157,8 +196,9 @@ def _in_group(entrypoint: Callable[..., Any], args: tuple, device: str, error_di
         _report(error_dir, _STOPPED, "")
         sys.exit(130)
     finally:
-        # Done: a SIGTERM passed on by the launcher now would kill the process before it hands back its result.
+        # Done: a signal passed on by the launcher now would kill the process before it hands back its result.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         # The process ends next. Python collects garbage as it exits, over every object PyTorch made: frozen,
         # they are left out, and a 2-process CPU run ended 6 s sooner.
         gc.freeze()

@@ -149,7 +149,9 @@ class StopFlag:
 
     A SIGTERM within REPEAT_SECONDS of the first is the same request: a kill of the whole process group
     (Slurm's scancel, systemd, `kill -- -PGID`) reaches a `--devices` worker twice, from the sender and
-    passed on by its launcher.
+    passed on by its launcher. So does a Ctrl-C, from the terminal and from the launcher, which passes on
+    a SIGINT sent to it alone (Jupyter's or an IDE's stop button): in a process group, a SIGINT within
+    REPEAT_SECONDS is the same request too. One process alone stops at a second Ctrl-C however quick.
     """
 
     REPEAT_SECONDS = 2.0
@@ -169,7 +171,8 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None:
-            if signum == self.signal == signal.SIGTERM and time.monotonic() - self._first < self.REPEAT_SECONDS:
+            repeatable = signum == signal.SIGTERM or is_distributed()
+            if signum == self.signal and repeatable and time.monotonic() - self._first < self.REPEAT_SECONDS:
                 return
             raise KeyboardInterrupt
         self.signal, self._first = signum, time.monotonic()

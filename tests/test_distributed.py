@@ -111,6 +111,25 @@ def test_only_torchruns_own_variables_make_a_process_join_a_group(monkeypatch):
         distributed.init_process_group("cpu")
 
 
+def test_a_repeated_ctrl_c_is_one_request_in_a_process_group(monkeypatch):
+    """A Ctrl-C reaches a --devices process from the terminal and again from its launcher, which passes on a
+    SIGINT sent to it alone: one request to save. Later, the second one stops at once."""
+    from simclr_cli import runtime
+    from simclr_cli.runtime import StopFlag
+
+    clock = [100.0]
+    monkeypatch.setattr(runtime, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr(runtime, "is_distributed", lambda: True)
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler before the next line
+        clock[0] += StopFlag.REPEAT_SECONDS * 0.9
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == signal.SIGINT
+        clock[0] += StopFlag.REPEAT_SECONDS * 0.2
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def test_bad_values_are_one_line_errors(tiny_folder, tmp_path):
     with pytest.raises(ConfigError, match="--devices 0"):
         PretrainConfig(data_dir=str(tiny_folder), out_dir=str(tmp_path / "r"), devices=0).validate()
@@ -299,15 +318,18 @@ def _start_two_process_run(folder: Path, out: Path, group: bool, **options: obje
                             **options)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 @pytest.mark.parametrize("group", [False, True], ids=["launcher", "process-group"])
-def test_sigterm_on_two_processes_saves_a_checkpoint_and_exits_130(small_digits_folder, tmp_path, group):
-    """SIGTERM to the launcher alone, or to every process (Slurm's scancel, systemd, `kill -- -PGID`): the
-    processes save and hand their result back, as for Ctrl-C, and the command names the run's own folder.
+def test_a_signal_on_two_processes_saves_a_checkpoint_and_exits_130(small_digits_folder, tmp_path, group, sig):
+    """SIGTERM or SIGINT to the launcher alone (`kill -INT`, Jupyter's or an IDE's stop button), or to every
+    process (Slurm's scancel, systemd, `kill -- -PGID`, the terminal's Ctrl-C): the processes save and hand
+    their result back, and the command names the run's own folder.
 
     The launcher used to leave SIGTERM to PyTorch's launcher, which passed it on and then waited 30 s for
     processes that had saved but could not hand back their result, and killed them (also one mid-step: a
-    step on a CPU can outlast 30 s). Under a group kill each process gets SIGTERM twice, from the sender
-    and from the launcher, which must still be one request to save, not the second signal that stops at once.
+    step on a CPU can outlast 30 s); it ignored a SIGINT, and the run trained to its end. Under a group kill
+    each process gets the signal twice, from the sender and from the launcher, which must still be one
+    request to save, not the second signal that stops at once.
     """
     out = tmp_path / "term run"
     process = _start_two_process_run(small_digits_folder, out, group)
@@ -317,10 +339,10 @@ def test_sigterm_on_two_processes_saves_a_checkpoint_and_exits_130(small_digits_
     while time.monotonic() < deadline and not (out / "metrics.jsonl").read_text().strip():
         time.sleep(0.2)
     if group:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, sig)
     else:
-        process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=180)
+        process.send_signal(sig)
+    _, stderr = _communicate(process, timeout=180)
     assert process.returncode == 130, stderr
     state = load_checkpoint(out / "checkpoint.safetensors").progress["state"]
     assert state["step"] >= 1 and not state["finished"]
@@ -328,6 +350,35 @@ def test_sigterm_on_two_processes_saves_a_checkpoint_and_exits_130(small_digits_
     assert (f"interrupted after step {state['step']}; checkpoint saved. Continue with: simclr pretrain --resume "
             f"{shlex.quote(str(out))}") in " ".join(stderr.split()), stderr
     assert "Traceback" not in stderr and "death signal" not in stderr, stderr  # nor the launcher's own log
+
+
+def _communicate(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """process.communicate(), its process group killed after `timeout`."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+
+
+def test_ctrl_c_while_the_processes_set_up_stops_them(tiny_folder, tmp_path):
+    """The processes started with SIGINT ignored (the launcher's), and took it only once training: a Ctrl-C
+    while they imported and set up was lost and the run trained to its end; without that, it printed each
+    process's traceback."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = tmp_path / "run"
+    process = _start_two_process_run(tiny_folder, out, True, env={**os.environ, "TMPDIR": str(scratch)})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(scratch.glob("simclr-launch-*/launcher/*/attempt_0")):
+        time.sleep(0.05)  # the launcher's folder for its processes: they start next
+    time.sleep(1.0)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = _communicate(process, timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.startswith("stopped") and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (out / "checkpoint.safetensors").exists()
 
 
 def test_sigterm_while_the_processes_start_is_one_line_and_130(tiny_folder, tmp_path):
