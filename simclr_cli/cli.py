@@ -254,9 +254,9 @@ def pretrain(
     elif devices > 1:
         run_device = _run_device(config, resumed)
         distributed.check_devices(devices, run_device)
-        run_dir = resumed["run_dir"] if resumed else config.out_dir
+        run_dir = Path(resumed["run_dir"] if resumed else config.out_dir)
         result = distributed.launch(_pretrain_process, job, devices, run_device,
-                                    resume=f"simclr pretrain --resume {shlex.quote(str(run_dir))}")
+                                    resume=functools.partial(_resume_command, run_dir, devices))
     elif devices < 1:
         raise typer.BadParameter(f"{devices} must be at least 1", param_hint="--devices")
     else:
@@ -265,7 +265,7 @@ def pretrain(
         return
     if result.interrupted:
         err_console.print(f"interrupted after step {result.state.step}; checkpoint saved. Continue with: "
-                          f"simclr pretrain --resume {shlex.quote(str(result.run_dir))}")
+                          f"{_resume_command(result.run_dir, 1 if distributed.launched() else devices)}")
         raise typer.Exit(130)
     if result.skipped:
         err_console.print(f"{len(result.skipped)} unreadable file(s) skipped; listed in "
@@ -297,6 +297,14 @@ def _refuse_changes_on_resume(ctx: typer.Context, resume: Path, allowed: set[str
         raise ConfigError(f"{', '.join(names)} with --resume: the run keeps the settings it started with "
                           f"({resume / 'config.json'}); leave {'it' if len(names) == 1 else 'them'} out, or start "
                           f"a new run with another --out")
+
+
+def _resume_command(run_dir: Path, devices: int) -> str | None:
+    """The command that continues a pretrain run on as many processes (under torchrun, 1: torchrun's own), or None
+    where the run has not written its settings yet (stopped while its processes started): there is nothing to resume."""
+    if not (Path(run_dir) / "config.json").is_file():
+        return None
+    return f"simclr pretrain --resume {shlex.quote(str(run_dir))}" + (f" --devices {devices}" if devices > 1 else "")
 
 
 def _run_device(config: PretrainConfig | None, resumed: dict[str, Any] | None) -> str:

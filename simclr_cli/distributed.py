@@ -64,7 +64,7 @@ def check_devices(devices: int, device_spec: str) -> None:
 
 
 def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, device: str = "auto",
-           resume: str = "") -> Any:
+           resume: Callable[[], str | None] | None = None) -> Any:
     """Run entrypoint(*args) in `devices` processes on this machine; return rank 0's result.
 
     Uses torch's elastic launcher (standalone rendezvous on a free local port, no restarts).
@@ -79,8 +79,8 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
     killed them, on a CPU before a long step ended). A worker takes the copy passed on and the
     terminal's own (or the group kill's) as one request. A second SIGINT or SIGTERM to this process,
     or SIGHUP or SIGQUIT (the launcher's), stops the workers at once, as a second one sent to them
-    does. Stopped before the workers return, the Interrupted error (exit code 130) names `resume`,
-    the command that continues.
+    does. Stopped before the workers return, the Interrupted error (exit code 130) names `resume()`,
+    the command that continues, or says to run the command again when it gives None (nothing saved).
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -117,7 +117,6 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
 
     signal.signal(signal.SIGINT, pass_on)
     signal.signal(signal.SIGTERM, pass_on)
-    hint = f"; continue with `{resume}`" if resume else ""
     for log in launcher_logs:
         log.setLevel(logging.CRITICAL)
     saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(error_dir)  # where a failing worker's error file goes
@@ -127,21 +126,20 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
         return results[0]
     except SignalException as stop:
         name = str(stop) if str(stop) in ("SIGINT", "SIGTERM") else stop.sigval.name  # pass_on's, or the launcher's
-        raise simclr_errors.Interrupted(f"stopped by {name}: the workers were stopped at once; what "
-                                        f"they last saved is kept{hint}") from None
+        raise simclr_errors.Interrupted(f"stopped by {name}: the workers were stopped at once{_kept(resume)}") \
+            from None
     except Exception:
         reports = sorted(error_dir.glob("error-rank*.txt"))
         if reports:
             kind, message = reports[0].read_text().split("\n", 1)
             if kind == _STOPPED:  # a second Ctrl-C or SIGTERM in a worker (the others may have failed of it)
-                raise simclr_errors.Interrupted(f"stopped at once: the workers stopped without saving; what they "
-                                                f"saved before is kept{hint}") from None
+                raise simclr_errors.Interrupted(f"stopped at once: the workers stopped without "
+                                                f"saving{_kept(resume)}") from None
             error_class = getattr(simclr_errors, kind, SimclrError)
             raise (error_class if issubclass(error_class, SimclrError) else SimclrError)(message) from None
         if passed_on:  # a worker ended by the SIGTERM outside its loop, where it is not caught (while starting)
             raise simclr_errors.Interrupted(f"stopped by {signal.Signals(passed_on[0]).name}: the workers were "
-                                            f"stopped at once, before they could save; what they last saved is "
-                                            f"kept{hint}") from None
+                                            f"stopped at once, before they could save{_kept(resume)}") from None
         raise
     finally:
         tempfile.tempdir = saved_tempdir
@@ -150,6 +148,15 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
         for sig, handler in saved_handlers.items():
             signal.signal(sig, handler)
         shutil.rmtree(error_dir, ignore_errors=True)
+
+
+def _kept(resume: Callable[[], str | None] | None) -> str:
+    """The end of a stopped launch's message: what is kept, and the command that goes on from it."""
+    if resume is None:
+        return "; what they saved before is kept"
+    command = resume()
+    return (f"; what they saved before is kept; continue with `{command}`" if command
+            else "; nothing was saved yet: run the same command again")
 
 
 @contextlib.contextmanager

@@ -505,7 +505,7 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
             watcher.start()
             try:
                 distributed.launch(_embed_process, (config, work, silent, stop_after_batches), config.devices,
-                                   config.device, resume=config.resume_command())
+                                   config.device, resume=config.resume_command)
             finally:
                 finished.set()
                 watcher.join()
