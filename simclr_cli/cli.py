@@ -16,7 +16,7 @@ from typer.core import TyperGroup
 from simclr_cli import __version__
 from simclr_cli.config import (ARCHITECTURES, OPTIMIZERS, PRECISIONS, PRESETS, STEMS, AugmentConfig, PretrainConfig,
                                RuntimeConfig, apply_preset, default_run_dir, parse_duration)
-from simclr_cli.errors import ConfigError, Interrupted, SimclrError, WorkerDied
+from simclr_cli.errors import ConfigError, Interrupted, SimclrError, WorkerDied, os_error_message
 from simclr_cli.progress import Reporter, console, err_console, labelled
 
 
@@ -91,9 +91,7 @@ def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
             err_console.print(labelled("error:", "red", str(WorkerDied.saying(how, then))))
             raise typer.Exit(1) from None
         except OSError as error:
-            where = f"{error.filename}: " if error.filename else ""
-            err_console.print(labelled("error:", "red", f"{where}{error.strerror or error}; fix that, or pass "
-                                                        f"another path, and run the command again"))
+            err_console.print(labelled("error:", "red", os_error_message(error)))
             raise typer.Exit(1) from None
 
     return wrapper

@@ -30,7 +30,7 @@ from torch import nn
 
 from simclr_cli import errors as simclr_errors
 from simclr_cli.config import check_sizes
-from simclr_cli.errors import ConfigError, SimclrError
+from simclr_cli.errors import ConfigError, SimclrError, os_error_message
 from simclr_cli.runtime import is_distributed, local_rank, rank, resolve_device, world_size
 
 _ERROR_FILE = "error-rank{}.txt"
@@ -69,9 +69,10 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
 
     Uses torch's elastic launcher (standalone rendezvous on a free local port, no restarts).
     Each process joins the process group for `device` (the run's --device) before the call and leaves
-    it after. A SimclrError in any process comes back as the same one-line error here; other failures
-    raise the launcher's ChildFailedError, whose message holds the worker's traceback (the launcher's
-    own log is muted).
+    it after. A SimclrError or an OSError (a full disk) in any process comes back as the same one-line
+    error here, and so does a process killed (by the out-of-memory killer, say); other exceptions raise
+    the launcher's ChildFailedError, whose message holds the worker's traceback (the launcher's own log
+    is muted).
 
     Ctrl-C and SIGTERM sent to this process are passed on to the workers, which checkpoint at the end
     of their step and return together (the launcher's own handling sent a Ctrl-C's workers a second
@@ -128,7 +129,7 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
         name = str(stop) if str(stop) in ("SIGINT", "SIGTERM") else stop.sigval.name  # pass_on's, or the launcher's
         raise simclr_errors.Interrupted(f"stopped by {name}: the workers were stopped at once{_kept(resume)}") \
             from None
-    except Exception:
+    except Exception as failure:
         reports = sorted(error_dir.glob("error-rank*.txt"))
         if reports:
             kind, message = reports[0].read_text().split("\n", 1)
@@ -140,7 +141,10 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
         if passed_on:  # a worker ended by the SIGTERM outside its loop, where it is not caught (while starting)
             raise simclr_errors.Interrupted(f"stopped by {signal.Signals(passed_on[0]).name}: the workers were "
                                             f"stopped at once, before they could save{_kept(resume)}") from None
-        raise
+        ended = _ended_without_a_word(failure)
+        if ended is None:  # a bug: the launcher's error holds the worker's traceback
+            raise
+        raise SimclrError(f"{ended}; the other processes were stopped{_kept(resume)}") from None
     finally:
         tempfile.tempdir = saved_tempdir
         for log, level in zip(launcher_logs, saved_levels):
@@ -148,6 +152,21 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
         for sig, handler in saved_handlers.items():
             signal.signal(sig, handler)
         shutil.rmtree(error_dir, ignore_errors=True)
+
+
+def _ended_without_a_word(failure: Exception) -> str | None:
+    """What ended a worker that left no error (killed by a signal, an exit code alone), in words; None for a worker
+    that raised (its traceback is in the launcher's error) and for failures that are not a worker's."""
+    first_failure = getattr(failure, "get_first_failure", None)  # the launcher's ChildFailedError
+    if first_failure is None:
+        return None
+    failed_rank, process = first_failure()
+    if process.exitcode < 0:
+        name = process.signal_name()
+        return f"process {failed_rank} was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    if os.path.isfile(process.error_file):
+        return None
+    return f"process {failed_rank} ended with exit code {process.exitcode}"
 
 
 def _kept(resume: Callable[[], str | None] | None) -> str:
@@ -195,6 +214,9 @@ def _in_group(entrypoint: Callable[..., Any], args: tuple, device: str, error_di
         return run_in_group(entrypoint, *args, device=device)
     except SimclrError as error:
         _report(error_dir, type(error).__name__, str(error))
+        raise
+    except OSError as error:  # a full disk, a folder this user cannot write: one line, as in one process
+        _report(error_dir, SimclrError.__name__, os_error_message(error))
         raise
     except KeyboardInterrupt:
         # A second Ctrl-C or SIGTERM. torch's wrapper of the process takes a KeyboardInterrupt for its parent's death

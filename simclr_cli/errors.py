@@ -51,3 +51,10 @@ class WorkerDied(SimclrError):
 def _pytorch_words(error: BaseException | None) -> str | None:
     found = _PYTORCH_WORKER_DIED.match(str(error)) if isinstance(error, RuntimeError) else None
     return found.group(1) if found else None
+
+
+def os_error_message(error: OSError) -> str:
+    """One line for an OSError no check foresaw (a folder this user cannot write, a full disk): the file, what
+    happened, what to do."""
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror or error}; fix that, or pass another path, and run the command again"

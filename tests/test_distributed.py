@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 from simclr_cli import distributed
 from simclr_cli.cli import app
 from simclr_cli.config import AugmentConfig, PretrainConfig, RuntimeConfig, replace
-from simclr_cli.errors import ConfigError
+from simclr_cli.errors import ConfigError, SimclrError
 from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.gradcache import cached_backward, chunk_count, paired_chunks
 from simclr_cli.loss import global_nt_xent, nt_xent
@@ -271,6 +272,36 @@ def test_a_second_signal_in_the_processes_stops_the_command_at_once():
     result = _launch_apart("_second_signal")
     assert result.stderr.strip().splitlines()[-1:] == ["Interrupted: stopped at once: the workers stopped without "
                                                        "saving; what they saved before is kept"], result.stderr
+
+
+def _disk_full_on_rank_one() -> None:
+    from simclr_cli.runtime import rank
+
+    if rank() == 1:
+        raise OSError(errno.ENOSPC, "No space left on device", "run/checkpoint.safetensors")
+    distributed.barrier()
+
+
+def _killed_on_rank_one() -> None:
+    from simclr_cli.runtime import rank
+
+    if rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer does
+    distributed.barrier()
+
+
+@pytest.mark.parametrize("failure,expected", [
+    (_disk_full_on_rank_one, "run/checkpoint.safetensors: No space left on device; fix that, or pass another path, "
+                             "and run the command again"),
+    (_killed_on_rank_one, "process 1 was killed by SIGKILL (out of memory?); the other processes were stopped; what "
+                          "they saved before is kept; continue with `simclr pretrain --resume run`")],
+    ids=["disk-full", "killed"])
+def test_a_process_that_fails_without_a_simclr_error_is_one_line(failure, expected):
+    """A full disk was a 111-line traceback with --devices 2 (one line in one process), a process killed by the
+    out-of-memory killer a 75-line one ending in ChildFailedError."""
+    with pytest.raises(SimclrError) as raised:
+        distributed.launch(failure, (), devices=2, resume=lambda: "simclr pretrain --resume run")
+    assert str(raised.value) == expected
 
 
 def _metrics(run_dir: Path) -> list[dict]:
