@@ -372,7 +372,7 @@ class PretrainRun:
             # step's from its batch's arrival: the loader's start (workers, first decodes) is no step's time,
             # and counted in one it made the time budget's reserve for one more step seconds too long.
             last = arrived if last is None else last
-            note_skipped(self.skipped, batch.skipped, self.report)
+            self._note_skipped(batch.skipped)
             sizes = distributed.gather_sizes(len(batch))  # every rank's images in this global batch
             # A rank whose images were all unreadable, or one image in all (no negatives: a loss of exactly 0):
             # every rank skips the step.
@@ -415,6 +415,14 @@ class PretrainRun:
         seconds = max(clock() - epoch_start, 1e-9)
         # The epoch's mean loss, over the steps it took before an interrupt too.
         return {"loss": state.loss_sum / max(state.loss_steps, 1), "images_per_s": images / seconds, "steps": steps}
+
+    def _note_skipped(self, skipped: list[Skipped]) -> None:
+        """Record a batch's unreadable files; rank 0 warns of every rank's (the others report nothing)."""
+        new = [item for item in skipped if item.path not in self.skipped]
+        note_skipped(self.skipped, new, self.report)
+        # A small CPU message each step; the files themselves only when some rank found new ones.
+        if world_size() > 1 and distributed.any_rank(bool(new)):
+            note_skipped(self.skipped, distributed.gather_objects(new), self.report)
 
     def _step(self, samples: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """One optimiser step on a batch of two-view samples (N, 2, C, H, W); returns the global loss.

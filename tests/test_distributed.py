@@ -462,6 +462,40 @@ def test_processes_that_found_different_images_stop_with_one_line(tiny_folder, t
                            devices=2)
 
 
+def _warnings_of_a_pretrain(data: str, out: str) -> list[str]:
+    """Pretrain one epoch; rank 0 returns the warnings it reported."""
+    from simclr_cli import train
+    from simclr_cli.runtime import is_main
+
+    warnings: list[str] = []
+
+    def report(kind, **fields):
+        if kind == "warning":
+            warnings.append(fields["text"])
+    config = PretrainConfig(data_dir=data, out_dir=out, epochs=1, batch_size=8, arch="resnet18", stem="imagenet",
+                            devices=2, augment=AugmentConfig(image_size=32),
+                            runtime=RuntimeConfig(device="cpu", workers=0, seed=0)).validate()
+    train.PretrainRun(config, report if is_main() else train.silent).run()
+    return warnings
+
+
+def test_unreadable_images_found_by_any_process_are_warned_of(small_digits_folder, tmp_path, cut_image, monkeypatch):
+    """Each process decodes its share of every batch; those found by process 1 were listed in skipped.json,
+    but warned of by no one (process 1 reports nothing)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(small_digits_folder.rglob("*.png"))[:21]:
+        shutil.copy(path, images / f"{path.parent.name}_{path.name}")
+    for index in range(3):  # 24 images: three whole batches of 8, every image decoded
+        cut_image(images / f"cut{index}.png", index)
+    warnings = distributed.launch(_warnings_of_a_pretrain, (str(images), str(tmp_path / "run")), devices=2)
+    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
+    assert len(skipped) == 3
+    assert sorted(w for w in warnings if w.startswith("skipped")) == sorted(
+        f"skipped {item['path']}: {item['reason']}" for item in skipped)
+
+
 class _Clock:
     """`time` for train.py in one process: each reading `tick` seconds after the one before."""
 
