@@ -311,7 +311,9 @@ def _run_device(config: PretrainConfig | None, resumed: dict[str, Any] | None) -
         return config.runtime.device
     from simclr_cli.export import read_run_config
 
-    return read_run_config(PretrainConfig, resumed["run_dir"], "pretrain", device=resumed["device"]).runtime.device
+    moved = {name: resumed[name] for name in ("data_dir", "monitor") if resumed[name]}  # new places, as resume takes
+    return read_run_config(PretrainConfig, resumed["run_dir"], "pretrain", device=resumed["device"],
+                           **moved).runtime.device
 
 
 def _pretrain_process(config: PretrainConfig | None, resume: dict[str, Any] | None, quiet: bool) -> Any:

@@ -130,9 +130,9 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
         raise simclr_errors.Interrupted(f"stopped by {name}: the workers were stopped at once{_kept(resume)}") \
             from None
     except Exception as failure:
-        reports = sorted(error_dir.glob("error-rank*.txt"))
+        reports = _reports(error_dir)
         if reports:
-            kind, message = reports[0].read_text().split("\n", 1)
+            kind, message = reports[0]
             if kind == _STOPPED:  # a second Ctrl-C or SIGTERM in a worker (the others may have failed of it)
                 raise simclr_errors.Interrupted(f"stopped at once: the workers stopped without "
                                                 f"saving{_kept(resume)}") from None
@@ -236,7 +236,21 @@ def _in_group(entrypoint: Callable[..., Any], args: tuple, device: str, error_di
 def _report(error_dir: str, kind: str, message: str) -> None:
     """Leave the launcher this process's reason to stop: an error class's name and its message."""
     number = os.environ.get("RANK", "0")  # the group is left by now: runtime.rank() would say 0
-    Path(error_dir, _ERROR_FILE.format(number)).write_text(f"{kind}\n{message}")
+    path = Path(error_dir, _ERROR_FILE.format(number))
+    temporary = path.with_name(f".{path.name}.tmp")  # whole or not at all: the disk may be the full one
+    with contextlib.suppress(OSError):
+        temporary.write_text(f"{kind}\n{message}")
+        os.replace(temporary, path)
+
+
+def _reports(error_dir: Path) -> list[tuple[str, str]]:
+    """The (kind, message) the failed processes left, in rank order."""
+    found = []
+    for path in sorted(error_dir.glob("error-rank*.txt")):
+        with contextlib.suppress(OSError, ValueError):
+            kind, message = path.read_text().split("\n", 1)
+            found.append((kind, message))
+    return found
 
 
 def run_in_group(entrypoint: Callable[..., Any], *args: Any, device: str = "auto") -> Any:

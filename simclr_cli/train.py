@@ -147,6 +147,7 @@ class PretrainRun:
         if self.batch_size < world_size():
             # --resume refuses --batch-size: a resumed run can only take fewer processes
             fix = (f"resume with --devices {self.batch_size} or fewer" if settled
+                   else f"use --devices {len(self.paths)} or fewer, or add images" if len(self.paths) < world_size()
                    else f"use --batch-size {world_size()} or more, or fewer --devices")
             raise ConfigError(f"--batch-size {self.batch_size} is smaller than the {world_size()} processes: each "
                               f"needs an image per step; {fix}")
@@ -509,8 +510,9 @@ class PretrainRun:
         write_json(self.run_dir / "skipped.json", [s.to_json() for s in self.skipped.values()])
 
     def _resume_command(self) -> str:
-        """The command that continues this run with half its loader workers."""
-        return f"simclr pretrain --resume {shlex.quote(str(self.run_dir))} --workers {self.workers // 2}"
+        """The command that continues this run with half its loader workers (on as many processes)."""
+        devices = f" --devices {world_size()}" if world_size() > 1 else ""
+        return f"simclr pretrain --resume {shlex.quote(str(self.run_dir))} --workers {self.workers // 2}{devices}"
 
     def encoder_info(self) -> EncoderInfo:
         return EncoderInfo(arch=self.config.arch, stem=self.config.stem, width=self.config.width,

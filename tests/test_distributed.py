@@ -165,6 +165,50 @@ def test_a_batch_smaller_than_the_processes_says_what_a_resume_can_change(tiny_f
         train.resume_pretrain(tmp_path / "b2")
     with pytest.raises(ConfigError, match=r"; use --batch-size 3 or more, or fewer --devices$"):
         train.pretrain(replace(config, out_dir=str(tmp_path / "new")))
+    two = tmp_path / "two"  # a larger --batch-size is cut back to the images there are
+    two.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(next(tiny_folder.glob("*.png")), two / f"{name}.png")
+    with pytest.raises(ConfigError, match=r"--batch-size 2 is smaller than the 3 processes: each needs an image per "
+                                          r"step; use --devices 2 or fewer, or add images$"):
+        train.pretrain(replace(config, data_dir=str(two), batch_size=256, out_dir=str(tmp_path / "few")))
+
+
+def test_a_resume_with_a_moved_monitor_finds_its_device_at_the_new_place(tiny_folder, small_digits_folder, tmp_path):
+    """The launcher reads the run's saved --device first: it checked the old --monitor place and refused the
+    resume that one process accepts."""
+    from simclr_cli import train
+    from simclr_cli.cli import _run_device
+
+    monitor = tmp_path / "monitor"
+    shutil.copytree(small_digits_folder, monitor)
+    config = PretrainConfig(data_dir=str(tiny_folder), out_dir=str(tmp_path / "run"), epochs=1, batch_size=8,
+                            arch="resnet18", stem="imagenet", augment=AugmentConfig(image_size=32),
+                            monitor=str(monitor), runtime=RuntimeConfig(device="cpu", workers=0, seed=0))
+    assert train.pretrain(config, _stop_after_first_step).interrupted
+    monitor.rename(tmp_path / "moved")
+    resumed = {"run_dir": tmp_path / "run", "data_dir": None, "monitor": str(tmp_path / "moved"), "device": None,
+               "workers": None}
+    assert _run_device(None, resumed) == "cpu"
+
+
+def test_a_workers_death_hint_resumes_on_as_many_processes(monkeypatch):
+    from types import SimpleNamespace
+
+    from simclr_cli import train
+
+    run = SimpleNamespace(run_dir=Path("my run"), workers=4)
+    assert train.PretrainRun._resume_command(run) == "simclr pretrain --resume 'my run' --workers 2"
+    monkeypatch.setattr(train, "world_size", lambda: 2)
+    assert train.PretrainRun._resume_command(run) == "simclr pretrain --resume 'my run' --workers 2 --devices 2"
+
+
+def test_a_report_the_full_disk_cut_short_is_no_report(tmp_path):
+    """A worker's report written on a full disk came out empty, and reading it raised a ValueError traceback."""
+    (tmp_path / "error-rank0.txt").write_text("")
+    (tmp_path / "error-rank1.txt").write_text("SimclrError\nthe disk is full")
+    assert distributed._reports(tmp_path) == [("SimclrError", "the disk is full")]
+    distributed._report(str(tmp_path / "gone"), "SimclrError", "no folder to write in")  # raises nothing
 
 
 # -- two processes on the CPU ------------------------------------------------------------------
