@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 
 from simclr_cli import __version__
 from simclr_cli.config import (ARCHITECTURES, OPTIMIZERS, PRECISIONS, PRESETS, STEMS, AugmentConfig, PretrainConfig,
-                               RuntimeConfig, apply_preset, default_run_dir, parse_duration)
+                               RuntimeConfig, apply_preset, check_sizes, default_run_dir, parse_duration)
 from simclr_cli.errors import ConfigError, Interrupted, SimclrError, WorkerDied, os_error_message
 from simclr_cli.progress import Reporter, console, err_console, labelled
 
@@ -250,6 +250,7 @@ def pretrain(
     if distributed.launched():  # started by torchrun: this process is one of many
         result = distributed.run_in_group(_pretrain_process, *job, device=_run_device(config, resumed))
     elif devices > 1:
+        check_sizes(devices=devices)  # the flag first, before a resumed run's saved settings are read
         run_device = _run_device(config, resumed)
         distributed.check_devices(devices, run_device)
         run_dir = Path(resumed["run_dir"] if resumed else config.out_dir)

@@ -40,7 +40,8 @@ MAX_PROJ_DIM = 65536
 MAX_WORKERS = 1024
 MAX_DEVICES = 1024
 MAX_EPOCHS = 10**6  # SimCLR's longest run is 3200 epochs
-MAX_RATE = 1e6  # learning rates and L2 strengths: far above any that trains, far below float32's overflow
+MAX_RATE = 1e30  # learning rates and L2 strengths: far above any that trains (tests diverge at 1e30 on purpose),
+# below float32's overflow (3.4e38), where --lr 1e39 failed at the first step
 
 # Hours, minutes and seconds, each with its unit, or a bare number of seconds alone ("1h30" is refused: 90 minutes
 # or 30 seconds?).

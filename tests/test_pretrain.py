@@ -505,17 +505,27 @@ def test_non_finite_loss_stops_with_a_clear_message(small_digits_folder, tmp_pat
     assert not (out / "encoder.safetensors").exists()
 
 
-def test_weights_made_non_finite_by_the_last_update_are_never_saved(tmp_path):
-    """A step's loss is taken before its update: at --lr 3e38 the first step logs a finite loss and leaves
-    infinite weights, which were checkpointed and exported as a good encoder (exit 0)."""
+def test_weights_made_non_finite_by_the_last_update_are_never_saved(tmp_path, monkeypatch):
+    """A step's loss is taken before its update: at --lr 3e38 (now refused) the first step logged a finite loss and
+    left infinite weights, which were checkpointed and exported as a good encoder (exit 0). The update's effect
+    is made here directly, after the epoch's one step."""
     data = tmp_path / "images"
     data.mkdir()
     for seed in range(16):
         pixels = np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(data / f"{seed}.png")
+    train_one_epoch = train.PretrainRun.train_one_epoch
+
+    def and_break_a_weight(self, *args, **kwargs):
+        metrics = train_one_epoch(self, *args, **kwargs)
+        with torch.no_grad():
+            next(self.model.parameters()).fill_(float("inf"))
+        return metrics
+
+    monkeypatch.setattr(train.PretrainRun, "train_one_epoch", and_break_a_weight)
     out = tmp_path / "run"
     result = runner.invoke(app, ["pretrain", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "16",
-                                 "--optimizer", "sgd", "--lr", "3e38", *FAST])
+                                 *FAST])
     assert result.exit_code == 1, result.output
     text = " ".join(result.output.split())
     assert "the weights became NaN or infinite by step 1" in text and "no checkpoint had been written yet" in text
