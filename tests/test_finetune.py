@@ -190,6 +190,14 @@ def test_interrupted_finetune_resumes_to_the_same_model(tiny_encoder, small_digi
     assert (tmp_path / "stopped" / "metrics.jsonl").read_text() == log, "the cut line is dropped"
 
 
+def _finetune_one_worker(encoder, folder, out, batch: int):
+    """A one-epoch fine-tune with one loader worker, which the caller's patched dataset kills: it exits 1."""
+    result = runner.invoke(app, ["finetune", str(encoder), str(folder), "--out", str(out), "--epochs", "1",
+                                 "--batch-size", str(batch), "--device", "cpu", "--workers", "1"])
+    assert result.exit_code == 1, result.output
+    return result
+
+
 def test_a_killed_loader_worker_saves_the_run_and_says_how_to_go_on(tiny_encoder, small_digits_folder, tmp_path,
                                                                     monkeypatch):
     """A loader worker killed (out of memory) ended the run with PyTorch's traceback and no checkpoint: the steps
@@ -205,9 +213,7 @@ def test_a_killed_loader_worker_saves_the_run_and_says_how_to_go_on(tiny_encoder
 
     monkeypatch.setattr(ImageDataset, "__getitem__", getitem)
     out = tmp_path / "killed"
-    result = runner.invoke(app, ["finetune", str(tiny_encoder), str(small_digits_folder), "--out", str(out),
-                                 "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--workers", "1"])
-    assert result.exit_code == 1, result.output
+    result = _finetune_one_worker(tiny_encoder, small_digits_folder, out, batch=16)
     step = load_checkpoint(out / "checkpoint.safetensors").progress["state"]["step"]
     assert step <= 1
     text = " ".join(result.output.split())
@@ -232,9 +238,7 @@ def test_a_loader_worker_killed_validating_keeps_the_epochs_steps(tiny_encoder, 
 
     monkeypatch.setattr(ImageDataset, "__getitem__", getitem)
     out = tmp_path / "killed"
-    result = runner.invoke(app, ["finetune", str(tiny_encoder), str(small_digits_folder), "--out", str(out),
-                                 "--epochs", "1", "--batch-size", "80", "--device", "cpu", "--workers", "1"])
-    assert result.exit_code == 1, result.output
+    result = _finetune_one_worker(tiny_encoder, small_digits_folder, out, batch=80)
     state = load_checkpoint(out / "checkpoint.safetensors").progress["state"]
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (2, 0, 2), "trained, not yet validated"
     assert "the run is saved at step 2" in " ".join(result.output.split())
