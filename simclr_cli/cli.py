@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -17,6 +16,7 @@ from simclr_cli import __version__
 from simclr_cli.config import (ARCHITECTURES, OPTIMIZERS, PRECISIONS, PRESETS, STEMS, AugmentConfig, PretrainConfig,
                                RuntimeConfig, apply_preset, check_sizes, default_run_dir, parse_duration)
 from simclr_cli.errors import ConfigError, Interrupted, SimclrError, WorkerDied, os_error_message
+from simclr_cli.files import resume_command
 from simclr_cli.progress import Reporter, console, err_console, labelled
 
 
@@ -303,7 +303,7 @@ def _resume_command(run_dir: Path, devices: int) -> str | None:
     where the run has not written its settings yet (stopped while its processes started): there is nothing to resume."""
     if not (Path(run_dir) / "config.json").is_file():
         return None
-    return f"simclr pretrain --resume {shlex.quote(str(run_dir))}" + (f" --devices {devices}" if devices > 1 else "")
+    return resume_command("pretrain", run_dir, devices=devices)
 
 
 def _run_device(config: PretrainConfig | None, resumed: dict[str, Any] | None) -> str:
@@ -481,7 +481,7 @@ def finetune(
             result = run_finetune(config, reporter)
     if result.interrupted:
         err_console.print(f"interrupted at epoch {result.state.epoch + 1}; checkpoint saved. Continue with: "
-                          f"simclr finetune --resume {shlex.quote(str(result.run_dir))}")
+                          f"{resume_command('finetune', result.run_dir)}")
         raise typer.Exit(130)
     if as_json:
         typer.echo(json.dumps({**result.results, "out": str(result.run_dir)}, indent=2))

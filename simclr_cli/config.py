@@ -43,10 +43,9 @@ MAX_EPOCHS = 10**6  # SimCLR's longest run is 3200 epochs
 MAX_RATE = 1e30  # learning rates and L2 strengths: far above any that trains (tests diverge at 1e30 on purpose),
 # below float32's overflow (3.4e38), where --lr 1e39 failed at the first step
 
-# Hours, minutes and seconds, each with its unit, or a bare number of seconds alone ("1h30" is refused: 90 minutes
-# or 30 seconds?).
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
-_SECONDS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*$")
+# Hours, minutes and seconds; the seconds' unit may be left out of a bare number alone ("1h30" is refused: 90
+# minutes or 30 seconds?).
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)(s?))?\s*$")
 
 
 def channels(base: int, width: float) -> int:
@@ -61,16 +60,13 @@ def cpu_cores() -> int:
 
 def parse_duration(text: str, flag: str = "--max-time") -> float:
     """Return seconds for '90s', '10m', '2h', '1h30m' or a bare number of seconds."""
-    bare = _SECONDS.match(text or "")
     match = _DURATION.match(text or "")
-    if bare:
-        hours, minutes, seconds = 0.0, 0.0, float(bare.group(1))
-    elif match and any(match.groups()):
-        hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    elif re.match(r"^\s*[\d.hm\s]*[hm]\s*\d+(?:\.\d+)?\s*$", text or ""):
-        raise ConfigError(f"{flag} {text!r} leaves the unit of its last number out; write it, as in 1h30m or 1m30s")
-    else:
+    if not match or not any(match.groups()[:3]):
         raise ConfigError(f"{flag} {text!r} is not a duration; use e.g. 90s, 10m, 2h or 1h30m")
+    *numbers, unit = match.groups()
+    if numbers[2] and not unit and (numbers[0] or numbers[1]):
+        raise ConfigError(f"{flag} {text!r} leaves the unit of its last number out; write it, as in 1h30m or 1m30s")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in numbers)
     total = hours * 3600 + minutes * 60 + seconds
     if total <= 0:
         raise ConfigError(f"{flag} {text!r} must be longer than zero; use e.g. 10m")

@@ -18,14 +18,13 @@ from torch import nn
 from simclr_cli import __version__
 from simclr_cli.config import SavedTypeError, replace
 from simclr_cli.errors import ConfigError, ModelFileError, SimclrError
-from simclr_cli.files import (NOT_BACKBONE, PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path, is_temporary,
-                              read_json, read_metadata, remove_temporaries, resolve_model_path)
+from simclr_cli.files import (CHECKPOINT_FILE, NOT_BACKBONE, PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path,
+                              is_temporary, read_json, read_metadata, remove_temporaries, resolve_model_path)
 from simclr_cli.models import build_backbone
 from simclr_cli.runtime import is_main
 
 CHECKPOINT_FORMAT = "simclr-checkpoint"
 HEAD_FILE = "head.safetensors"
-CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
 # A run is also checkpointed in the middle of an epoch this long after its last save: a crash or a lost machine

@@ -25,6 +25,7 @@ from simclr_cli.errors import ConfigError, ModelFileError
 
 ENCODER_FORMAT = "simclr-encoder"
 ENCODER_FILE = "encoder.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
 NOT_BACKBONE = ("head.", "classifier.")  # key prefixes of an encoder file's other tensors: g, a fine-tuned classifier
 
 
@@ -357,9 +358,16 @@ class EncoderInfo:
         return None
 
 
+def resume_command(command: str, run_dir: str | Path, workers: int | None = None, devices: int = 1) -> str:
+    """`simclr COMMAND --resume RUN_DIR`, quoted for a shell, with `--workers` if given and `--devices` above 1."""
+    text = f"simclr {command} --resume {shlex.quote(str(run_dir))}"
+    text += f" --workers {workers}" if workers is not None else ""
+    return text + (f" --devices {devices}" if devices > 1 else "")
+
+
 def _unfinished_run(folder: Path) -> str | None:
     """The command ("pretrain" or "finetune") whose run `folder` is, if it holds its checkpoint; else None."""
-    if not (folder / "checkpoint.safetensors").is_file():
+    if not (folder / CHECKPOINT_FILE).is_file():
         return None
     try:
         config = read_json(folder / "config.json", "run configuration")
@@ -377,7 +385,7 @@ def resolve_model_path(path: str | Path) -> Path:
                 return path / name
         if (command := _unfinished_run(path)) is not None:
             raise ModelFileError(f"{path}: this run's folder holds no model (the run has not finished, or its model "
-                                 f"was removed); `simclr {command} --resume {shlex.quote(str(path))}` finishes it "
+                                 f"was removed); `{resume_command(command, path)}` finishes it "
                                  f"and exports the model")
         raise ModelFileError(f"{path}: this folder holds no {ENCODER_FILE}; pass a run folder of "
                              f"`simclr pretrain` or the .safetensors file itself")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
@@ -28,7 +27,7 @@ from simclr_cli.export import (CHECKPOINT_FILE, CHECKPOINT_SECONDS, HEAD_FILE, c
                                load_encoder, load_optimizer, read_run_config, save_checkpoint, save_tensors)
 from simclr_cli.features import compute_features, eval_dataset
 from simclr_cli.files import (NOT_BACKBONE, EncoderInfo, claimed, held, read_json, read_json_lines, read_metadata,
-                              resolve_model_path, shareable, write_json, write_text)
+                              resolve_model_path, resume_command, shareable, write_json, write_text)
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb, note_skipped
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, check_decoded, load_labelled
 from simclr_cli.memory import batch_shortfall, fitting_workers
@@ -489,9 +488,8 @@ class FinetuneRun:
             self.report("done")
             if interrupted and self._worker_died:
                 raise WorkerDied.saying(self._worker_died, f"the run is saved at step {state.step}. Continue with "
-                                                           f"fewer workers: simclr finetune --resume "
-                                                           f"{shlex.quote(str(self.run_dir))} --workers "
-                                                           f"{self.workers // 2}")
+                                                           f"fewer workers: "
+                                                           f"{resume_command('finetune', self.run_dir, self.workers // 2)}")
             if interrupted:
                 return FinetuneResult(self.run_dir, None, state, skipped=list(self.skipped.values()), interrupted=True)
             # Still inside: a signal now is too late to stop anything, and would leave the model without its report

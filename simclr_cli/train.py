@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import os
-import shlex
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +27,7 @@ from simclr_cli.errors import ConfigError, DataError, ModelFileError, SimclrErro
 from simclr_cli.export import (CHECKPOINT_FILE, CHECKPOINT_SECONDS, HEAD_FILE, check_run_dir, load_checkpoint,
                                load_optimizer, read_run_config, save_checkpoint, save_encoder, save_tensors)
 from simclr_cli.files import (ENCODER_FILE, EncoderInfo, check_output_path, claimed, held, read_json, read_json_lines,
-                              write_json, write_text)
+                              resume_command, write_json, write_text)
 from simclr_cli.gradcache import cached_backward, chunk_count, paired_chunks
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb, note_skipped, require_images, scan_images
 from simclr_cli.loss import global_nt_xent
@@ -511,8 +510,7 @@ class PretrainRun:
 
     def _resume_command(self) -> str:
         """The command that continues this run with half its loader workers (on as many processes)."""
-        devices = f" --devices {world_size()}" if world_size() > 1 else ""
-        return f"simclr pretrain --resume {shlex.quote(str(self.run_dir))} --workers {self.workers // 2}{devices}"
+        return resume_command("pretrain", self.run_dir, self.workers // 2, world_size())
 
     def encoder_info(self) -> EncoderInfo:
         return EncoderInfo(arch=self.config.arch, stem=self.config.stem, width=self.config.width,
