@@ -463,7 +463,8 @@ class FinetuneRun:
         def clock() -> float:  # seconds of training over all sessions of this run
             return offset + time.monotonic() - session_start
 
-        self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs)
+        if state.epoch < self.config.epochs:  # a finished run only writes its outputs again: no "training for 0 steps"
+            self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs)
         interrupted = False
         self._saved_at = clock()
         with StopFlag() as stop:
@@ -487,9 +488,9 @@ class FinetuneRun:
                     break
             self.report("done")
             if interrupted and self._worker_died:
+                fewer = resume_command("finetune", self.run_dir, self.workers // 2)
                 raise WorkerDied.saying(self._worker_died, f"the run is saved at step {state.step}. Continue with "
-                                                           f"fewer workers: "
-                                                           f"{resume_command('finetune', self.run_dir, self.workers // 2)}")
+                                                           f"fewer workers: {fewer}")
             if interrupted:
                 return FinetuneResult(self.run_dir, None, state, skipped=list(self.skipped.values()), interrupted=True)
             # Still inside: a signal now is too late to stop anything, and would leave the model without its report

@@ -132,10 +132,17 @@ def test_a_crash_mid_epoch_resumes_from_the_last_timed_checkpoint(tiny_encoder, 
 
 def test_a_resume_of_a_finished_finetune_says_it_had_finished(tiny_encoder, small_digits_folder, tmp_path):
     finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "run", epochs=1))
-    messages = []
-    resume_finetune(tmp_path / "run", lambda kind, **fields: kind == "message" and messages.append(fields["text"]))
+    messages, kinds = [], []
+
+    def report(kind, **fields):
+        kinds.append(kind)
+        if kind == "message":
+            messages.append(fields["text"])
+
+    resume_finetune(tmp_path / "run", report)
     assert f"{tmp_path / 'run'} had finished training; writing its model and report again" in messages
     assert not any(text.startswith("resuming") for text in messages), messages  # it said "at epoch 2" of 1
+    assert "start" not in kinds, kinds  # plain output printed "training for 0 steps"
 
 
 def test_a_signal_during_the_final_report_lets_it_finish(tiny_encoder, small_digits_folder, tmp_path, monkeypatch):
