@@ -42,7 +42,7 @@ from simclr_cli.files import (EncoderInfo, check_output_path, held, read_json, r
 from simclr_cli.images import Skipped, require_images, scan_images
 from simclr_cli.index import (DTYPES, Manifest, manifest_path, open_index, remember_index, sha256_file,
                                write_manifest)
-from simclr_cli.runtime import StopFlag, default_workers, rank, resolve_device, resolve_precision
+from simclr_cli.runtime import StopFlag, default_workers, rank, resolve_device, resolve_precision, stop_reply
 
 Report = Callable[..., None]
 SAVE_EVERY = 8  # batches between progress records
@@ -351,7 +351,11 @@ def _embed_process(config: EmbedConfig, work: Path, report: Report = silent, sto
         write_json(record, {"blocks": [asdict(b) for b in blocks], "skipped": [s.to_json() for s in skipped]})
 
     start_time, batches = time.monotonic(), 0
-    with StopFlag() as stop:  # Ctrl-C or SIGTERM: finish the batch, save progress, stop
+    def answer_stop(name: str) -> None:
+        report("stopping", text=stop_reply(name, "saving the rows after this batch, then stopping",
+                                           "keeping the rows of the batches before"))
+
+    with StopFlag(answer_stop) as stop:  # Ctrl-C or SIGTERM: finish the batch, save progress, stop
         try:
             for block in blocks:
                 loaded = UntilWorkerDies(iter_features(backbone, info, paths, device, precision, config.batch_size,

@@ -113,6 +113,11 @@ class Reporter:
         if not self.quiet:
             self._print(text)
 
+    def on_stopping(self, text: str) -> None:
+        """The answer to a first Ctrl-C or SIGTERM, from another thread (rich's console is safe there); said even
+        when quiet, as the error it stands in for would be."""
+        (self.progress.console if self.progress else err_console).print(text)
+
     def on_warning(self, text: str) -> None:
         if self.progress:
             self.progress.console.print(labelled("warning:", "yellow", text))

@@ -6,9 +6,10 @@ import contextlib
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -156,10 +157,14 @@ class StopFlag:
 
     REPEAT_SECONDS = 2.0
 
-    def __init__(self):
+    def __init__(self, reply: Callable[[str], None] | None = None):
+        """`reply(name)` answers the first signal ("SIGINT", "SIGTERM") at once, from a thread: the step under way
+        can take minutes on a CPU, and a Ctrl-C that seemed ignored was pressed again, which stops without saving."""
         self.signal: int | None = None
         self._first = 0.0  # time.monotonic() of the first signal
         self._previous: dict[int, Any] = {}
+        self._reply = reply
+        self._replying: threading.Thread | None = None
 
     def __enter__(self) -> "StopFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -176,10 +181,22 @@ class StopFlag:
                 return
             raise KeyboardInterrupt
         self.signal, self._first = signum, time.monotonic()
+        if self._reply is not None:  # not printed here: the main thread may be inside a print of its own
+            self._replying = threading.Thread(target=self._reply, args=(signal.Signals(signum).name,), daemon=True)
+            self._replying.start()
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._replying is not None:  # the reply comes before whatever the caller prints next
+            self._replying.join(timeout=1.0)
+
+
+def stop_reply(name: str, plan: str, at_once: str) -> str:
+    """The answer to a first Ctrl-C (SIGINT) or SIGTERM: what happens now (`plan`), and what a second one does
+    besides stopping at once (`at_once`)."""
+    first, again = ("Ctrl-C", "Ctrl-C again") if name == "SIGINT" else (name, f"a second {name}")
+    return f"{first}: {plan} ({again} stops at once, {at_once})"
 
 
 # Distributed helpers: neutral values when torch.distributed is not initialised.

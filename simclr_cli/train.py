@@ -36,7 +36,8 @@ from simclr_cli.models import SimCLR
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
 from simclr_cli.run_state import LoopState, PretrainResult
 from simclr_cli.runtime import (StopFlag, default_workers, is_main, precision_change, resolve_device,
-                                resolve_precision, rng_state, seed_everything, set_rng_state, world_size)
+                                resolve_precision, rng_state, seed_everything, set_rng_state, stop_reply,
+                                world_size)
 
 Report = Callable[..., None]  # report(kind, **fields): the CLI draws these; the engine never prints
 
@@ -553,7 +554,7 @@ class PretrainRun:
         final_loss: float | None = None
         interrupted = False
         self._saved_at = clock()
-        with StopFlag() as stop:
+        with StopFlag(self._answer_stop) as stop:
             while not state.finished:
                 metrics = self.train_one_epoch(stop, clock)
                 if metrics["steps"]:
@@ -607,6 +608,15 @@ class PretrainRun:
             self.report("done", encoder=str(encoder), steps=state.step, images_seen=state.images_seen,
                         elapsed=state.elapsed, loss=final_loss)
         return PretrainResult(self.run_dir, encoder, state, final_loss, list(self.skipped.values()), interrupted)
+
+
+    def _answer_stop(self, name: str) -> None:
+        if self.state.finished:
+            text = stop_reply(name, "training is over; writing the encoder first", "and `--resume` writes it")
+        else:
+            text = stop_reply(name, "saving the run after this step, then stopping",
+                              "losing the steps since the last save")
+        self.report("stopping", text=text)
 
 
 def _decodes(path: str) -> bool:

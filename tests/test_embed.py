@@ -115,6 +115,27 @@ def test_an_embed_started_during_the_scan_of_an_overwrite_is_not_deleted(tiny_en
         assert (work / "plan.json").read_text() == "{}"
 
 
+def test_a_first_sigterm_is_answered_and_saves_the_rows_so_far(tiny_encoder, tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(8):
+        Image.new("RGB", (40, 36), (30 * i, 90, 200 - 20 * i)).save(root / f"{i}.png")
+    config = EmbedConfig(model=str(tiny_encoder), images=str(root), out=str(tmp_path / "out.npy"), batch_size=4,
+                         device="cpu", workers=0)
+    replies = []
+
+    def report(kind, **fields):
+        if kind == "embed_progress" and fields["done"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif kind == "stopping":
+            replies.append(fields["text"])
+
+    result = embed_folder(config, report)
+    assert result.interrupted and result.rows == 4
+    assert replies == ["SIGTERM: saving the rows after this batch, then stopping (a second SIGTERM stops at once, "
+                       "keeping the rows of the batches before)"]
+
+
 def test_resume_gives_the_same_file(tiny_encoder, mixed_folder, tmp_path):
     root, names = mixed_folder
     whole, resumed = tmp_path / "whole.npy", tmp_path / "resumed.npy"

@@ -155,8 +155,12 @@ def test_a_signal_during_the_final_report_lets_it_finish(tiny_encoder, small_dig
         return compute_features(*args, **kwargs)
 
     monkeypatch.setattr(finetune_module, "compute_features", interrupted_features)
-    result = finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "run", epochs=1))
+    replies = []
+    result = finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "run", epochs=1),
+                      lambda kind, **fields: kind == "stopping" and replies.append(fields["text"]))
     assert not result.interrupted and (tmp_path / "run" / "finetune.json").is_file()
+    assert replies == ["Ctrl-C: training is over; writing the model and its report first (Ctrl-C again stops at "
+                       "once, and `--resume` writes them)"]
 
 
 def test_interrupted_finetune_resumes_to_the_same_model(tiny_encoder, small_digits_folder, tmp_path, monkeypatch):
@@ -170,8 +174,17 @@ def test_interrupted_finetune_resumes_to_the_same_model(tiny_encoder, small_digi
         if kind == "step" and fields["step"] == 12:
             os.kill(os.getpid(), signal.SIGINT)
 
-    stopped = finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "stopped"), interrupt_at_step_12)
+    replies = []
+
+    def report(kind, **fields):
+        interrupt_at_step_12(kind, **fields)
+        if kind == "stopping":
+            replies.append(fields["text"])
+
+    stopped = finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "stopped"), report)
     assert stopped.interrupted and stopped.state.step == 12 and stopped.state.step_in_epoch == 2
+    assert replies == ["Ctrl-C: saving the run after this step, then stopping (Ctrl-C again stops at once, losing "
+                       "the steps since the last save)"]
     assert len(records(tmp_path / "stopped")) == 1
     # as earlier versions wrote it: the best epoch so far in the loop state
     checkpoint = tmp_path / "stopped" / "checkpoint.safetensors"

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from simclr_cli.export import load_checkpoint, load_encoder
 from simclr_cli.files import held, read_metadata
 from simclr_cli.images import scan_images
 from simclr_cli.models import SimCLR
+from simclr_cli.progress import Reporter
 from simclr_cli.runtime import Precision, StopFlag
 from simclr_cli.train import pretrain, resume_pretrain
 
@@ -152,9 +154,18 @@ def test_interrupted_run_resumes_to_the_same_loss_curve_and_weights(small_digits
         if kind == "step" and fields["step"] == 4:
             os.kill(os.getpid(), signal.SIGINT)
 
-    stopped = tmp_path / "stopped"
-    result = pretrain(_config(small_digits_folder, stopped, workers=1), interrupt_at_step_4)
+    stopped, replies = tmp_path / "stopped", []
+
+    def report(kind, **fields):
+        interrupt_at_step_4(kind, **fields)
+        if kind == "stopping":
+            replies.append(fields["text"])
+
+    result = pretrain(_config(small_digits_folder, stopped, workers=1), report)
     assert result.interrupted and result.state.step == 4 and result.encoder_path is None
+    # answered at once: the step under way can take minutes, and a second Ctrl-C stops without saving
+    assert replies == ["Ctrl-C: saving the run after this step, then stopping (Ctrl-C again stops at once, losing "
+                       "the steps since the last save)"]
     assert load_checkpoint(stopped / "checkpoint.safetensors").progress["state"]["step_in_epoch"] == 4
     assert len(losses(stopped)) == 4
 
@@ -324,8 +335,6 @@ def test_a_time_budget_keeps_the_monitors_time_free_and_ends_annealed(small_digi
 
 def test_the_progress_bar_counts_the_steps_the_time_budget_leaves():
     """At 30 s of a 40 s budget, step 6 of 900: the bar said 6/900, with an hour to go."""
-    from simclr_cli.progress import Reporter
-
     reporter = Reporter()
     reporter.live = True  # a terminal
     reporter.on_start(total_steps=900, max_time=40.0)
@@ -557,6 +566,19 @@ def test_a_repeated_sigterm_is_one_request_and_a_later_one_stops_at_once(monkeyp
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_the_first_signal_is_answered_from_another_thread_and_the_second_is_not(capsys):
+    """The answer says the request was heard while the main thread is still inside a step; a print from the signal
+    handler itself could land inside the main thread's own print."""
+    answers = []
+    with StopFlag(lambda name: answers.append((name, threading.current_thread() is threading.main_thread()))):
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert answers == [("SIGTERM", False)]  # joined on leaving: said before whatever comes next
+    Reporter(quiet=True)("stopping", text="SIGTERM: saving")  # said even under --quiet
+    assert capsys.readouterr().err == "SIGTERM: saving\n"
+
+
 def test_a_crash_mid_epoch_resumes_from_the_last_timed_checkpoint(small_digits_folder, tmp_path, monkeypatch):
     """Checkpoints came only at the end of an epoch (or on a signal), so a crash or a lost machine lost the whole
     epoch, hours on a large folder. One is also written every CHECKPOINT_SECONDS (here: after every step)."""
@@ -612,9 +634,12 @@ def test_a_signal_during_the_export_lets_it_finish(small_digits_folder, tmp_path
         return save_encoder(*args, **kwargs)
 
     monkeypatch.setattr(train, "save_encoder", interrupted_save)
-    out = tmp_path / "run"
-    result = pretrain(_config(small_digits_folder, out, epochs=1))
+    out, replies = tmp_path / "run", []
+    result = pretrain(_config(small_digits_folder, out, epochs=1),
+                      lambda kind, **fields: kind == "stopping" and replies.append(fields["text"]))
     assert not result.interrupted and result.encoder_path == out / "encoder.safetensors"
+    assert replies == ["Ctrl-C: training is over; writing the encoder first (Ctrl-C again stops at once, and "
+                       "`--resume` writes it)"]
     assert (out / "encoder.safetensors").is_file() and (out / "head.safetensors").is_file()
 
 
