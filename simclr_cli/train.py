@@ -213,7 +213,9 @@ class PretrainRun:
             report("message", text=scan.runs_note())
         for skipped in scan.skipped:
             report("warning", text=f"skipped {skipped.path}: {skipped.reason}")
-        report("message", text=f"views: {_PIPELINES[self.augment_on]}")
+        where = _PIPELINES[self.augment_on]
+        where = where.replace("the loader workers", "the main process") if self.workers == 0 else where
+        report("message", text=f"views: {where}")
         # self.model stays unwrapped: it is what checkpoints and exports hold (DDP adds "module.",
         # torch.compile "_orig_mod."); the compiled module shares its parameters.
         self.parallel_model = distributed.wrap_ddp(torch.compile(self.model) if config.compile else self.model,

@@ -172,6 +172,7 @@ def test_interrupted_run_resumes_to_the_same_loss_curve_and_weights(small_digits
     cli = runner.invoke(app, ["pretrain", "--resume", str(stopped), "--workers", "0"])
     assert cli.exit_code == 0, cli.output
     assert "resuming" in cli.output
+    assert "views: crops, colour and blur in batches in the main process" in cli.output  # no loader workers
     assert losses(stopped) == losses(straight), "same seed, same CPU: the resumed curve is the uninterrupted one"
     printed = re.findall(r"epoch \d/2: loss (\S+),", cli.output)
     assert printed == epoch_losses, "the first epoch's mean counts the steps before the interrupt"
