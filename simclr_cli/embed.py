@@ -351,6 +351,7 @@ def _embed_process(config: EmbedConfig, work: Path, report: Report = silent, sto
         write_json(record, {"blocks": [asdict(b) for b in blocks], "skipped": [s.to_json() for s in skipped]})
 
     start_time, batches = time.monotonic(), 0
+
     def answer_stop(name: str) -> None:
         report("stopping", text=stop_reply(name, "saving the rows after this batch, then stopping",
                                            "keeping the rows of the batches before"))

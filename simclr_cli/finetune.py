@@ -34,8 +34,8 @@ from simclr_cli.memory import batch_shortfall, fitting_workers
 from simclr_cli.models import build_backbone
 from simclr_cli.optim import build_optimizer, set_lr, warmup_cosine
 from simclr_cli.runtime import (StopFlag, default_workers, precision_change, resolve_device, resolve_precision,
-                                rng_state, seed_everything, set_rng_state, stop_reply)
-from simclr_cli.train import Report, TrainingDiverged, finite_weights, silent, use_even_batch
+                                rng_state, seed_everything, set_rng_state)
+from simclr_cli.train import Report, TrainingDiverged, answer_stop, finite_weights, silent, use_even_batch
 
 FINETUNED_FILE = "finetuned.safetensors"
 FINETUNED_FORMAT = "simclr-finetuned"
@@ -456,15 +456,6 @@ class FinetuneRun:
         write_json(self.run_dir / RESULTS_FILE, results)
         return results
 
-    def _answer_stop(self, name: str) -> None:
-        if self.state.epoch >= self.config.epochs:
-            text = stop_reply(name, "training is over; writing the model and its report first",
-                              "and `--resume` writes them")
-        else:
-            text = stop_reply(name, "saving the run after this step, then stopping",
-                              "losing the steps since the last save")
-        self.report("stopping", text=text)
-
     def run(self) -> FinetuneResult:
         """Train to the last epoch, validating and checkpointing after each; export and report the last."""
         state, offset, session_start = self.state, self.state.elapsed, time.monotonic()
@@ -476,7 +467,10 @@ class FinetuneRun:
             self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs)
         interrupted = False
         self._saved_at = clock()
-        with StopFlag(self._answer_stop) as stop:
+        def answer(name: str) -> None:
+            answer_stop(self.report, name, "the model and its report" if state.epoch >= self.config.epochs else None)
+
+        with StopFlag(answer) as stop:
             while state.epoch < self.config.epochs:
                 self.train_one_epoch(stop, clock)
                 train = self.data.train  # every image not skipped so far decoded, or is still to come

@@ -556,7 +556,7 @@ class PretrainRun:
         final_loss: float | None = None
         interrupted = False
         self._saved_at = clock()
-        with StopFlag(self._answer_stop) as stop:
+        with StopFlag(lambda name: answer_stop(self.report, name, "the encoder" if state.finished else None)) as stop:
             while not state.finished:
                 metrics = self.train_one_epoch(stop, clock)
                 if metrics["steps"]:
@@ -612,13 +612,14 @@ class PretrainRun:
         return PretrainResult(self.run_dir, encoder, state, final_loss, list(self.skipped.values()), interrupted)
 
 
-    def _answer_stop(self, name: str) -> None:
-        if self.state.finished:
-            text = stop_reply(name, "training is over; writing the encoder first", "and `--resume` writes it")
-        else:
-            text = stop_reply(name, "saving the run after this step, then stopping",
-                              "losing the steps since the last save")
-        self.report("stopping", text=text)
+def answer_stop(report: Report, name: str, outputs: str | None) -> None:
+    """Answer a run's first Ctrl-C or SIGTERM (`name`): it saves after this step and stops, or after its last step
+    (`outputs`: what it writes then) writes those first."""
+    if outputs:
+        text = stop_reply(name, f"training is over; writing {outputs} first", "and `--resume` finishes the run")
+    else:
+        text = stop_reply(name, "saving the run after this step, then stopping", "losing the steps since the last save")
+    report("stopping", text=text)
 
 
 def _decodes(path: str) -> bool:

@@ -160,7 +160,7 @@ def test_a_signal_during_the_final_report_lets_it_finish(tiny_encoder, small_dig
                       lambda kind, **fields: kind == "stopping" and replies.append(fields["text"]))
     assert not result.interrupted and (tmp_path / "run" / "finetune.json").is_file()
     assert replies == ["Ctrl-C: training is over; writing the model and its report first (Ctrl-C again stops at "
-                       "once, and `--resume` writes them)"]
+                       "once, and `--resume` finishes the run)"]
 
 
 def test_interrupted_finetune_resumes_to_the_same_model(tiny_encoder, small_digits_folder, tmp_path, monkeypatch):

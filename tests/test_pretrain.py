@@ -640,7 +640,7 @@ def test_a_signal_during_the_export_lets_it_finish(small_digits_folder, tmp_path
                       lambda kind, **fields: kind == "stopping" and replies.append(fields["text"]))
     assert not result.interrupted and result.encoder_path == out / "encoder.safetensors"
     assert replies == ["Ctrl-C: training is over; writing the encoder first (Ctrl-C again stops at once, and "
-                       "`--resume` writes it)"]
+                       "`--resume` finishes the run)"]
     assert (out / "encoder.safetensors").is_file() and (out / "head.safetensors").is_file()
 
 
