@@ -24,6 +24,9 @@ from simclr_cli.config import ARCHITECTURES, PATH_SETTINGS
 from simclr_cli.errors import ConfigError, ModelFileError
 
 ENCODER_FORMAT = "simclr-encoder"
+# simclr's other safetensors files, as a user may pass one for MODEL
+_NOT_ENCODERS = {"simclr-checkpoint": "a simclr run's checkpoint", "simclr-head": "a simclr projection head",
+                 "simclr-linear": "a simclr linear probe", "simclr-features": "a simclr feature cache"}
 ENCODER_FILE = "encoder.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 NOT_BACKBONE = ("head.", "classifier.")  # key prefixes of an encoder file's other tensors: g, a fine-tuned classifier
@@ -296,7 +299,11 @@ class EncoderInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: Path) -> "EncoderInfo":
-        if meta.get("format") not in (ENCODER_FORMAT, "simclr-finetuned"):
+        kind = meta.get("format")
+        if kind in _NOT_ENCODERS:  # simclr wrote it, so "no simclr metadata" would be wrong
+            raise ModelFileError(f"{path}: {_NOT_ENCODERS[kind]}, not an encoder; pass an encoder.safetensors or "
+                                 f"finetuned.safetensors, or the run folder that holds one")
+        if kind not in (ENCODER_FORMAT, "simclr-finetuned"):
             raise ModelFileError(f"{path}: a safetensors file, but not a simclr encoder (no simclr metadata); "
                                  f"pass the encoder.safetensors that `simclr pretrain` wrote")
         try:

@@ -89,6 +89,22 @@ def test_foreign_and_broken_files_are_clear_errors(tmp_path):
         load_encoder(incomplete)
 
 
+def test_simclrs_other_files_given_as_model_are_named_for_what_they_are(tmp_path):
+    """A checkpoint, head, probe or feature cache passed for MODEL was said to hold "no simclr metadata"."""
+    model = SimCLR("resnet18", "imagenet")
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(checkpoint, {"backbone": model.backbone}, build_optimizer("lars", model, lr=0.1,
+                                                                               weight_decay=1e-6), rng_state(), {})
+    with pytest.raises(ModelFileError, match="checkpoint.safetensors: a simclr run's checkpoint, not an encoder; "
+                                             "pass an encoder.safetensors or finetuned.safetensors, or the run "
+                                             "folder that holds one"):
+        load_encoder(checkpoint)
+    for kind, said in (("head", "projection head"), ("linear", "linear probe"), ("features", "feature cache")):
+        save_file({"a": torch.zeros(1)}, str(tmp_path / f"{kind}.safetensors"), metadata={"format": f"simclr-{kind}"})
+        with pytest.raises(ModelFileError, match=f"{kind}.safetensors: a simclr {said}, not an encoder"):
+            load_encoder(tmp_path / f"{kind}.safetensors")
+
+
 @pytest.mark.parametrize("config, command", [({"data_dir": "photos"}, "pretrain"),
                                              ({"model": "encoder.safetensors"}, "finetune")])
 def test_an_unfinished_run_as_model_says_how_to_finish_it(tmp_path, config, command):
