@@ -233,6 +233,9 @@ def open_index(index_path: str | Path, source: str = "--index") -> tuple[np.ndar
                           f"wrote")
     if not index_path.is_file():
         where = "" if source == "--index" else f" (from {source})"
+        if index_path.exists():  # a folder named *.npy, a pipe
+            raise ModelFileError(f"{index_path}{where}: {'a folder' if index_path.is_dir() else 'not a file'}, not "
+                                 f"an index; pass the OUT.npy file that `simclr embed` wrote")
         raise ModelFileError(f"{index_path}{where}: no such index; run `simclr embed MODEL IMAGES {index_path}` first")
     manifest = read_manifest(manifest_path(index_path))
     try:
@@ -576,7 +579,8 @@ def query_paths(queries: Sequence[str | Path]) -> tuple[list[str], list[Any]]:
                 raise DataError(f"QUERY {query}: {error}; pass an image file or a folder of images") from None
             paths.append(os.path.abspath(query))
         else:
-            raise DataError(f"QUERY {query}: no such file or folder; pass an image file or a folder of images")
+            what = "not a regular file" if query.exists() else "no such file or folder"  # a pipe, a device
+            raise DataError(f"QUERY {query}: {what}; pass an image file or a folder of images")
     return paths, skipped
 
 

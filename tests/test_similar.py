@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -414,8 +415,12 @@ def test_user_errors_exit_1_with_a_message(indexes, photos, tmp_path):
     orphan = tmp_path / "orphan.npy"
     np.save(orphan, np.zeros((3, 512), dtype=np.float32))
     index = str(indexes["float32"])
+    (tmp_path / "folder.npy").mkdir()
+    os.mkfifo(tmp_path / "pipe.png")
     cases = [
         ([query], "no index to search"),
+        ([query, "--index", str(tmp_path / "folder.npy")], "folder.npy: a folder, not an index; pass the OUT.npy"),
+        ([str(tmp_path / "pipe.png"), "--index", index], "pipe.png: not a regular file; pass an image file"),
         ([query, "--index", str(tmp_path / "missing.npy")], "no such index"),
         ([query, "--index", str(tmp_path / "index.txt")], "not a .npy file"),
         ([query, "--index", str(mismatched)], "do not belong together"),
