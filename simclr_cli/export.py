@@ -16,10 +16,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from simclr_cli import __version__
-from simclr_cli.config import SavedTypeError, replace
+from simclr_cli.config import FinetuneConfig, PretrainConfig, SavedTypeError, replace
 from simclr_cli.errors import ConfigError, ModelFileError, SimclrError
 from simclr_cli.files import (CHECKPOINT_FILE, NOT_BACKBONE, PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path,
-                              is_temporary, read_json, read_metadata, remove_temporaries, resolve_model_path)
+                              is_temporary, read_json, read_metadata, remove_temporaries, resolve_model_path,
+                              resume_command)
 from simclr_cli.models import build_backbone
 from simclr_cli.runtime import is_main
 
@@ -63,8 +64,8 @@ def read_run_config(config_class: Any, run_dir: Path, command: str, **changes: A
     flags: the runtime's given as device= and workers=, None where not given), validated. A folder of
     another command's run, or a config.json edited past use, is a one-line ConfigError."""
     if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"--resume {run_dir}: no config.json there; pass the folder of a run that "
-                          f"`simclr {command}` started")
+        there = "no config.json there" if run_dir.is_dir() else "no such folder"
+        raise ConfigError(f"--resume {run_dir}: {there}; pass the folder of a run that `simclr {command}` started")
     device, workers = changes.pop("device", None), changes.pop("workers", None)
     try:
         config = config_class.from_json(read_json(run_dir / "config.json", "run configuration"))
@@ -76,10 +77,20 @@ def read_run_config(config_class: Any, run_dir: Path, command: str, **changes: A
         raise ConfigError(f"--resume {run_dir}: {error} (a setting saved in its config.json, or one given with "
                           f"--resume)") from None
     except (TypeError, KeyError, ValueError, AttributeError) as error:  # another command's run, or an edited file
+        other = _other_command(run_dir, command)
+        if other is not None:
+            raise ConfigError(f"--resume {run_dir}: a `simclr {other}` run; continue it with "
+                              f"{resume_command(other, run_dir)}") from None
         detail = f" ({error})" if isinstance(error, SavedTypeError) else ""
         raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr {command}` "
                           f"run{detail}; pass the folder of a run that `simclr {command}` started, or restore its "
                           f"config.json as the run wrote it") from None
+
+
+def _other_command(run_dir: Path, command: str) -> str | None:
+    """"pretrain" or "finetune" if run_dir holds the other command's run, as its settings read; else None."""
+    other, config_class = ("finetune", FinetuneConfig) if command == "pretrain" else ("pretrain", PretrainConfig)
+    return other if _holds_run(run_dir, config_class) else None
 
 
 def _holds_run(run_dir: Path, config_class: Any) -> bool:
