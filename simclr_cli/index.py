@@ -638,15 +638,34 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
         others = f" (and the other {len(paths) - 1} queries)" if len(paths) > 1 else ""
         raise DataError(f"QUERY {first.path}: {first.reason}{others}; pass readable image files or folders")
     exclude = find_rows(manifest.paths, kept) if exclude_self else None
-    # A query the manifest does not spell as it is spelt here (reached through a symbolic link) may still
-    # be in the index: one more hit each is asked for, and any hit that is the query's file is left out.
-    unmatched = [j for j, row in enumerate(exclude or ()) if row is None]
     unusable = np.flatnonzero(~np.isfinite(features).all(axis=1))  # NaN would score every row NaN
     if len(unusable):
         raise DataError(f"QUERY {kept[unusable[0]]}: {manifest.model} gives it features that are not finite, which "
                         f"match nothing; search with another image")
+    # A query the manifest does not spell as it is spelt here (reached through a symbolic link) may still be
+    # in the index: one more hit is asked for, so that leaving its file out still leaves k.
+    wanted = k + any(row is None for row in exclude or ())
+    hits: list[list[Hit]] = [[] for _ in kept]
+    pending, file_ids = list(range(len(kept))), {}  # file_ids: for _own_file_once
+    while pending:
+        found = _best_hits(index_path, rows, manifest, features[pending], wanted,
+                           [exclude[j] for j in pending] if exclude else None)
+        for j, line in zip(pending, found):
+            hits[j] = _own_file_once(line, kept[j], exclude_self, file_ids)
+        # The index holds a query's file by several paths (a link beside it) and those hits were dropped: more
+        # are asked for, until k remain or the index runs out. Never where nothing was dropped (nearly always).
+        pending = [j for j in pending if len(hits[j]) < k and wanted < len(rows)]
+        wanted *= 2
+    hits = [line[:k] for line in hits]
+    return SearchResult(index_path, source, len(rows), kept, hits, skipped + unreadable)
+
+
+def _best_hits(index_path: Path, rows: np.ndarray, manifest: Manifest, features: np.ndarray, wanted: int,
+               exclude: list[int | None] | None) -> list[list[Hit]]:
+    """The best `wanted` hits of each query (M, D), best first, with any excluded row left out; an error where a
+    damaged row would be among them."""
     try:
-        scores, found = top_k(rows, features, k + bool(unmatched), manifest.normalized, exclude)  # (M, k'), (M, k')
+        scores, found = top_k(rows, features, wanted, manifest.normalized, exclude)  # (M, k'), (M, k')
     except NaNRow as damaged:  # neither ranked nor left out silently
         raise ModelFileError(_damaged(index_path, manifest, damaged.row, "NaN")) from None
     # No cosine exceeds 1 (unit float16 rows, rounded: by 1e-3 at most). A damaged row that a kernel scores as
@@ -656,17 +675,26 @@ def search(queries: Sequence[str | Path], index: str | Path | None = None, k: in
     if len(beyond):
         at = tuple(beyond[0])
         raise ModelFileError(_damaged(index_path, manifest, int(found[at]), f"{scores[at]:.4g}, beyond a cosine's 1"))
-    for row in np.unique(found[scores > -np.inf]):  # (at most k per query)
+    for row in np.unique(found[scores > -np.inf]):  # (at most k' per query)
         if not np.isfinite(rows[row]).all():
             raise ModelFileError(_damaged(index_path, manifest, int(row), "a number, but holds NaN or infinity"))
-    hits = [[Hit(rank + 1, score, manifest.paths[row], row)
+    return [[Hit(rank + 1, score, manifest.paths[row], row)
              for rank, (score, row) in enumerate(zip(line_scores, line_rows)) if score > -float("inf")]
             for line_scores, line_rows in zip(scores.tolist(), found.tolist())]
-    for j in unmatched:
-        others = [hit for hit in hits[j] if not _same_file(hit.path, kept[j])]
-        hits[j] = [Hit(rank + 1, hit.score, hit.path, hit.row) for rank, hit in enumerate(others)]
-    hits = [line[:k] for line in hits]
-    return SearchResult(index_path, source, len(rows), kept, hits, skipped + unreadable)
+
+
+def _own_file_once(hits: list[Hit], query: str, exclude_self: bool,
+                   file_ids: dict[str, tuple[int, int] | None]) -> list[Hit]:
+    """`hits` ranked again, with the query's own file left out (`exclude_self`) or kept once: an index may hold
+    it by several paths (a symbolic link to it in the folder embedded), each at score 1. The path spelt as the
+    query is the one kept, else the best ranked. `file_ids` keeps the files looked up, for the other queries."""
+    own = _file_id(query, file_ids)
+    copies = [hit for hit in hits if own is not None and _file_id(hit.path, file_ids) == own]
+    if copies and not exclude_self:
+        copies.remove(next((hit for hit in copies if hit.path == query), copies[0]))
+    dropped = {hit.row for hit in copies}
+    others = [hit for hit in hits if hit.row not in dropped]
+    return [Hit(rank + 1, hit.score, hit.path, hit.row) for rank, hit in enumerate(others)]
 
 
 def _damaged(index_path: Path, manifest: Manifest, row: int, score: str) -> str:
@@ -674,12 +702,16 @@ def _damaged(index_path: Path, manifest: Manifest, row: int, score: str) -> str:
             f"embed` again")
 
 
-def _same_file(path: str, other: str) -> bool:
-    """Whether two paths name one file (False where either cannot be looked up)."""
-    try:
-        return os.path.samefile(path, other)
-    except OSError:
-        return False
+def _file_id(path: str, known: dict[str, tuple[int, int] | None]) -> tuple[int, int] | None:
+    """The file `path` names, as (device, inode), links followed (None where it cannot be looked up); `known`
+    holds the paths looked up before."""
+    if path not in known:
+        try:
+            status = os.stat(path)
+            known[path] = (status.st_dev, status.st_ino)
+        except (OSError, ValueError):  # ValueError: a path holding a NUL (a manifest edited by hand)
+            known[path] = None
+    return known[path]
 
 
 def find_rows(paths: Sequence[str], wanted: Sequence[str]) -> list[int | None]:

@@ -651,6 +651,33 @@ def test_a_query_excluding_itself_through_a_symbolic_link_is_left_out(tiny_encod
         assert Path(kept[0]["path"]).name == ORIGINALS[0] and len(kept) == 3
 
 
+def test_a_file_the_index_holds_twice_through_a_link_is_one_hit_or_none(tiny_encoder, photos, tmp_path):
+    """An index of a file and a symbolic link to it, the query spelt as either or through a link from outside:
+    --exclude-self leaves both rows out and still gives k hits where the index has them; without it the file is
+    one hit, spelt as the query where the index spells it so, then the same hits."""
+    folder, own = tmp_path / "twice", {ORIGINALS[0], "zlink.png"}
+    folder.mkdir()
+    for name in [ORIGINALS[0], "photo00.png", "photo01.png", "photo02.png", "photo04.png", "photo05.png"]:
+        shutil.copy(photos / name, folder / name)
+    (folder / "zlink.png").symlink_to(ORIGINALS[0])  # after the file, by name: the search must look past it
+    (tmp_path / "outside.png").symlink_to(folder / ORIGINALS[0])
+    index = tmp_path / "twice.npy"
+    embed_folder(EmbedConfig(model=str(tiny_encoder), images=str(folder), out=str(index), device="cpu",
+                             precision="fp32", workers=0))
+    assert len(json.loads(index.with_suffix(".json").read_text())["paths"]) == 7
+    for query in (folder / ORIGINALS[0], folder / "zlink.png", tmp_path / "outside.png"):
+        hits = similar_json(query, "--index", index, "-k", "3", "--exclude-self")["results"][0]["hits"]
+        names = [Path(hit["path"]).name for hit in hits]
+        assert len(names) == 3 and not own & set(names), (query, names)
+        assert [hit["rank"] for hit in hits] == [1, 2, 3]
+        every = similar_json(query, "--index", index, "-k", "10", "--exclude-self")["results"][0]["hits"]
+        assert len(every) == 5 and not own & {Path(hit["path"]).name for hit in every}, query
+        kept = similar_json(query, "--index", index, "-k", "3")["results"][0]["hits"]
+        assert Path(kept[0]["path"]).name in ({query.name} if query.parent == folder else own), query
+        assert [Path(hit["path"]).name for hit in kept[1:]] == names[:2] and kept[0]["score"] > 0.999, query
+        assert [hit["rank"] for hit in kept] == [1, 2, 3]
+
+
 def test_an_index_of_one_row_and_exclude_self(tiny_encoder, photos, tmp_path):
     """The query in the index gets no hit; a query not in it gets the one row."""
     one = tmp_path / "one"
