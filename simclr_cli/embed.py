@@ -1,7 +1,8 @@
 """`simclr embed`: a folder of images -> an index (rows streamed into a memory-mapped .npy + manifest).
 
 While it runs, the work lives in `OUT.npy.partial/`: `rows.npy` (one row slot per scanned image),
-`plan.json` (the images, model hash and settings, written once) and the progress records. The images
+`plan.json` (the images, model and its hash, and settings, written once; a `--resume` given the
+model at another path records that one) and the progress records. The images
 are cut into blocks of consecutive positions, one or more per process (`--devices N`); a block from
 position b writes the rows of its readable images from row b on, in order, so processes never write
 the same rows. `progress.json` (written by the launching process) lists the blocks of this session and
@@ -263,6 +264,16 @@ def _load_plan(config: EmbedConfig, sha256: str, precision: str) -> dict[str, An
     return plan
 
 
+def _follow_model(work: Path, plan: dict[str, Any], model_path: Path) -> dict[str, Any]:
+    """The plan, naming `model_path` where a --resume found the model (the same by SHA-256) at another path: the
+    old one may be gone, and the processes load the model, and the manifest names it, from the plan."""
+    model = str(model_path.absolute())
+    if plan["model"] != model:
+        plan = {**plan, "model": model}
+        write_json(work / "plan.json", plan)
+    return plan
+
+
 def _check_same(config: EmbedConfig, saved: dict[str, Any], sha256: str, precision: str, what: str) -> None:
     """Refuse a --resume whose model, images or flags are not those the embed in OUT used."""
     if saved["model_sha256"] != sha256:
@@ -279,8 +290,9 @@ def _check_same(config: EmbedConfig, saved: dict[str, Any], sha256: str, precisi
                               f"--overwrite to start again")
 
 
-def _finished(config: EmbedConfig, sha256: str, precision: str, report: Report) -> EmbedResult:
-    """A --resume of an embed that has finished: checked as an interrupted one is, then nothing to do."""
+def _finished(config: EmbedConfig, model_path: Path, sha256: str, precision: str, report: Report) -> EmbedResult:
+    """A --resume of an embed that has finished: checked as an interrupted one is, then nothing to do but point
+    the manifest at `model_path` where the model has moved (`simclr similar` loads it from there)."""
     out = Path(config.out)
     if not manifest_path(out).is_file():  # open_index would say to resume: this command
         raise ModelFileError(f"{out}: its manifest {manifest_path(out)} is gone, so what it holds is unknown; run "
@@ -289,7 +301,11 @@ def _finished(config: EmbedConfig, sha256: str, precision: str, report: Report) 
     _check_same(config, {"model_sha256": manifest.model_sha256, "model": manifest.model, "images": manifest.images,
                          "dtype": manifest.dtype, "normalize": manifest.normalized, "precision": manifest.precision},
                 sha256, precision, "embed that wrote OUT")
-    report("message", text=f"{out} is already complete; nothing to resume")
+    model = str(model_path.absolute())
+    moved = f"; its manifest now names the model at {model}" if manifest.model != model else ""
+    if moved:
+        write_manifest(out, replace(manifest, model=model))
+    report("message", text=f"{out} is already complete; nothing to resume{moved}")
     return EmbedResult(out, len(manifest.paths), len(manifest.paths) + len(manifest.skipped),
                        [Skipped(**s) for s in manifest.skipped], complete_before=True)
 
@@ -478,13 +494,14 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
     precision = resolve_precision(config.precision, device)
     sha256 = sha256_file(model_path)
     if config.resume and out.is_file() and not work_dir(out).exists():
-        return _finished(config, sha256, precision.name, report)
+        return _finished(config, model_path, sha256, precision.name, report)
     # One process: load the encoder here and embed here. Several: each loads its own.
     encoder = load_encoder(model_path, device) if config.devices == 1 else None
     plan = (_load_plan(config, sha256, precision.name) if config.resume
             else _start(config, model_path, sha256, info, precision.name))
     work, paths = work_dir(out), plan["paths"]
     with held(work, "OUT"):  # another embed of this OUT (a --resume, an --overwrite) is refused meanwhile
+        plan = _follow_model(work, plan, model_path)
         progress = share_out(read_progress(work, len(paths)), config.devices)
         write_progress(work, progress)
         workers = default_workers() if config.workers is None else config.workers

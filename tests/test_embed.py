@@ -353,6 +353,31 @@ def test_two_processes_write_the_file_of_one_and_resume_on_one(tiny_encoder, gap
     assert not work_dir(resumed).exists()
 
 
+def test_a_resume_with_the_model_at_a_new_path_names_that_path(tiny_encoder, gappy_folder, tmp_path):
+    """The encoder moved (the same file, by SHA-256) between the stop and the --resume: the processes of a
+    --devices 2 resume load it from where it is now, and the manifest names it there, so `simclr similar` finds
+    it. A resume of the finished embed, with the file moved again, points the manifest at its new path."""
+    old, new, third = (tmp_path / f"{name}.safetensors" for name in ("enc_old", "enc_new", "enc_third"))
+    shutil.copy(tiny_encoder / "encoder.safetensors", old)
+    out = tmp_path / "moved.npy"
+    config = EmbedConfig(model=str(old), images=str(gappy_folder), out=str(out), batch_size=4, device="cpu",
+                         workers=0)
+    assert embed_folder(config, stop_after_batches=1).interrupted
+    old.rename(new)
+    assert (result := run_embed(new, gappy_folder, out, "--resume", "--devices", "2", "--quiet")).exit_code == 0, \
+        result.output
+    assert json.loads(out.with_suffix(".json").read_text())["model"] == str(new.absolute())
+    similar = ["similar", str(gappy_folder / "00.png"), "--index", str(out), "-k", "1"]
+    assert (result := runner.invoke(app, similar)).exit_code == 0, result.output
+
+    new.rename(third)
+    result = run_embed(third, gappy_folder, out, "--resume")
+    assert result.exit_code == 0 and "already complete" in result.output, result.output
+    assert f"now names the model at {third.absolute()}" in " ".join(result.output.split())
+    assert json.loads(out.with_suffix(".json").read_text())["model"] == str(third.absolute())
+    assert (result := runner.invoke(app, similar)).exit_code == 0, result.output
+
+
 @pytest.fixture
 def interrupted(tiny_encoder, mixed_folder, tmp_path) -> Path:
     out = tmp_path / "cut.npy"
