@@ -282,11 +282,14 @@ def _check_same(config: EmbedConfig, saved: dict[str, Any], sha256: str, precisi
     if saved["images"] and os.path.normpath(saved["images"]) != os.path.abspath(config.images):
         raise ConfigError(f"IMAGES {config.images}: the {what} read {saved['images']}; resume with that folder, or "
                           f"--overwrite to start again")
-    for flag, was, given in (("--dtype", saved["dtype"], config.dtype),
-                             ("--normalize/--no-normalize", saved["normalize"], config.normalize),
-                             ("--precision", saved.get("precision") or precision, precision)):
+    def normalize(on: bool) -> str:
+        return "--normalize" if on else "--no-normalize"
+
+    for was, given in ((f"--dtype {saved['dtype']}", f"--dtype {config.dtype}"),
+                       (normalize(saved["normalize"]), normalize(config.normalize)),
+                       (f"--precision {saved.get('precision') or precision}", f"--precision {precision}")):
         if was != given:
-            raise ConfigError(f"{flag} {given} differs from the {what}'s {was}; resume with the same flags, or "
+            raise ConfigError(f"{given} differs from the {what}'s {was}; resume with the same flags, or "
                               f"--overwrite to start again")
 
 

@@ -568,8 +568,8 @@ def finished(tiny_encoder, mixed_folder, tmp_path_factory) -> Path:
     ({}, [], "index.json: "),
     ("gone", [], "index.json is gone, so what it holds is unknown; run again with --overwrite"),
     ({"paths": []}, [], "holds ("),  # rows the manifest does not list
-    (None, ["--dtype", "float16"], "--dtype float16 differs from the embed that wrote OUT's float32"),
-    (None, ["--no-normalize"], "--normalize/--no-normalize False differs"),
+    (None, ["--dtype", "float16"], "--dtype float16 differs from the embed that wrote OUT's --dtype float32"),
+    (None, ["--no-normalize"], "--no-normalize differs from the embed that wrote OUT's --normalize"),
     (None, ["{other}"], "the embed that wrote OUT read"),
 ])
 def test_a_resume_of_a_finished_embed_checks_it_like_an_interrupted_one(tiny_encoder, mixed_folder, finished,
