@@ -486,7 +486,8 @@ def finetune(
     if as_json:
         typer.echo(json.dumps({**result.results, "out": str(result.run_dir)}, indent=2))
         return
-    _print_accuracy(result.results, f"fine-tuned model after {result.results['epoch']} epochs")
+    epochs = result.results["epoch"]
+    _print_accuracy(result.results, f"fine-tuned model after {epochs} epoch{'' if epochs == 1 else 's'}")
     console.print(f"model saved to {result.model_path}; results in {result.run_dir} (finetune.json, "
                   f"{_present(result.run_dir, 'metrics.jsonl')})")
 

@@ -451,6 +451,7 @@ def test_a_training_set_smaller_than_the_batch_fine_tunes_at_the_learning_rate_o
     assert f"using batch size {train} instead of 256" in result.output
     assert f"batch {train}, lr {0.05 * train / 256:g}" in result.output
     assert json.loads((out / "config.json").read_text())["batch_size"] == train
+    assert "fine-tuned model after 1 epoch\n" in result.output  # not "1 epochs"
 
 
 
