@@ -41,7 +41,7 @@ from simclr_cli.features import iter_features
 from simclr_cli.files import (EncoderInfo, check_output_path, held, read_json, read_metadata, replace_durably,
                               resolve_model_path, write_json)
 from simclr_cli.images import Skipped, require_images, scan_images
-from simclr_cli.index import (DTYPES, Manifest, manifest_path, open_index, remember_index, sha256_file,
+from simclr_cli.index import (DTYPES, Manifest, manifest_path, open_index, remember_index, sha256_file, work_dir,
                                write_manifest)
 from simclr_cli.runtime import StopFlag, default_workers, rank, resolve_device, resolve_precision, stop_reply
 
@@ -147,10 +147,6 @@ class Progress:
     @property
     def rows(self) -> int:
         return sum(b.rows for b in self.blocks)
-
-
-def work_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
 
 
 def _process_record(work: Path, session: int, process: int) -> Path:

@@ -224,6 +224,11 @@ def read_manifest(path: Path) -> Manifest:
     return Manifest.from_json(read_json(path, "index manifest"), path)
 
 
+def work_dir(out: Path) -> Path:
+    """Where `simclr embed` keeps the work of OUT until it has finished."""
+    return out.with_name(out.name + ".partial")
+
+
 def open_index(index_path: str | Path, source: str = "--index") -> tuple[np.ndarray, Manifest]:
     """The rows (memory-mapped) and manifest of an index, checked against each other; `source` names where the
     path came from (choose_index), for the messages."""
@@ -236,6 +241,10 @@ def open_index(index_path: str | Path, source: str = "--index") -> tuple[np.ndar
         if index_path.exists():  # a folder named *.npy, a pipe
             raise ModelFileError(f"{index_path}{where}: {'a folder' if index_path.is_dir() else 'not a file'}, not "
                                  f"an index; pass the OUT.npy file that `simclr embed` wrote")
+        if work_dir(index_path).is_dir():
+            raise ModelFileError(f"{index_path}{where}: not written yet, its embed was interrupted "
+                                 f"({work_dir(index_path)}); finish it with `simclr embed MODEL IMAGES {index_path} "
+                                 f"--resume`, then search")
         raise ModelFileError(f"{index_path}{where}: no such index; run `simclr embed MODEL IMAGES {index_path}` first")
     manifest = read_manifest(manifest_path(index_path))
     try:

@@ -416,10 +416,12 @@ def test_user_errors_exit_1_with_a_message(indexes, photos, tmp_path):
     np.save(orphan, np.zeros((3, 512), dtype=np.float32))
     index = str(indexes["float32"])
     (tmp_path / "folder.npy").mkdir()
+    (tmp_path / "stopped.npy.partial").mkdir()  # an embed interrupted before it wrote stopped.npy
     os.mkfifo(tmp_path / "pipe.png")
     cases = [
         ([query], "no index to search"),
         ([query, "--index", str(tmp_path / "folder.npy")], "folder.npy: a folder, not an index; pass the OUT.npy"),
+        ([query, "--index", str(tmp_path / "stopped.npy")], "stopped.npy: not written yet, its embed was interrupted"),
         ([str(tmp_path / "pipe.png"), "--index", index], "pipe.png: not a regular file; pass an image file"),
         ([query, "--index", str(tmp_path / "missing.npy")], "no such index"),
         ([query, "--index", str(tmp_path / "index.txt")], "not a .npy file"),
