@@ -364,8 +364,8 @@ ValSplitOpt = Annotated[Optional[float], typer.Option(
     help="Fraction of each class of TRAIN held out for validation, seeded (default 0.2 without --val).",
     show_default=False)]
 LabelsOpt = Annotated[Optional[Path], typer.Option(
-    "--labels", parser=_path, help="CSV of path,label rows (paths relative to TRAIN) instead of class subfolders.",
-    show_default=False)]
+    "--labels", parser=_path, show_default=False,
+    help="CSV of path,label rows (paths relative to TRAIN, or absolute) instead of class subfolders.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as one JSON object, for scripts.")]
 
 
