@@ -222,7 +222,8 @@ def _start(config: EmbedConfig, model_path: Path, sha256: str, info: EncoderInfo
     if manifest_path(out).exists() and not config.overwrite:  # the end replaces it: not without the user's word
         raise ConfigError(f"{manifest_path(out)} already exists, where OUT {out} puts its manifest; pass "
                           f"--overwrite to replace it, or another OUT")
-    scan = require_images(scan_images(config.images))
+    scan = require_images(scan_images(config.images, label="IMAGES",
+                                      instead="pass the folder of images (MODEL is the first argument)"))
     _check_free(work)  # again: another embed of this OUT may have started during the scan
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -64,6 +64,7 @@ class Scan:
     paths: list[Path] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     runs: list[Path] = field(default_factory=list)  # folders of simclr runs passed over
+    label: str = ""  # the argument that named root, e.g. "IMAGES", for errors
 
     def runs_note(self) -> str | None:
         """A line naming the run folders passed over, if any."""
@@ -93,6 +94,15 @@ def is_run_folder(directory: str | Path, files: Iterable[str]) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and {"out_dir", "runtime"} <= config.keys()
+
+
+def holds_run(folder: str | Path) -> bool:
+    """Whether `folder` itself is a simclr run's (is_run_folder); False for one that cannot be listed, which its
+    scan reports."""
+    try:
+        return is_run_folder(folder, os.listdir(folder))
+    except OSError:
+        return False
 
 
 def _walk(root: Path, exclude: Path | None = None, runs: list[Path] | None = None,
@@ -145,18 +155,25 @@ def probe(path: Path) -> str | None:
     return None
 
 
-def scan_images(root: str | Path, check: bool = True, threads: int = 8, exclude: str | Path | None = None) -> Scan:
+def scan_images(root: str | Path, check: bool = True, threads: int = 8, exclude: str | Path | None = None,
+                label: str = "", instead: str = "pass the folder of images") -> Scan:
     """Return every image under root at any depth, sorted by relative path, and the files skipped.
 
     Subfolders are not classes here. Hidden files, non-image extensions, the folder `exclude` (a run's
     own, inside its data) and the folders of other simclr runs (is_run_folder; listed in `runs`) are
     ignored; with `check`, each file's header is read so that empty or foreign files are skipped up front.
+    A root that is itself a run's folder is refused, naming it as `label` (the argument, e.g. "IMAGES") and
+    saying `instead`, what to pass.
     """
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: no such folder; pass a folder of images")
     if not root.is_dir():
         raise DataError(f"{root}: is a file, not a folder; pass the folder that holds the images")
+    # Mostly MODEL's run folder given again in the place of the images: read as data, its curves.png alone would
+    # be embedded, searched with or trained on, with no word of what went wrong.
+    if holds_run(root):
+        raise DataError(f"{_named(label, root)}: a simclr run folder, not a folder of images; {instead}")
     runs: list[Path] = []
     unreadable: list[Skipped] = []
     candidates = sorted(
@@ -164,7 +181,7 @@ def scan_images(root: str | Path, check: bool = True, threads: int = 8, exclude:
          if is_image_name(name)),
         key=lambda p: p.relative_to(root).as_posix(),
     )
-    scan = Scan(root=root, runs=runs, skipped=unreadable)
+    scan = Scan(root=root, runs=runs, skipped=unreadable, label=label)
     problems: Iterable[str | None]
     if check:
         with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -179,11 +196,16 @@ def scan_images(root: str | Path, check: bool = True, threads: int = 8, exclude:
     return scan
 
 
+def _named(label: str, path: str | Path) -> str:
+    return f"{label} {path}" if label else str(path)
+
+
 def require_images(scan: Scan) -> Scan:
     """Raise a one-line DataError when a scan found nothing usable."""
     if not scan.paths:
         found = f"{len(scan.skipped)} unreadable file(s), no readable image" if scan.skipped else "no image files"
-        raise DataError(f"{scan.root}: {found}; put JPEG, PNG, WebP, BMP, GIF or TIFF images in it (any depth)")
+        raise DataError(f"{_named(scan.label, scan.root)}: {found}; put JPEG, PNG, WebP, BMP, GIF or TIFF images "
+                        f"in it (any depth)")
     return scan
 
 

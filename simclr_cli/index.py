@@ -578,7 +578,8 @@ def query_paths(queries: Sequence[str | Path]) -> tuple[list[str], list[Any]]:
     paths, skipped = [], []
     for query in map(Path, queries):
         if query.is_dir():
-            scan = require_images(scan_images(query))
+            scan = require_images(scan_images(query, label="QUERY", instead="pass image files or folders of images "
+                                                                             "to look up (the index is --index)"))
             paths.extend(os.path.abspath(p) for p in scan.paths)
             skipped.extend(scan.skipped)
         elif query.is_file():

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from simclr_cli.errors import ConfigError, DataError
-from simclr_cli.images import Scan, Skipped, is_image_name, is_run_folder, probe, scan_images
+from simclr_cli.images import Scan, Skipped, holds_run, is_image_name, probe, scan_images
 
 DEFAULT_VAL_SPLIT = 0.2
 
@@ -75,13 +75,6 @@ def check_decoded(classes: list[str], decoded: Iterable[int], fix: str = "") -> 
                             f"add images to it or remove it{fix}")
 
 
-def _is_run(folder: Path) -> bool:
-    try:
-        return is_run_folder(folder, os.listdir(folder))
-    except OSError:  # unreadable: its scan reports it
-        return False
-
-
 def read_class_folders(root: str | Path, classes: list[str] | None = None, flag: str = "TRAIN",
                        exclude: Path | None = None) -> tuple[list[str], LabelledSet, list[Skipped], list[str]]:
     """Read the ImageFolder layout root/<class>/**/<image>; return (classes, set, skipped, notes).
@@ -90,7 +83,9 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None, flag:
     the run reading them (a pretrain's, for --monitor): new, it does not look like a run's yet.
     """
     root = Path(root)
-    scan = scan_images(root, check=False)  # existence errors, as for pretrain
+    instead = "pass a folder of labelled images, one subfolder per class"
+    scan = scan_images(root, check=False, label=flag,  # existence errors, as for pretrain
+                       instead=f"{instead} (MODEL is the first argument)" if flag == "TRAIN" else instead)
     subfolders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     ours = exclude.resolve() if exclude is not None else None
 
@@ -100,7 +95,7 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None, flag:
     # The folders of simclr runs are no classes: a run's own (`simclr pretrain .`), or one that holds only runs
     # (its runs/). Their plots would be a class's images.
     found = {name: scan_images(root / name, exclude=exclude) for name in subfolders
-             if not _is_run(root / name) and (root / name).resolve() != ours}
+             if not holds_run(root / name) and (root / name).resolve() != ours}
     runs = [root / name for name in subfolders if name not in found]
     runs += [root / name for name, scan_of in found.items() if (scan_of.runs or holds_ours(root / name))
              and not scan_of.paths and not scan_of.skipped]

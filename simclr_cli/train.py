@@ -118,7 +118,9 @@ class PretrainRun:
         seed_everything(config.runtime.seed)
 
         # A run folder inside its data (`simclr pretrain .`) holds curves.png: not an image to train on.
-        scan = require_images(scan_images(config.data_dir, exclude=self.run_dir))
+        scan = require_images(scan_images(config.data_dir, exclude=self.run_dir, label="DATA_DIR",
+                                          instead="pass the folder of images; to continue a pretrain run, pass "
+                                                  "--resume RUN"))
         if len(scan.paths) < 2:
             raise DataError(f"{config.data_dir}: only one image; SimCLR contrasts each image with the others in "
                             f"its batch, so it needs at least 2 (a few hundred to learn anything)")

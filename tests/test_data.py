@@ -81,8 +81,9 @@ def test_scan_passes_over_the_folders_of_simclr_runs(tmp_path):
     assert scan.runs_note() == (f"passed over 2 folder(s) of simclr runs in {root}: {root / 'evals/linear'} and 1 "
                                 f"more (their plots are no photos)")
     run = root / "runs" / "pretrain-1"
-    assert relative(scan_images(run).paths, run) == ["curves.png", "inner/d.png"], "the root itself is scanned"
-    assert scan_images(run).runs_note() is None
+    with pytest.raises(DataError, match=f"^IMAGES {run}: a simclr run folder, not a folder of images; pass another$"):
+        scan_images(run, label="IMAGES", instead="pass another")  # its curves.png would be the only image
+    assert scan_images(root / "runs").runs == [run], "a folder that holds runs is no run's"
 
 
 def test_every_good_image_decodes_to_rgb(mixed_folder):

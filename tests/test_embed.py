@@ -468,6 +468,18 @@ def test_a_folder_where_no_image_decodes_writes_nothing(tiny_encoder, tmp_path, 
     assert not out.exists() and not work_dir(out).exists() and not (state_dir() / "last_index.json").exists()
 
 
+def test_a_run_folder_given_as_images_is_refused_and_not_remembered(tiny_encoder, tmp_path):
+    """`simclr embed runs/digits runs/digits d.npy`: MODEL given twice. Its curves.png alone was embedded, and the
+    index of one plot became the last index, which `simclr similar` then searched."""
+    out = tmp_path / "out.npy"
+    result = run_embed(tiny_encoder, tiny_encoder, out)
+    assert result.exit_code == 1, result.output
+    assert (f"IMAGES {tiny_encoder}: a simclr run folder, not a folder of images; pass the folder of images (MODEL is "
+            f"the first argument)") in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert not out.exists() and not work_dir(out).exists() and not (state_dir() / "last_index.json").exists()
+
+
 def test_a_work_folder_without_a_plan_is_started_again(tiny_encoder, mixed_folder, tmp_path):
     """An embed that stopped before writing its plan leaves nothing to resume: a plain run starts afresh
     (it said "add --resume", and --resume said "run without --resume")."""

@@ -290,6 +290,8 @@ def test_a_second_evaluation_reuses_the_cached_features(evaluated, tiny_encoder,
 
 @pytest.mark.parametrize("args,message", [
     (["{encoder}", "{missing}"], "no such folder"),
+    (["{encoder}", "{encoder}"], "TRAIN {encoder}: a simclr run folder, not a folder of images; pass a folder of "
+                                 "labelled images, one subfolder per class (MODEL is the first argument)"),
     (["{encoder}", "{one_class}"], "only one class ('a')"),
     (["{encoder}", "{empty_class}"], "class 'b' has no readable images"),
     (["{encoder}", "{flat}", "--labels", "{csv}"], "1 file(s) it names do not exist"),

@@ -804,6 +804,20 @@ def test_user_errors_exit_1_with_one_clear_line(tmp_path, args, message):
     assert len(result.output.strip().splitlines()) == 1, result.output
 
 
+def test_a_run_folder_given_as_data_dir_is_named_as_one(tmp_path):
+    """`simclr pretrain runs/digits`: its curves.png was the only image, and the error said 'only one image'."""
+    run = tmp_path / "runs" / "digits"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"out_dir": str(run), "runtime": {"seed": 0}}))
+    (run / "metrics.jsonl").write_text("")
+    Image.new("RGB", (8, 8)).save(run / "curves.png")
+    result = runner.invoke(app, ["pretrain", str(run), "--out", str(tmp_path / "new"), *FAST])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (f"error: DATA_DIR {run}: a simclr run folder, not a folder of images; pass the "
+                                     f"folder of images; to continue a pretrain run, pass --resume RUN"), result.output
+    assert not (tmp_path / "new").exists()
+
+
 def test_version_and_help_list_every_command():
     assert runner.invoke(app, ["--version"]).output.startswith("simclr ")
     result = runner.invoke(app, ["--help"])

@@ -704,6 +704,14 @@ def test_no_readable_query_is_a_one_line_error(indexes, tmp_path, dtype, cut_ima
     assert "cut.jpg: unreadable" in " ".join(result.output.split()) and "Traceback" not in result.output
 
 
+def test_a_run_folder_as_query_is_refused_not_searched_with_its_plot(indexes, tiny_encoder):
+    result = runner.invoke(app, ["similar", str(tiny_encoder), "--index", str(indexes["float32"])])
+    assert result.exit_code == 1, result.output
+    assert (f"QUERY {tiny_encoder}: a simclr run folder, not a folder of images; pass image files or folders of "
+            f"images to look up (the index is --index)") in " ".join(result.output.split())
+    assert "curves.png" not in result.output and "Traceback" not in result.output
+
+
 def test_paths_with_square_brackets_print_as_they_are(indexes, photos, tmp_path):
     """Rich would read "[edited]" or "[/x]" as markup: dropped from the output, or a traceback."""
     edited = tmp_path / "photo [edited].png"
