@@ -204,7 +204,8 @@ def require_images(scan: Scan) -> Scan:
     """Raise a one-line DataError when a scan found nothing usable."""
     if not scan.paths:
         found = f"{len(scan.skipped)} unreadable file(s), no readable image" if scan.skipped else "no image files"
-        raise DataError(f"{_named(scan.label, scan.root)}: {found}; put JPEG, PNG, WebP, BMP, GIF or TIFF images "
+        runs = f"; {scan.runs_note()}" if scan.runs else ""  # a folder of runs alone: why their plots do not count
+        raise DataError(f"{_named(scan.label, scan.root)}: {found}{runs}; put JPEG, PNG, WebP, BMP, GIF or TIFF images "
                         f"in it (any depth)")
     return scan
 

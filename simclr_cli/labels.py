@@ -107,11 +107,11 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None, flag:
             why = unlisted[0].reason.split(";")[0]
             raise DataError(f"{flag} {root}: class folder {name!r} cannot be listed ({why}); let this user read it, "
                             f"or remove it")
+    notes = [note] if (note := Scan(root, runs=runs).runs_note()) else []
     if not subfolders:
         csv_hint = ", or pass --labels labels.csv" if flag == "TRAIN" else ""
-        raise DataError(f"{flag} {root}: no class subfolders; put each class's images in its own subfolder "
-                        f"(e.g. {root}/cat, {root}/dog){csv_hint}")
-    notes = [note] if (note := Scan(root, runs=runs).runs_note()) else []
+        raise DataError(f"{flag} {root}: no class subfolders{''.join(f'; {n}' for n in notes)}; put each class's "
+                        f"images in its own subfolder (e.g. {root}/cat, {root}/dog){csv_hint}")
     loose = [p for p in scan.paths if p.parent == root]
     if loose:
         notes.append(f"{len(loose)} image(s) directly in {root} belong to no class subfolder: ignored")

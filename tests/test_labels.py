@@ -183,6 +183,11 @@ def test_simclr_run_folders_inside_the_class_folders_are_no_classes(tmp_path):
     val = make_classes(tmp_path / "val", {"cat": 1, "dog": 1})
     shutil.copytree(root / "myrun", val / "myrun")
     assert len(load_labelled(root, val_dir=val).val) == 2
+    # `simclr linear-eval MODEL runs`: no class subfolders, because every one was a run's
+    with pytest.raises(DataError) as error:
+        load_labelled(root / "runs")
+    assert str(error.value).startswith(f"TRAIN {root / 'runs'}: no class subfolders; passed over 1 folder(s) of "
+                                       f"simclr runs in {root / 'runs'}: {root / 'runs' / 'pretrain-1'} "), error.value
 
 
 def test_a_class_folder_that_cannot_be_listed_says_so(tmp_path, unlistable):

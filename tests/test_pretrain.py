@@ -804,7 +804,7 @@ def test_user_errors_exit_1_with_one_clear_line(tmp_path, args, message):
     assert len(result.output.strip().splitlines()) == 1, result.output
 
 
-def test_a_run_folder_given_as_data_dir_is_named_as_one(tmp_path):
+def test_a_run_folder_given_as_data_dir_and_a_folder_of_runs_are_named_as_such(tmp_path):
     """`simclr pretrain runs/digits`: its curves.png was the only image, and the error said 'only one image'."""
     run = tmp_path / "runs" / "digits"
     run.mkdir(parents=True)
@@ -816,6 +816,12 @@ def test_a_run_folder_given_as_data_dir_is_named_as_one(tmp_path):
     assert result.output.strip() == (f"error: DATA_DIR {run}: a simclr run folder, not a folder of images; pass the "
                                      f"folder of images; to continue a pretrain run, pass --resume RUN"), result.output
     assert not (tmp_path / "new").exists()
+    # a folder that holds only runs: "no image files" did not say why
+    result = runner.invoke(app, ["pretrain", str(run.parent), "--out", str(tmp_path / "new"), *FAST])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (f"error: DATA_DIR {run.parent}: no image files; passed over 1 folder(s) of simclr "
+                                     f"runs in {run.parent}: {run} (their plots are no photos); put JPEG, PNG, WebP, "
+                                     f"BMP, GIF or TIFF images in it (any depth)"), result.output
 
 
 def test_version_and_help_list_every_command():
