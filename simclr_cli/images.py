@@ -137,6 +137,12 @@ def _walk(root: Path, exclude: Path | None = None, runs: list[Path] | None = Non
             yield Path(directory), name
 
 
+def _described(error: Exception, path: str | Path) -> str:
+    """The error's type and first line (200 characters at most), less the file name Pillow puts in some (cannot
+    identify image file '...'): whoever reports it names the file already."""
+    return f"{type(error).__name__}: {error}".replace(f" {os.fspath(path)!r}", "").splitlines()[0][:200]
+
+
 def probe(path: Path) -> str | None:
     """Return why a file cannot be an image (reading its header only), or None if it looks fine."""
     try:
@@ -149,7 +155,7 @@ def probe(path: Path) -> str | None:
     except Image.DecompressionBombError:
         return "decompression bomb: refused"
     except Exception as error:  # Pillow raises many types for bad headers
-        return f"unreadable: {type(error).__name__}: {error}".splitlines()[0][:200]
+        return f"unreadable: {_described(error, path)}"
     if width * height > MAX_PIXELS:
         return f"decompression bomb: {width}x{height} pixels is over the {MAX_PIXELS:,} limit: refused"
     return None
@@ -200,14 +206,26 @@ def _named(label: str, path: str | Path) -> str:
     return f"{label} {path}" if label else str(path)
 
 
+def first_skipped(skipped: list[Skipped]) -> tuple[str, str]:
+    """(the first skipped file and why, what to do about it), for an error saying nothing was readable: the count
+    alone named no file to look at."""
+    first = skipped[0]
+    why = first.reason.split(";")[0]  # an unreadable folder's reason goes on to say its images are left out
+    fix = "let this user read it" if why.startswith("unreadable folder") else "replace or remove the damaged files"
+    return f"{first.path}: {why}", fix
+
+
 def require_images(scan: Scan) -> Scan:
     """Raise a one-line DataError when a scan found nothing usable."""
-    if not scan.paths:
-        found = f"{len(scan.skipped)} unreadable file(s), no readable image" if scan.skipped else "no image files"
-        runs = f"; {scan.runs_note()}" if scan.runs else ""  # a folder of runs alone: why their plots do not count
-        raise DataError(f"{_named(scan.label, scan.root)}: {found}{runs}; put JPEG, PNG, WebP, BMP, GIF or TIFF images "
-                        f"in it (any depth)")
-    return scan
+    if scan.paths:
+        return scan
+    runs = f"; {scan.runs_note()}" if scan.runs else ""  # a folder of runs alone: why their plots do not count
+    where, kinds = _named(scan.label, scan.root), "JPEG, PNG, WebP, BMP, GIF or TIFF images"
+    if not scan.skipped:
+        raise DataError(f"{where}: no image files{runs}; put {kinds} in it (any depth)")
+    file, fix = first_skipped(scan.skipped)
+    raise DataError(f"{where}: {len(scan.skipped)} unreadable file(s), no readable image, the first {file}{runs}; "
+                    f"{fix}, or add readable {kinds}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -280,8 +298,7 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise UnreadableImage(f"decompression bomb: refused ({error})") from None
     except Exception as error:  # truncated data, bad headers, I/O errors
-        message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-        raise UnreadableImage(f"unreadable: {message}") from None
+        raise UnreadableImage(f"unreadable: {_described(error, path)}") from None
 
 
 def note_skipped(known: dict[str, Skipped], skipped: list[Skipped], report: Callable[..., None]) -> None:

@@ -282,9 +282,13 @@ def test_empty_folder_and_folder_without_readable_images_are_clear_errors(tmp_pa
         require_images(scan_images(empty))
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "a.jpg").write_text("nope")
-    with pytest.raises(DataError, match="1 unreadable file"):
-        require_images(scan_images(broken))
+    (broken / "b.png").write_text("nope")
+    (broken / "c.jpg").write_bytes(b"")
+    with pytest.raises(DataError) as error:  # it named no file, and said to put images in it
+        require_images(scan_images(broken, label="IMAGES"))
+    assert str(error.value) == (f"IMAGES {broken}: 2 unreadable file(s), no readable image, the first {broken}/b.png: "
+                                f"unreadable: UnidentifiedImageError: cannot identify image file; replace or remove "
+                                f"the damaged files, or add readable JPEG, PNG, WebP, BMP, GIF or TIFF images")
     with pytest.raises(DataError, match="no such folder"):
         scan_images(tmp_path / "missing")
     (tmp_path / "file.png").write_bytes(b"")

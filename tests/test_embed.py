@@ -480,6 +480,18 @@ def test_a_run_folder_given_as_images_is_refused_and_not_remembered(tiny_encoder
     assert not out.exists() and not work_dir(out).exists() and not (state_dir() / "last_index.json").exists()
 
 
+def test_a_folder_of_damaged_files_names_the_first_and_says_to_replace_them(tiny_encoder, tmp_path):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "b.png").write_bytes(b"\x00garbage")
+    (damaged / "c.jpg").write_bytes(b"")
+    result = run_embed(tiny_encoder, damaged, tmp_path / "out.npy")
+    assert result.exit_code == 1, result.output
+    assert (f"IMAGES {damaged}: 2 unreadable file(s), no readable image, the first {damaged}/b.png: unreadable: "
+            f"UnidentifiedImageError: cannot identify image file; replace or remove the damaged files, or add "
+            f"readable") in " ".join(result.output.split()), result.output
+
+
 def test_a_work_folder_without_a_plan_is_started_again(tiny_encoder, mixed_folder, tmp_path):
     """An embed that stopped before writing its plan leaves nothing to resume: a plain run starts afresh
     (it said "add --resume", and --resume said "run without --resume")."""

@@ -755,7 +755,9 @@ def test_a_killed_loader_worker_is_one_line_and_exit_code_1(small_digits_folder,
 @pytest.mark.parametrize("args,message", [
     (["pretrain", "{missing}"], "no such folder"),
     (["pretrain", "{empty}"], "no image files"),
-    (["pretrain", "{broken}"], "no readable image"),
+    (["pretrain", "{broken}"], "/broken: 1 unreadable file(s), no readable image, the first "),
+    (["pretrain", "{broken}"], "/broken/a.jpg: unreadable: UnidentifiedImageError: cannot identify image file; "
+                               "replace or remove the damaged files"),
     (["pretrain", "{empty}", "--arch", "vgg16"], "--arch 'vgg16' is unknown"),
     (["pretrain", "{empty}", "--max-time", "soon"], "--max-time 'soon' is not a duration"),
     (["pretrain", "{empty}", "--weight-decay", "inf"], "--weight-decay inf must be a finite number"),

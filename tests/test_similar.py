@@ -702,6 +702,13 @@ def test_no_readable_query_is_a_one_line_error(indexes, tmp_path, dtype, cut_ima
     result = runner.invoke(app, ["similar", str(queries), "--index", str(indexes[dtype])])
     assert result.exit_code == 1, result.output
     assert "cut.jpg: unreadable" in " ".join(result.output.split()) and "Traceback" not in result.output
+    (queries / "b.png").write_bytes(b"\x00garbage")  # a folder of files whose headers do not read
+    (queries / "cut.jpg").unlink()
+    result = runner.invoke(app, ["similar", str(queries), "--index", str(indexes[dtype])])
+    assert result.exit_code == 1, result.output
+    assert (f"QUERY {queries}: 1 unreadable file(s), no readable image, the first {queries}/b.png: unreadable: "
+            f"UnidentifiedImageError: cannot identify image file; replace or remove the damaged files") in \
+        " ".join(result.output.split()), result.output
 
 
 def test_a_run_folder_as_query_is_refused_not_searched_with_its_plot(indexes, tiny_encoder):
