@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from simclr_cli.errors import ConfigError, DataError
-from simclr_cli.images import Scan, Skipped, holds_run, is_image_name, probe, scan_images
+from simclr_cli.images import Scan, Skipped, first_skipped, holds_run, is_image_name, probe, scan_images
 
 DEFAULT_VAL_SPLIT = 0.2
 
@@ -120,6 +120,11 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None, flag:
         if unknown:
             raise DataError(f"{flag} {root}: class {unknown[0]!r} is not among the training classes "
                             f"({', '.join(classes)}); rename or remove that subfolder")
+    for name in subfolders:  # a class of damaged files alone: "no readable images; add images" named none of them
+        if found[name].skipped and not found[name].paths:
+            file, fix = first_skipped(found[name].skipped)
+            raise DataError(f"{flag} {root}: class {name!r} has no readable images, {len(found[name].skipped)} "
+                            f"unreadable file(s), the first {file}; {fix}, or remove the class")
     names = classes if classes is not None else subfolders
     paths, labels, skipped, counts = [], [], [], []
     for name in subfolders:

@@ -48,6 +48,22 @@ def test_unusable_class_folders_are_refused(tmp_path, counts, message):
         load_labelled(root)
 
 
+def test_a_class_of_damaged_files_names_the_first(tmp_path):
+    """It said 'no readable images; add images to it or remove it', naming no file, in TRAIN and in --val."""
+    root = make_classes(tmp_path / "train", {"cat": 2, "dog": 0})
+    (root / "dog" / "b.png").write_bytes(b"\x00garbage")
+    (root / "dog" / "c.jpg").write_bytes(b"")
+    expected = (f"class 'dog' has no readable images, 2 unreadable file(s), the first {root}/dog/b.png: unreadable: "
+                f"UnidentifiedImageError: cannot identify image file; replace or remove the damaged files, or remove "
+                f"the class")
+    for load, flag in ((lambda: load_labelled(root), "TRAIN"),
+                       (lambda: load_labelled(make_classes(tmp_path / "other", {"cat": 2, "dog": 2}), val_dir=root),
+                        "--val")):
+        with pytest.raises(DataError) as error:
+            load()
+        assert str(error.value) == f"{flag} {root}: {expected}"
+
+
 def test_a_folder_without_class_subfolders_is_refused(tmp_path):
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
