@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -103,9 +103,14 @@ def _holds_run(run_dir: Path, config_class: Any) -> bool:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically (tensors made contiguous and unshared); a failed write (a full disk)
-    is an OSError naming `path`, as Python's own writes give."""
+    """Write a safetensors file atomically (tensors made contiguous and unshared), or leave `path` as it is where
+    it already holds these tensors and metadata; a failed write (a full disk) is an OSError naming `path`, as
+    Python's own writes give."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    # safetensors writes its metadata in another order on every call (a Rust HashMap): the same weights written
+    # again would be other bytes, and every index and feature cache keyed by the file's SHA-256 would go stale.
+    if _holds(path, tensors, metadata):
+        return
     with atomic_path(path) as tmp:
         try:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -113,6 +118,27 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
             found = re.search(r"os error (\d+)", str(error))
             code = int(found.group(1)) if found else errno.EIO
             raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def _holds(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+    """Whether the file at `path` holds exactly `metadata` and `tensors`: the same names, dtypes, shapes and bytes."""
+    if not Path(path).is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:  # the header first: a checkpoint's differs at once
+            if (handle.metadata() or {}) != metadata or set(handle.keys()) != set(tensors):
+                return False
+            return all(_same_bits(handle.get_tensor(name), tensor) for name, tensor in tensors.items())
+    except (SafetensorError, OSError, ValueError):  # damaged, or not safetensors: written anew
+        return False
+
+
+def _same_bits(saved: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether two tensors are the same bit for bit: unlike torch.equal, a NaN equals itself and -0.0 differs
+    from 0.0, so a file is kept only where writing it again would give the same tensor bytes."""
+    if saved.dtype != tensor.dtype or saved.shape != tensor.shape:
+        return False
+    return torch.equal(saved.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
 
 
 def save_encoder(path: str | Path, backbone: nn.Module, info: EncoderInfo,

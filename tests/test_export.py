@@ -2,7 +2,9 @@
 
 import contextlib
 import errno
+import hashlib
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -16,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from simclr_cli import export
 from simclr_cli.config import PretrainConfig
 from simclr_cli.errors import ConfigError, ModelFileError
-from simclr_cli.export import load_checkpoint, load_encoder, save_checkpoint, save_encoder
-from simclr_cli.files import PROBE_PREFIX, EncoderInfo, atomic_path, claimed, held
+from simclr_cli.export import load_checkpoint, load_encoder, save_checkpoint, save_encoder, save_tensors
+from simclr_cli.files import PROBE_PREFIX, EncoderInfo, atomic_path, claimed, held, read_metadata
 from simclr_cli.models import SimCLR, build_backbone
 from simclr_cli.optim import build_optimizer
 from simclr_cli.runtime import rng_state, set_rng_state
@@ -227,6 +229,46 @@ except OSError as error:
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(errno.EFBIG), str(path)]
     assert list(tmp_path.iterdir()) == [], "the temporary is removed"
+
+
+def test_the_same_tensors_and_metadata_written_again_leave_the_files_bytes(tmp_path):
+    """safetensors writes its metadata in another order on every call, so a re-export of the same weights had a
+    new SHA-256, and every index built from the encoder was refused. A file is kept only when it holds the
+    same tensors bit for bit and the same metadata; any difference is written."""
+    path = tmp_path / "encoder.safetensors"
+    tensors = {"weight": torch.arange(6.0).reshape(2, 3), "steps": torch.tensor(3), "nan": torch.tensor([math.nan])}
+    metadata = {f"key{i}": str(i) for i in range(12)}  # twelve entries: orders enough for every write to differ
+
+    def digest() -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def holds(expected: dict[str, torch.Tensor], expected_metadata: dict[str, str]) -> bool:
+        saved = load_file(str(path))
+        return (read_metadata(path, "test file") == expected_metadata and saved.keys() == expected.keys()
+                and all(saved[name].dtype == tensor.dtype and saved[name].shape == tensor.shape
+                        and saved[name].numpy().tobytes() == tensor.numpy().tobytes()
+                        for name, tensor in expected.items()))
+
+    save_tensors(path, tensors, metadata)
+    first = digest()
+    for _ in range(3):
+        save_tensors(path, {name: tensor.clone() for name, tensor in tensors.items()}, dict(reversed(metadata.items())))
+        assert digest() == first, "the same tensors and metadata: the file is left as it was"
+    changes = [({**tensors, "weight": tensors["weight"] + 1}, metadata),
+               ({**tensors, "steps": torch.tensor(3.0)}, metadata),  # the same value in another dtype
+               ({**tensors, "weight": tensors["weight"].reshape(3, 2)}, metadata),
+               ({**tensors, "extra": torch.zeros(1)}, metadata),
+               ({name: tensor for name, tensor in tensors.items() if name != "nan"}, metadata),
+               ({**tensors, "nan": torch.tensor([-0.0])}, metadata),
+               (tensors, {**metadata, "key0": "changed"})]
+    for changed, changed_metadata in changes:
+        save_tensors(path, changed, changed_metadata)
+        assert holds(changed, changed_metadata)
+        save_tensors(path, tensors, metadata)
+        assert holds(tensors, metadata)
+    save_tensors(path, {**tensors, "nan": torch.tensor([0.0])}, metadata)
+    save_tensors(path, {**tensors, "nan": torch.tensor([-0.0])}, metadata)
+    assert torch.signbit(load_file(str(path))["nan"]).all(), "-0.0 is written over 0.0 (torch.equal calls them equal)"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])

@@ -1,6 +1,7 @@
 """finetune end to end on the digits: accuracy, exported model and report, label-fraction subsets, the
 SimCLRv2 head layer, interrupt and resume, `simclr embed` of a fine-tuned model, user errors."""
 
+import hashlib
 import json
 import math
 import os
@@ -131,7 +132,11 @@ def test_a_crash_mid_epoch_resumes_from_the_last_timed_checkpoint(tiny_encoder, 
 
 
 def test_a_resume_of_a_finished_finetune_says_it_had_finished(tiny_encoder, small_digits_folder, tmp_path):
+    """And leaves finetuned.safetensors's bytes as they were: written again, the same weights had a new SHA-256
+    (safetensors orders its metadata anew on every write), and every index built from the file was refused."""
     finetune(_config(small_digits_folder, tiny_encoder, tmp_path / "run", epochs=1))
+    model = tmp_path / "run" / FINETUNED_FILE
+    before = hashlib.sha256(model.read_bytes()).hexdigest()
     messages, kinds = [], []
 
     def report(kind, **fields):
@@ -143,6 +148,7 @@ def test_a_resume_of_a_finished_finetune_says_it_had_finished(tiny_encoder, smal
     assert f"{tmp_path / 'run'} had finished training; writing its model and report again" in messages
     assert not any(text.startswith("resuming") for text in messages), messages  # it said "at epoch 2" of 1
     assert "start" not in kinds, kinds  # plain output printed "training for 0 steps"
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == before
 
 
 def test_a_signal_during_the_final_report_lets_it_finish(tiny_encoder, small_digits_folder, tmp_path, monkeypatch):

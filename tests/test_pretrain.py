@@ -1,6 +1,7 @@
 """End to end through the CLI: pretrain, skip broken files, export, resume, time budgets, user errors."""
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -235,6 +236,32 @@ def test_resuming_a_finished_run_exports_again_past_a_log_line_cut_short(small_d
     result = resume_pretrain(out)
     assert result.encoder_path.is_file() and result.state.finished
     assert (out / "metrics.jsonl").read_text() == log, "the cut line is dropped (it was a JSONDecodeError)"
+
+
+def test_resuming_a_finished_run_leaves_its_files_bytes_and_the_indexes_built_from_them(small_digits_folder,
+                                                                                        tmp_path):
+    """The re-export wrote the same weights as new bytes (safetensors orders its metadata anew on every write):
+    `simclr similar` refused every index built from the encoder as "changed since", and linear-eval's feature
+    cache, keyed by the file's SHA-256, was computed again."""
+    out = tmp_path / "done"
+    pretrain(_config(small_digits_folder, out, epochs=1))
+
+    def digests() -> dict[str, str]:
+        return {name: hashlib.sha256((out / name).read_bytes()).hexdigest()
+                for name in ("encoder.safetensors", "head.safetensors")}
+
+    before = digests()
+    index = tmp_path / "threes.npy"
+    embedded = runner.invoke(app, ["embed", str(out), str(small_digits_folder / "3"), str(index), "--device", "cpu",
+                                   "--workers", "0"])
+    assert embedded.exit_code == 0, embedded.output
+    resumed = runner.invoke(app, ["pretrain", "--resume", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "had already finished; exporting its encoder again" in " ".join(resumed.output.split())
+    assert digests() == before
+    query = sorted((small_digits_folder / "3").iterdir())[0]
+    found = runner.invoke(app, ["similar", str(query), "--index", str(index), "--json"])
+    assert found.exit_code == 0, found.output
 
 
 class SteadyClock:
