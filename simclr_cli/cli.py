@@ -269,7 +269,9 @@ def pretrain(
     if result.skipped:
         err_console.print(f"{len(result.skipped)} unreadable file(s) skipped; listed in "
                           f"{result.run_dir / 'skipped.json'}")
-    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    # The mean over the last epoch's steps (those taken, where a time budget ended it), as its epoch line gives:
+    # "final loss" read as the last step's, which is noisier and often far from it.
+    loss = f", last epoch's mean loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     console.print(f"encoder saved to {result.encoder_path} ({result.state.step} steps, "
                   f"{result.state.images_seen:,} images{loss})")
 

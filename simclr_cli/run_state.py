@@ -36,6 +36,6 @@ class PretrainResult:
     run_dir: Path
     encoder_path: Path | None
     state: LoopState
-    final_loss: float | None
+    final_loss: float | None  # the last epoch's mean loss (over the steps it took), not the last step's
     skipped: list[Skipped] = field(default_factory=list)
     interrupted: bool = False

@@ -290,6 +290,12 @@ def test_time_budget_ends_the_run_in_time_and_annealed(small_digits_folder, tmp_
     peak = max(r["lr"] for r in records)
     assert records[-1]["lr"] < 0.15 * peak, "the schedule is fitted to the budget: the run ends annealed"
     assert len(records) >= 10
+    # The summary said "final loss" of the last epoch's mean, which the last step's loss was far from.
+    last_epoch = [r["loss"] for r in records if r["epoch"] == records[-1]["epoch"]]
+    assert len(last_epoch) > 1 and last_epoch[-1] != pytest.approx(sum(last_epoch) / len(last_epoch), abs=1e-4)
+    summary = " ".join(result.output.split())
+    assert f"last epoch's mean loss {sum(last_epoch) / len(last_epoch):.4f})" in summary, summary
+    assert "final loss" not in summary
 
 
 def test_a_budget_spent_before_the_first_step_is_an_error_not_a_random_encoder(small_digits_folder, tmp_path,
