@@ -272,8 +272,8 @@ def pretrain(
     # The mean over the last epoch's steps (those taken, where a time budget ended it), as its epoch line gives:
     # "final loss" read as the last step's, which is noisier and often far from it.
     loss = f", last epoch's mean loss {result.final_loss:.4f}" if result.final_loss is not None else ""
-    console.print(f"encoder saved to {result.encoder_path} ({result.state.step} steps, "
-                  f"{result.state.images_seen:,} images{loss})")
+    steps = f"{result.state.step} step" + ("" if result.state.step == 1 else "s")  # a short budget can end at one
+    console.print(f"encoder saved to {result.encoder_path} ({steps}, {result.state.images_seen:,} images{loss})")
 
 
 def _flags_given(ctx: typer.Context) -> set[str]:

@@ -73,6 +73,14 @@ def parse_duration(text: str, flag: str = "--max-time") -> float:
     return total
 
 
+def format_duration(seconds: float) -> str:
+    """A number of seconds as parse_duration reads it back, to the second: "0m30s", "1h05m00s"."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)

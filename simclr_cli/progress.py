@@ -11,6 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
     TimeRemainingColumn
 from rich.text import Text
 
+from simclr_cli.config import format_duration
+
 # Long paths stay on one line; no markup, so that a path like "photo [edited].jpg" prints as it is.
 class _Console(Console):
     def on_broken_pipe(self) -> None:
@@ -56,13 +58,6 @@ def _expected_total(step: int, total_steps: int, progress: float) -> int:
     """The steps the run will take: `total_steps`, or under a time budget, fewer at the pace so far (progress is
     (step + 0.5) / total_steps when the steps are further along than the time)."""
     return min(total_steps, max(step, round((step + 0.5) / max(progress, 1e-9))))
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 class Reporter:
@@ -129,7 +124,7 @@ class Reporter:
             return
         if not self.live:
             # A time budget ends most runs before their step count: that is only the most they could take.
-            steps = f"up to {total_steps - start_step} steps (time budget {_duration(max_time)})" if max_time \
+            steps = f"up to {total_steps - start_step} steps (time budget {format_duration(max_time)})" if max_time \
                 else f"{total_steps - start_step} steps"
             self._line(f"training for {steps}")
             self._epoch_at = self._line_at

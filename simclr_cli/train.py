@@ -19,7 +19,7 @@ from simclr_cli import __version__, distributed
 from simclr_cli.augment import IMAGENET_MEAN, IMAGENET_STD, TwoViews, simclr_augmentation
 from simclr_cli.batch_augment import AugmentInLoader, BatchAugment, ViewSampler, resolve_augment_on
 from simclr_cli.cache import DecodedCache, WorkingImages, working_side
-from simclr_cli.config import PretrainConfig, check_saved_types, replace
+from simclr_cli.config import PretrainConfig, check_saved_types, format_duration, replace
 from simclr_cli.curves import CurvesWriter, KnnMonitor
 from simclr_cli.data import (ImageDataset, UntilWorkerDies, collate, epoch_order, even_batch, in_flight_bytes,
                              make_loader, to_device_ahead)
@@ -346,6 +346,19 @@ class PretrainRun:
         self._recent_steps.append(seconds)
         self.state.step_seconds = sorted(self._recent_steps)[(len(self._recent_steps) - 1) // 2]
 
+    def _budget_note(self, elapsed: float) -> str:
+        """Why the time budget ends the run here: the reserve _out_of_time keeps (_reserve), and what it is for."""
+        reserve, monitor = self._reserve(), self._monitor_seconds
+        typical = "a typical step's time" if self.state.step_seconds else "the first step's time"
+        why = "at least 1 s" if reserve - monitor <= 1.0 else f"twice {typical}"
+        work = "one more step and the export"
+        if monitor:
+            work = "one more step, the kNN measurement and the export"
+            why += f", and the last measurement's {monitor:.1f} s"
+        return (f"time budget: stopping after step {self.state.step} of up to {self.total_steps}, at "
+                f"{format_duration(elapsed)} of {format_duration(self.config.max_time)}: the {reserve:.1f} s it keeps "
+                f"for {work} ({why}) would pass it")
+
     def _warmup_fraction(self) -> float:
         """--warmup-epochs of the run, capped at a tenth of it (short runs warm up for 10%)."""
         return min(0.1, self.config.warmup_epochs / self.config.epochs)
@@ -584,12 +597,17 @@ class PretrainRun:
                                 self.report("message", text=f"epoch {state.epoch}: kNN top-1 {knn:.1%} on "
                                                             f"{self.config.monitor}")
                         self._monitor_seconds = clock() - started
-                state.finished = (state.epoch >= self.config.epochs or state.step >= self.total_steps
-                                  or distributed.any_rank(self._out_of_time(clock())))
+                out_of_time, elapsed = False, 0.0
+                if not (state.epoch >= self.config.epochs or state.step >= self.total_steps):
+                    elapsed = clock()
+                    out_of_time = distributed.any_rank(self._out_of_time(elapsed))
+                state.finished = state.epoch >= self.config.epochs or state.step >= self.total_steps or out_of_time
                 if state.finished and state.step == 0:  # the budget went on set-up: the encoder would be random
                     raise ConfigError(f"--max-time {self.config.max_time:g}s was spent before the first step "
                                       f"(set-up took {clock():.0f} s: the scan, the model, the loader); give a "
                                       f"longer --max-time, with another --out or after deleting {self.run_dir}")
+                if out_of_time:  # else the run ends thousands of steps short of its count, and nothing says why
+                    self.report("message", text=self._budget_note(elapsed))
                 if (distributed.any_rank(stop.signal is not None) or self._worker_died) and not state.finished:
                     interrupted = True
                 self.save_checkpoint()

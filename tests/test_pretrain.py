@@ -485,12 +485,14 @@ def test_resuming_a_finished_run_says_only_that_it_exports_again(small_digits_fo
     assert result.exit_code == 0, result.output
     steps = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert steps < 100 * 3 if budget else steps == 3
+    assert ("time budget: stopping after step" in result.output) == budget, "said where the budget ends the run"
     result = runner.invoke(app, ["pretrain", "--resume", str(out)])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
+    assert "time budget" not in output, output
     assert f"{out} had already finished; exporting its encoder again" in output
     assert f"resuming {out}" not in output and "training for" not in output, output
-    assert f"encoder saved to {out / 'encoder.safetensors'} ({steps} steps" in output
+    assert f"encoder saved to {out / 'encoder.safetensors'} ({steps} step{'' if steps == 1 else 's'}," in output
 
 
 def test_a_run_resumed_on_fewer_images_than_its_steps_need_ends_there(small_digits_folder, tmp_path, capsys):
@@ -925,6 +927,29 @@ def test_steps_longer_than_half_the_budget_left_do_not_overrun_it(small_digits_f
     pretrain(dataclasses.replace(_config(small_digits_folder, out, epochs=1000), max_time=70.0))
     times = [json.loads(line)["time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert times == [40.0], times
+
+
+def test_a_time_budget_that_ends_the_run_says_why(small_digits_folder, tmp_path, monkeypatch):
+    """`--max-time 30s` printed "training for up to 1400 steps", then "encoder saved ... (1 steps, ...)" at
+    13.7 s, and nothing said why. Here every step takes 40 s of a 70 s budget: after the first, the 80 s kept
+    for one more step and the export would pass it."""
+    clock = SteadyClock(0.0)
+    monkeypatch.setattr(train, "time", clock)
+    step = train.PretrainRun._step
+
+    def slow(self, *args, **kwargs):
+        clock.now += 40.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.PretrainRun, "_step", slow)
+    out = tmp_path / "long-steps"
+    result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1000",
+                                 "--batch-size", "32", "--max-time", "70s", *FAST])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert ("time budget: stopping after step 1 of up to 6000, at 0m40s of 1m10s: the 80.0 s it keeps for one "
+            "more step and the export (twice the first step's time) would pass it") in output, output
+    assert f"encoder saved to {out / 'encoder.safetensors'} (1 step, 32 images" in output
 
 
 @pytest.mark.parametrize("good", [0, 1])
