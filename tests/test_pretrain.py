@@ -911,9 +911,8 @@ def test_a_slow_first_step_does_not_push_the_time_budgets_schedule_ahead(small_d
     assert all(a > b for a, b in zip(rates[1:], rates[2:])) and rates[-1] < 0.1 * peak, rates
 
 
-def test_steps_longer_than_half_the_budget_left_do_not_overrun_it(small_digits_folder, tmp_path, monkeypatch):
-    """Every step takes 40 s of a 70 s budget. Leaving the first step out of the reserve (it may be compilation)
-    must not mean guessing 1 s for the second: the run stops after one step, at 40 s, not at 80."""
+def _forty_second_steps(monkeypatch) -> None:
+    """Every step takes 40 s on a clock that stands still otherwise."""
     clock = SteadyClock(0.0)
     monkeypatch.setattr(train, "time", clock)
     step = train.PretrainRun._step
@@ -923,6 +922,12 @@ def test_steps_longer_than_half_the_budget_left_do_not_overrun_it(small_digits_f
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(train.PretrainRun, "_step", slow)
+
+
+def test_steps_longer_than_half_the_budget_left_do_not_overrun_it(small_digits_folder, tmp_path, monkeypatch):
+    """Every step takes 40 s of a 70 s budget. Leaving the first step out of the reserve (it may be compilation)
+    must not mean guessing 1 s for the second: the run stops after one step, at 40 s, not at 80."""
+    _forty_second_steps(monkeypatch)
     out = tmp_path / "long-steps"
     pretrain(dataclasses.replace(_config(small_digits_folder, out, epochs=1000), max_time=70.0))
     times = [json.loads(line)["time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -933,15 +938,7 @@ def test_a_time_budget_that_ends_the_run_says_why(small_digits_folder, tmp_path,
     """`--max-time 30s` printed "training for up to 1400 steps", then "encoder saved ... (1 steps, ...)" at
     13.7 s, and nothing said why. Here every step takes 40 s of a 70 s budget: after the first, the 80 s kept
     for one more step and the export would pass it."""
-    clock = SteadyClock(0.0)
-    monkeypatch.setattr(train, "time", clock)
-    step = train.PretrainRun._step
-
-    def slow(self, *args, **kwargs):
-        clock.now += 40.0
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(train.PretrainRun, "_step", slow)
+    _forty_second_steps(monkeypatch)
     out = tmp_path / "long-steps"
     result = runner.invoke(app, ["pretrain", str(small_digits_folder), "--out", str(out), "--epochs", "1000",
                                  "--batch-size", "32", "--max-time", "70s", *FAST])
