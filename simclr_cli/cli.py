@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -274,6 +275,9 @@ def pretrain(
     loss = f", last epoch's mean loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     steps = f"{result.state.step} step" + ("" if result.state.step == 1 else "s")  # a short budget can end at one
     console.print(f"encoder saved to {result.encoder_path} ({steps}, {result.state.images_seen:,} images{loss})")
+    encoder = shlex.quote(str(result.encoder_path))
+    _next(quiet, f"simclr linear-eval {encoder} LABELLED_FOLDER  (measure it)",
+          f"simclr embed {encoder} IMAGES OUT.npy  (embeddings for a folder)")
 
 
 def _flags_given(ctx: typer.Context) -> set[str]:
@@ -567,6 +571,25 @@ def embed(
         err_console.print(f"{len(result.skipped)} unreadable file(s) skipped; listed in the manifest")
     done = "are in" if result.complete_before else "written to"
     console.print(f"{result.rows:,} embeddings {done} {out} (manifest {out.with_suffix('.json')})")
+    _next(quiet, f"simclr similar QUERY.jpg{_index_flag(out)}  (the nearest images in this index)")
+
+
+def _index_flag(out: Path) -> str:
+    """` --index OUT`, unless `simclr similar` would search OUT without it (not where $SIMCLR_INDEX names another
+    index, or the state directory could not record OUT)."""
+    from simclr_cli.index import choose_index
+
+    try:
+        default = choose_index(None)[0]
+    except ConfigError:
+        default = None
+    return "" if default is not None and default.absolute() == out.absolute() else f" --index {shlex.quote(str(out))}"
+
+
+def _next(quiet: bool, *commands: str) -> None:
+    """What to run next, on stderr so that stdout keeps only the result line; not with --quiet."""
+    if not quiet:
+        err_console.print("next: " + "\n  or: ".join(commands), style="dim", highlight=False)
 
 
 def _present(folder: Path, *names: str) -> str:

@@ -73,13 +73,18 @@ def test_embed_writes_rows_in_manifest_order(tiny_encoder, mixed_folder, tmp_pat
     np.testing.assert_allclose(rows, expected, atol=1e-5)
     assert not work_dir(out).exists()
     assert json.loads((state_dir() / "last_index.json").read_text())["index"] == str(out.absolute())
+    # ... so the next step it suggests needs no --index
+    assert "next: simclr similar QUERY.jpg  (" in result.output, result.output
 
 
-def test_no_normalize_and_float16(tiny_encoder, mixed_folder, tmp_path):
+def test_no_normalize_and_float16(tiny_encoder, mixed_folder, tmp_path, monkeypatch):
     root, _ = mixed_folder
     raw, half = tmp_path / "raw.npy", tmp_path / "half.npy"
-    assert (result := run_embed(tiny_encoder, root, raw, "--no-normalize")).exit_code == 0, result.output
+    assert (result := run_embed(tiny_encoder, root, raw, "--no-normalize", "--quiet")).exit_code == 0, result.output
+    assert "next:" not in result.output
+    monkeypatch.setenv("SIMCLR_INDEX", str(raw))  # `simclr similar` would search raw.npy: the hint names half.npy
     assert (result := run_embed(tiny_encoder, root, half, "--dtype", "float16")).exit_code == 0, result.output
+    assert f"next: simclr similar QUERY.jpg --index {half} (" in " ".join(result.output.split()), result.output
     raw_rows, half_rows = np.load(raw), np.load(half)
     manifest = json.loads(raw.with_suffix(".json").read_text())
     assert manifest["normalized"] is False

@@ -53,6 +53,9 @@ def test_pretrain_mixed_folder_skips_broken_files_and_exports_a_torchvision_enco
     assert result.exit_code == 0, result.output
     assert f"encoder saved to {out / 'encoder.safetensors'}" in result.output.replace("\n", "")
     assert "epoch 2/2" in result.output, "plain progress lines when not on a terminal"
+    said = " ".join(result.output.split())
+    assert f"next: simclr linear-eval {out / 'encoder.safetensors'} LABELLED_FOLDER" in said, said
+    assert f"or: simclr embed {out / 'encoder.safetensors'} IMAGES OUT.npy" in said, said
 
     skipped = json.loads((out / "skipped.json").read_text())
     skipped_names = sorted(Path(s["path"]).name for s in skipped)
@@ -1261,6 +1264,7 @@ def test_a_log_line_that_is_not_a_record_is_dropped_on_resume(tiny_encoder, tmp_
     result = runner.invoke(app, ["pretrain", "--resume", str(run), "--quiet"])
     assert result.exit_code == 0, result.output
     assert (run / "metrics.jsonl").read_text() == log
+    assert "encoder saved to" in result.output and "next:" not in result.output, "--quiet: the result line alone"
 
 
 def test_a_file_mended_between_sessions_leaves_skipped_json_on_resume(small_digits_folder, tmp_path, unlistable):
