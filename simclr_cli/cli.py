@@ -587,7 +587,7 @@ def _index_flag(out: Path) -> str:
 
 
 def _next(quiet: bool, *commands: str) -> None:
-    """What to run next, on stderr so that stdout keeps only the result line; not with --quiet."""
+    """What to run next, on stderr (not mixed into what a script reads from stdout); not with --quiet."""
     if not quiet:
         err_console.print("next: " + "\n  or: ".join(commands), style="dim", highlight=False)
 
