@@ -196,7 +196,7 @@ class DecodedCache:
             manifest = cache._read_manifest()
             if manifest is None or manifest["paths"] != paths or not cache._files_exist():
                 cache._create(directory)
-                summary = (f"decoded cache {cache.base}.u8 created ({format_bytes(cache.nbytes)} for {len(paths)} "
+                summary = (f"decoded cache {cache.base}.u8 created ({format_bytes(cache.nbytes)} for {len(paths):,} "
                            f"images)")
             else:
                 changed = [i for i, (old, new) in enumerate(zip(manifest["stats"], stats)) if old != new]
@@ -209,8 +209,8 @@ class DecodedCache:
                     finally:
                         os.close(fd)
                 stored = int((slots[:, 0] == STORED).sum())
-                summary = (f"decoded cache {cache.base}.u8: {stored} of {len(paths)} images stored"
-                           + (f", {len(changed)} changed since and decoded again" if changed else ""))
+                summary = (f"decoded cache {cache.base}.u8: {stored:,} of {len(paths):,} images stored"
+                           + (f", {len(changed):,} changed since and decoded again" if changed else ""))
             write_json(f"{cache.base}.json", {"format": FORMAT, "version": VERSION, "side": side,
                                               "slot": list(cache.slot), "paths": paths, "stats": stats})
             cache._identity = _identity(cache.base)

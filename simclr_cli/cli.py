@@ -268,7 +268,7 @@ def pretrain(
                           f"{_resume_command(result.run_dir, 1 if distributed.launched() else devices)}")
         raise typer.Exit(130)
     if result.skipped:
-        err_console.print(f"{len(result.skipped)} unreadable file(s) skipped; listed in "
+        err_console.print(f"{len(result.skipped):,} unreadable file(s) skipped; listed in "
                           f"{result.run_dir / 'skipped.json'}")
     # The mean over the last epoch's steps (those taken, where a time budget ended it), as its epoch line gives:
     # "final loss" read as the last step's, which is noisier and often far from it.
@@ -568,7 +568,7 @@ def embed(
                           f"Continue with: {config.resume_command()}")
         raise typer.Exit(130)
     if result.skipped:
-        err_console.print(f"{len(result.skipped)} unreadable file(s) skipped; listed in the manifest")
+        err_console.print(f"{len(result.skipped):,} unreadable file(s) skipped; listed in the manifest")
     done = "are in" if result.complete_before else "written to"
     console.print(f"{result.rows:,} embeddings {done} {out} (manifest {out.with_suffix('.json')})")
     _next(quiet, f"simclr similar QUERY.jpg{_index_flag(out)}  (the nearest images in this index)")

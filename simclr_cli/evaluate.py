@@ -73,7 +73,7 @@ def cached_features(backbone: torch.nn.Module, info: EncoderInfo, paths: Sequenc
             return tensors["features"], tensors["indices"], skipped
         except (SafetensorError, OSError, KeyError, ValueError):
             report("warning", text=f"{cache_path} is damaged; computing the features again")
-    report("message", text=f"computing features of {len(paths)} images")
+    report("message", text=f"computing features of {len(paths):,} images")
     features, indices, skipped = compute_features(backbone, info, paths, device, precision, batch_size, workers)
     save_tensors(cache_path, {"features": features, "indices": indices},
                  {"format": "simclr-features", "skipped": json.dumps([s.to_json() for s in skipped])})
@@ -306,7 +306,7 @@ def report_data(data: LabelledData, report: Report, prefix: str = "",
         report("warning", text=prefix + note)
     for skipped in data.skipped:
         report("warning", text=f"{prefix}skipped {skipped.path}: {skipped.reason}")
-    report("message", text=f"{prefix}{len(data.classes)} classes, {len(data.train)} {sets[0]} and {len(data.val)} "
+    report("message", text=f"{prefix}{len(data.classes)} classes, {len(data.train):,} {sets[0]} and {len(data.val):,} "
                            f"{sets[1]} images")
 
 

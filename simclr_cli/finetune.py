@@ -177,7 +177,7 @@ class FinetuneRun:
                                                                           memory_format=torch.channels_last)
         self.batch_size = min(config.batch_size, len(train))
         if self.batch_size < config.batch_size:
-            report("warning", text=f"only {len(train)} training images: using batch size {self.batch_size} "
+            report("warning", text=f"only {len(train):,} training images: using batch size {self.batch_size} "
                                    f"instead of {config.batch_size}")
         if self.device.type == "cpu" and not resume:  # a resumed run keeps the batch its steps were counted in
             # A batch whose activations do not fit in free memory would get the process killed mid-step.
@@ -211,8 +211,8 @@ class FinetuneRun:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", config.to_json())
             (self.run_dir / "metrics.jsonl").write_text("")
-        report("message", text=f"fine-tuning {self.info.arch} from {self.model_path} on {len(train)} labelled "
-                               f"images ({len(self.data.classes)} classes), {len(self.data.val)} for validation; "
+        report("message", text=f"fine-tuning {self.info.arch} from {self.model_path} on {len(train):,} labelled "
+                               f"images ({len(self.data.classes)} classes), {len(self.data.val):,} for validation; "
                                f"{self.device} ({self.precision.name}), batch {self.batch_size}, "
                                f"lr {config.resolved_lr:g}")
 
@@ -246,7 +246,7 @@ class FinetuneRun:
                              out_dir=self.run_dir)
         if config.label_fraction < 1:
             total, broken = len(data.train), {}
-            self.report("message", text=f"drawing the --label-fraction {config.label_fraction:g} subset of {total} "
+            self.report("message", text=f"drawing the --label-fraction {config.label_fraction:g} subset of {total:,} "
                                         f"training images (each image drawn is decoded once, to pass over broken ones)")
 
             def decodes(index: int) -> bool:  # a share of one image per class must not be a broken file
@@ -260,9 +260,9 @@ class FinetuneRun:
             data.train = data.train.subset(balanced_subset(data.train.labels, config.label_fraction,
                                                            config.runtime.seed, decodes))
             data.skipped += [broken[index] for index in sorted(broken)]
-            self.report("message", text=f"--label-fraction {config.label_fraction:g}: {len(data.train)} of "
-                                        f"{total} training images, class-balanced"
-                                        + (f", passing over {len(broken)} that could not be decoded" if broken
+            self.report("message", text=f"--label-fraction {config.label_fraction:g}: {len(data.train):,} of "
+                                        f"{total:,} training images, class-balanced"
+                                        + (f", passing over {len(broken):,} that could not be decoded" if broken
                                            else ""))
         report_data(data, self.report)
         if config.label_fraction < 1:  # every image of a class's share was drawn past the broken ones: it has none

@@ -224,7 +224,7 @@ def require_images(scan: Scan) -> Scan:
     if not scan.skipped:
         raise DataError(f"{where}: no image files{runs}; put {kinds} in it (any depth)")
     file, fix = first_skipped(scan.skipped)
-    raise DataError(f"{where}: {len(scan.skipped)} unreadable file(s), no readable image, the first {file}{runs}; "
+    raise DataError(f"{where}: {len(scan.skipped):,} unreadable file(s), no readable image, the first {file}{runs}; "
                     f"{fix}, or add readable {kinds}")
 
 

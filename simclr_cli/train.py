@@ -84,8 +84,8 @@ def use_even_batch(images: int, batch: int, report: Report, lr_follows: bool, mi
     even = even_batch(images, batch)
     if even == batch or even < minimum:
         return batch
-    report("message", text=f"using batch size {even} instead of {batch}: an epoch of {images // even} steps leaves "
-                           f"{images % even} of the {images} images out, where {batch} would leave {images % batch}"
+    report("message", text=f"using batch size {even} instead of {batch}: an epoch of {images // even:,} steps leaves "
+                           f"{images % even:,} of the {images:,} images out, where {batch} would leave {images % batch:,}"
                            + (" (the learning rate follows the batch)" if lr_follows else ""))
     return even
 
@@ -138,7 +138,7 @@ class PretrainRun:
         aug = config.augment
         self.batch_size = min(config.batch_size, len(self.paths))
         if self.batch_size < config.batch_size:
-            report("warning", text=f"only {len(self.paths)} images: using batch size {self.batch_size} "
+            report("warning", text=f"only {len(self.paths):,} images: using batch size {self.batch_size} "
                                    f"instead of {config.batch_size}")
         if not settled:  # a resumed run keeps the batch its steps were counted in
             self.batch_size = use_even_batch(len(self.paths), self.batch_size, report, lr_follows=config.lr is None,
@@ -207,8 +207,8 @@ class PretrainRun:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", config.to_json())
             (self.run_dir / "metrics.jsonl").write_text("")
-        report("message", text=f"{len(self.paths)} images in {config.data_dir}"
-                               + (f", {len(self.skipped)} unreadable file(s) skipped" if self.skipped else "")
+        report("message", text=f"{len(self.paths):,} images in {config.data_dir}"
+                               + (f", {len(self.skipped):,} unreadable file(s) skipped" if self.skipped else "")
                                + f"; {config.arch} on {self.device} ({self.precision.name}), batch "
                                f"{self.batch_size}, lr {config.resolved_lr:g}, {self.workers} loader worker(s)")
         if scan.runs_note():
@@ -289,8 +289,8 @@ class PretrainRun:
         epochs_left = self.config.epochs - self.state.epoch
         self.total_steps = self.state.past_epoch_steps + epochs_left * self.steps_per_epoch
         if saved.get("num_images") != len(self.paths):
-            self.report("warning", text=f"the folder now holds {len(self.paths)} images, not "
-                                        f"{saved.get('num_images')}: the data order differs from the first run")
+            self.report("warning", text=f"the folder now holds {len(self.paths):,} images, not "
+                                        f"{_count(saved.get('num_images'))}: the data order differs from the first run")
         elif saved.get("listing", self.listing) != self.listing:  # from checkpoints that record it
             self.report("warning", text=f"{self.config.data_dir} holds other images than the run's first session, as "
                                         f"many: the rest of the run trains on these")
@@ -640,6 +640,11 @@ def answer_stop(report: Report, name: str, outputs: str | None) -> None:
     else:
         text = stop_reply(name, "saving the run after this step, then stopping", "losing the steps since the last save")
     report("stopping", text=text)
+
+
+def _count(saved: Any) -> str:
+    """An image count from a saved file as the messages write counts (1,797), or as it is where not a number."""
+    return f"{saved:,}" if isinstance(saved, int) else str(saved)
 
 
 def _decodes(path: str) -> bool:

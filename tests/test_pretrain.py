@@ -992,7 +992,7 @@ def test_a_run_folder_inside_its_data_is_not_scanned_as_data(small_digits_folder
     second = runner.invoke(app, ["pretrain", str(data), "--out", str(data / "runs" / "second"), "--epochs", "1",
                                  "--batch-size", "64", *FAST])
     assert second.exit_code == 0, second.output
-    assert f"{len(scan_images(small_digits_folder).paths)} images in {data}" in second.output
+    assert f"{len(scan_images(small_digits_folder).paths):,} images in {data}" in second.output
     assert f"passed over 1 folder(s) of simclr runs in {data}: {out}" in " ".join(second.output.split())
 
 
@@ -1321,6 +1321,9 @@ def test_the_even_batch_message_says_the_learning_rate_follows_only_where_it_doe
                     "700 images out, where 512 would leave 188 (the learning rate follows the batch)"]
     assert train.use_even_batch(514, 512, lambda kind, text: said.append(text), lr_follows=True) == 512
     assert len(said) == 2, "2 of 514 images left out: the batch is kept, and nothing said"
+    assert train.use_even_batch(10_100, 4096, lambda kind, text: said.append(text), lr_follows=False) == 3366
+    assert said[-1] == ("using batch size 3366 instead of 4096: an epoch of 3 steps leaves 2 of the 10,100 images out, "
+                        "where 4096 would leave 1,908"), "counts of images as the other messages write them"
 
 
 def test_a_refused_run_leaves_no_folder_behind(tmp_path):
