@@ -132,7 +132,8 @@ def test_loader_workers_are_capped_where_their_ready_batches_would_take_the_memo
 
 
 def _squeezed_memory(monkeypatch, images: int) -> None:
-    """Make the free memory what a resnet18's state and `images` images of 32 px activations need."""
+    """Make the free memory what a resnet18's state and `images` images of 32 px activations need, in float32: the
+    runs pass --precision fp32 (auto's bf16, on a CPU that has it, needs less, and the batch fitted)."""
     model = SimCLR("resnet18", "imagenet", zero_init_residual=True, proj_out_bn=True)
     per_view = activation_bytes(model, 32, FP32)
     state = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -144,7 +145,7 @@ def test_a_batch_too_large_for_memory_trains_in_chunks_and_says_so(tmp_path, ima
     _squeezed_memory(monkeypatch, images=5)
     out = tmp_path / "run"
     result = runner.invoke(app, ["pretrain", str(images), "--out", str(out), "--epochs", "1", "--batch-size", "16",
-                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--workers", "0"])
+                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--precision", "fp32", "--workers", "0"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "a batch of 16 images needs about" in text and "gradient caching, 5 images' activations" in text
@@ -158,7 +159,7 @@ def test_the_batches_that_loader_workers_hold_ready_take_memory_from_the_batch(t
     _squeezed_memory(monkeypatch, images=16)
     out = tmp_path / "run"
     result = runner.invoke(app, ["pretrain", str(images), "--out", str(out), "--epochs", "1", "--batch-size", "16",
-                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--workers", "1"])
+                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--precision", "fp32", "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert "a batch of 16 images needs about" in " ".join(result.output.split())
     assert json.loads((out / "config.json").read_text())["chunk_size"] == 15  # 0.8 MB of batches ready, 1.1 MB an image
@@ -168,7 +169,7 @@ def test_a_batch_that_fits_or_a_chunk_size_given_is_left_alone(tmp_path, images,
     _squeezed_memory(monkeypatch, images=5)
     out = tmp_path / "given"
     result = runner.invoke(app, ["pretrain", str(images), "--out", str(out), "--epochs", "1", "--batch-size", "16",
-                                 "--chunk-size", "8", "--arch", "resnet18", "--image-size", "32", "--device", "cpu",
+                                 "--chunk-size", "8", "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--precision", "fp32",
                                  "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert "needs about" not in result.output
@@ -176,7 +177,7 @@ def test_a_batch_that_fits_or_a_chunk_size_given_is_left_alone(tmp_path, images,
     _squeezed_memory(monkeypatch, images=16)
     out = tmp_path / "fits"
     result = runner.invoke(app, ["pretrain", str(images), "--out", str(out), "--epochs", "1", "--batch-size", "16",
-                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--workers", "0"])
+                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--precision", "fp32", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert "needs about" not in result.output
     assert json.loads((out / "config.json").read_text())["chunk_size"] is None
