@@ -155,25 +155,17 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
 
 
 def _ended_without_a_word(failure: Exception) -> str | None:
-    """What ended a worker that left no error (killed by a signal, an exit code alone), in words; None where every
-    failed worker raised (its traceback is in the launcher's error) and for failures that are not a worker's.
-
-    Such a worker is the cause wherever it is found, not only where the launcher's first failure names it: the
-    others fail in their next collective with it, and the launcher's timestamps are whole seconds, the tie going to
-    rank 0. A process killed while rank 0 waited in a barrier was reported as rank 0's traceback, now and then.
-    """
-    failures = getattr(failure, "failures", None)  # the launcher's ChildFailedError: {rank: ProcessFailure}
-    if not failures:
+    """What ended a worker that left no error (killed by a signal, an exit code alone), in words; None for a worker
+    that raised (its traceback is in the launcher's error) and for failures that are not a worker's."""
+    first_failure = getattr(failure, "get_first_failure", None)  # the launcher's ChildFailedError
+    if first_failure is None:
         return None
-    silent = sorted((process.timestamp, rank) for rank, process in failures.items()
-                    if process.exitcode < 0 or not os.path.isfile(process.error_file))
-    if not silent:
-        return None
-    failed_rank = silent[0][1]
-    process = failures[failed_rank]
+    failed_rank, process = first_failure()
     if process.exitcode < 0:
         name = process.signal_name()
         return f"process {failed_rank} was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    if os.path.isfile(process.error_file):
+        return None
     return f"process {failed_rank} ended with exit code {process.exitcode}"
 
 

@@ -348,39 +348,6 @@ def test_a_process_that_fails_without_a_simclr_error_is_one_line(failure, expect
     assert str(raised.value) == expected
 
 
-def _failure(rank: int, exitcode: int, raised_at: int | None, folder: Path):
-    """The launcher's record of a failed worker: one that raised leaves an error file (with a whole-second
-    timestamp), one killed or ended by an exit code leaves none."""
-    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
-
-    error_file = folder / f"error-{rank}.json"
-    if raised_at is not None:
-        error_file.write_text(json.dumps({"message": {"message": "RuntimeError: Connection closed by peer",
-                                                      "extraInfo": {"py_callstack": "...", "timestamp": raised_at}}}))
-    return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(error_file))
-
-
-@pytest.mark.parametrize("seconds_before", [5, 0], ids=["earlier", "same-second"])
-def test_a_killed_process_is_named_though_another_raised_first(tmp_path, seconds_before):
-    """Rank 1 killed while rank 0 waits in a barrier: rank 0's collective fails too, and the launcher's first
-    failure (whole seconds, ties to rank 0) was rank 0's traceback now and then, and CI went red."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    raised_at = int(time.time()) - seconds_before  # before rank 1's record (taken as it is made), or in its second
-    failures = {0: _failure(0, 1, raised_at, tmp_path), 1: _failure(1, -signal.SIGKILL, None, tmp_path)}
-    assert ChildFailedError("worker", failures).get_first_failure()[0] == 0, "the launcher names rank 0"
-    assert distributed._ended_without_a_word(ChildFailedError("worker", failures)) == \
-        "process 1 was killed by SIGKILL (out of memory?)"
-    assert distributed._ended_without_a_word(ChildFailedError("worker", {0: failures[0], 2: _failure(
-        2, 3, None, tmp_path)})) == "process 2 ended with exit code 3", "an exit code alone"
-    failures[2] = _failure(2, 3, None, tmp_path)  # recorded no earlier than rank 1: the earliest silent one is named
-    assert distributed._ended_without_a_word(ChildFailedError("worker", failures)) == \
-        "process 1 was killed by SIGKILL (out of memory?)"
-    only_raised = {0: failures[0], 3: _failure(3, 1, raised_at, tmp_path)}
-    assert distributed._ended_without_a_word(ChildFailedError("worker", only_raised)) is None, "a bug: its traceback"
-    assert distributed._ended_without_a_word(RuntimeError("not the launcher's")) is None
-
-
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
