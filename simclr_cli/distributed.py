@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -36,6 +37,9 @@ from simclr_cli.runtime import is_distributed, local_rank, rank, resolve_device,
 _ERROR_FILE = "error-rank{}.txt"
 _STOPPED = "stopped at once"  # a report's kind for a worker that a signal stopped without saving
 _OTHER_SIGNAL = {signal.SIGINT: signal.SIGTERM, signal.SIGTERM: signal.SIGINT}
+# How long a worker whose call failed waits before it ends, where others are running: the launcher reports the
+# first failure it sees, one alone, and a failure in a collective is most often another process's death.
+PEER_GRACE_SECONDS = 3.0
 
 
 def launched() -> bool:
@@ -224,6 +228,13 @@ def _in_group(entrypoint: Callable[..., Any], args: tuple, device: str, error_di
         # processes fail in their next collective: the report says why.
         _report(error_dir, _STOPPED, "")
         sys.exit(130)
+    except Exception:
+        # Waited for, a process killed (by the out-of-memory killer) is seen first, 15 polls of the launcher on,
+        # and named; the others' "Connection reset by peer" tracebacks from their collective reached the launcher
+        # first now and then. A bug in this process alone is still the first failure: the others wait on it.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            time.sleep(PEER_GRACE_SECONDS)
+        raise
     finally:
         # Done: a signal passed on by the launcher now would kill the process before it hands back its result.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -348,6 +348,30 @@ def test_a_process_that_fails_without_a_simclr_error_is_one_line(failure, expect
     assert str(raised.value) == expected
 
 
+@pytest.mark.parametrize("world", [2, 1])
+def test_a_worker_whose_call_failed_waits_for_the_launcher_to_see_a_dead_peer_first(monkeypatch, tmp_path, world):
+    """The [killed] case above went red in CI: rank 0's barrier failed ("Connection reset by peer") and it ended
+    before the launcher, which reports one failure, the first it sees, polled rank 1's death."""
+    def collective_fails(*args, **kwargs):
+        raise RuntimeError("Connection reset by peer")
+
+    slept = []
+    monkeypatch.setattr(distributed, "run_in_group", collective_fails)
+    monkeypatch.setattr(distributed.time, "sleep", slept.append)
+    monkeypatch.setattr(distributed.gc, "freeze", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(RuntimeError, match="reset by peer"):
+            distributed._in_group(print, (), "cpu", str(tmp_path))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert slept == ([distributed.PEER_GRACE_SECONDS] if world > 1 else []), "alone, nothing to wait for"
+    assert distributed.PEER_GRACE_SECONDS >= 10 * 0.2, "many of the launcher's polls (monitor_interval 0.2 s)"
+    assert not list(tmp_path.iterdir()), "no report: the launcher's traceback is the one to show for a bug"
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
