@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ from torch import nn
 from simclr_cli import __version__
 from simclr_cli.config import FinetuneConfig, PretrainConfig, SavedTypeError, replace
 from simclr_cli.errors import ConfigError, ModelFileError, SimclrError
-from simclr_cli.files import (CHECKPOINT_FILE, NOT_BACKBONE, PROBE_PREFIX, EncoderInfo, atomic_path, check_output_path,
-                              is_temporary, read_json, read_metadata, remove_temporaries, resolve_model_path,
-                              resume_command)
+from simclr_cli.files import (CHECKPOINT_FILE, ENCODER_FILE, FINETUNED_FILE, NOT_BACKBONE, PROBE_PREFIX, EncoderInfo,
+                              atomic_path, check_output_path, is_temporary, read_json, read_metadata,
+                              remove_temporaries, resolve_model_path, resume_command)
 from simclr_cli.models import build_backbone
 from simclr_cli.runtime import is_main
 
@@ -63,6 +64,10 @@ def read_run_config(config_class: Any, run_dir: Path, command: str, **changes: A
     """The settings a `simclr {command}` run saved in run_dir/config.json, with `changes` (--resume's own
     flags: the runtime's given as device= and workers=, None where not given), validated. A folder of
     another command's run, or a config.json edited past use, is a one-line ConfigError."""
+    if run_dir.is_file():  # the run's encoder, say: its folder is meant
+        raise ConfigError(f"--resume {run_dir}: a file, not a run folder; pass the folder of a run that "
+                          f"`simclr {command}` started" + (f" (--resume {run_dir.parent}?)"
+                                                          if (run_dir.parent / "config.json").is_file() else ""))
     if not (run_dir / "config.json").is_file():
         there = "no config.json there" if run_dir.is_dir() else "no such folder"
         raise ConfigError(f"--resume {run_dir}: {there}; pass the folder of a run that `simclr {command}` started")
@@ -79,8 +84,7 @@ def read_run_config(config_class: Any, run_dir: Path, command: str, **changes: A
     except (TypeError, KeyError, ValueError, AttributeError) as error:  # another command's run, or an edited file
         other = _other_command(run_dir, command)
         if other is not None:
-            raise ConfigError(f"--resume {run_dir}: a `simclr {other}` run; continue it with "
-                              f"{resume_command(other, run_dir)}") from None
+            raise ConfigError(f"--resume {run_dir}: {_other_run(run_dir, other)}") from None
         detail = f" ({error})" if isinstance(error, SavedTypeError) else ""
         raise ConfigError(f"--resume {run_dir}: its config.json is not the settings of a `simclr {command}` "
                           f"run{detail}; pass the folder of a run that `simclr {command}` started, or restore its "
@@ -91,6 +95,17 @@ def _other_command(run_dir: Path, command: str) -> str | None:
     """"pretrain" or "finetune" if run_dir holds the other command's run, as its settings read; else None."""
     other, config_class = ("finetune", FinetuneConfig) if command == "pretrain" else ("pretrain", PretrainConfig)
     return other if _holds_run(run_dir, config_class) else None
+
+
+def _other_run(run_dir: Path, other: str) -> str:
+    """What the folder of an `other` command's run is, and what to do with it: continue it, or use what it made."""
+    if not (run_dir / (ENCODER_FILE if other == "pretrain" else FINETUNED_FILE)).is_file():
+        return f"a `simclr {other}` run; continue it with `{resume_command(other, run_dir)}`"
+    if other == "pretrain":  # finetune --resume on it: fine-tuning its encoder was meant
+        return (f"a finished `simclr pretrain` run, nothing to resume; fine-tune its encoder with "
+                f"`simclr finetune {shlex.quote(str(run_dir))} TRAIN`")
+    return ("a finished `simclr finetune` run, nothing to resume; pass the folder of a run that `simclr pretrain` "
+            "started")
 
 
 def _holds_run(run_dir: Path, config_class: Any) -> bool:

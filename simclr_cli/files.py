@@ -29,6 +29,7 @@ _NOT_ENCODERS = {"simclr-checkpoint": "a simclr run's checkpoint", "simclr-head"
                  "simclr-linear": "a simclr linear probe", "simclr-features": "a simclr feature cache"}
 ENCODER_FILE = "encoder.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
+FINETUNED_FILE = "finetuned.safetensors"
 NOT_BACKBONE = ("head.", "classifier.")  # key prefixes of an encoder file's other tensors: g, a fine-tuned classifier
 
 
@@ -387,7 +388,7 @@ def resolve_model_path(path: str | Path) -> Path:
     """An encoder file, or a run folder holding one (a fine-tuned model first, if present)."""
     path = Path(path)
     if path.is_dir():
-        for name in ("finetuned.safetensors", ENCODER_FILE):
+        for name in (FINETUNED_FILE, ENCODER_FILE):
             if (path / name).is_file():
                 return path / name
         if (command := _unfinished_run(path)) is not None:

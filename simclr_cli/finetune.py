@@ -26,7 +26,7 @@ from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_con
 from simclr_cli.export import (CHECKPOINT_FILE, CHECKPOINT_SECONDS, HEAD_FILE, check_run_dir, load_checkpoint,
                                load_encoder, load_optimizer, read_run_config, save_checkpoint, save_tensors)
 from simclr_cli.features import compute_features, eval_dataset
-from simclr_cli.files import (NOT_BACKBONE, EncoderInfo, claimed, held, read_json, read_json_lines, read_metadata,
+from simclr_cli.files import (FINETUNED_FILE, NOT_BACKBONE, EncoderInfo, claimed, held, read_json, read_json_lines, read_metadata,
                               resolve_model_path, resume_command, shareable, write_json, write_text)
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb, note_skipped
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, check_decoded, load_labelled
@@ -37,7 +37,6 @@ from simclr_cli.runtime import (StopFlag, default_workers, precision_change, res
                                 rng_state, seed_everything, set_rng_state)
 from simclr_cli.train import Report, TrainingDiverged, answer_stop, finite_weights, silent, use_even_batch
 
-FINETUNED_FILE = "finetuned.safetensors"
 FINETUNED_FORMAT = "simclr-finetuned"
 RESULTS_FILE = "finetune.json"
 SPLIT_FILE = "split.json"

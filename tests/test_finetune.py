@@ -365,7 +365,11 @@ def test_a_head_of_another_width_is_refused_before_the_run_writes_anything(tiny_
     (["{encoder}", "{digits}", "--val", "{digits}/"], "is TRAIN itself: an accuracy on the training images"),
     (["{encoder}", "{missing}"], "no such folder"),
     (["--resume", "{digits}"], "no config.json there"),
-    (["--resume", "{encoder}"], "tiny: a `simclr pretrain` run; continue it with simclr pretrain --resume"),
+    (["--resume", "{encoder}"], "tiny: a finished `simclr pretrain` run, nothing to resume; fine-tune its encoder "
+                                "with `simclr finetune {encoder} TRAIN`"),
+    (["--resume", "{unfinished}"], "a `simclr pretrain` run; continue it with `simclr pretrain --resume {unfinished}`"),
+    (["--resume", "{encoder}/encoder.safetensors"], "encoder.safetensors: a file, not a run folder; pass the folder "
+                                                    "of a run that `simclr finetune` started (--resume {encoder}?)"),
     (["--resume", "{missing}"], "missing: no such folder; pass the folder of a run that `simclr finetune` started"),
     (["{encoder}", "--resume", "{encoder}", "--label-fraction", "0.1"],
      "MODEL, --label-fraction with --resume: the run keeps the settings it started with"),
@@ -374,11 +378,12 @@ def test_a_head_of_another_width_is_refused_before_the_run_writes_anything(tiny_
 def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, small_digits_folder, tmp_path, args, message):
     (tmp_path / "bare").mkdir()
     shutil.copy(tiny_encoder / "encoder.safetensors", tmp_path / "bare")
+    unfinished = shutil.copytree(tiny_encoder, tmp_path / "unfinished", ignore=shutil.ignore_patterns("encoder.*"))
     paths = {"encoder": str(tiny_encoder), "digits": str(small_digits_folder), "bare": str(tmp_path / "bare"),
-             "missing": str(tmp_path / "missing")}
+             "missing": str(tmp_path / "missing"), "unfinished": str(unfinished)}
     result = runner.invoke(app, ["finetune", *[a.format(**paths) for a in args], *FAST])
     assert result.exit_code == 1, result.output
-    assert message in result.output
+    assert message.format(**paths) in " ".join(result.output.split())
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert not (small_digits_folder / "runs").exists()

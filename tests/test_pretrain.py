@@ -808,7 +808,11 @@ def test_a_killed_loader_worker_is_one_line_and_exit_code_1(small_digits_folder,
     (["pretrain", "{two}", "--out", "{file}/run", *FAST], "a folder on its path is a file"),
     (["pretrain", "{one}"], "only one image; SimCLR contrasts"),
     (["pretrain", "--resume", "{empty}"], "no config.json"),
-    (["pretrain", "--resume", "{finetuned}"], "a `simclr finetune` run; continue it with simclr finetune --resume"),
+    (["pretrain", "--resume", "{finetuned}"], "a `simclr finetune` run; continue it with `simclr finetune --resume"),
+    (["pretrain", "--resume", "{finetuned_done}"], "a finished `simclr finetune` run, nothing to resume; pass the "
+                                                   "folder of a run that `simclr pretrain` started"),
+    (["pretrain", "--resume", "{file}"], "/file: a file, not a run folder; pass the folder of a run that "
+                                         "`simclr pretrain` started"),
     (["pretrain", "{two}", "--out", "{finetuned}"], "already holds files; choose an empty folder, or pass another"),
     (["pretrain", "--resume", "{empty}", "--devices", "5000"], "--devices 5000 is too many; use at most 1024"),
     (["pretrain", "--resume", "{empty}", "--epochs", "200", "--lr", "0.1"],
@@ -836,10 +840,13 @@ def test_user_errors_exit_1_with_one_clear_line(tmp_path, args, message):
     finetune_config = FinetuneConfig(model="encoder.safetensors", data=LabelledDataConfig(str(tmp_path / "two")),
                                      out_dir=str(tmp_path / "finetuned"))
     (tmp_path / "finetuned" / "config.json").write_text(json.dumps(finetune_config.to_json()))
-    paths = {name: str(tmp_path / name) for name in ("missing", "empty", "broken", "one", "two", "file", "finetuned")}
+    shutil.copytree(tmp_path / "finetuned", tmp_path / "finetuned_done")
+    (tmp_path / "finetuned_done" / "finetuned.safetensors").write_bytes(b"")  # its product: the run finished
+    paths = {name: str(tmp_path / name) for name in ("missing", "empty", "broken", "one", "two", "file", "finetuned",
+                                                      "finetuned_done")}
     result = runner.invoke(app, [a.format(**paths) for a in args])
     assert result.exit_code == 1, result.output
-    assert message in result.output
+    assert message in " ".join(result.output.split())
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
 
