@@ -138,9 +138,13 @@ def _walk(root: Path, exclude: Path | None = None, runs: list[Path] | None = Non
 
 
 def _described(error: Exception, path: str | Path) -> str:
-    """The error's type and first line (200 characters at most), less the file name Pillow puts in some (cannot
-    identify image file '...'): whoever reports it names the file already."""
-    return f"{type(error).__name__}: {error}".replace(f" {os.fspath(path)!r}", "").splitlines()[0][:200]
+    """The error's type and first line (200 characters at most), less the file name that the system's errors and
+    some of Pillow's (cannot identify image file '...') hold: whoever reports it names the file already."""
+    if isinstance(error, OSError) and error.strerror:  # "[Errno 13] Permission denied: '...'": the reason alone
+        text = error.strerror
+    else:
+        text = str(error).replace(f" {os.fspath(path)!r}", "")
+    return f"{type(error).__name__}: {text}".splitlines()[0][:200]
 
 
 def probe(path: Path) -> str | None:
@@ -211,7 +215,12 @@ def first_skipped(skipped: list[Skipped]) -> tuple[str, str]:
     alone named no file to look at."""
     first = skipped[0]
     why = first.reason.split(";")[0]  # an unreadable folder's reason goes on to say its images are left out
-    fix = "let this user read it" if why.startswith("unreadable folder") else "replace or remove the damaged files"
+    if why.startswith("unreadable folder") or "PermissionError" in why:
+        fix = "let this user read it"
+    elif "FileNotFoundError" in why:  # gone between the listing and the read
+        fix = "keep the files in place while the command runs"
+    else:
+        fix = "replace or remove the damaged files"
     return f"{first.path}: {why}", fix
 
 

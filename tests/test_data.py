@@ -1,5 +1,6 @@
 """Scanning folders, decoding every mode to RGB, skipping bad files."""
 
+import errno
 import itertools
 import json
 import math
@@ -99,6 +100,22 @@ def test_broken_files_raise_unreadable(mixed_folder):
     for name in ["empty.png", "truncated.jpg", "not_an_image.jpg"]:
         with pytest.raises(UnreadableImage):
             load_rgb(root / name)
+
+
+def test_a_system_error_is_described_without_a_dangling_colon_and_with_its_own_fix(tmp_path):
+    """The file name was cut from "[Errno 2] No such file or directory: '...'", leaving the colon, and a file this
+    user could not read was called damaged."""
+    with pytest.raises(UnreadableImage) as raised:
+        load_rgb(tmp_path / "gone.png")  # removed between the listing and the read
+    assert str(raised.value) == "unreadable: FileNotFoundError: No such file or directory"
+    denied = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "a.png"))
+    assert images._described(denied, tmp_path / "a.png") == "PermissionError: Permission denied"
+    assert images.first_skipped([Skipped(str(tmp_path / "a.png"), "unreadable: PermissionError: Permission denied")]) \
+        == (f"{tmp_path / 'a.png'}: unreadable: PermissionError: Permission denied", "let this user read it")
+    assert images.first_skipped([Skipped("b.png", "unreadable: FileNotFoundError: No such file or directory")])[1] \
+        == "keep the files in place while the command runs"
+    assert images.first_skipped([Skipped("c.png", "unreadable: UnidentifiedImageError: cannot identify image file")]) \
+        == ("c.png: unreadable: UnidentifiedImageError: cannot identify image file", "replace or remove the damaged files")
 
 
 def test_exif_orientation_is_applied(mixed_folder):
