@@ -270,9 +270,14 @@ def pretrain(
     if result.skipped:
         err_console.print(f"{len(result.skipped):,} unreadable file(s) skipped; listed in "
                           f"{result.run_dir / 'skipped.json'}")
-    # The mean over the last epoch's steps (those taken, where a time budget ended it), as its epoch line gives:
-    # "final loss" read as the last step's, which is noisier and often far from it.
-    loss = f", last epoch's mean loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    # The mean over the last epoch's steps, as its epoch line gives ("final loss" read as the last step's, which is
+    # noisier and often far from it); where a time budget cut that epoch short, it has no line: its steps are said.
+    loss = ""
+    if result.final_loss is not None and result.cut_steps:
+        loss = (f", mean loss {result.final_loss:.4f} over the {result.cut_steps} step"
+                f"{'' if result.cut_steps == 1 else 's'} of epoch {result.state.epoch + 1} the time budget left")
+    elif result.final_loss is not None:
+        loss = f", last epoch's mean loss {result.final_loss:.4f}"
     steps = f"{result.state.step} step" + ("" if result.state.step == 1 else "s")  # a short budget can end at one
     console.print(f"encoder saved to {result.encoder_path} ({steps}, {result.state.images_seen:,} images{loss})")
     encoder = shlex.quote(str(result.encoder_path))

@@ -111,7 +111,14 @@ class Reporter:
     def on_stopping(self, text: str) -> None:
         """The answer to a first Ctrl-C or SIGTERM, from another thread (rich's console is safe there); said even
         when quiet, as the error it stands in for would be."""
-        (self.progress.console if self.progress else err_console).print(text)
+        progress = self.progress  # read once: close() may set it to None in between
+        (progress.console if progress else err_console).print(text)
+
+    def on_budget(self, text: str) -> None:
+        """Why a time budget ends the run: after the epoch line held back, which tells of the steps before it."""
+        if self._held is not None:
+            self._line(self._held)
+        self.on_message(text)
 
     def on_warning(self, text: str) -> None:
         if self.progress:

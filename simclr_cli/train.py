@@ -355,9 +355,11 @@ class PretrainRun:
         if monitor:
             work = "one more step, the kNN measurement and the export"
             why += f", and the last measurement's {monitor:.1f} s"
-        return (f"time budget: stopping after step {self.state.step} of up to {self.total_steps}, at "
-                f"{format_duration(elapsed)} of {format_duration(self.config.max_time)}: the {reserve:.1f} s it keeps "
-                f"for {work} ({why}) would pass it")
+        at = (f"time budget: stopping after step {self.state.step} of up to {self.total_steps}, at "
+              f"{format_duration(elapsed)} of {format_duration(self.config.max_time)}")
+        if elapsed >= self.config.max_time:  # past it already (a slow end of epoch): no reserve to explain
+            return f"{at}: the budget is spent"
+        return f"{at}: the {reserve:.1f} s it keeps for {work} ({why}) would pass it"
 
     def _warmup_fraction(self) -> float:
         """--warmup-epochs of the run, capped at a tenth of it (short runs warm up for 10%)."""
@@ -569,14 +571,15 @@ class PretrainRun:
             self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs,
                         steps_per_epoch=self.steps_per_epoch, max_time=self.config.max_time)
         final_loss: float | None = None
+        cut_steps = 0  # the steps of final_loss's epoch, where it did not run to its end
         interrupted = False
         self._saved_at = clock()
         with StopFlag(lambda name: answer_stop(self.report, name, "the encoder" if state.finished else None)) as stop:
             while not state.finished:
                 metrics = self.train_one_epoch(stop, clock)
-                if metrics["steps"]:
-                    final_loss = metrics["loss"]
                 epoch_done = state.step_in_epoch >= self.steps_per_epoch
+                if metrics["steps"]:
+                    final_loss, cut_steps = metrics["loss"], 0 if epoch_done else state.loss_steps
                 if epoch_done and state.step == 0:  # every batch skipped: training on would export a random encoder
                     raise DataError(f"{self.config.data_dir}: no batch of a whole epoch held two images that could "
                                     f"be decoded (see the warnings above), and SimCLR contrasts each image with the "
@@ -607,7 +610,7 @@ class PretrainRun:
                                       f"(set-up took {clock():.0f} s: the scan, the model, the loader); give a "
                                       f"longer --max-time, with another --out or after deleting {self.run_dir}")
                 if out_of_time:  # else the run ends thousands of steps short of its count, and nothing says why
-                    self.report("message", text=self._budget_note(elapsed))
+                    self.report("budget", text=self._budget_note(elapsed))
                 if (distributed.any_rank(stop.signal is not None) or self._worker_died) and not state.finished:
                     interrupted = True
                 self.save_checkpoint()
@@ -629,7 +632,8 @@ class PretrainRun:
         if not interrupted:
             self.report("done", encoder=str(encoder), steps=state.step, images_seen=state.images_seen,
                         elapsed=state.elapsed, loss=final_loss)
-        return PretrainResult(self.run_dir, encoder, state, final_loss, list(self.skipped.values()), interrupted)
+        return PretrainResult(self.run_dir, encoder, state, final_loss, cut_steps, list(self.skipped.values()),
+                              interrupted)
 
 
 def answer_stop(report: Report, name: str, outputs: str | None) -> None:

@@ -297,7 +297,14 @@ def test_time_budget_ends_the_run_in_time_and_annealed(small_digits_folder, tmp_
     last_epoch = [r["loss"] for r in records if r["epoch"] == records[-1]["epoch"]]
     assert len(last_epoch) > 1 and last_epoch[-1] != pytest.approx(sum(last_epoch) / len(last_epoch), abs=1e-4)
     summary = " ".join(result.output.split())
-    assert f"last epoch's mean loss {sum(last_epoch) / len(last_epoch):.4f})" in summary, summary
+    mean = f"{sum(last_epoch) / len(last_epoch):.4f}"
+    if len(last_epoch) < sum(r["epoch"] == 1 for r in records):  # the budget cut it short: no epoch line gives it
+        n = len(last_epoch)
+        assert f"mean loss {mean} over the {n} steps of epoch {records[-1]['epoch']} the time budget left)" in summary
+        assert f"epoch {records[-1]['epoch']}/1000" not in summary, "an epoch cut short has no line"
+    else:
+        assert f"last epoch's mean loss {mean})" in summary, summary
+        assert f"epoch {records[-1]['epoch']}/1000: loss {mean}" in summary, "as the epoch's line gives it"
     assert "final loss" not in summary
 
 
@@ -454,6 +461,39 @@ def test_plain_progress_prints_a_line_a_half_minute_however_short_the_epochs(mon
     assert lines[0] == f"training for {2 * epochs} steps"
     assert lines[1].startswith(f"epoch 1/{epochs}:") and lines[-1].startswith(f"epoch 800/{epochs}:"), lines
     assert len(lines) <= 3 + 160 // 30 and all(line.startswith("epoch") for line in lines[1:]), lines
+
+
+def test_a_budget_already_spent_is_said_to_be_spent_not_about_to_be_passed():
+    """Past it already (a slow end of epoch), the note said the reserve "would pass it"."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(state=SimpleNamespace(step=8, step_seconds=2.0), total_steps=200, _monitor_seconds=0.0,
+                          config=SimpleNamespace(max_time=25.0), _reserve=lambda: 5.7)
+    assert train.PretrainRun._budget_note(run, 27.0) == \
+        "time budget: stopping after step 8 of up to 200, at 0m27s of 0m25s: the budget is spent"
+    assert train.PretrainRun._budget_note(run, 20.0) == (
+        "time budget: stopping after step 8 of up to 200, at 0m20s of 0m25s: the 5.7 s it keeps for one more step "
+        "and the export (twice a typical step's time) would pass it")
+
+
+def test_the_time_budget_note_comes_after_the_epoch_line_held_back(monkeypatch, capsys):
+    """The note printed before the last epoch's line, held back by the half-minute rule and printed at the end:
+    training seemed to go on after the budget ended it."""
+    from simclr_cli import progress
+
+    clock = SteadyClock(0.0)
+    monkeypatch.setattr(progress.console, "get_time", clock.monotonic)
+    with progress.Reporter() as reporter:
+        reporter.live = False  # as in a log file
+        reporter.on_start(total_steps=200, max_time=60.0)
+        for epoch in (1, 2, 3):
+            clock.now += 1.0
+            reporter.on_epoch(epoch=epoch, epochs=100, loss=1.0 / epoch, images_per_s=80.0)
+        reporter.on_budget(text="time budget: stopping after step 6")
+        reporter.on_done()
+    lines = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    assert lines == ["training for up to 200 steps (time budget 1m00s)", "epoch 1/100", "epoch 3/100",
+                     "time budget"], lines
 
 
 def test_plain_progress_under_a_time_budget_counts_the_steps_at_its_pace(monkeypatch, capsys):
@@ -956,7 +996,9 @@ def test_a_time_budget_that_ends_the_run_says_why(small_digits_folder, tmp_path,
     output = " ".join(result.output.split())
     assert ("time budget: stopping after step 1 of up to 6000, at 0m40s of 1m10s: the 80.0 s it keeps for one "
             "more step and the export (twice the first step's time) would pass it") in output, output
-    assert f"encoder saved to {out / 'encoder.safetensors'} (1 step, 32 images" in output
+    assert f"encoder saved to {out / 'encoder.safetensors'} (1 step, 32 images, mean loss " in output
+    loss = json.loads((out / "metrics.jsonl").read_text())["loss"]
+    assert f"mean loss {loss:.4f} over the 1 step of epoch 1 the time budget left)" in output, output
 
 
 @pytest.mark.parametrize("good", [0, 1])
