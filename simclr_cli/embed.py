@@ -228,7 +228,7 @@ def _start(config: EmbedConfig, model_path: Path, sha256: str, info: EncoderInfo
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     plan = {
-        "images": os.path.abspath(config.images), "model": str(model_path.absolute()), "model_sha256": sha256,
+        "images": os.path.abspath(config.images), "model": os.path.abspath(model_path), "model_sha256": sha256,
         "dtype": config.dtype, "normalize": config.normalize, "dim": info.feature_dim, "precision": precision,
         "paths": [os.path.abspath(p) for p in scan.paths],  # absolute and normalised, as `similar` looks them up
         "skipped": [Skipped(os.path.abspath(s.path), s.reason).to_json() for s in scan.skipped],
@@ -264,8 +264,8 @@ def _load_plan(config: EmbedConfig, sha256: str, precision: str) -> dict[str, An
 def _follow_model(work: Path, plan: dict[str, Any], model_path: Path) -> dict[str, Any]:
     """The plan, naming `model_path` where a --resume found the model (the same by SHA-256) at another path: the
     old one may be gone, and the processes load the model, and the manifest names it, from the plan."""
-    model = str(model_path.absolute())
-    if plan["model"] != model:
+    model = os.path.abspath(model_path)
+    if os.path.normpath(plan["model"]) != model:  # "a/../a/m" is where it was
         plan = {**plan, "model": model}
         write_json(work / "plan.json", plan)
     return plan
@@ -301,8 +301,8 @@ def _finished(config: EmbedConfig, model_path: Path, sha256: str, precision: str
     _check_same(config, {"model_sha256": manifest.model_sha256, "model": manifest.model, "images": manifest.images,
                          "dtype": manifest.dtype, "normalize": manifest.normalized, "precision": manifest.precision},
                 sha256, precision, "embed that wrote OUT")
-    model = str(model_path.absolute())
-    moved = f"; its manifest now names the model at {model}" if manifest.model != model else ""
+    model = os.path.abspath(model_path)
+    moved = f"; its manifest now names the model at {model}" if os.path.normpath(manifest.model) != model else ""
     if moved:
         write_manifest(out, replace(manifest, model=model))
     report("message", text=f"{out} is already complete; nothing to resume{moved}")
