@@ -466,6 +466,7 @@ class FinetuneRun:
             self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs)
         interrupted = False
         self._saved_at = clock()
+
         def answer(name: str) -> None:
             answer_stop(self.report, name, "the model and its report" if state.epoch >= self.config.epochs else None)
 
