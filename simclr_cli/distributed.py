@@ -32,7 +32,7 @@ from torch import nn
 from simclr_cli import errors as simclr_errors
 from simclr_cli.config import check_sizes
 from simclr_cli.errors import ConfigError, SimclrError, os_error_message
-from simclr_cli.runtime import is_distributed, local_rank, rank, resolve_device, world_size
+from simclr_cli.runtime import is_distributed, local_rank, rank, reply_at_once, resolve_device, world_size
 
 _ERROR_FILE = "error-rank{}.txt"
 _STOPPED = "stopped at once"  # a report's kind for a worker that a signal stopped without saving
@@ -68,7 +68,7 @@ def check_devices(devices: int, device_spec: str) -> None:
 
 
 def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, device: str = "auto",
-           resume: Callable[[], str | None] | None = None) -> Any:
+           resume: Callable[[], str | None] | None = None, answer: Callable[[str], None] | None = None) -> Any:
     """Run entrypoint(*args) in `devices` processes on this machine; return rank 0's result.
 
     Uses torch's elastic launcher (standalone rendezvous on a free local port, no restarts).
@@ -86,6 +86,10 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
     or SIGHUP or SIGQUIT (the launcher's), stops the workers at once, as a second one sent to them
     does. Stopped before the workers return, the Interrupted error (exit code 130) names `resume()`,
     the command that continues, or says to run the command again when it gives None (nothing saved).
+
+    The first signal is answered at once by the process that draws the progress, as in one process: rank 0's
+    StopFlag where the workers draw it (pretrain), `answer(name)` here where this process does (embed, whose
+    workers report nothing), on a thread of its own, once, when the signal is passed on.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -105,6 +109,7 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
     saved_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
                                                              signal.SIGQUIT)}
     passed_on: list[int] = []
+    answering: list[threading.Thread] = []
 
     def pass_on(signum: int, frame: Any) -> None:
         received = signal.Signals(signum)
@@ -119,6 +124,8 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
                 os.kill(worker.pid, signum)
             except ProcessLookupError:
                 pass
+        if answer is not None:
+            answering.append(reply_at_once(answer, signum))
 
     signal.signal(signal.SIGINT, pass_on)
     signal.signal(signal.SIGTERM, pass_on)
@@ -150,6 +157,8 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], devices: int, de
             raise
         raise SimclrError(f"{ended}; the other processes were stopped{_kept(resume)}") from None
     finally:
+        for replying in answering:  # the answer comes before the line that ends the command
+            replying.join(timeout=1.0)
         tempfile.tempdir = saved_tempdir
         for log, level in zip(launcher_logs, saved_levels):
             log.setLevel(level)

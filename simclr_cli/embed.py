@@ -16,6 +16,7 @@ images in row order and the skipped ones apart.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import shlex
@@ -367,12 +368,8 @@ def _embed_process(config: EmbedConfig, work: Path, report: Report = silent, sto
         write_json(record, {"blocks": [asdict(b) for b in blocks], "skipped": [s.to_json() for s in skipped]})
 
     start_time, batches = time.monotonic(), 0
-
-    def answer_stop(name: str) -> None:
-        report("stopping", text=stop_reply(name, "saving the rows after this batch, then stopping",
-                                           "keeping the rows of the batches before"))
-
-    with StopFlag(answer_stop) as stop:  # Ctrl-C or SIGTERM: finish the batch, save progress, stop
+    # Ctrl-C or SIGTERM: finish the batch, save progress, stop
+    with StopFlag(functools.partial(answer_stop, report)) as stop:
         try:
             for block in blocks:
                 loaded = UntilWorkerDies(iter_features(backbone, info, paths, device, precision, config.batch_size,
@@ -401,6 +398,12 @@ def _embed_process(config: EmbedConfig, work: Path, report: Report = silent, sto
             return
         finally:
             save()
+
+
+def answer_stop(report: Report, name: str) -> None:
+    """Answer an embed's first Ctrl-C or SIGTERM (`name`): it saves the rows after the batch under way and stops."""
+    report("stopping", text=stop_reply(name, "saving the rows after this batch, then stopping",
+                                       "keeping the rows of the batches before"))
 
 
 def _watch(work: Path, total: int, report: Report, finished: threading.Event, warned: set[str]) -> None:
@@ -527,7 +530,8 @@ def embed_folder(config: EmbedConfig, report: Report = silent, stop_after_batche
             watcher.start()
             try:
                 distributed.launch(_embed_process, (config, work, silent, stop_after_batches), config.devices,
-                                   config.device, resume=config.resume_command)
+                                   config.device, resume=config.resume_command,
+                                   answer=functools.partial(answer_stop, report))  # the processes say nothing
             finally:
                 finished.set()
                 watcher.join()

@@ -181,15 +181,22 @@ class StopFlag:
                 return
             raise KeyboardInterrupt
         self.signal, self._first = signum, time.monotonic()
-        if self._reply is not None:  # not printed here: the main thread may be inside a print of its own
-            self._replying = threading.Thread(target=self._reply, args=(signal.Signals(signum).name,), daemon=True)
-            self._replying.start()
+        if self._reply is not None:
+            self._replying = reply_at_once(self._reply, signum)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self._replying is not None:  # the reply comes before whatever the caller prints next
             self._replying.join(timeout=1.0)
+
+
+def reply_at_once(reply: Callable[[str], None], signum: int) -> threading.Thread:
+    """The thread, started, that calls `reply(name)` ("SIGINT", "SIGTERM") for a signal handler: the answer is not
+    printed in the handler, as the main thread may be inside a print of its own. Join it before printing more."""
+    replying = threading.Thread(target=reply, args=(signal.Signals(signum).name,), daemon=True)
+    replying.start()
+    return replying
 
 
 def stop_reply(name: str, plan: str, at_once: str) -> str:

@@ -9,6 +9,9 @@ import os
 import shlex
 import signal
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +142,65 @@ def test_a_first_sigterm_is_answered_and_saves_the_rows_so_far(tiny_encoder, tmp
     assert result.interrupted and result.rows == 4
     assert replies == ["SIGTERM: saving the rows after this batch, then stopping (a second SIGTERM stops at once, "
                        "keeping the rows of the batches before)"]
+
+
+def _slow_embed_process(*args, **kwargs) -> None:
+    """`simclr embed`'s process at 0.25 s a batch, recording after every one: a signal comes mid-embed, after
+    every process has started its loop, however fast the CPU."""
+    from simclr_cli import embed
+
+    features = embed.iter_features
+
+    def slowly(*args, **kwargs):
+        for batch in features(*args, **kwargs):
+            time.sleep(0.25)
+            yield batch
+    embed.iter_features, embed.SAVE_EVERY = slowly, 1
+    embed._embed_process(*args, **kwargs)
+
+
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["ctrl-c", "sigterm-to-the-command"])
+def test_a_first_signal_to_two_processes_is_answered_once_and_resume_finishes(tiny_encoder, tmp_path, sig, group):
+    """`--devices 2`: the processes were given no reporter, and the launcher said nothing, so a first Ctrl-C or
+    SIGTERM went unanswered until the final line. The launcher answers it, once, as one process does."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(40):
+        Image.new("RGB", (40, 36), (6 * i, 90, 240 - 6 * i)).save(root / f"{i:02d}.png")
+    out = tmp_path / "out.npy"
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_embed\n"
+              f"from simclr_cli import embed\nfrom simclr_cli.cli import app\n"
+              f"embed._embed_process = test_embed._slow_embed_process\n"
+              f"app(sys.argv[1:], prog_name='simclr')\n")
+    command = ["embed", str(tiny_encoder), str(root), str(out), "--devices", "2", "--device", "cpu", "--workers", "0",
+               "--batch-size", "2"]
+    process = subprocess.Popen([sys.executable, "-c", script, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        records = [work_dir(out) / f"progress-1-{rank}.json" for rank in (0, 1)]  # session 1: the first
+        while time.monotonic() < deadline and not all(record.is_file() for record in records):
+            time.sleep(0.05)
+        if group:
+            os.killpg(process.pid, sig)  # the terminal's Ctrl-C reaches every process
+        else:
+            process.send_signal(sig)  # `kill -TERM`: the command alone
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    assert process.returncode == 130, stderr
+    first, again = ("Ctrl-C", "Ctrl-C again") if sig == signal.SIGINT else ("SIGTERM", "a second SIGTERM")
+    answer = (f"{first}: saving the rows after this batch, then stopping ({again} stops at once, keeping the rows of "
+              f"the batches before)")
+    assert stderr.count(answer) == 1, stderr
+    assert stderr.index(answer) < stderr.index("interrupted with "), stderr
+    assert "Traceback" not in stderr, stderr
+    result = run_embed(tiny_encoder, root, out, "--resume", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert len(np.load(out)) == 40 and not work_dir(out).exists()
 
 
 def test_resume_gives_the_same_file(tiny_encoder, mixed_folder, tmp_path):
