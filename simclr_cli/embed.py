@@ -200,6 +200,17 @@ def share_out(progress: Progress, processes: int) -> Progress:
     return Progress(progress.session + 1, blocks, progress.skipped)
 
 
+def embedded_so_far(work: Path) -> tuple[int, int] | None:
+    """(images embedded, images to embed) of the embed working in `work`, as its records last said (every few
+    batches); None where they cannot be read (not written yet, or being replaced)."""
+    try:
+        progress = read_progress(work, 0)
+    except ModelFileError:
+        return None
+    total = max((b.end for b in progress.blocks), default=0)  # the blocks cover every position
+    return (progress.rows, total) if total else None
+
+
 def write_progress(work: Path, progress: Progress) -> None:
     """Start a session: its record first, then the records of earlier sessions go (they no longer count)."""
     write_json(work / "progress.json", {"session": progress.session, "blocks": [asdict(b) for b in progress.blocks],

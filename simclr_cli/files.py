@@ -135,6 +135,24 @@ def held(folder: str | Path, what: str) -> Iterator[None]:
         os.close(fd)  # the lock goes with it
 
 
+def in_use(folder: str | Path) -> bool:
+    """Whether another process holds `folder` (see `held`) now; False where it is missing, or its file system locks
+    no folders."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # let go at once, with the descriptor
+    except BlockingIOError:
+        return True
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return False
+
+
 @contextlib.contextmanager
 def claimed(folder: str | Path, what: str) -> Iterator[None]:
     """`held`, for a new run's folder from before the run is set up: two runs started at once with the same

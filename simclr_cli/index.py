@@ -25,7 +25,7 @@ import numpy as np
 
 from simclr_cli.config import cpu_cores
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
-from simclr_cli.files import check_output_path, read_json, read_json_bytes, sha256_file, write_json, xdg_home
+from simclr_cli.files import check_output_path, in_use, read_json, read_json_bytes, sha256_file, write_json, xdg_home
 from simclr_cli.native import Heaps, search_kernels
 
 INDEX_FORMAT = "simclr-index"
@@ -241,6 +241,13 @@ def open_index(index_path: str | Path, source: str = "--index") -> tuple[np.ndar
         if index_path.exists():  # a folder named *.npy, a pipe
             raise ModelFileError(f"{index_path}{where}: {'a folder' if index_path.is_dir() else 'not a file'}, not "
                                  f"an index; pass the OUT.npy file that `simclr embed` wrote")
+        if in_use(work_dir(index_path)):  # a running embed holds its work folder: a --resume would be refused
+            from simclr_cli.embed import embedded_so_far  # not at the top: embed imports this module
+
+            counts = embedded_so_far(work_dir(index_path))
+            so_far = f" ({counts[0]:,} of {counts[1]:,} images embedded so far)" if counts else ""
+            raise ModelFileError(f"{index_path}{where}: still being written by a running `simclr embed`{so_far}; "
+                                 f"wait for it to finish, then search")
         if work_dir(index_path).is_dir():
             raise ModelFileError(f"{index_path}{where}: not written yet, its embed was interrupted "
                                  f"({work_dir(index_path)}); finish it with `simclr embed MODEL IMAGES {index_path} "

@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 from simclr_cli.cli import _shown, app
 from simclr_cli.embed import EmbedConfig, embed_folder
 from simclr_cli.export import load_encoder, save_encoder
-from simclr_cli.files import read_metadata
+from simclr_cli.files import held, read_metadata
 import simclr_cli.index as index_module
 from simclr_cli.index import (Manifest, ManifestPaths, NaNRow, choose_index, find_rows, manifest_path, open_index,
-                              read_manifest, remember_index, top_k, write_manifest)
+                              read_manifest, remember_index, top_k, work_dir, write_manifest)
 from simclr_cli.native import search_kernels
 
 runner = CliRunner()
@@ -439,6 +439,23 @@ def test_user_errors_exit_1_with_a_message(indexes, photos, tmp_path):
         assert result.exit_code == 1, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
         assert "Traceback" not in result.output
+
+
+def test_an_index_still_being_written_says_to_wait_not_to_resume(tiny_encoder, photos, tmp_path):
+    """While `simclr embed` wrote the index, `similar` said its embed was interrupted and to finish it with
+    `--resume`, which the running embed refused. The embed holds its work folder while it runs: that says wait."""
+    out = tmp_path / "big.npy"
+    config = EmbedConfig(model=str(tiny_encoder), images=str(photos), out=str(out), batch_size=4, device="cpu",
+                         workers=0)
+    assert embed_folder(config, stop_after_batches=1).interrupted  # as a running embed is after its first batch
+    query = ["similar", str(photos / ORIGINALS[0]), "--index", str(out)]
+    with held(work_dir(out), "OUT"):  # as the running embed holds it
+        result = runner.invoke(app, query)
+    assert result.exit_code == 1, result.output
+    assert " ".join(result.output.split()) == (f"error: {out}: still being written by a running `simclr embed` (4 of "
+                                               f"22 images embedded so far); wait for it to finish, then search")
+    result = runner.invoke(app, query)  # the embed stopped: it can be resumed
+    assert result.exit_code == 1 and "not written yet, its embed was interrupted" in result.output, result.output
 
 
 @pytest.mark.parametrize("field, value, message", [
