@@ -26,8 +26,8 @@ from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_con
 from simclr_cli.export import (CHECKPOINT_FILE, CHECKPOINT_SECONDS, HEAD_FILE, check_run_dir, load_checkpoint,
                                load_encoder, load_optimizer, read_run_config, save_checkpoint, save_tensors)
 from simclr_cli.features import compute_features, eval_dataset
-from simclr_cli.files import (FINETUNED_FILE, NOT_BACKBONE, EncoderInfo, claimed, held, read_json, read_json_lines, read_metadata,
-                              resolve_model_path, resume_command, shareable, write_json, write_text)
+from simclr_cli.files import (FINETUNED_FILE, NOT_BACKBONE, EncoderInfo, claimed, held, read_json, read_json_lines,
+                              read_metadata, resolve_model_path, resume_command, shareable, write_json, write_text)
 from simclr_cli.images import Skipped, UnreadableImage, load_rgb, note_skipped
 from simclr_cli.labels import LabelledData, LabelledSet, balanced_subset, check_decoded, load_labelled
 from simclr_cli.memory import batch_shortfall, fitting_workers

@@ -85,7 +85,8 @@ def use_even_batch(images: int, batch: int, report: Report, lr_follows: bool, mi
     if even == batch or even < minimum:
         return batch
     report("message", text=f"using batch size {even} instead of {batch}: an epoch of {images // even:,} steps leaves "
-                           f"{images % even:,} of the {images:,} images out, where {batch} would leave {images % batch:,}"
+                           f"{images % even:,} of the {images:,} images out, where {batch} would leave "
+                           f"{images % batch:,}"
                            + (" (the learning rate follows the batch)" if lr_follows else ""))
     return even
 

@@ -114,8 +114,9 @@ def test_a_system_error_is_described_without_a_dangling_colon_and_with_its_own_f
         == (f"{tmp_path / 'a.png'}: unreadable: PermissionError: Permission denied", "let this user read it")
     assert images.first_skipped([Skipped("b.png", "unreadable: FileNotFoundError: No such file or directory")])[1] \
         == "keep the files in place while the command runs"
-    assert images.first_skipped([Skipped("c.png", "unreadable: UnidentifiedImageError: cannot identify image file")]) \
-        == ("c.png: unreadable: UnidentifiedImageError: cannot identify image file", "replace or remove the damaged files")
+    damaged = "unreadable: UnidentifiedImageError: cannot identify image file"
+    assert images.first_skipped([Skipped("c.png", damaged)]) == (f"c.png: {damaged}",
+                                                                 "replace or remove the damaged files")
 
 
 def test_exif_orientation_is_applied(mixed_folder):

@@ -145,7 +145,8 @@ def test_a_batch_too_large_for_memory_trains_in_chunks_and_says_so(tmp_path, ima
     _squeezed_memory(monkeypatch, images=5)
     out = tmp_path / "run"
     result = runner.invoke(app, ["pretrain", str(images), "--out", str(out), "--epochs", "1", "--batch-size", "16",
-                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--precision", "fp32", "--workers", "0"])
+                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu",
+                                 "--precision", "fp32", "--workers", "0"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "a batch of 16 images needs about" in text and "gradient caching, 5 images' activations" in text
@@ -159,7 +160,8 @@ def test_the_batches_that_loader_workers_hold_ready_take_memory_from_the_batch(t
     _squeezed_memory(monkeypatch, images=16)
     out = tmp_path / "run"
     result = runner.invoke(app, ["pretrain", str(images), "--out", str(out), "--epochs", "1", "--batch-size", "16",
-                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--precision", "fp32", "--workers", "1"])
+                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu",
+                                 "--precision", "fp32", "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert "a batch of 16 images needs about" in " ".join(result.output.split())
     assert json.loads((out / "config.json").read_text())["chunk_size"] == 15  # 0.8 MB of batches ready, 1.1 MB an image
@@ -169,15 +171,16 @@ def test_a_batch_that_fits_or_a_chunk_size_given_is_left_alone(tmp_path, images,
     _squeezed_memory(monkeypatch, images=5)
     out = tmp_path / "given"
     result = runner.invoke(app, ["pretrain", str(images), "--out", str(out), "--epochs", "1", "--batch-size", "16",
-                                 "--chunk-size", "8", "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--precision", "fp32",
-                                 "--workers", "0"])
+                                 "--chunk-size", "8", "--arch", "resnet18", "--image-size", "32", "--device", "cpu",
+                                 "--precision", "fp32", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert "needs about" not in result.output
     assert json.loads((out / "config.json").read_text())["chunk_size"] == 8
     _squeezed_memory(monkeypatch, images=16)
     out = tmp_path / "fits"
     result = runner.invoke(app, ["pretrain", str(images), "--out", str(out), "--epochs", "1", "--batch-size", "16",
-                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu", "--precision", "fp32", "--workers", "0"])
+                                 "--arch", "resnet18", "--image-size", "32", "--device", "cpu",
+                                 "--precision", "fp32", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert "needs about" not in result.output
     assert json.loads((out / "config.json").read_text())["chunk_size"] is None
