@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -150,6 +151,8 @@ def _described(error: Exception, path: str | Path) -> str:
 def probe(path: Path) -> str | None:
     """Return why a file cannot be an image (reading its header only), or None if it looks fine."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe named *.png: opened, it would wait for a writer
+            return "not a regular file (a pipe, a socket or a device)"
         if os.path.getsize(path) == 0:
             return "empty file"
         with Image.open(path) as img:

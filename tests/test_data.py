@@ -47,6 +47,18 @@ def test_scan_finds_every_good_image_at_every_depth_and_skips_broken_ones(mixed_
     assert not any("/loop/" in name for name in found), "a link loop must not be followed twice"
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_pipe_named_like_an_image_is_skipped_as_what_it_is_without_waiting(tmp_path):
+    """It was skipped as an "empty file" (its size reads 0); where the size was not checked first, reading its
+    header would wait for a writer for ever."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "b.png")
+    scan = scan_images(tmp_path)
+    assert [Path(p).name for p in scan.paths] == ["a.png"]
+    assert [(Path(s.path).name, s.reason) for s in scan.skipped] == [
+        ("b.png", "not a regular file (a pipe, a socket or a device)")]
+
+
 def test_scan_follows_links_to_folders(tmp_path):
     target = tmp_path / "elsewhere"
     target.mkdir()
