@@ -117,14 +117,15 @@ def _holds_run(run_dir: Path, config_class: Any) -> bool:
     return True
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                 ignored: tuple[str, ...] = ()) -> None:
     """Write a safetensors file atomically (tensors made contiguous and unshared), or leave `path` as it is where
-    it already holds these tensors and metadata; a failed write (a full disk) is an OSError naming `path`, as
-    Python's own writes give."""
+    it already holds these tensors and metadata (but for the `ignored` keys); a failed write (a full disk) is an
+    OSError naming `path`, as Python's own writes give."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     # safetensors writes its metadata in another order on every call (a Rust HashMap): the same weights written
     # again would be other bytes, and every index and feature cache keyed by the file's SHA-256 would go stale.
-    if _holds(path, tensors, metadata):
+    if _holds(path, tensors, metadata, ignored):
         return
     with atomic_path(path) as tmp:
         try:
@@ -135,13 +136,19 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
             raise OSError(code, os.strerror(code), str(path)) from None
 
 
-def _holds(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
-    """Whether the file at `path` holds exactly `metadata` and `tensors`: the same names, dtypes, shapes and bytes."""
+def _holds(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+           ignored: tuple[str, ...] = ()) -> bool:
+    """Whether the file at `path` holds exactly `metadata` (but for the `ignored` keys) and `tensors`: the same
+    names, dtypes, shapes and bytes."""
     if not Path(path).is_file():
         return False
+
+    def kept(entries: dict[str, str]) -> dict[str, str]:
+        return {key: value for key, value in entries.items() if key not in ignored}
+
     try:
         with safe_open(str(path), framework="pt") as handle:  # the header first: a checkpoint's differs at once
-            if (handle.metadata() or {}) != metadata or set(handle.keys()) != set(tensors):
+            if kept(handle.metadata() or {}) != kept(metadata) or set(handle.keys()) != set(tensors):
                 return False
             return all(_same_bits(handle.get_tensor(name), tensor) for name, tensor in tensors.items())
     except (SafetensorError, OSError, ValueError):  # damaged, or not safetensors: written anew
@@ -156,12 +163,20 @@ def _same_bits(saved: torch.Tensor, tensor: torch.Tensor) -> bool:
     return torch.equal(saved.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
 
 
+# An encoder's metadata of provenance, not of what its weights compute: the run's settings (--workers, --device
+# among them) and the simclr that wrote it.
+PROVENANCE = ("config", "simclr_version")
+
+
 def save_encoder(path: str | Path, backbone: nn.Module, info: EncoderInfo,
-                 extra: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None) -> None:
-    """Write the backbone's state dict (torchvision key names) with its EncoderInfo as metadata."""
+                 extra: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
+                 again: bool = False) -> None:
+    """Write the backbone's state dict (torchvision key names) with its EncoderInfo as metadata. `again`: a
+    finished run's export repeated, which keeps a file of the same weights whatever its PROVENANCE says (a
+    `--resume --workers 0` of it rewrote the file, and the indexes that record its SHA-256 refused it)."""
     tensors = dict(backbone.state_dict())
     tensors.update(extra or {})
-    save_tensors(path, tensors, {**info.to_metadata(), **(metadata or {})})
+    save_tensors(path, tensors, {**info.to_metadata(), **(metadata or {})}, PROVENANCE if again else ())
 
 
 def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, EncoderInfo]:

@@ -270,6 +270,16 @@ def test_the_same_tensors_and_metadata_written_again_leave_the_files_bytes(tmp_p
     save_tensors(path, {**tensors, "nan": torch.tensor([-0.0])}, metadata)
     assert torch.signbit(load_file(str(path))["nan"]).all(), "-0.0 is written over 0.0 (torch.equal calls them equal)"
 
+    # Keys `ignored` may differ in a file kept as it is; nothing else may.
+    save_tensors(path, tensors, metadata)
+    before = digest()
+    save_tensors(path, tensors, {**metadata, "key0": "another run's setting"}, ignored=("key0",))
+    assert digest() == before and holds(tensors, metadata)
+    save_tensors(path, tensors, {**metadata, "key1": "changed"}, ignored=("key0",))
+    assert holds(tensors, {**metadata, "key1": "changed"})
+    save_tensors(path, {**tensors, "weight": tensors["weight"] + 1}, {**metadata, "key1": "changed"}, ignored=("key1",))
+    assert holds({**tensors, "weight": tensors["weight"] + 1}, {**metadata, "key1": "changed"})
+
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_written_files_have_the_usual_permissions(tmp_path, umask):

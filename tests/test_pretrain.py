@@ -1306,6 +1306,21 @@ def test_resuming_a_damaged_or_edited_run_folder_is_a_one_line_error(tiny_encode
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before, "nothing touched"
 
 
+def test_exporting_a_finished_run_again_with_other_runtime_flags_keeps_the_encoder_file(tiny_encoder, tmp_path):
+    """`--resume RUN --workers 1 --device cpu` of a finished run wrote its settings into the encoder's metadata:
+    another SHA-256, and every index embedded with the encoder refused it ("the model file changed since")."""
+    run = shutil.copytree(tiny_encoder, tmp_path / "run")
+    before = (run / "encoder.safetensors").read_bytes()
+    result = runner.invoke(app, ["pretrain", "--resume", str(run), "--workers", "1", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (run / "encoder.safetensors").read_bytes() == before
+    assert json.loads(read_metadata(run / "encoder.safetensors", "encoder")["config"])["runtime"]["workers"] == 0
+    (run / "encoder.safetensors").write_bytes(before[:-8] + bytes(8))  # other weights: exported again after all
+    assert runner.invoke(app, ["pretrain", "--resume", str(run), "--workers", "1", "--quiet"]).exit_code == 0
+    assert (run / "encoder.safetensors").read_bytes() != before[:-8] + bytes(8)
+    assert json.loads(read_metadata(run / "encoder.safetensors", "encoder")["config"])["runtime"]["workers"] == 1
+
+
 def test_a_log_line_that_is_not_a_record_is_dropped_on_resume(tiny_encoder, tmp_path):
     run = shutil.copytree(tiny_encoder, tmp_path / "run")
     log = (run / "metrics.jsonl").read_text()
