@@ -222,12 +222,12 @@ def pretrain(
     """Pretrain an encoder with SimCLR on a folder of unlabeled images; export encoder.safetensors."""
     from simclr_cli import distributed
 
-    config, resumed = None, None
+    config, resumed, again = None, None, {}
     if resume is not None:
         _refuse_changes_on_resume(ctx, resume, {"data_dir", "monitor", "device", "workers", "devices", "quiet"})
+        again = _runtime_given(ctx, device, workers)
         resumed = {"run_dir": resume, "data_dir": str(data_dir) if data_dir else None,
-                   "monitor": str(monitor) if monitor else None,
-                   "device": _given(ctx, "device", device), "workers": workers}
+                   "monitor": str(monitor) if monitor else None, **again}
     else:
         if data_dir is None:
             raise typer.BadParameter("give the folder of images (or --resume RUN_DIR)", param_hint="DATA_DIR")
@@ -256,7 +256,7 @@ def pretrain(
         distributed.check_devices(devices, run_device)
         run_dir = Path(resumed["run_dir"] if resumed else config.out_dir)
         result = distributed.launch(_pretrain_process, job, devices, run_device,
-                                    resume=functools.partial(_resume_command, run_dir, devices))
+                                    resume=functools.partial(_resume_command, run_dir, devices, **again))
     elif devices < 1:
         raise typer.BadParameter(f"{devices} must be at least 1", param_hint="--devices")
     else:
@@ -265,7 +265,7 @@ def pretrain(
         return
     if result.interrupted:
         err_console.print(f"interrupted after step {result.state.step}; checkpoint saved. Continue with: "
-                          f"{_resume_command(result.run_dir, 1 if distributed.launched() else devices)}")
+                          f"{_resume_command(result.run_dir, 1 if distributed.launched() else devices, **again)}")
         raise typer.Exit(130)
     if result.skipped:
         err_console.print(f"{len(result.skipped):,} unreadable file(s) skipped; listed in "
@@ -309,12 +309,19 @@ def _refuse_changes_on_resume(ctx: typer.Context, resume: Path, allowed: set[str
                           f"a new run with another --out")
 
 
-def _resume_command(run_dir: Path, devices: int) -> str | None:
-    """The command that continues a pretrain run on as many processes (under torchrun, 1: torchrun's own), or None
-    where the run has not written its settings yet (stopped while its processes started): there is nothing to resume."""
+def _resume_command(run_dir: Path, devices: int, **again: Any) -> str | None:
+    """The command that continues a pretrain run on as many processes (under torchrun, 1: torchrun's own), with
+    the runtime flags `again` (_runtime_given), or None where the run has not written its settings yet (stopped
+    while its processes started): there is nothing to resume."""
     if not (Path(run_dir) / "config.json").is_file():
         return None
-    return resume_command("pretrain", run_dir, devices=devices)
+    return resume_command("pretrain", run_dir, devices=devices, **again)
+
+
+def _runtime_given(ctx: typer.Context, device: str, workers: Optional[int]) -> dict[str, Any]:
+    """--device and --workers as given to a --resume, for the command that continues it: unlike a new run's, they
+    are not saved in its config.json, and the next --resume would go back to the saved ones."""
+    return {"device": _given(ctx, "device", device), "workers": workers}
 
 
 def _run_device(config: PretrainConfig | None, resumed: dict[str, Any] | None) -> str:
@@ -476,10 +483,12 @@ def finetune(
     from simclr_cli.config import FinetuneConfig
     from simclr_cli.finetune import finetune as run_finetune, resume_finetune
 
+    again = {}
     with _FinetuneReporter(quiet=quiet or as_json) as reporter:
         if resume is not None:
             _refuse_changes_on_resume(ctx, resume, {"device", "workers", "quiet", "as_json"})
-            result = resume_finetune(resume, reporter, device=_given(ctx, "device", device), workers=workers)
+            again = _runtime_given(ctx, device, workers)
+            result = resume_finetune(resume, reporter, **again)
         else:
             if model is None or train is None:
                 raise typer.BadParameter("give MODEL and TRAIN (or --resume RUN_DIR)", param_hint="MODEL TRAIN")
@@ -492,7 +501,7 @@ def finetune(
             result = run_finetune(config, reporter)
     if result.interrupted:
         err_console.print(f"interrupted at epoch {result.state.epoch + 1}; checkpoint saved. Continue with: "
-                          f"{resume_command('finetune', result.run_dir)}")
+                          f"{resume_command('finetune', result.run_dir, **again)}")
         raise typer.Exit(130)
     if as_json:
         typer.echo(json.dumps({**result.results, "out": str(result.run_dir)}, indent=2))

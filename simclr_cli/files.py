@@ -384,10 +384,13 @@ class EncoderInfo:
         return None
 
 
-def resume_command(command: str, run_dir: str | Path, workers: int | None = None, devices: int = 1) -> str:
-    """`simclr COMMAND --resume RUN_DIR`, quoted for a shell, with `--workers` if given and `--devices` above 1."""
+def resume_command(command: str, run_dir: str | Path, workers: int | None = None, devices: int = 1,
+                   device: str | None = None) -> str:
+    """`simclr COMMAND --resume RUN_DIR`, quoted for a shell, with `--workers` and `--device` if given and
+    `--devices` above 1."""
     text = f"simclr {command} --resume {shlex.quote(str(run_dir))}"
     text += f" --workers {workers}" if workers is not None else ""
+    text += f" --device {shlex.quote(device)}" if device is not None else ""
     return text + (f" --devices {devices}" if devices > 1 else "")
 
 

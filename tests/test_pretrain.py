@@ -1321,6 +1321,25 @@ def test_exporting_a_finished_run_again_with_other_runtime_flags_keeps_the_encod
     assert json.loads(read_metadata(run / "encoder.safetensors", "encoder")["config"])["runtime"]["workers"] == 1
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_an_interrupted_resume_names_the_runtime_flags_it_was_given(tiny_encoder, tmp_path, monkeypatch, command):
+    """Given to a --resume, --workers and --device are not saved in config.json: the printed "Continue with" left
+    them out, and following it went back to the saved ones (the workers that ran out of memory, say)."""
+    from types import SimpleNamespace
+
+    from simclr_cli import finetune
+
+    run = shutil.copytree(tiny_encoder, tmp_path / "run")
+    stopped = SimpleNamespace(interrupted=True, run_dir=run, state=SimpleNamespace(step=3, epoch=0))
+    monkeypatch.setattr(train, "resume_pretrain", lambda *args, **kwargs: stopped)
+    monkeypatch.setattr(finetune, "resume_finetune", lambda *args, **kwargs: stopped)
+    result = runner.invoke(app, [command, "--resume", str(run), "--workers", "0", "--device", "cpu"])
+    assert result.exit_code == 130, result.output
+    assert f"Continue with: simclr {command} --resume {run} --workers 0 --device cpu" in " ".join(result.output.split())
+    result = runner.invoke(app, [command, "--resume", str(run)])
+    assert " ".join(result.output.split()).endswith(f"Continue with: simclr {command} --resume {run}"), result.output
+
+
 def test_a_log_line_that_is_not_a_record_is_dropped_on_resume(tiny_encoder, tmp_path):
     run = shutil.copytree(tiny_encoder, tmp_path / "run")
     log = (run / "metrics.jsonl").read_text()
