@@ -670,15 +670,19 @@ def test_a_query_excluding_itself_through_a_symbolic_link_is_left_out(tiny_encod
         assert Path(kept[0]["path"]).name == ORIGINALS[0] and len(kept) == 3
 
 
-def test_a_file_the_index_holds_twice_through_a_link_is_one_hit_or_none(tiny_encoder, photos, tmp_path):
-    """An index of a file and a symbolic link to it, the query spelt as either or through a link from outside:
+@pytest.mark.parametrize("hard", [False, True], ids=["symbolic-link", "hard-link"])
+def test_a_file_the_index_holds_twice_through_a_link_is_one_hit_or_none(tiny_encoder, photos, tmp_path, hard):
+    """An index of a file and a link to it, the query spelt as either or through a link from outside:
     --exclude-self leaves both rows out and still gives k hits where the index has them; without it the file is
     one hit, spelt as the query where the index spells it so, then the same hits."""
     folder, own = tmp_path / "twice", {ORIGINALS[0], "zlink.png"}
     folder.mkdir()
     for name in [ORIGINALS[0], "photo00.png", "photo01.png", "photo02.png", "photo04.png", "photo05.png"]:
         shutil.copy(photos / name, folder / name)
-    (folder / "zlink.png").symlink_to(ORIGINALS[0])  # after the file, by name: the search must look past it
+    if hard:  # one file under two names
+        os.link(folder / ORIGINALS[0], folder / "zlink.png")
+    else:
+        (folder / "zlink.png").symlink_to(ORIGINALS[0])  # after the file, by name: the search must look past it
     (tmp_path / "outside.png").symlink_to(folder / ORIGINALS[0])
     index = tmp_path / "twice.npy"
     embed_folder(EmbedConfig(model=str(tiny_encoder), images=str(folder), out=str(index), device="cpu",
