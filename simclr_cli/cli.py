@@ -595,7 +595,7 @@ def _index_flag(out: Path) -> str:
 
     try:
         default = choose_index(None)[0]
-    except ConfigError:
+    except (ConfigError, OSError):  # none remembered, or a state directory that cannot be read: the embed succeeded
         default = None
     return "" if default is not None and default.absolute() == out.absolute() else f" --index {shlex.quote(str(out))}"
 

@@ -80,6 +80,17 @@ def test_embed_writes_rows_in_manifest_order(tiny_encoder, mixed_folder, tmp_pat
     assert "next: simclr similar QUERY.jpg  (" in result.output, result.output
 
 
+def test_a_state_directory_that_cannot_be_read_fails_no_embed(tiny_encoder, mixed_folder, tmp_path, monkeypatch):
+    """The next-step line reads the state directory to know whether `similar` needs --index: an error there
+    (a name too long, a folder this user cannot search) made an embed that had succeeded exit 1."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / ("x" * 300)))
+    out = tmp_path / "index.npy"
+    result = run_embed(tiny_encoder, mixed_folder[0], out)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "warning: could not remember" in said and f"next: simclr similar QUERY.jpg --index {out} (" in said, said
+
+
 def test_no_normalize_and_float16(tiny_encoder, mixed_folder, tmp_path, monkeypatch):
     root, _ = mixed_folder
     raw, half = tmp_path / "raw.npy", tmp_path / "half.npy"
