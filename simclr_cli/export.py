@@ -67,7 +67,7 @@ def read_run_config(config_class: Any, run_dir: Path, command: str, **changes: A
     if run_dir.is_file():  # the run's encoder, say: its folder is meant
         raise ConfigError(f"--resume {run_dir}: a file, not a run folder; pass the folder of a run that "
                           f"`simclr {command}` started" + (f" (--resume {run_dir.parent}?)"
-                                                          if (run_dir.parent / "config.json").is_file() else ""))
+                                                          if _holds_run(run_dir.parent, config_class) else ""))
     if not (run_dir / "config.json").is_file():
         there = "no config.json there" if run_dir.is_dir() else "no such folder"
         raise ConfigError(f"--resume {run_dir}: {there}; pass the folder of a run that `simclr {command}` started")

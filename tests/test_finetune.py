@@ -369,7 +369,9 @@ def test_a_head_of_another_width_is_refused_before_the_run_writes_anything(tiny_
                                 "with `simclr finetune {encoder} TRAIN`"),
     (["--resume", "{unfinished}"], "a `simclr pretrain` run; continue it with `simclr pretrain --resume {unfinished}`"),
     (["--resume", "{encoder}/encoder.safetensors"], "encoder.safetensors: a file, not a run folder; pass the folder "
-                                                    "of a run that `simclr finetune` started (--resume {encoder}?)"),
+                                                    "of a run that `simclr finetune` started"),  # no "(--resume tiny?)":
+    (["--resume", "{tuned}/config.json"], "config.json: a file, not a run folder; pass the folder of a run that "
+                                          "`simclr finetune` started (--resume {tuned}?)"),  # a pretrain run's folder
     (["--resume", "{missing}"], "missing: no such folder; pass the folder of a run that `simclr finetune` started"),
     (["{encoder}", "--resume", "{encoder}", "--label-fraction", "0.1"],
      "MODEL, --label-fraction with --resume: the run keeps the settings it started with"),
@@ -379,8 +381,12 @@ def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, small_digits_folde
     (tmp_path / "bare").mkdir()
     shutil.copy(tiny_encoder / "encoder.safetensors", tmp_path / "bare")
     unfinished = shutil.copytree(tiny_encoder, tmp_path / "unfinished", ignore=shutil.ignore_patterns("encoder.*"))
+    (tmp_path / "tuned").mkdir()  # the folder of a finetune run
+    (tmp_path / "tuned" / "config.json").write_text(json.dumps(FinetuneConfig(
+        model=str(tiny_encoder), data=LabelledDataConfig(str(small_digits_folder)),
+        out_dir=str(tmp_path / "tuned")).to_json()))
     paths = {"encoder": str(tiny_encoder), "digits": str(small_digits_folder), "bare": str(tmp_path / "bare"),
-             "missing": str(tmp_path / "missing"), "unfinished": str(unfinished)}
+             "missing": str(tmp_path / "missing"), "unfinished": str(unfinished), "tuned": str(tmp_path / "tuned")}
     result = runner.invoke(app, ["finetune", *[a.format(**paths) for a in args], *FAST])
     assert result.exit_code == 1, result.output
     assert message.format(**paths) in " ".join(result.output.split())
