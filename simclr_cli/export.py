@@ -163,9 +163,9 @@ def _same_bits(saved: torch.Tensor, tensor: torch.Tensor) -> bool:
     return torch.equal(saved.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
 
 
-# An encoder's metadata of provenance, not of what its weights compute: the run's settings (--workers, --device
+# An encoder's metadata of provenance, not of what its weights compute: the runs' settings (--workers, --device
 # among them) and the simclr that wrote it.
-PROVENANCE = ("config", "simclr_version")
+PROVENANCE = ("config", "finetune_config", "simclr_version")
 
 
 def save_encoder(path: str | Path, backbone: nn.Module, info: EncoderInfo,

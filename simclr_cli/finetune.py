@@ -23,8 +23,9 @@ from simclr_cli.data import ImageDataset, UntilWorkerDies, epoch_order, in_fligh
 from simclr_cli.errors import ConfigError, ModelFileError, WorkerDied
 from simclr_cli.evaluate import (CONFUSION_FILE, classification_report, draw_confusion, knn_report, report_data,
                                  split_features)
-from simclr_cli.export import (CHECKPOINT_FILE, CHECKPOINT_SECONDS, HEAD_FILE, check_run_dir, load_checkpoint,
-                               load_encoder, load_optimizer, read_run_config, save_checkpoint, save_tensors)
+from simclr_cli.export import (CHECKPOINT_FILE, CHECKPOINT_SECONDS, HEAD_FILE, PROVENANCE, check_run_dir,
+                               load_checkpoint, load_encoder, load_optimizer, read_run_config, save_checkpoint,
+                               save_tensors)
 from simclr_cli.features import compute_features, eval_dataset
 from simclr_cli.files import (FINETUNED_FILE, NOT_BACKBONE, EncoderInfo, claimed, held, read_json, read_json_lines,
                               read_metadata, resolve_model_path, resume_command, shareable, write_json, write_text)
@@ -414,8 +415,9 @@ class FinetuneRun:
                                 "head_width": self.model.head.out_dim if self.model.head is not None else None}}
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, {"model": self.model}, self.optimizer, rng_state(), progress)
 
-    def export(self) -> Path:
-        """Write finetuned.safetensors: an encoder file (simclr embed reads it) with head and classifier."""
+    def export(self, again: bool = False) -> Path:
+        """Write finetuned.safetensors: an encoder file (simclr embed reads it) with head and classifier. `again`:
+        the run had finished before, and a file of the same weights is kept (see export.save_encoder)."""
         info = self.info
         resize = preprocessing(info).resize
         metadata = {
@@ -428,14 +430,14 @@ class FinetuneRun:
             "finetune_config": json.dumps(shareable(self.config.to_json())), "simclr_version": __version__,
         }
         path = self.run_dir / FINETUNED_FILE
-        save_tensors(path, self.model.export_tensors(), metadata)
+        save_tensors(path, self.model.export_tensors(), metadata, PROVENANCE if again else ())
         return path
 
-    def final_report(self) -> dict[str, Any]:
-        """Export the last epoch's model, then measure the file on the validation set: linear-eval's report,
-        kNN on its encoder. The last epoch, not the best: choosing the epoch by the accuracy it reports would
-        overstate it, and with --val TEST would choose the model on the test set."""
-        self.model.load_export(load_file(str(self.export())))
+    def final_report(self, again: bool = False) -> dict[str, Any]:
+        """Export the last epoch's model (`again`: as export's), then measure the file on the validation set:
+        linear-eval's report, kNN on its encoder. The last epoch, not the best: choosing the epoch by the accuracy
+        it reports would overstate it, and with --val TEST would choose the model on the test set."""
+        self.model.load_export(load_file(str(self.export(again))))
         logits, labels = self.predict(self.val_set)
         results = classification_report(logits, labels, self.data.classes)
         self.report("message", text="kNN on the fine-tuned encoder's features")
@@ -462,7 +464,8 @@ class FinetuneRun:
         def clock() -> float:  # seconds of training over all sessions of this run
             return offset + time.monotonic() - session_start
 
-        if state.epoch < self.config.epochs:  # a finished run only writes its outputs again: no "training for 0 steps"
+        finished = state.epoch >= self.config.epochs  # it only writes its outputs again: no "training for 0 steps"
+        if not finished:
             self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs)
         interrupted = False
         self._saved_at = clock()
@@ -498,7 +501,7 @@ class FinetuneRun:
                 return FinetuneResult(self.run_dir, None, state, skipped=list(self.skipped.values()), interrupted=True)
             # Still inside: a signal now is too late to stop anything, and would leave the model without its report
             # (a second one stops at once).
-            results = self.final_report()
+            results = self.final_report(again=finished)
         return FinetuneResult(self.run_dir, self.run_dir / FINETUNED_FILE, state, results,
                               list(self.skipped.values()))
 

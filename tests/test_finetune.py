@@ -149,6 +149,10 @@ def test_a_resume_of_a_finished_finetune_says_it_had_finished(tiny_encoder, smal
     assert not any(text.startswith("resuming") for text in messages), messages  # it said "at epoch 2" of 1
     assert "start" not in kinds, kinds  # plain output printed "training for 0 steps"
     assert hashlib.sha256(model.read_bytes()).hexdigest() == before
+    # Given --workers or --device, the resumed run's settings differ: the file, of the same weights, is kept.
+    resume_finetune(tmp_path / "run", report, device="cpu", workers=1)
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == before
+    assert json.loads(read_metadata(model, "model")["finetune_config"])["runtime"]["workers"] == 0
 
 
 def test_a_signal_during_the_final_report_lets_it_finish(tiny_encoder, small_digits_folder, tmp_path, monkeypatch):
