@@ -151,9 +151,12 @@ class FinetuneResult:
 class FinetuneRun:
     """One fine-tuning run in one folder: built fresh, or from its checkpoint when resuming."""
 
-    def __init__(self, config: FinetuneConfig, report: Report = silent, resume: bool = False):
+    def __init__(self, config: FinetuneConfig, report: Report = silent, resume: bool = False,
+                 device_given: str | None = None):
+        """`device_given`: as PretrainRun's."""
         self.config = config = config.with_absolute_paths()
         self.report = report
+        self.device_given = device_given
         self.run_dir = Path(config.out_dir)
         restore = check_run_dir(self.run_dir, resume, FINETUNED_FILE, FinetuneConfig)
         if resume and not restore:  # stopped in its first epoch (a crash, a lost machine): start it again as saved
@@ -494,7 +497,7 @@ class FinetuneRun:
                     break
             self.report("done")
             if interrupted and self._worker_died:
-                fewer = resume_command("finetune", self.run_dir, self.workers // 2)
+                fewer = resume_command("finetune", self.run_dir, self.workers // 2, device=self.device_given)
                 raise WorkerDied.saying(self._worker_died, f"the run is saved at step {state.step}. Continue with "
                                                            f"fewer workers: {fewer}")
             if interrupted:
@@ -519,4 +522,4 @@ def resume_finetune(run_dir: str | Path, report: Report = silent, device: str | 
     run_dir = Path(run_dir)
     config = read_run_config(FinetuneConfig, run_dir, "finetune", device=device, workers=workers)
     with held(run_dir, "--resume"):
-        return FinetuneRun(config, report, resume=True).run()
+        return FinetuneRun(config, report, resume=True, device_given=device).run()

@@ -94,8 +94,12 @@ def use_even_batch(images: int, batch: int, report: Report, lr_follows: bool, mi
 class PretrainRun:
     """One pretraining run in one folder: built fresh, or from its checkpoint when resuming."""
 
-    def __init__(self, config: PretrainConfig, report: Report = silent, resume: bool = False):
+    def __init__(self, config: PretrainConfig, report: Report = silent, resume: bool = False,
+                 device_given: str | None = None):
+        """`device_given`: a --device given to a --resume, which config.json does not save: the command printed to
+        continue the run repeats it."""
         self.report = report
+        self.device_given = device_given
         self.run_dir = Path(config.out_dir)
         self.device = resolve_device(config.runtime.device)
         # Decided once and saved in config.json, so a resumed run keeps its architecture, batch and views.
@@ -531,7 +535,7 @@ class PretrainRun:
 
     def _resume_command(self) -> str:
         """The command that continues this run with half its loader workers (on as many processes)."""
-        return resume_command("pretrain", self.run_dir, self.workers // 2, world_size())
+        return resume_command("pretrain", self.run_dir, self.workers // 2, world_size(), self.device_given)
 
     def encoder_info(self) -> EncoderInfo:
         return EncoderInfo(arch=self.config.arch, stem=self.config.stem, width=self.config.width,
@@ -699,4 +703,4 @@ def resume_pretrain(run_dir: str | Path, report: Report = silent, data_dir: str 
         raise DataError(f"--resume {run_dir}: the run's images ({config.data_dir}, saved in its config.json) are not "
                         f"there; if they moved, pass their new place: simclr pretrain NEW_DIR --resume {run_dir}")
     with held(run_dir, "--resume") if is_main() else contextlib.nullcontext():  # rank 0 holds it for the others
-        return PretrainRun(config, report, resume=True).run()
+        return PretrainRun(config, report, resume=True, device_given=device).run()

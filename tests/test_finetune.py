@@ -251,6 +251,9 @@ def test_a_killed_loader_worker_saves_the_run_and_says_how_to_go_on(tiny_encoder
                          f"saved at step {step}. Continue with fewer workers: simclr finetune --resume {out} "
                          f"--workers 0"), text
     assert "Traceback" not in result.output
+    # Again, in a resume given --device (not saved in config.json): the command repeats it.
+    result = runner.invoke(app, ["finetune", "--resume", str(out), "--workers", "1", "--device", "cpu"])
+    assert " ".join(result.output.split()).endswith(f"--resume {out} --workers 0 --device cpu"), result.output
     result = runner.invoke(app, ["finetune", "--resume", str(out), "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert (out / FINETUNED_FILE).is_file()

@@ -811,6 +811,10 @@ def test_a_killed_loader_worker_saves_the_last_step_and_says_how_to_go_on(small_
     assert str(stop.value) == (f"a loader worker died (killed by signal: Killed), perhaps out of memory; the run is "
                                f"saved at step {step}. Continue with fewer workers: simclr pretrain --resume "
                                f"{killed} --workers 0")
+    with pytest.raises(WorkerDied) as stop:  # again, in a resume given --device: not saved, so said again
+        resume_pretrain(killed, workers=1, device="cpu")
+    assert str(stop.value).endswith(f"Continue with fewer workers: simclr pretrain --resume {killed} --workers 0 "
+                                    f"--device cpu")
     cli = runner.invoke(app, ["pretrain", "--resume", str(killed), "--workers", "0"])
     assert cli.exit_code == 0, cli.output
     assert losses(killed) == losses(straight)
