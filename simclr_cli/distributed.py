@@ -32,7 +32,8 @@ from torch import nn
 from simclr_cli import errors as simclr_errors
 from simclr_cli.config import check_sizes
 from simclr_cli.errors import ConfigError, SimclrError, os_error_message
-from simclr_cli.runtime import is_distributed, local_rank, rank, reply_at_once, resolve_device, world_size
+from simclr_cli.runtime import (StopFlag, is_distributed, local_rank, rank, reply_at_once, resolve_device,
+                                world_size)
 
 _ERROR_FILE = "error-rank{}.txt"
 _STOPPED = "stopped at once"  # a report's kind for a worker that a signal stopped without saving
@@ -219,8 +220,10 @@ def _in_group(entrypoint: Callable[..., Any], args: tuple, device: str, error_di
     """A launched worker: join the group, run, leave; leave a SimclrError's message, or word of a stop, for the
     launcher."""
     # Ctrl-C stops the process until the run's StopFlag takes it as a request to save (a worker started with
-    # SIGINT ignored, or held: a Ctrl-C while it set up was lost, the run trained to its end).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGINT ignored, or held: a Ctrl-C while it set up was lost, the run trained to its end), and SIGTERM ends it.
+    # The copy of a request that StopFlag took is let go after it too (see _unless_a_copy).
+    signal.signal(signal.SIGINT, _unless_a_copy)
+    signal.signal(signal.SIGTERM, _unless_a_copy)
     try:
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one held while it started is taken here
@@ -251,6 +254,24 @@ def _in_group(entrypoint: Callable[..., Any], args: tuple, device: str, error_di
         # The process ends next. Python collects garbage as it exits, over every object PyTorch made: frozen,
         # they are left out, and a 2-process CPU run ended 6 s sooner.
         gc.freeze()
+
+
+def _unless_a_copy(signum: int, frame: Any) -> None:
+    """A worker's SIGINT or SIGTERM outside its StopFlag: stops the process (KeyboardInterrupt; SIGTERM's default
+    action), unless it is the other copy of the request its StopFlag took.
+
+    A Ctrl-C to the process group reaches a worker from the terminal and, up to one of the launcher's polls later
+    (0.2 s: the launcher's main thread holds SIGINT, and runs the handler after its sleep), from the launcher. A
+    worker whose batch ended sooner had saved and left its StopFlag, and the copy stopped it at once: "stopped at
+    once: the workers stopped without saving", and, as the other worker waited for its result to be read, after the
+    launcher's 30 s shutdown.
+    """
+    if StopFlag.repeats_request(signum):
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _report(error_dir: str, kind: str, message: str) -> None:

@@ -156,6 +156,7 @@ class StopFlag:
     """
 
     REPEAT_SECONDS = 2.0
+    taken: tuple[int, float] | None = None  # the last request any StopFlag of this process took: (signal, its time)
 
     def __init__(self, reply: Callable[[str], None] | None = None):
         """`reply(name)` answers the first signal ("SIGINT", "SIGTERM") at once, from a thread: the step under way
@@ -181,8 +182,15 @@ class StopFlag:
                 return
             raise KeyboardInterrupt
         self.signal, self._first = signum, time.monotonic()
+        StopFlag.taken = (signum, self._first)
         if self._reply is not None:
             self._replying = reply_at_once(self._reply, signum)
+
+    @classmethod
+    def repeats_request(cls, signum: int) -> bool:
+        """Whether `signum` is the same signal as the last request taken, within REPEAT_SECONDS of it: its other copy,
+        in a process group, even after the StopFlag that took it has ended."""
+        return cls.taken is not None and cls.taken[0] == signum and time.monotonic() - cls.taken[1] < cls.REPEAT_SECONDS
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

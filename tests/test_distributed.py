@@ -372,6 +372,37 @@ def test_a_worker_whose_call_failed_waits_for_the_launcher_to_see_a_dead_peer_fi
     assert not list(tmp_path.iterdir()), "no report: the launcher's traceback is the one to show for a bug"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_the_copy_of_a_request_after_the_process_saved_is_no_second_signal(monkeypatch, tmp_path, sig):
+    """A group's Ctrl-C reaches a --devices process from the terminal and, up to a poll of the launcher (0.2 s)
+    later, from the launcher. A process whose batch ended sooner had saved and left its StopFlag: the copy stopped
+    it at once, the command said "stopped at once: the workers stopped without saving", after 31 s where the
+    other process waited for the launcher to read its result."""
+    from simclr_cli.runtime import StopFlag
+
+    def takes_the_request_then_its_copy() -> str:
+        with StopFlag() as stop:
+            os.kill(os.getpid(), sig)  # the request: the loop saves and ends
+        assert stop.signal == sig
+        os.kill(os.getpid(), sig)  # its copy, from the launcher
+        return "saved"
+
+    def copy_ended_the_process(signum, frame):
+        raise AssertionError(f"the copy of the {signal.Signals(signum).name} stopped the process")
+
+    monkeypatch.setattr(StopFlag, "taken", None, raising=False)
+    monkeypatch.setattr(distributed, "run_in_group", lambda entrypoint, *args, device: entrypoint(*args))
+    monkeypatch.setattr(distributed.gc, "freeze", lambda: None)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, copy_ended_the_process)  # not this test's process: its default action ends it
+    try:
+        assert distributed._in_group(takes_the_request_then_its_copy, (), "cpu", str(tmp_path)) == "saved"
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert not list(tmp_path.iterdir()), "no report of a stop"
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
