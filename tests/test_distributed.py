@@ -197,10 +197,13 @@ def test_a_workers_death_hint_resumes_on_as_many_processes(monkeypatch):
 
     from simclr_cli import train
 
-    run = SimpleNamespace(run_dir=Path("my run"), workers=4)
+    run = SimpleNamespace(run_dir=Path("my run"), workers=4, device_given=None)
     assert train.PretrainRun._resume_command(run) == "simclr pretrain --resume 'my run' --workers 2"
     monkeypatch.setattr(train, "world_size", lambda: 2)
     assert train.PretrainRun._resume_command(run) == "simclr pretrain --resume 'my run' --workers 2 --devices 2"
+    run.device_given = "cpu"  # given to the resume, not saved: repeated
+    assert train.PretrainRun._resume_command(run) == ("simclr pretrain --resume 'my run' --workers 2 --device cpu "
+                                                      "--devices 2")
 
 
 def test_a_report_the_full_disk_cut_short_is_no_report(tmp_path):
