@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -109,6 +110,11 @@ def _let_go_in_child() -> None:
 os.register_at_fork(after_in_child=_let_go_in_child)
 
 
+# Tries of a folder's lock, 10 ms apart, before it counts as held: `simclr similar` takes a shared lock for an
+# instant to see whether an embed is writing its index, and a `held` that met it was refused (3% of tries in a loop).
+LOCK_TRIES = 10
+
+
 @contextlib.contextmanager
 def held(folder: str | Path, what: str) -> Iterator[None]:
     """Hold `folder` (a run's, or an embed's work) while the block runs: another simclr process asking for it
@@ -122,13 +128,18 @@ def held(folder: str | Path, what: str) -> Iterator[None]:
         return
     _HELD.add(fd)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"{what} {folder} is in use by another simclr process; let it finish, or stop it, "
-                              f"then run again") from None
-        except OSError:
-            pass
+        for attempt in range(LOCK_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # held, or looked at for an instant by in_use: tried again a few times first
+                if attempt == LOCK_TRIES - 1:
+                    raise ConfigError(f"{what} {folder} is in use by another simclr process; let it finish, or stop "
+                                      f"it, then run again") from None
+                time.sleep(0.01)
+                continue
+            except OSError:
+                pass
+            break
         yield
     finally:
         _HELD.discard(fd)

@@ -352,6 +352,33 @@ def test_a_folder_refused_as_not_empty_keeps_every_file(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted(names)
 
 
+def test_a_look_at_a_folder_for_an_instant_does_not_refuse_its_holder(tmp_path):
+    """`in_use` (simclr similar, asking whether an embed writes its index) takes a shared lock for an instant: a
+    `held` that came upon it then was refused, "in use by another simclr process", with no other process there."""
+    import fcntl
+    import threading
+
+    looked = threading.Event()
+
+    def look() -> None:  # what in_use does, held a little longer so that `held` surely meets it
+        fd = os.open(tmp_path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        looked.set()
+        time.sleep(0.03)
+        os.close(fd)
+
+    looker = threading.Thread(target=look)
+    looker.start()
+    looked.wait()
+    with held(tmp_path, "OUT"):  # not refused: taken once the look ended
+        assert not looker.is_alive()
+    looker.join()
+    with held(tmp_path, "OUT"):  # and a real holder is still refused
+        with pytest.raises(ConfigError, match="is in use by another simclr process"):
+            with held(tmp_path, "OUT"):
+                pass
+
+
 def test_a_held_folder_is_let_go_with_its_process_not_its_forked_children(tmp_path):
     """A loader worker forked inside held() outlives a parent killed outright by seconds: it must not keep the
     lock (the next --resume was refused meanwhile)."""
