@@ -277,10 +277,21 @@ def _follow_model(work: Path, plan: dict[str, Any], model_path: Path) -> dict[st
     """The plan, naming `model_path` where a --resume found the model (the same by SHA-256) at another path: the
     old one may be gone, and the processes load the model, and the manifest names it, from the plan."""
     model = os.path.abspath(model_path)
-    if os.path.normpath(plan["model"]) != model:  # "a/../a/m" is where it was
+    if _moved(plan["model"], model):
         plan = {**plan, "model": model}
         write_json(work / "plan.json", plan)
     return plan
+
+
+def _moved(saved: str, model: str) -> bool:
+    """Whether the model file at `model` is elsewhere than the `saved` path says: not where both name one file
+    ("a/../a/m", a link to its folder), only where the old path is gone or another file."""
+    if os.path.normpath(saved) == model:
+        return False
+    try:
+        return not os.path.samefile(saved, model)
+    except OSError:  # gone from there
+        return True
 
 
 def _check_same(config: EmbedConfig, saved: dict[str, Any], sha256: str, precision: str, what: str) -> None:
@@ -314,7 +325,7 @@ def _finished(config: EmbedConfig, model_path: Path, sha256: str, precision: str
                          "dtype": manifest.dtype, "normalize": manifest.normalized, "precision": manifest.precision},
                 sha256, precision, "embed that wrote OUT")
     model = os.path.abspath(model_path)
-    moved = f"; its manifest now names the model at {model}" if os.path.normpath(manifest.model) != model else ""
+    moved = f"; its manifest now names the model at {model}" if _moved(manifest.model, model) else ""
     if moved:
         write_manifest(out, replace(manifest, model=model))
     report("message", text=f"{out} is already complete; nothing to resume{moved}")

@@ -456,10 +456,11 @@ def test_a_resume_with_the_model_at_a_new_path_names_that_path(tiny_encoder, gap
     assert (result := runner.invoke(app, similar)).exit_code == 0, result.output
 
     manifest = out.with_suffix(".json").read_bytes()
-    spelled = tmp_path / ".." / tmp_path.name / third.name  # the same path, spelled another way: not a move
-    result = run_embed(spelled, gappy_folder, out, "--resume")
-    assert result.exit_code == 0 and "already complete; nothing to resume" in result.output, result.output
-    assert "now names" not in result.output and out.with_suffix(".json").read_bytes() == manifest
+    (tmp_path / "link").symlink_to(tmp_path, target_is_directory=True)
+    for spelled in (tmp_path / ".." / tmp_path.name / third.name, tmp_path / "link" / third.name):  # not moves
+        result = run_embed(spelled, gappy_folder, out, "--resume")
+        assert result.exit_code == 0 and "already complete; nothing to resume" in result.output, result.output
+        assert "now names" not in result.output and out.with_suffix(".json").read_bytes() == manifest
 
 
 @pytest.fixture
