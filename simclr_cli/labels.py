@@ -114,7 +114,7 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None, flag:
                         f"images in its own subfolder (e.g. {root}/cat, {root}/dog){csv_hint}")
     loose = [p for p in scan.paths if p.parent == root]
     if loose:
-        notes.append(f"{len(loose)} image(s) directly in {root} belong to no class subfolder: ignored")
+        notes.append(f"{len(loose):,} image(s) directly in {root} belong to no class subfolder: ignored")
     if classes is not None:
         unknown = [name for name in subfolders if name not in classes]
         if unknown:
@@ -123,7 +123,7 @@ def read_class_folders(root: str | Path, classes: list[str] | None = None, flag:
     for name in subfolders:  # a class of damaged files alone: "no readable images; add images" named none of them
         if found[name].skipped and not found[name].paths:
             file, fix = first_skipped(found[name].skipped)
-            raise DataError(f"{flag} {root}: class {name!r} has no readable images, {len(found[name].skipped)} "
+            raise DataError(f"{flag} {root}: class {name!r} has no readable images, {len(found[name].skipped):,} "
                             f"unreadable file(s), the first {file}; {fix}, or remove the class")
     names = classes if classes is not None else subfolders
     paths, labels, skipped, counts = [], [], [], []
@@ -189,7 +189,7 @@ def read_label_csv(csv_path: str | Path, root: str | Path) -> tuple[list[str], L
         raise DataError(f"--labels {csv_path}: no rows; write one path,label row per image")
     missing = [path for path in rows if not path.is_file()]
     if missing:
-        raise DataError(f"--labels {csv_path}: {len(missing)} file(s) it names do not exist, e.g. {missing[0]}; "
+        raise DataError(f"--labels {csv_path}: {len(missing):,} file(s) it names do not exist, e.g. {missing[0]}; "
                         f"paths are relative to {root}; fix them or remove those rows")
     not_images = [path for path in rows if not is_image_name(path.name)]
     if not_images:
@@ -293,7 +293,7 @@ def _one_row_per_file(data: LabelledSet, classes: list[str], source: str) -> tup
         keep.append(index)
     if len(keep) == len(data):
         return data, None
-    return data.subset(keep), (f"{source}: {len(data) - len(keep)} image(s) are other names (links) of images "
+    return data.subset(keep), (f"{source}: {len(data) - len(keep):,} image(s) are other names (links) of images "
                                f"listed before them: each file is kept once")
 
 
@@ -302,7 +302,7 @@ def _check_held_out(train: LabelledSet, val: LabelledSet, val_dir: str | Path, f
     train_ids = _file_ids(train.paths)
     shared = [path for path in val.paths if _file_id(path) in train_ids]
     if shared:
-        raise ConfigError(f"--val {val_dir} shares {len(shared)} of its {len(val)} images with {flag} (e.g. "
+        raise ConfigError(f"--val {val_dir} shares {len(shared):,} of its {len(val):,} images with {flag} (e.g. "
                           f"{shared[0]}): an accuracy on training images overstates generalisation; remove them from "
                           f"one of the two, or pass --val-split F to hold out part of {flag}")
 
