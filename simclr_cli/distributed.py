@@ -245,7 +245,8 @@ def _in_group(entrypoint: Callable[..., Any], args: tuple, device: str, error_di
         # and named; the others' "Connection reset by peer" tracebacks from their collective reached the launcher
         # first now and then. A bug in this process alone is still the first failure: the others wait on it.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            time.sleep(PEER_GRACE_SECONDS)
+            with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C meanwhile: the failure is still what to report
+                time.sleep(PEER_GRACE_SECONDS)
         raise
     finally:
         # Done: a signal passed on by the launcher now would kill the process before it hands back its result.
