@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="side of the written images in pixels")
     args = parser.parse_args()
     count = export_digits(args.out, args.size)
-    print(f"wrote {count} digit images to {args.out}")
+    print(f"wrote {count:,} digit images to {args.out}")
 
 
 if __name__ == "__main__":
