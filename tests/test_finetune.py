@@ -359,6 +359,25 @@ def test_a_head_of_another_width_is_refused_before_the_run_writes_anything(tiny_
     assert not out.exists() or not any(out.iterdir()), "the same --out is free for the next try"
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_a_file_given_to_resume_names_its_folder_only_where_that_is_a_run_of_the_command(
+        tiny_encoder, small_digits_folder, tmp_path, command):
+    """`--resume RUN/encoder.safetensors`: "a file, not a run folder", and "(--resume RUN?)" where RUN is a run of
+    this command; the folder of the other command's run was suggested too, and then refused."""
+    tuned = tmp_path / "tuned"  # the folder of a finetune run
+    tuned.mkdir()
+    (tuned / "config.json").write_text(json.dumps(FinetuneConfig(
+        model=str(tiny_encoder), data=LabelledDataConfig(str(small_digits_folder)), out_dir=str(tuned)).to_json()))
+    (tuned / FINETUNED_FILE).write_bytes(b"")
+    for run, name in ((tiny_encoder, "encoder.safetensors"), (tuned, FINETUNED_FILE)):
+        result = runner.invoke(app, [command, "--resume", str(run / name)])
+        said = " ".join(result.output.split())
+        assert result.exit_code == 1 and said.startswith(f"error: --resume {run / name}: a file, not a run folder; "
+                                                         f"pass the folder of a run that `simclr {command}` started")
+        ours = (run == tiny_encoder) == (command == "pretrain")
+        assert said.endswith(f"started (--resume {run}?)" if ours else "started"), said
+
+
 @pytest.mark.parametrize("args,message", [
     (["{encoder}", "{digits}", "--label-fraction", "0"], "--label-fraction 0.0 must be in (0, 1]"),
     (["{encoder}", "{digits}", "--from-head-layer", "2"], "--from-head-layer 2 must be 0"),
@@ -375,10 +394,6 @@ def test_a_head_of_another_width_is_refused_before_the_run_writes_anything(tiny_
     (["--resume", "{encoder}"], "tiny: a finished `simclr pretrain` run, nothing to resume; fine-tune its encoder "
                                 "with `simclr finetune {encoder} TRAIN`"),
     (["--resume", "{unfinished}"], "a `simclr pretrain` run; continue it with `simclr pretrain --resume {unfinished}`"),
-    (["--resume", "{encoder}/encoder.safetensors"], "encoder.safetensors: a file, not a run folder; pass the folder "
-                                                    "of a run that `simclr finetune` started"),  # no "(--resume tiny?)":
-    (["--resume", "{tuned}/config.json"], "config.json: a file, not a run folder; pass the folder of a run that "
-                                          "`simclr finetune` started (--resume {tuned}?)"),  # a pretrain run's folder
     (["--resume", "{missing}"], "missing: no such folder; pass the folder of a run that `simclr finetune` started"),
     (["{encoder}", "--resume", "{encoder}", "--label-fraction", "0.1"],
      "MODEL, --label-fraction with --resume: the run keeps the settings it started with"),
@@ -388,12 +403,8 @@ def test_user_errors_exit_1_with_one_clear_line(tiny_encoder, small_digits_folde
     (tmp_path / "bare").mkdir()
     shutil.copy(tiny_encoder / "encoder.safetensors", tmp_path / "bare")
     unfinished = shutil.copytree(tiny_encoder, tmp_path / "unfinished", ignore=shutil.ignore_patterns("encoder.*"))
-    (tmp_path / "tuned").mkdir()  # the folder of a finetune run
-    (tmp_path / "tuned" / "config.json").write_text(json.dumps(FinetuneConfig(
-        model=str(tiny_encoder), data=LabelledDataConfig(str(small_digits_folder)),
-        out_dir=str(tmp_path / "tuned")).to_json()))
     paths = {"encoder": str(tiny_encoder), "digits": str(small_digits_folder), "bare": str(tmp_path / "bare"),
-             "missing": str(tmp_path / "missing"), "unfinished": str(unfinished), "tuned": str(tmp_path / "tuned")}
+             "missing": str(tmp_path / "missing"), "unfinished": str(unfinished)}
     result = runner.invoke(app, ["finetune", *[a.format(**paths) for a in args], *FAST])
     assert result.exit_code == 1, result.output
     assert message.format(**paths) in " ".join(result.output.split())
