@@ -277,19 +277,19 @@ def _follow_model(work: Path, plan: dict[str, Any], model_path: Path) -> dict[st
     """The plan, naming `model_path` where a --resume found the model (the same by SHA-256) at another path: the
     old one may be gone, and the processes load the model, and the manifest names it, from the plan."""
     model = os.path.abspath(model_path)
-    if _moved(plan["model"], model):
+    if _elsewhere(plan["model"], model):
         plan = {**plan, "model": model}
         write_json(work / "plan.json", plan)
     return plan
 
 
-def _moved(saved: str, model: str) -> bool:
-    """Whether the model file at `model` is elsewhere than the `saved` path says: not where both name one file
-    ("a/../a/m", a link to its folder), only where the old path is gone or another file."""
-    if os.path.normpath(saved) == model:
+def _elsewhere(saved: str, given: str) -> bool:
+    """Whether the file or folder at `given` (absolute) is another than the `saved` path names: not where both name
+    one ("a/../a/m", a link to its folder), only where the saved path is gone or another."""
+    if os.path.normpath(saved) == given:
         return False
     try:
-        return not os.path.samefile(saved, model)
+        return not os.path.samefile(saved, given)
     except OSError:  # gone from there
         return True
 
@@ -299,9 +299,10 @@ def _check_same(config: EmbedConfig, saved: dict[str, Any], sha256: str, precisi
     if saved["model_sha256"] != sha256:
         raise ModelFileError(f"{config.model}: not the model the {what} used ({saved['model']}, SHA-256 differs); "
                              f"resume with that model, or --overwrite to start again")
-    if saved["images"] and os.path.normpath(saved["images"]) != os.path.abspath(config.images):
+    if saved["images"] and _elsewhere(saved["images"], os.path.abspath(config.images)):
         raise ConfigError(f"IMAGES {config.images}: the {what} read {saved['images']}; resume with that folder, or "
                           f"--overwrite to start again")
+
     def normalize(on: bool) -> str:
         return "--normalize" if on else "--no-normalize"
 
@@ -325,7 +326,7 @@ def _finished(config: EmbedConfig, model_path: Path, sha256: str, precision: str
                          "dtype": manifest.dtype, "normalize": manifest.normalized, "precision": manifest.precision},
                 sha256, precision, "embed that wrote OUT")
     model = os.path.abspath(model_path)
-    moved = f"; its manifest now names the model at {model}" if _moved(manifest.model, model) else ""
+    moved = f"; its manifest now names the model at {model}" if _elsewhere(manifest.model, model) else ""
     if moved:
         write_manifest(out, replace(manifest, model=model))
     report("message", text=f"{out} is already complete; nothing to resume{moved}")

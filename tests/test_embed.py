@@ -457,10 +457,13 @@ def test_a_resume_with_the_model_at_a_new_path_names_that_path(tiny_encoder, gap
 
     manifest = out.with_suffix(".json").read_bytes()
     (tmp_path / "link").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "images").symlink_to(gappy_folder, target_is_directory=True)
     for spelled in (tmp_path / ".." / tmp_path.name / third.name, tmp_path / "link" / third.name):  # not moves
         result = run_embed(spelled, gappy_folder, out, "--resume")
         assert result.exit_code == 0 and "already complete; nothing to resume" in result.output, result.output
         assert "now names" not in result.output and out.with_suffix(".json").read_bytes() == manifest
+    result = run_embed(third, tmp_path / "images", out, "--resume")  # IMAGES through a link: the same folder
+    assert result.exit_code == 0 and "already complete; nothing to resume" in result.output, result.output
 
 
 @pytest.fixture
