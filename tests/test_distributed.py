@@ -374,6 +374,22 @@ def test_a_worker_whose_call_failed_waits_for_the_launcher_to_see_a_dead_peer_fi
     assert distributed.PEER_GRACE_SECONDS >= 10 * 0.2, "many of the launcher's polls (monitor_interval 0.2 s)"
     assert not list(tmp_path.iterdir()), "no report: the launcher's traceback is the one to show for a bug"
 
+    def interrupted(seconds: float) -> None:  # a Ctrl-C during the wait
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed.time, "sleep", interrupted)
+    try:
+        distributed._in_group(print, (), "cpu", str(tmp_path))
+    except RuntimeError as error:  # the failure, still
+        assert "reset by peer" in str(error)
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C during the wait hid the failure")
+    else:
+        pytest.fail("the failure was lost")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_the_copy_of_a_request_after_the_process_saved_is_no_second_signal(monkeypatch, tmp_path, sig):
