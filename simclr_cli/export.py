@@ -164,19 +164,18 @@ def _same_bits(saved: torch.Tensor, tensor: torch.Tensor) -> bool:
 
 
 # An encoder's metadata of provenance, not of what its weights compute: the runs' settings (--workers, --device
-# among them) and the simclr that wrote it.
+# among them) and the simclr that wrote it. A file of the same weights is kept whatever these say: a finished run
+# resumed with `--workers 0` rewrote it, and the indexes that record its SHA-256 refused it.
 PROVENANCE = ("config", "finetune_config", "simclr_version")
 
 
 def save_encoder(path: str | Path, backbone: nn.Module, info: EncoderInfo,
-                 extra: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
-                 again: bool = False) -> None:
-    """Write the backbone's state dict (torchvision key names) with its EncoderInfo as metadata. `again`: a
-    finished run's export repeated, which keeps a file of the same weights whatever its PROVENANCE says (a
-    `--resume --workers 0` of it rewrote the file, and the indexes that record its SHA-256 refused it)."""
+                 extra: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None) -> None:
+    """Write the backbone's state dict (torchvision key names) with its EncoderInfo as metadata, unless `path`
+    holds these weights already (see PROVENANCE)."""
     tensors = dict(backbone.state_dict())
     tensors.update(extra or {})
-    save_tensors(path, tensors, {**info.to_metadata(), **(metadata or {})}, PROVENANCE if again else ())
+    save_tensors(path, tensors, {**info.to_metadata(), **(metadata or {})}, PROVENANCE)
 
 
 def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, EncoderInfo]:

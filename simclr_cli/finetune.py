@@ -418,9 +418,9 @@ class FinetuneRun:
                                 "head_width": self.model.head.out_dim if self.model.head is not None else None}}
         save_checkpoint(self.run_dir / CHECKPOINT_FILE, {"model": self.model}, self.optimizer, rng_state(), progress)
 
-    def export(self, again: bool = False) -> Path:
-        """Write finetuned.safetensors: an encoder file (simclr embed reads it) with head and classifier. `again`:
-        the run had finished before, and a file of the same weights is kept (see export.save_encoder)."""
+    def export(self) -> Path:
+        """Write finetuned.safetensors: an encoder file (simclr embed reads it) with head and classifier, unless it
+        holds these weights already (see export.PROVENANCE)."""
         info = self.info
         resize = preprocessing(info).resize
         metadata = {
@@ -433,14 +433,14 @@ class FinetuneRun:
             "finetune_config": json.dumps(shareable(self.config.to_json())), "simclr_version": __version__,
         }
         path = self.run_dir / FINETUNED_FILE
-        save_tensors(path, self.model.export_tensors(), metadata, PROVENANCE if again else ())
+        save_tensors(path, self.model.export_tensors(), metadata, PROVENANCE)
         return path
 
-    def final_report(self, again: bool = False) -> dict[str, Any]:
-        """Export the last epoch's model (`again`: as export's), then measure the file on the validation set:
-        linear-eval's report, kNN on its encoder. The last epoch, not the best: choosing the epoch by the accuracy
-        it reports would overstate it, and with --val TEST would choose the model on the test set."""
-        self.model.load_export(load_file(str(self.export(again))))
+    def final_report(self) -> dict[str, Any]:
+        """Export the last epoch's model, then measure the file on the validation set: linear-eval's report,
+        kNN on its encoder. The last epoch, not the best: choosing the epoch by the accuracy it reports would
+        overstate it, and with --val TEST would choose the model on the test set."""
+        self.model.load_export(load_file(str(self.export())))
         logits, labels = self.predict(self.val_set)
         results = classification_report(logits, labels, self.data.classes)
         self.report("message", text="kNN on the fine-tuned encoder's features")
@@ -467,8 +467,7 @@ class FinetuneRun:
         def clock() -> float:  # seconds of training over all sessions of this run
             return offset + time.monotonic() - session_start
 
-        finished = state.epoch >= self.config.epochs  # it only writes its outputs again: no "training for 0 steps"
-        if not finished:
+        if state.epoch < self.config.epochs:  # a finished run only writes its outputs again: no "training for 0 steps"
             self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs)
         interrupted = False
         self._saved_at = clock()
@@ -504,7 +503,7 @@ class FinetuneRun:
                 return FinetuneResult(self.run_dir, None, state, skipped=list(self.skipped.values()), interrupted=True)
             # Still inside: a signal now is too late to stop anything, and would leave the model without its report
             # (a second one stops at once).
-            results = self.final_report(again=finished)
+            results = self.final_report()
         return FinetuneResult(self.run_dir, self.run_dir / FINETUNED_FILE, state, results,
                               list(self.skipped.values()))
 

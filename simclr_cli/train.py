@@ -542,14 +542,13 @@ class PretrainRun:
                            feature_dim=self.model.backbone.feature_dim, image_size=self.config.augment.image_size,
                            mean=IMAGENET_MEAN, std=IMAGENET_STD, version=__version__, config=self.config.to_json())
 
-    def export(self, again: bool = False) -> Path:
-        """Write encoder.safetensors (backbone only) and head.safetensors; return the encoder path. `again`: the
-        run had finished before (see save_encoder)."""
+    def export(self) -> Path:
+        """Write encoder.safetensors (backbone only) and head.safetensors; return the encoder path."""
         info = self.encoder_info()
         path = self.run_dir / ENCODER_FILE
         if not is_main():
             return path
-        save_encoder(path, self.model.backbone, info, again=again)
+        save_encoder(path, self.model.backbone, info)
         head_meta = {"format": "simclr-head", "layers": str(self.config.proj_layers),
                      "out_bn": str(self.config.proj_out_bn).lower(),
                      "out_dim": str(self.config.proj_dim), "in_dim": str(info.feature_dim)}
@@ -631,7 +630,7 @@ class PretrainRun:
                 self.curves.draw(final=True)
             if state.finished and final_loss is None and state.step and not nothing_to_train:
                 self.report("message", text=f"{self.run_dir} had already finished; exporting its encoder again")
-            encoder = None if interrupted else self.export(again=nothing_to_train)
+            encoder = None if interrupted else self.export()
         if interrupted and self._worker_died:
             raise WorkerDied.saying(self._worker_died, f"the run is saved at step {state.step}. Continue with fewer "
                                                        f"workers: {self._resume_command()}")
