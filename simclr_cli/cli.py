@@ -271,18 +271,24 @@ def pretrain(
         err_console.print(f"{len(result.skipped):,} unreadable file(s) skipped; listed in "
                           f"{result.run_dir / 'skipped.json'}")
     # The mean over the last epoch's steps, as its epoch line gives ("final loss" read as the last step's, which is
-    # noisier and often far from it); where a time budget cut that epoch short, it has no line: its steps are said.
-    loss = ""
-    if result.final_loss is not None and result.cut_steps:
-        loss = (f", mean loss {result.final_loss:.4f} over the {result.cut_steps} step"
-                f"{'' if result.cut_steps == 1 else 's'} of epoch {result.state.epoch + 1} the time budget left")
+    # noisier and often far from it); where a time budget cut that epoch short (its steps still counted in the
+    # state, not reset by an end of epoch), it has no line: its steps are said.
+    loss, cut = "", result.state.loss_steps
+    if result.final_loss is not None and cut:
+        loss = (f", mean loss {result.final_loss:.4f} over the {_counted(cut, 'step')} of epoch "
+                f"{result.state.epoch + 1} the time budget left")
     elif result.final_loss is not None:
         loss = f", last epoch's mean loss {result.final_loss:.4f}"
-    steps = f"{result.state.step} step" + ("" if result.state.step == 1 else "s")  # a short budget can end at one
-    console.print(f"encoder saved to {result.encoder_path} ({steps}, {result.state.images_seen:,} images{loss})")
+    console.print(f"encoder saved to {result.encoder_path} ({_counted(result.state.step, 'step')}, "
+                  f"{result.state.images_seen:,} images{loss})")  # a short budget can end at one step
     encoder = shlex.quote(str(result.encoder_path))
     _next(quiet, f"simclr linear-eval {encoder} LABELLED_FOLDER  (measure it)",
           f"simclr embed {encoder} IMAGES OUT.npy  (embeddings for a folder)")
+
+
+def _counted(count: int, noun: str) -> str:
+    """"1 step", "2 steps"."""
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 def _flags_given(ctx: typer.Context) -> set[str]:
@@ -506,8 +512,7 @@ def finetune(
     if as_json:
         typer.echo(json.dumps({**result.results, "out": str(result.run_dir)}, indent=2))
         return
-    epochs = result.results["epoch"]
-    _print_accuracy(result.results, f"fine-tuned model after {epochs} epoch{'' if epochs == 1 else 's'}")
+    _print_accuracy(result.results, f"fine-tuned model after {_counted(result.results['epoch'], 'epoch')}")
     console.print(f"model saved to {result.model_path}; results in {result.run_dir} (finetune.json, "
                   f"{_present(result.run_dir, 'metrics.jsonl')})")
 

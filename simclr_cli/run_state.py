@@ -37,6 +37,5 @@ class PretrainResult:
     encoder_path: Path | None
     state: LoopState
     final_loss: float | None  # the last epoch's mean loss (over the steps it took), not the last step's
-    cut_steps: int = 0  # the steps of that epoch where a time budget ended it before its end; 0 where it ran out
     skipped: list[Skipped] = field(default_factory=list)
     interrupted: bool = False

@@ -576,15 +576,14 @@ class PretrainRun:
             self.report("start", total_steps=self.total_steps, start_step=state.step, epochs=self.config.epochs,
                         steps_per_epoch=self.steps_per_epoch, max_time=self.config.max_time)
         final_loss: float | None = None
-        cut_steps = 0  # the steps of final_loss's epoch, where it did not run to its end
         interrupted = False
         self._saved_at = clock()
         with StopFlag(lambda name: answer_stop(self.report, name, "the encoder" if state.finished else None)) as stop:
             while not state.finished:
                 metrics = self.train_one_epoch(stop, clock)
-                epoch_done = state.step_in_epoch >= self.steps_per_epoch
                 if metrics["steps"]:
-                    final_loss, cut_steps = metrics["loss"], 0 if epoch_done else state.loss_steps
+                    final_loss = metrics["loss"]
+                epoch_done = state.step_in_epoch >= self.steps_per_epoch
                 if epoch_done and state.step == 0:  # every batch skipped: training on would export a random encoder
                     raise DataError(f"{self.config.data_dir}: no batch of a whole epoch held two images that could "
                                     f"be decoded (see the warnings above), and SimCLR contrasts each image with the "
@@ -637,8 +636,7 @@ class PretrainRun:
         if not interrupted:
             self.report("done", encoder=str(encoder), steps=state.step, images_seen=state.images_seen,
                         elapsed=state.elapsed, loss=final_loss)
-        return PretrainResult(self.run_dir, encoder, state, final_loss, cut_steps, list(self.skipped.values()),
-                              interrupted)
+        return PretrainResult(self.run_dir, encoder, state, final_loss, list(self.skipped.values()), interrupted)
 
 
 def answer_stop(report: Report, name: str, outputs: str | None) -> None:
