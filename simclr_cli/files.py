@@ -34,6 +34,16 @@ FINETUNED_FILE = "finetuned.safetensors"
 NOT_BACKBONE = ("head.", "classifier.")  # key prefixes of an encoder file's other tensors: g, a fine-tuned classifier
 
 
+def file_id(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode): the same file under any name, link or hard link; None for one that cannot be looked up
+    (gone, or a path holding a NUL, as a manifest edited by hand may)."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
 def sync_file(path: str | Path) -> None:
     """Flush a file's data to the disk: renamed over an old file before that, a power cut could leave an empty
     or partial file under the old name (file systems write data and renames in their own order)."""

@@ -25,7 +25,8 @@ import numpy as np
 
 from simclr_cli.config import cpu_cores
 from simclr_cli.errors import ConfigError, DataError, ModelFileError
-from simclr_cli.files import check_output_path, in_use, read_json, read_json_bytes, sha256_file, write_json, xdg_home
+from simclr_cli.files import (check_output_path, file_id, in_use, read_json, read_json_bytes, sha256_file,
+                              write_json, xdg_home)
 from simclr_cli.native import Heaps, search_kernels
 
 INDEX_FORMAT = "simclr-index"
@@ -720,14 +721,9 @@ def _damaged(index_path: Path, manifest: Manifest, row: int, score: str) -> str:
 
 
 def _file_id(path: str, known: dict[str, tuple[int, int] | None]) -> tuple[int, int] | None:
-    """The file `path` names, as (device, inode), links followed (None where it cannot be looked up); `known`
-    holds the paths looked up before."""
+    """files.file_id, remembered in `known` for the other queries."""
     if path not in known:
-        try:
-            status = os.stat(path)
-            known[path] = (status.st_dev, status.st_ino)
-        except (OSError, ValueError):  # ValueError: a path holding a NUL (a manifest edited by hand)
-            known[path] = None
+        known[path] = file_id(path)
     return known[path]
 
 

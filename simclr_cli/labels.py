@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from simclr_cli.errors import ConfigError, DataError
+from simclr_cli.files import file_id
 from simclr_cli.images import Scan, Skipped, first_skipped, holds_run, is_image_name, probe, scan_images
 
 DEFAULT_VAL_SPLIT = 0.2
@@ -261,18 +262,10 @@ def _first_usable(order: Sequence[int], count: int, usable: Callable[[int], bool
     return taken
 
 
-def _file_id(path: str | Path) -> tuple[int, int] | None:
-    """(device, inode): the same file under any name, link or hard link; None for one gone since the scan (its
-    decode is skipped and reported later)."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
-
-
 def _file_ids(paths: Iterable[str | Path]) -> set[tuple[int, int]]:
-    return {key for key in map(_file_id, paths) if key is not None}
+    """The files `paths` name (file_id), less those gone since the scan (their decode is skipped and reported
+    later)."""
+    return {key for key in map(file_id, paths) if key is not None}
 
 
 def _one_row_per_file(data: LabelledSet, classes: list[str], source: str) -> tuple[LabelledSet, str | None]:
@@ -281,7 +274,7 @@ def _one_row_per_file(data: LabelledSet, classes: list[str], source: str) -> tup
     first: dict[object, int] = {}
     keep = []
     for index, path in enumerate(data.paths):
-        key = _file_id(path) or path
+        key = file_id(path) or path
         if key in first:
             other = first[key]
             if data.labels[other] != data.labels[index]:
@@ -300,7 +293,7 @@ def _one_row_per_file(data: LabelledSet, classes: list[str], source: str) -> tup
 def _check_held_out(train: LabelledSet, val: LabelledSet, val_dir: str | Path, flag: str) -> None:
     """--val may share no file with the training images (by identity, whatever the name or link)."""
     train_ids = _file_ids(train.paths)
-    shared = [path for path in val.paths if _file_id(path) in train_ids]
+    shared = [path for path in val.paths if file_id(path) in train_ids]
     if shared:
         raise ConfigError(f"--val {val_dir} shares {len(shared):,} of its {len(val):,} images with {flag} (e.g. "
                           f"{shared[0]}): an accuracy on training images overstates generalisation; remove them from "
