@@ -151,9 +151,10 @@ def _described(error: Exception, path: str | Path) -> str:
 def probe(path: Path) -> str | None:
     """Return why a file cannot be an image (reading its header only), or None if it looks fine."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe named *.png: opened, it would wait for a writer
+        info = os.stat(path)  # one look for both checks: a scan makes it for every file
+        if not stat.S_ISREG(info.st_mode):  # a pipe named *.png: opened, it would wait for a writer
             return "not a regular file (a pipe, a socket or a device)"
-        if os.path.getsize(path) == 0:
+        if info.st_size == 0:
             return "empty file"
         with Image.open(path) as img:
             width, height = img.size
