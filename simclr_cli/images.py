@@ -223,6 +223,8 @@ def first_skipped(skipped: list[Skipped]) -> tuple[str, str]:
         fix = "let this user read it"
     elif "FileNotFoundError" in why:  # gone between the listing and the read
         fix = "keep the files in place while the command runs"
+    elif "not a regular file" in why:  # a pipe or a device: nothing to replace
+        fix = "move it out of the folder"
     else:
         fix = "replace or remove the damaged files"
     return f"{first.path}: {why}", fix

@@ -57,6 +57,7 @@ def test_a_pipe_named_like_an_image_is_skipped_as_what_it_is_without_waiting(tmp
     assert [Path(p).name for p in scan.paths] == ["a.png"]
     assert [(Path(s.path).name, s.reason) for s in scan.skipped] == [
         ("b.png", "not a regular file (a pipe, a socket or a device)")]
+    assert images.first_skipped(scan.skipped)[1] == "move it out of the folder", "not a damaged file to replace"
 
 
 def test_scan_follows_links_to_folders(tmp_path):
