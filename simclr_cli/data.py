@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import signal
 import threading
@@ -218,20 +219,27 @@ class UntilWorkerDies:
 
     def __iter__(self) -> Iterator[Batch]:
         batches, held = iter(self.batches), None
-        while True:
-            try:
-                if held is not None:
-                    held.replay()
-                batch = next(batches)
-            except StopIteration:
-                return
-            except RuntimeError as error:
-                self.died = WorkerDied.how(error)
-                if self.died is None:
-                    raise
-                return
-            with _HeldChildSignals() as held:
-                yield batch
+        try:
+            while True:
+                try:
+                    if held is not None:
+                        held.replay()
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                except RuntimeError as error:
+                    self.died = WorkerDied.how(error)
+                    if self.died is None:
+                        raise
+                    return
+                with _HeldChildSignals() as held:
+                    yield batch
+        finally:
+            # A dead worker not reaped stays registered with PyTorch's SIGCHLD handler until its loader is
+            # collected, and any SIGCHLD meanwhile raised "DataLoader worker ... is killed" wherever the main
+            # thread was: in pytest's own code once, after a test that killed a worker (CI's INTERNALERROR).
+            # Reaped here (multiprocessing waits for its finished children), the handler passes it over.
+            multiprocessing.active_children()
 
 
 class _HeldChildSignals:
