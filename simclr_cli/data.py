@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,14 +156,44 @@ def _end_on_sigterm_from(parent: int) -> None:
 
 class _Loader(torch.utils.data.DataLoader):
     def __iter__(self):
-        if self.num_workers == 0 or not SIGNALS_BY_SENDER:
+        if self.num_workers == 0:
             return super().__iter__()
+        if not SIGNALS_BY_SENDER:
+            return _DeathsTold(super().__iter__())
         # The workers start here, with this thread's signal mask: SIGTERM blocked. Here it is held till after.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
-            return super().__iter__()
+            return _DeathsTold(super().__iter__())
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# A worker killed with a batch on its way: the main process loses the connection that hands it the batch's shared
+# memory (ConnectionResetError, EOFError) a moment before the worker can be seen dead, and PyTorch lets that error out
+# as itself. The worker's SIGCHLD, PyTorch's handler raising "DataLoader worker ... is killed by signal", comes
+# within this many seconds; a lost connection with no dead worker behind it waits them out, then goes on as itself.
+DEATH_GRACE_SECONDS = 1.0
+
+
+class _DeathsTold:
+    """A DataLoader's `batches` (with workers), where a connection lost to a dying worker ends them with PyTorch's
+    own "DataLoader worker ... is killed by signal" error, not the OSError."""
+
+    def __init__(self, batches: Iterator):
+        self.batches = batches
+
+    def __iter__(self) -> "_DeathsTold":
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.batches)
+        except (OSError, EOFError):
+            if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
+                deadline = time.monotonic() + DEATH_GRACE_SECONDS
+                while (left := deadline - time.monotonic()) > 0:
+                    time.sleep(min(left, 0.05))  # PyTorch's SIGCHLD handler raises in here
+            raise
 
 
 # PyTorch warns, in two multi-line warnings naming its own files, when the workers outnumber the cores it counts.

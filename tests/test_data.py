@@ -403,7 +403,7 @@ def test_a_loader_worker_outlives_a_sigterm_sent_to_every_process():
     loader = data.make_loader(_Slow([0.0] + [0.3] * 5), 1, None, workers=1, collate_fn=lambda items: items[0])
     it = iter(loader)
     assert next(it) == (0, True), "SIGTERM blocked in the worker, and a thread waiting for it"
-    subprocess.run(["kill", "-TERM", str(it._workers[0].pid)], check=True)  # not its parent
+    subprocess.run(["kill", "-TERM", str(it.batches._workers[0].pid)], check=True)  # not its parent
     assert list(it) == [(i, True) for i in range(1, 6)]
 
 
@@ -414,9 +414,9 @@ def test_a_stuck_loader_worker_is_still_ended_by_its_parent():
     loader = data.make_loader(_Slow([0.0, 600.0]), 1, None, workers=1, collate_fn=lambda items: items[0])
     it = iter(loader)
     assert next(it)[0] == 0
-    worker = it._workers[0]
+    worker = it.batches._workers[0]
     time.sleep(0.5)  # the worker is into its 600 s item
-    it._shutdown_workers()  # as when the loop is left early: a join of 5 s, then its SIGTERM
+    it.batches._shutdown_workers()  # as when the loop is left early: a join of 5 s, then its SIGTERM
     worker.join(timeout=10)
     alive = worker.is_alive()
     if alive:
@@ -435,7 +435,7 @@ class Slow(torch.utils.data.Dataset):
         return index
 it = iter(data.make_loader(Slow(), 1, None, workers=1, collate_fn=lambda items: items[0]))
 assert next(it) == 0
-print(it._workers[0].pid, flush=True)
+print(it.batches._workers[0].pid, flush=True)
 time.sleep(600)
 """
 
@@ -548,6 +548,40 @@ def test_a_worker_killed_as_the_batches_are_left_raises_nothing_later(tmp_path):
     batches.close()  # the loop leaves (a break, a time budget)
     os.kill(os.getpid(), signal.SIGCHLD)  # another child of the process ends
     time.sleep(0.2)  # handled here, raising nothing
+
+
+class _LostAsTheWorkerDies:
+    """A loader's batches where the worker is killed with a batch on its way: the connection that hands over the
+    batch's shared memory is lost (an OSError) before the worker can be seen dead."""
+
+    def __init__(self, cue: Path):
+        self.cue = cue
+
+    def __next__(self):
+        self.cue.touch()  # the worker kills itself now
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGCHLD"), reason="PyTorch learns of a dead worker from SIGCHLD")
+def test_a_connection_lost_to_a_dying_worker_ends_the_batches_as_its_death(tmp_path):
+    """`embed --workers 1` with a worker killed at its third batch ended, one run in five, with "Connection reset by
+    peer" from PyTorch's loader, then the worker's SIGCHLD raised in the middle of saving the progress: no line said
+    the worker died, nor how to go on. The lost connection now waits for the death, and ends as PyTorch tells it."""
+    cue = tmp_path / "cue"
+    kept = iter(data.make_loader(_DiesOnCue(cue), 1, None, workers=1, collate_fn=lambda items: items[0]))
+    next(kept)  # the worker's first item; it waits for the cue at its second
+    try:
+        with pytest.raises(RuntimeError, match=r"^DataLoader worker \(pid \d+\) is killed by signal: Killed") as raised:
+            next(data._DeathsTold(_LostAsTheWorkerDies(cue)))
+        assert isinstance(raised.value.__context__, ConnectionResetError)
+    finally:
+        kept.batches._shutdown_workers()  # its dead worker no longer PyTorch's, to raise at a later SIGCHLD
+
+
+def test_a_lost_connection_with_no_worker_dying_goes_on_as_itself(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEATH_GRACE_SECONDS", 0.1)
+    with pytest.raises(ConnectionResetError):
+        next(data._DeathsTold(_LostAsTheWorkerDies(tmp_path / "cue")))
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc to see the worker end")
