@@ -231,8 +231,11 @@ def _in_group(entrypoint: Callable[..., Any], args: tuple, device: str, error_di
     except SimclrError as error:
         _report(error_dir, type(error).__name__, str(error))
         raise
-    except OSError as error:  # a full disk, a folder this user cannot write: one line, as in one process
-        _report(error_dir, SimclrError.__name__, os_error_message(error))
+    except OSError as error:
+        if isinstance(error, ConnectionError):  # a peer lost, as gloo's RuntimeError below
+            _wait_for_a_dead_peer()
+        else:  # a full disk, a folder this user cannot write: one line, as in one process
+            _report(error_dir, SimclrError.__name__, os_error_message(error))
         raise
     except KeyboardInterrupt:
         # A second Ctrl-C or SIGTERM. torch's wrapper of the process takes a KeyboardInterrupt for its parent's death
@@ -241,12 +244,7 @@ def _in_group(entrypoint: Callable[..., Any], args: tuple, device: str, error_di
         _report(error_dir, _STOPPED, "")
         sys.exit(130)
     except Exception:
-        # Waited for, a process killed (by the out-of-memory killer) is seen first, 15 polls of the launcher on,
-        # and named; the others' "Connection reset by peer" tracebacks from their collective reached the launcher
-        # first now and then. A bug in this process alone is still the first failure: the others wait on it.
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C meanwhile: the failure is still what to report
-                time.sleep(PEER_GRACE_SECONDS)
+        _wait_for_a_dead_peer()
         raise
     finally:
         # Done: a signal passed on by the launcher now would kill the process before it hands back its result.
@@ -255,6 +253,16 @@ def _in_group(entrypoint: Callable[..., Any], args: tuple, device: str, error_di
         # The process ends next. Python collects garbage as it exits, over every object PyTorch made: frozen,
         # they are left out, and a 2-process CPU run ended 6 s sooner.
         gc.freeze()
+
+
+def _wait_for_a_dead_peer() -> None:
+    """After a failed call, before this process ends: waited for, a process killed (by the out-of-memory killer) is
+    seen first, 15 polls of the launcher on, and named; the others' "Connection reset by peer" tracebacks from their
+    collective reached the launcher first now and then. A bug in this process alone is still the first failure: the
+    others wait on it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C meanwhile: the failure is still what to report
+            time.sleep(PEER_GRACE_SECONDS)
 
 
 def _unless_a_copy(signum: int, frame: Any) -> None:
