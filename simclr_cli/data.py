@@ -175,6 +175,12 @@ class _Loader(torch.utils.data.DataLoader):
 DEATH_GRACE_SECONDS = 1.0
 
 
+def _child_signals_here() -> bool:
+    """Whether PyTorch's SIGCHLD handler, which raises for a dead loader worker, runs in this thread: the main
+    thread, where there is SIGCHLD."""
+    return hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread()
+
+
 class _DeathsTold:
     """A DataLoader's `batches` (with workers), where a connection lost to a dying worker ends them with PyTorch's
     own "DataLoader worker ... is killed by signal" error, not the OSError."""
@@ -189,7 +195,7 @@ class _DeathsTold:
         try:
             return next(self.batches)
         except (OSError, EOFError):
-            if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
+            if _child_signals_here():
                 deadline = time.monotonic() + DEATH_GRACE_SECONDS
                 while (left := deadline - time.monotonic()) > 0:
                     time.sleep(min(left, 0.05))  # PyTorch's SIGCHLD handler raises in here
@@ -278,8 +284,7 @@ class _HeldChildSignals:
     `replay` hands them to it."""
 
     def __enter__(self) -> "_HeldChildSignals":
-        held = hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread()
-        self.handler = signal.getsignal(signal.SIGCHLD) if held else None
+        self.handler = signal.getsignal(signal.SIGCHLD) if _child_signals_here() else None
         self.noted = False
         if callable(self.handler):
             signal.signal(signal.SIGCHLD, self._note)
